@@ -1,1 +1,1 @@
-
+"""Training engines (DeepSpeed / torch) and sampling."""

@@ -1,1 +1,30 @@
+"""Model construction and log-probability helpers."""
 
+from rlhf_ray.models.build import (
+    ScalarHeadModel,
+    build_causal_lm,
+    build_scalar_model,
+    disable_dropout,
+    preset_config,
+)
+from rlhf_ray.models.logprobs import (
+    last_token_index,
+    logprobs_from_logits,
+    position_ids_from_mask,
+    response_logprobs,
+)
+from rlhf_ray.models.weights import state_dict_from_numpy, state_dict_to_numpy
+
+__all__ = [
+    "ScalarHeadModel",
+    "build_causal_lm",
+    "build_scalar_model",
+    "disable_dropout",
+    "last_token_index",
+    "logprobs_from_logits",
+    "position_ids_from_mask",
+    "preset_config",
+    "response_logprobs",
+    "state_dict_from_numpy",
+    "state_dict_to_numpy",
+]

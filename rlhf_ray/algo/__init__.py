@@ -1,0 +1,33 @@
+"""Pure PPO math over tensors: no config objects, no devices, no Ray (STYLE.md)."""
+
+from rlhf_ray.algo.advantages import (
+    compute_gae,
+    explained_variance,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
+from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
+from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "apply_missing_eos_penalty",
+    "compute_gae",
+    "entropy_from_logits",
+    "estimate_kl",
+    "explained_variance",
+    "kl_k1",
+    "kl_k3",
+    "kl_penalized_rewards",
+    "masked_entropy",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "truncate_after_eos",
+    "value_loss",
+]

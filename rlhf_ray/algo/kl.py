@@ -1,0 +1,72 @@
+"""Per-token KL estimators and the KL-coefficient (beta) controllers.
+
+Estimators follow Schulman, "Approximating KL Divergence" (2020), for samples drawn from the
+policy: with r = ref_logprobs - logprobs, k1 = -r and k3 = (exp(r) - 1) - r.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi(a) - log pi_ref(a); unbiased, can be negative per token. Shapes `(B, T)`."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (exp(r) - 1) - r, r = ref_logprobs - logprobs; unbiased and >= 0. Shapes `(B, T)`."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def estimate_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate `(B, T)` by name ("k1" or "k3"); ValueError on any other name."""
+    if estimator not in _ESTIMATORS:
+        raise ValueError(
+            f"unknown KL estimator {estimator!r}; expected one of {sorted(_ESTIMATORS)}"
+        )
+    return _ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+class FixedKLController:
+    """A constant beta; `update` is a no-op so the driver treats both controllers alike."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.value = float(d["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive beta of Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences", eq. 2).
+
+    e = clip(current_kl / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon).
+    `n_steps` is the number of samples (episodes) the KL was measured over.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        # target and horizon come from the config on resume; only beta evolves.
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.value = float(d["value"])

@@ -1,0 +1,37 @@
+"""Post-processing of sampled responses (Huang et al. 2022, "The N Implementation Details of RLHF
+with PPO"): sample to max_new_tokens, cut after the first EOS, optionally penalize no-EOS rows."""
+
+from __future__ import annotations
+
+import torch
+
+
+def truncate_after_eos(
+    response_ids: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep tokens up to and including the first EOS; pad the rest.
+
+    response_ids: `(B, T)` long. Returns (ids `(B, T)`, response_mask `(B, T)` long, has_eos `(B,)`
+    bool). response_mask is 1 up to and including the first EOS, or on the whole row if no EOS.
+    """
+    is_eos = response_ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    T = response_ids.shape[1]
+    # argmax returns the first maximal index, i.e. the first EOS.
+    first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), T - 1)
+    positions = torch.arange(T, device=response_ids.device)
+    keep = positions[None, :] <= first_eos[:, None]
+    ids = torch.where(keep, response_ids, torch.full_like(response_ids, pad_id))
+    return ids, keep.long(), has_eos
+
+
+def apply_missing_eos_penalty(
+    scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None
+) -> torch.Tensor:
+    """Replace the score `(B,)` of each response with no EOS by `penalty`; None leaves scores as is.
+
+    The reward model never sees such a response end, so its score is not trusted.
+    """
+    if penalty is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty))

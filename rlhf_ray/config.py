@@ -1,0 +1,346 @@
+"""The one typed config of rlhf_ray.
+
+A frozen pydantic schema with ``extra="forbid"``, loaded from YAML and overridden by dotted
+``key=value`` arguments (``rollout.num_workers=3``). Cross-field rules raise; nothing is silently
+rewritten. ``load_config`` turns any validation failure into a ``ConfigError`` whose message is one
+paragraph naming the offending field, which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and says why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Section):
+    """Where a model's weights come from: a tiny preset built from a config, or an HF path."""
+
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face model directory or hub id (hub needs network). "
+        "When set, the preset settings below are not used.",
+    )
+    preset: Literal["gpt2-tiny", "llama-tiny"] = Field(
+        "gpt2-tiny",
+        description="Tiny architecture built from a config with random weights (when no path).",
+    )
+    hidden_size: int = Field(64, gt=0, description="Preset only: hidden size.")
+    num_layers: int = Field(2, gt=0, description="Preset only: number of transformer layers.")
+    num_heads: int = Field(4, gt=0, description="Preset only: attention heads.")
+    max_positions: int = Field(256, gt=0, description="Preset only: maximum sequence length.")
+    init_seed: int = Field(0, description="Preset only: seed of the random initialisation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype (float16 needs GPUs)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.path is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+class OptimSpec(_Section):
+    """AdamW settings of a trainable model."""
+
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+
+
+class PolicyConfig(_Section):
+    """The trained policy: its model, optimizer and the learner group that trains it."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy weights source.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+    engine: Literal["deepspeed", "torch"] = Field(
+        "deepspeed",
+        description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
+    )
+    num_ranks: int = Field(2, ge=1, description="Data-parallel learner ranks (one actor each).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank (fractions colocate).")
+    num_cpus_per_rank: float = Field(0.25, gt=0, description="CPUs per rank.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
+
+    @model_validator(mode="after")
+    def _engine_ranks(self) -> PolicyConfig:
+        if self.engine == "torch" and self.num_ranks != 1:
+            raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
+        return self
+
+
+class ValueConfig(PolicyConfig):
+    """The critic: an LM backbone with a scalar head, trained like the policy."""
+
+    num_ranks: int = Field(1, ge=1, description="Data-parallel critic ranks.")
+    init_from_reward: bool = Field(
+        False, description="Initialise the critic from the reward model's weights."
+    )
+
+
+class ScorerConfig(_Section):
+    """Resources of a frozen scoring actor."""
+
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for this actor.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs for this actor.")
+
+
+class ReferenceConfig(ScorerConfig):
+    """The frozen reference policy (a copy of the initial policy unless `model` is set)."""
+
+    model: ModelSpec | None = Field(None, description="Null: the initial policy's weights.")
+
+
+class RewardConfig(ScorerConfig):
+    """Where the scalar score of a response comes from: a function or a reward model."""
+
+    function: str | None = Field(
+        "rlhf_ray.rewards:lowercase_fraction",
+        description="'package.module:callable' called as fn(prompts, responses) -> list[float].",
+    )
+    model: ModelSpec | None = Field(
+        None, description="Reward model (sequence-classification checkpoint); excludes function."
+    )
+    normalize: bool = Field(False, description="Standardise scores over each round's batch.")
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+    missing_eos_penalty: float | None = Field(
+        None, description="Score given to a response that never emits EOS (null: off)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("set exactly one of `function` and `model`")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")
+        return self
+
+
+class TokenizerConfig(_Section):
+    """The tokenizer shared by every role."""
+
+    kind: Literal["bytes", "tiktoken", "hf"] = Field(
+        "bytes",
+        description="'bytes': built-in offline byte-level encoding; 'tiktoken': an encoding name "
+        "or local .tiktoken file; 'hf': a Hugging Face tokenizer path or hub id.",
+    )
+    name_or_path: str | None = Field(None, description="Encoding name, file or HF path.")
+
+    @model_validator(mode="after")
+    def _needs_name(self) -> TokenizerConfig:
+        if self.kind != "bytes" and not self.name_or_path:
+            raise ValueError(f"kind {self.kind!r} needs `name_or_path`")
+        return self
+
+
+class DataConfig(_Section):
+    """The prompts PPO trains on."""
+
+    prompts: str = Field(
+        "builtin",
+        description="'builtin' (bundled prompts), a JSONL/JSON/Parquet/CSV file, a saved "
+        "`datasets` directory, or a hub dataset id.",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    format: Literal["auto", "plain", "hh"] = Field(
+        "auto", description="'hh': HH-RLHF transcripts (prompt = shared prefix)."
+    )
+    split: str = Field("train", description="Dataset split for hub datasets.")
+    max_prompt_tokens: int = Field(48, gt=0, description="Prompts keep their last N tokens.")
+    chat_template: bool = Field(False, description="Wrap each prompt with the chat template.")
+
+
+class RolloutConfig(_Section):
+    """Sampling and the rollout generator pool."""
+
+    batch_size: int = Field(32, gt=0, description="Prompts per round.")
+    num_workers: int = Field(2, ge=1, description="Rollout generator actors.")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens sampled per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also in logprobs).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
+    num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
+    num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")
+
+
+class PPOConfig(_Section):
+    """The PPO update and advantage estimation."""
+
+    epochs: int = Field(4, gt=0, description="Passes over each round's batch.")
+    minibatch_size: int = Field(16, gt=0, description="Samples per optimizer step (all ranks).")
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip range.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Value clip range.")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.02, ge=0, description="Initial KL penalty coefficient (beta).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards `kl_target`.")
+    kl_target: float = Field(6.0, gt=0, description="Adaptive KL target (nats per sequence).")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon (samples).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over valid tokens.")
+
+
+class TrainConfig(_Section):
+    """The outer loop."""
+
+    rounds: int = Field(30, gt=0, description="PPO rounds (generate, score, update, sync).")
+    seed: int = Field(0, description="Seed of prompt order, sampling and minibatch shuffles.")
+    dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
+
+
+class CheckpointConfig(_Section):
+    """Periodic checkpoints of the run."""
+
+    every: int = Field(0, ge=0, description="Checkpoint every K rounds (0: only the final save).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class LoggingConfig(_Section):
+    """What a run reports."""
+
+    progress: bool = Field(True, description="One line of progress per round on stdout.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars if installed.")
+
+
+class ClusterConfig(_Section):
+    """How Ray is reached and how long actors may wait for resources."""
+
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs of a locally started Ray (null: all of this machine)."
+    )
+    actor_start_timeout_s: float = Field(
+        180.0, gt=0, description="Give up (clearly) if actors stay pending this long."
+    )
+
+
+class Config(_Section):
+    """A whole rlhf_ray PPO run."""
+
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Trained policy.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference.")
+    value: ValueConfig = Field(default_factory=ValueConfig, description="Critic.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward source.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt data.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO update.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Outer loop.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints."
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> Config:
+        batch, mini = self.rollout.batch_size, self.ppo.minibatch_size
+        if batch % mini:
+            raise ValueError(
+                f"ppo.minibatch_size ({mini}) must divide rollout.batch_size ({batch})"
+            )
+        for name, ranks in (("policy", self.policy.num_ranks), ("value", self.value.num_ranks)):
+            if mini % ranks:
+                raise ValueError(
+                    f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks ({ranks})"
+                )
+        on_cpu = self.policy.num_gpus_per_rank == 0
+        for name, spec in (("policy", self.policy.model), ("value", self.value.model)):
+            if on_cpu and spec.dtype == "float16":
+                raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
+        if self.value.init_from_reward and self.reward.model is None:
+            raise ValueError("value.init_from_reward needs reward.model")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"`{field}` is not a known setting")
+        elif item["type"] == "value_error" or item["type"].startswith("assertion"):
+            msg = str(item["msg"]).removeprefix("Value error, ")
+            parts.append(f"`{field}`: {msg}" if field != "(top level)" else msg)
+        else:
+            parts.append(f"`{field}`: {item['msg'].lower()} (got {item.get('input')!r})")
+    return f"Invalid config ({source}): " + "; ".join(parts) + "."
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the embedded default when ``path`` is None), apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " + command-line overrides"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what every run dir and checkpoint records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

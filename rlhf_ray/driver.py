@@ -1,0 +1,228 @@
+"""The PPO loop, readable top to bottom.
+
+``run_ppo`` is the algorithm box: each round numbers the steps of DESIGN.md §2 and times each as
+a named phase. Setup lives in the ``build_*`` helpers above it; the loop never branches on
+infrastructure: it talks to a ``Workers`` object, in-process or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.algo import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_missing_eos_penalty,
+    compute_gae,
+    explained_variance,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+)
+from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
+from rlhf_ray.data.prompts import load_prompts
+from rlhf_ray.data.sampler import PromptSampler
+from rlhf_ray.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+from rlhf_ray.workers.interface import StaleWeightsError, Workers
+
+# --------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    """A fresh dated directory under ``root`` (never reuses an existing one)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = Path(root) / (f"ppo-{stamp}" + (f"-{n}" if n else ""))
+        if not path.exists():
+            return path
+    raise RuntimeError(f"could not find a free run directory under {root}")
+
+
+def build_prompts(cfg: Config, tokenizer: Tokenizer) -> list[str]:
+    """The prompt texts, with the chat template applied if configured."""
+    data = cfg.data
+    prompts = load_prompts(data.prompts, field=data.prompt_field, split=data.split,
+                           fmt=data.format)
+    if data.chat_template:
+        prompts = [tokenizer.apply_chat([{"role": "user", "content": p}]) for p in prompts]
+    return prompts
+
+
+def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    if ppo.adaptive_kl:
+        return AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+    return FixedKLController(ppo.kl_coef)
+
+
+def tokenize_prompts(tokenizer: Tokenizer, prompts: list[str], index: list[int],
+                     max_tokens: int) -> PromptBatch:
+    texts = [prompts[i] for i in index]
+    ids, mask = tokenizer.encode_batch_left_padded(texts, max_tokens)
+    return PromptBatch(ids, mask, torch.tensor(index, dtype=torch.long), texts)
+
+
+def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward: RewardConfig) -> torch.Tensor:
+    """Missing-EOS penalty, then optional batch normalisation and clipping of raw scores."""
+    scores = apply_missing_eos_penalty(scores, has_eos, reward.missing_eos_penalty)
+    if reward.normalize and len(scores) > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    if reward.clip is not None:
+        scores = scores.clamp(-reward.clip, reward.clip)
+    return scores
+
+
+def compute_advantages(rollout: Rollout, scored: dict[str, torch.Tensor], kl_coef: float,
+                       ppo: PPOConfig, reward: RewardConfig) -> tuple[PPOBatch, dict[str, float]]:
+    """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math)."""
+    mask = rollout.response_mask
+    scores = shape_scores(scored["scores"], rollout.has_eos, reward)
+    rewards, kl = kl_penalized_rewards(scores, scored["old_logprobs"], scored["ref_logprobs"],
+                                       mask, kl_coef, ppo.kl_estimator)
+    advantages, returns = compute_gae(rewards, scored["values"], mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    batch = PPOBatch(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, response_mask=mask,
+        old_logprobs=scored["old_logprobs"], old_values=scored["values"],
+        advantages=advantages, returns=returns, prompt_len=rollout.prompt_len,
+    )
+    stats = {
+        "ppo/kl": float(kl.sum(-1).mean()),
+        "ppo/kl_coef": kl_coef,
+        "ppo/return_mean": float(masked_mean(returns, mask)),
+        "ppo/explained_variance": explained_variance(scored["values"], returns, mask),
+        "rollout/score_mean": float(scores.mean()),
+        "rollout/logprob_gap": float(masked_mean(
+            (rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)),
+    }
+    return batch, stats
+
+
+def rollout_stats(rollout: Rollout, raw_scores: torch.Tensor, seconds: float) -> dict[str, float]:
+    lengths = rollout.response_mask.sum(-1).float()
+    return {
+        "rollout/reward_mean": float(raw_scores.mean()),
+        "rollout/reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+        "rollout/num_samples": len(rollout),
+        "rollout/response_length": float(lengths.mean()),
+        "rollout/eos_rate": float(rollout.has_eos.float().mean()),
+        "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
+    }
+
+
+def check_versions(rollout: Rollout, version: int, expected_rows: int) -> None:
+    """Refuse a round whose samples are stale, missing or duplicated."""
+    stale = (rollout.weight_version != version).nonzero().flatten().tolist()
+    if stale:
+        raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
+    if len(rollout) != expected_rows or len(set(rollout.prompt_index.tolist())) != expected_rows:
+        raise RuntimeError(
+            f"rollout returned {len(rollout)} samples for {expected_rows} prompts")
+
+
+def save_final(workers: Workers, tokenizer: Tokenizer, run_dir: Path) -> None:
+    workers.save(run_dir)
+    tokenizer.save(run_dir / "policy")
+
+
+def save_checkpoint(workers: Workers, tokenizer: Tokenizer, cfg: Config, run_dir: Path,
+                    state: dict) -> Path:
+    """Write ``checkpoints/round_XXXXXX`` atomically: a temp dir renamed when complete."""
+    root = run_dir / "checkpoints"
+    final = root / f"round_{state['round']:06d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_final(workers, tokenizer, tmp)
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    (tmp / "driver_state.json").write_text(json.dumps(state))
+    tmp.rename(final)
+    for old in sorted(root.glob("round_*"))[: -cfg.checkpoint.keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds: int
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
+    """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    prompts = build_prompts(cfg, tokenizer)
+    sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
+    kl_ctl = build_kl_controller(cfg.ppo)
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.logging.progress,
+                     tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None)
+    timer = PhaseTimer()
+    workers.sync(version=0)  # rollout workers start from the learner's initial weights
+
+    for round_index in range(cfg.train.rounds):
+        version = round_index  # weights after `round_index` updates
+        start = time.perf_counter()
+
+        # 1. generate: split the prompt batch over the rollout pool
+        with timer.phase("generate"):
+            index = sampler.next_batch()
+            batch = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            rollout = workers.generate(batch, round_index, version)
+            check_versions(rollout, version, len(index))
+
+        # 2. score: reference logprobs, old logprobs, values and rewards, in parallel
+        with timer.phase("score"):
+            scored = workers.score(rollout)
+
+        # 3. advantage: KL-penalised per-token rewards, GAE, whitening (on the driver)
+        with timer.phase("advantage"):
+            ppo_batch, adv_stats = compute_advantages(rollout, scored, kl_ctl.value, cfg.ppo,
+                                                      cfg.reward)
+
+        # 4. update: PPO epochs x minibatches on the policy and value learners
+        with timer.phase("update"):
+            train_stats = workers.update(ppo_batch, round_index)
+        kl_ctl.update(adv_stats["ppo/kl"], len(rollout))
+
+        # 5. sync: the new policy weights go to every rollout worker, versioned
+        with timer.phase("sync"):
+            workers.sync(version=version + 1)
+
+        # 6. log / checkpoint
+        times = timer.pop()
+        row = {
+            "round": round_index,
+            "weights/version": version,
+            **rollout_stats(rollout, scored["scores"], times["time/generate"]),
+            **adv_stats,
+            **{f"ppo/{k}": v for k, v in train_stats.items()},
+            **workers.info(),
+            **times,
+            "time/round": time.perf_counter() - start,
+        }
+        log.write(row)
+        every = cfg.checkpoint.every
+        if every and (round_index + 1) % every == 0:
+            save_checkpoint(workers, tokenizer, cfg, run_dir, {
+                "round": round_index, "kl_ctl": kl_ctl.state_dict(),
+                "sampler": sampler.state_dict()})
+
+    save_final(workers, tokenizer, run_dir)
+    log.close()
+    return RunResult(run_dir=run_dir, rounds=cfg.train.rounds)

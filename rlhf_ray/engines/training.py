@@ -1,0 +1,147 @@
+"""Training engines: DeepSpeed ZeRO (1/2/3) over torch.distributed, or plain torch AdamW.
+
+Both expose the same small surface so the learners do not branch on the engine: ``module``,
+``backward``, ``step``, ``all_reduce_sum``, ``full_state_dict`` and ``local_param_count``.
+DeepSpeed is imported lazily: it is heavy and only learners need it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class OptimSource(Protocol):
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float
+
+
+def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+    )
+
+
+class TorchEngine:
+    """One process, plain ``torch.optim.AdamW`` with global-norm clipping."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, module: nn.Module, optim: OptimSource):
+        self.module = module
+        self.optimizer = make_adamw(module, optim)
+        self.grad_clip = optim.grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def local_param_count(self) -> tuple[int, int]:
+        n = sum(p.numel() for p in self.module.parameters())
+        return n, n
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout_s: int, backend: str) -> None:
+    """Join the learner group's process group (all five variables must be set, PLATFORM.md)."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, grad_clip: float,
+                     dtype: str, offload_optimizer: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine around ``module`` (the process group must already exist)."""
+
+    def __init__(self, module: nn.Module, optim: OptimSource, zero_stage: int, micro_batch: int,
+                 dtype: str, offload_optimizer: bool):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.zero_stage = zero_stage
+        config = deepspeed_config(zero_stage, micro_batch, self.world_size, optim.grad_clip,
+                                  dtype, offload_optimizer)
+        optimizer = None if offload_optimizer else make_adamw(module, optim)
+        if offload_optimizer:
+            config["optimizer"] = {"type": "AdamW", "params": {
+                "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                "weight_decay": optim.weight_decay}}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config)
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def all_reduce_sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def local_param_count(self) -> tuple[int, int]:
+        """(parameters this rank holds, parameters of the whole model)."""
+        local = total = 0
+        for p in self.module.parameters():
+            if hasattr(p, "ds_tensor"):
+                local += p.ds_tensor.numel()
+                total += p.ds_numel
+            else:
+                local += p.numel()
+                total += p.numel()
+        return local, total

@@ -1,0 +1,171 @@
+"""Build or load the four models: causal LMs (policy, reference, rollout) and scalar-head models
+(value, reward).
+
+Scalar-head models are Hugging Face sequence-classification models with one label, so a reward
+model trained here loads anywhere with ``AutoModelForSequenceClassification`` and a reward model
+trained elsewhere loads here. We read the head at every token (values) or at the last real token
+(rewards) instead of letting HF pick the position.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSource(Protocol):
+    """What model builders read from ``config.ModelSpec``."""
+
+    path: str | None
+    preset: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int
+    init_seed: int
+    dtype: str
+
+
+class SpecialIds(Protocol):
+    """What model builders read from a tokenizer."""
+
+    pad_id: int
+    eos_id: int
+    bos_id: int | None
+    vocab_size: int
+
+
+def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
+    """A tiny GPT-2 or Llama config sized to the tokenizer, dropout off, special ids explicit."""
+    bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    common = dict(
+        vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+        bos_token_id=bos, tie_word_embeddings=True,
+    )
+    if spec.preset == "gpt2-tiny":
+        return GPT2Config(
+            n_embd=spec.hidden_size, n_layer=spec.num_layers, n_head=spec.num_heads,
+            n_positions=spec.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            summary_first_dropout=0.0, **common,
+        )
+    if spec.preset == "llama-tiny":
+        return LlamaConfig(
+            hidden_size=spec.hidden_size, intermediate_size=4 * spec.hidden_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
+            attention_dropout=0.0, **common,
+        )
+    raise ValueError(f"unknown model preset {spec.preset!r}")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO needs identical forwards for sampling, old and new logprobs: zero every dropout."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    model.eval()
+
+
+def _finish(model: PreTrainedModel, tok: SpecialIds, spec: ModelSource) -> PreTrainedModel:
+    if model.get_input_embeddings().num_embeddings < tok.vocab_size:
+        model.resize_token_embeddings(tok.vocab_size)
+    model.config.pad_token_id = tok.pad_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_id
+        model.generation_config.eos_token_id = tok.eos_id
+    disable_dropout(model)
+    return model.to(_DTYPES[spec.dtype])
+
+
+def build_causal_lm(spec: ModelSource, tok: SpecialIds) -> PreTrainedModel:
+    """The policy architecture with weights from ``spec.path`` or a seeded random preset."""
+    if spec.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_DTYPES[spec.dtype])
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForCausalLM.from_config(preset_config(spec, tok))
+    return _finish(model, tok, spec)
+
+
+class ScalarHeadModel(nn.Module):
+    """An LM backbone plus a scalar head (value model or reward model).
+
+    Wraps a one-label ``AutoModelForSequenceClassification`` so that it saves and loads in the
+    standard format; ``forward`` returns the head at every position, ``(B, T)``.
+    """
+
+    def __init__(self, seq_cls: PreTrainedModel):
+        super().__init__()
+        if not isinstance(getattr(seq_cls, "score", getattr(seq_cls, "classifier", None)),
+                          nn.Module):
+            raise ValueError(f"{type(seq_cls).__name__} has no `score`/`classifier` head")
+        self.seq_cls = seq_cls  # the only registered submodule: state_dict keys "seq_cls.*"
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.seq_cls.base_model
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self.seq_cls, "score", None) or self.seq_cls.classifier
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.seq_cls.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head at the last real token of each row: ``(B,)``."""
+        values = self(input_ids, attention_mask)
+        rows = torch.arange(values.shape[0], device=values.device)
+        return values[rows, last_token_index(attention_mask)]
+
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
+        """Save as a one-label sequence-classification checkpoint."""
+        if state_dict is not None:
+            state_dict = {k.removeprefix("seq_cls."): v for k, v in state_dict.items()}
+        self.seq_cls.save_pretrained(directory, state_dict=state_dict)
+
+
+def build_scalar_model(spec: ModelSource, tok: SpecialIds) -> ScalarHeadModel:
+    """A value/reward model from ``spec.path`` (a sequence-classification or causal-LM
+    checkpoint: the head is new in the latter case) or a seeded random preset."""
+    if spec.path is not None:
+        config = AutoConfig.from_pretrained(spec.path)
+        config.num_labels = 1
+        config.pad_token_id = tok.pad_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.path, config=config, dtype=_DTYPES[spec.dtype]
+        )
+    else:
+        config = preset_config(spec, tok)
+        config.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForSequenceClassification.from_config(config)
+    return ScalarHeadModel(_finish(model, tok, spec))

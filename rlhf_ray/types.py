@@ -1,0 +1,105 @@
+"""Typed batch containers passed between the driver and the workers.
+
+Shapes: ``B`` rows (one sample per prompt), ``P`` prompt tokens (left-padded), ``R`` response
+tokens (exactly ``rollout.max_new_tokens``, pad after the first EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T", bound="Rows")
+
+
+class Rows:
+    """Row-wise slicing and concatenation of a dataclass of ``(B, ...)`` tensors / lists."""
+
+    def __len__(self) -> int:
+        first = getattr(self, fields(self)[0].name)  # type: ignore[arg-type]
+        return len(first)
+
+    def select(self: T, index: torch.Tensor | slice | list[int]) -> T:
+        """The rows ``index`` (a slice, an index tensor or a list of ints)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        values: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                values[f.name] = value[index]
+            elif isinstance(value, list):
+                values[f.name] = value[index] if isinstance(index, slice) else [
+                    value[i] for i in index.tolist()]
+            else:
+                values[f.name] = value
+        return replace(self, **values)  # type: ignore[type-var]
+
+    @classmethod
+    def concat(cls: type[T], parts: list[T]) -> T:
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            items = [getattr(p, f.name) for p in parts]
+            if isinstance(items[0], torch.Tensor):
+                values[f.name] = torch.cat(items)
+            elif isinstance(items[0], list):
+                values[f.name] = [x for item in items for x in item]
+            else:
+                if any(item != items[0] for item in items):
+                    raise ValueError(f"cannot concatenate batches with different {f.name}")
+                values[f.name] = items[0]
+        return cls(**values)
+
+
+@dataclass
+class PromptBatch(Rows):
+    """A round's prompts, tokenized on the driver."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    prompt_index: torch.Tensor  # (B,) position of each prompt in the dataset
+    prompts: list[str]
+
+
+@dataclass
+class Rollout(Rows):
+    """Sampled responses with everything needed to score and train on them."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    prompt_index: torch.Tensor  # (B,)
+    response_ids: torch.Tensor  # (B, R), pad after the first EOS
+    response_mask: torch.Tensor  # (B, R), 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool
+    sampler_logprobs: torch.Tensor  # (B, R), from the rollout worker
+    weight_version: torch.Tensor  # (B,) weight version the sample was generated with
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+@dataclass
+class PPOBatch(Rows):
+    """What the learners train on: a rollout plus old logprobs/values and advantages."""
+
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R)
+    old_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+    prompt_len: int

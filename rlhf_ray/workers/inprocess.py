@@ -1,0 +1,82 @@
+"""InProcessWorkers: every role as a plain object in this process.
+
+The same worker classes the Ray runtime wraps, with one rank per learner group. The split of
+prompts over ``rollout.num_workers`` generators and the sampling seeds are those of the Ray
+runtime, so a run here is the distributed run without the distribution.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+from rlhf_ray.workers.interface import shard_seed, split_rows
+from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
+from rlhf_ray.workers.rollout import RolloutGenerator
+from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class InProcessWorkers:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        tok = cfg.tokenizer
+        self.policy = PolicyLearner(cfg.policy, cfg.ppo, tok, cfg.rollout.temperature,
+                                    seed=cfg.train.seed)
+        self.value = ValueLearner(cfg.value, cfg.ppo, tok, seed=cfg.train.seed)
+        if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # one process can hold one process group: both learners share a world of size 1
+            self.policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
+        self.policy.setup()
+        self.value.setup()
+        ref_spec = cfg.reference.model or cfg.policy.model
+        self.reference = ReferenceScorer(ref_spec, tok, cfg.rollout.temperature)
+        self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
+        self.generators = [RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
+                           for i in range(cfg.rollout.num_workers)]
+        if cfg.reference.model is None:
+            self.reference.set_weights(self.policy.full_weights())
+
+    def sync(self, version: int) -> None:
+        weights = self.policy.full_weights()
+        for gen in self.generators:
+            gen.set_weights(weights, version)
+
+    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
+        parts = split_rows(len(prompts), len(self.generators))
+        return Rollout.concat([
+            gen.generate(prompts.select(rows), shard_seed(self.cfg.train.seed, round_index, i),
+                         version)
+            for i, (gen, rows) in enumerate(zip(self.generators, parts, strict=False))
+        ])
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        return {
+            "ref_logprobs": self.reference.logprobs(rollout),
+            "old_logprobs": self.policy.logprobs(rollout),
+            "values": self.value.values(rollout),
+            "scores": self.reward.score(rollout),
+        }
+
+    def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        return {**self.policy.train(batch, round_index), **self.value.train(batch, round_index)}
+
+    def info(self) -> dict[str, float]:
+        return {"rollout/num_workers": len(self.generators)}
+
+    def save(self, directory: Path) -> None:
+        self.policy.save(str(directory / "policy"))
+        self.value.save(str(directory / "value"))
+
+    def close(self) -> None:
+        self.generators.clear()

@@ -1,0 +1,60 @@
+"""The seam between the driver and the workers.
+
+``run_ppo`` talks only to ``Workers``. Two implementations satisfy it: ``InProcessWorkers``
+(plain objects, one process: tests and debugging) and ``rlhf_ray.distributed.RayWorkers``
+(the same classes as Ray actors). Helpers here are shared by both so that they split work and
+seed sampling identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout worker produced samples with weights other than the round's version."""
+
+
+class Workers(Protocol):
+    def sync(self, version: int) -> None:
+        """Send the policy's current full weights to every rollout worker as ``version``."""
+
+    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
+        """Split ``prompts`` over the rollout pool; every sample carries ``version``."""
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R) and raw ``scores`` (B,)."""
+
+    def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        """PPO epochs on the policy and value learners; returns averaged stats."""
+
+    def info(self) -> dict[str, float]:
+        """Per-round facts about the actor graph (e.g. ``rollout/num_workers``)."""
+
+    def save(self, directory: Path) -> None:
+        """Write ``policy/`` and ``value/`` (HF format) under ``directory``."""
+
+    def close(self) -> None:
+        """Release every worker."""
+
+
+def split_rows(num_rows: int, num_parts: int) -> list[slice]:
+    """Contiguous, near-equal slices covering ``range(num_rows)``; never an empty slice."""
+    parts = min(num_parts, num_rows)
+    bounds = [round(i * num_rows / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def shard_seed(seed: int, round_index: int, shard: int) -> int:
+    """Sampling seed of one shard of one round: identical in-process and on Ray."""
+    return (seed * 1_000_003 + round_index * 10_007 + shard) % (2**31)
+
+
+def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Average each stat over ranks (each rank saw the same number of minibatches)."""
+    return {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}

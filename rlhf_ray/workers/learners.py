@@ -1,0 +1,176 @@
+"""PolicyLearner and ValueLearner: one data-parallel rank each.
+
+Every rank receives the whole round's batch and derives its rows from a permutation seeded by
+(seed, round, epoch), identical on every rank. Minibatch ``k`` of an epoch is the same global set
+of rows whatever the number of ranks, and each rank's loss is rescaled so that the gradient
+averaged over ranks equals the gradient of the token-mean loss over the global minibatch. So 1
+rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same optimizer steps (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.algo import masked_mean, policy_loss, value_loss
+from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
+from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
+from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
+from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.types import PPOBatch, Rollout
+
+LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class _Rank:
+    """What both learners share: the engine, their rows of a batch, the PPO epoch loop."""
+
+    def __init__(self, role_cfg, ppo_cfg, build: Callable[[], torch.nn.Module], rank: int,
+                 world_size: int, seed: int, num_threads: int | None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg, self.ppo = role_cfg, ppo_cfg
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch = ppo_cfg.minibatch_size // world_size
+        self._build = build
+        self.engine: TorchEngine | DeepSpeedEngine | None = None
+
+    def init_process_group(self, master_addr: str, master_port: int, timeout_s: int,
+                           backend: str = "gloo") -> None:
+        init_distributed(self.rank, self.world_size, master_addr, master_port, timeout_s, backend)
+
+    def setup(self) -> tuple[int, int]:
+        """Build the model and engine; returns (parameters held here, parameters in all)."""
+        module = self._build()
+        module.train()
+        if self.cfg.engine == "torch":
+            self.engine = TorchEngine(module, self.cfg.optim)
+        else:
+            self.engine = DeepSpeedEngine(module, self.cfg.optim, self.cfg.zero_stage,
+                                          self.micro_batch, self.cfg.model.dtype,
+                                          self.cfg.offload_optimizer)
+        return self.engine.local_param_count()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        assert self.engine is not None, "call setup() first"
+        return self.engine.module
+
+    def my_rows(self, n: int) -> slice:
+        per = n // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def run_epochs(self, batch: PPOBatch, round_index: int, loss_fn: LossFn) -> dict[str, float]:
+        assert self.engine is not None, "call setup() first"
+        n, size = len(batch), self.ppo.minibatch_size
+        per = size // self.world_size
+        gen = torch.Generator().manual_seed(self.seed * 7919 + round_index)
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(self.ppo.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, size):
+                rows = perm[start : start + size]
+                mine = rows[self.rank * per : (self.rank + 1) * per]
+                mb = batch.select(mine)
+                loss, stats = loss_fn(mb)
+                # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
+                local = float(mb.response_mask.sum())
+                total = float(batch.response_mask[rows].sum())
+                self.engine.backward(loss * local * self.world_size / total)
+                self.engine.step()
+                sums["loss"] += float(loss.detach())
+                for k, v in stats.items():
+                    sums[k] += float(v)
+                steps += 1
+        return {k: v / steps for k, v in sums.items()}
+
+    def full_weights(self) -> NumpyWeights | None:
+        """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
+        assert self.engine is not None, "call setup() first"
+        state = self.engine.full_state_dict()
+        return None if state is None else state_dict_to_numpy(state)
+
+    def save(self, directory: str) -> None:
+        """Collective; rank 0 writes the full model in Hugging Face format."""
+        assert self.engine is not None, "call setup() first"
+        state = self.engine.full_state_dict()
+        if state is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(directory, state_dict=state)
+
+    def ping(self) -> int:
+        return self.rank
+
+
+class PolicyLearner(_Rank):
+    """The policy under DeepSpeed ZeRO (or plain torch), one rank of a data-parallel group."""
+
+    def __init__(self, policy_cfg, ppo_cfg, tokenizer_cfg, temperature: float, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, num_threads: int | None = None):
+        tok = build_tokenizer(tokenizer_cfg)
+        super().__init__(policy_cfg, ppo_cfg, lambda: build_causal_lm(policy_cfg.model, tok),
+                         rank, world_size, seed, num_threads)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Old log-probs of this rank's rows (recomputed here, not taken from the sampler)."""
+        mine = rollout.select(self.my_rows(len(rollout)))
+        out = []
+        for start in range(0, len(mine), self.micro_batch):
+            part = mine.select(slice(start, start + self.micro_batch))
+            out.append(response_logprobs(self.module, part.input_ids, part.attention_mask,
+                                         part.prompt_len, self.temperature)[0])
+        return torch.cat(out) * mine.response_mask
+
+    def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        def loss_fn(mb: PPOBatch):
+            logprobs, entropy = response_logprobs(self.module, mb.input_ids, mb.attention_mask,
+                                                  mb.prompt_len, self.temperature,
+                                                  with_entropy=True)
+            loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages,
+                                      mb.response_mask, self.ppo.clip_eps)
+            ent = masked_mean(entropy, mb.response_mask)
+            stats = {**stats, "entropy": ent.detach()}
+            return loss - self.ppo.entropy_coef * ent, stats
+
+        stats = self.run_epochs(batch, round_index, loss_fn)
+        stats["policy_loss"] = stats.pop("loss")
+        return stats
+
+
+class ValueLearner(_Rank):
+    """The critic (backbone + scalar head), one rank of a data-parallel group."""
+
+    def __init__(self, value_cfg, ppo_cfg, tokenizer_cfg, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_threads: int | None = None):
+        tok = build_tokenizer(tokenizer_cfg)
+        super().__init__(value_cfg, ppo_cfg, lambda: build_scalar_model(value_cfg.model, tok),
+                         rank, world_size, seed, num_threads)
+
+    def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        # the value of the state before response token t sits at position prompt_len - 1 + t
+        return self.module(input_ids, attention_mask)[:, prompt_len - 1 : -1]
+
+    @torch.no_grad()
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        mine = rollout.select(self.my_rows(len(rollout)))
+        out = []
+        for start in range(0, len(mine), self.micro_batch):
+            part = mine.select(slice(start, start + self.micro_batch))
+            out.append(self._values(part.input_ids, part.attention_mask, part.prompt_len))
+        return torch.cat(out) * mine.response_mask
+
+    def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        def loss_fn(mb: PPOBatch):
+            values = self._values(mb.input_ids, mb.attention_mask, mb.prompt_len)
+            return value_loss(values, mb.old_values, mb.returns, mb.response_mask,
+                              self.ppo.value_clip_eps)
+
+        stats = self.run_epochs(batch, round_index, loss_fn)
+        stats["value_loss"] = stats.pop("loss")
+        return stats

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.algo import entropy_from_logits, masked_entropy, policy_loss, value_loss
+
+
+def test_policy_loss_hand_example_with_clipping():
+    # ratios 1.1, 1.5, 0.5, 0.5 (+ an invalid 3.0); eps = 0.2 -> clip range [0.8, 1.2]
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 0.5, 3.0]])
+    old_logprobs = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -1.0]])
+    logprobs = (old_logprobs + ratios.log()).requires_grad_()
+    advantages = torch.tensor([[1.0, 2.0, -1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    # max(-A*rho, -A*clip(rho)):
+    #   t0: max(-1.1, -1.1) = -1.1  inside the range
+    #   t1: max(-3.0, -2.4) = -2.4  clipped (A>0, rho>1.2)
+    #   t2: max( 0.5,  0.8) =  0.8  clipped (A<0, rho<0.8)
+    #   t3: max(-0.5, -0.8) = -0.5  unclipped: pessimistic bound keeps rho (A>0, rho<0.8)
+    # loss = (-1.1 - 2.4 + 0.8 - 0.5) / 4 = -0.8; clipfrac = 2/4; ratio_mean = 3.6/4 = 0.9
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.8)
+    assert float(stats["clipfrac"]) == pytest.approx(0.5)
+    assert float(stats["ratio_mean"]) == pytest.approx(0.9)
+    # approx_kl = 0.5 * mean(ln1.1^2, ln1.5^2, ln0.5^2, ln0.5^2)
+    #           = 0.5 * (0.009084 + 0.164402 + 2 * 0.480453) / 4 = 0.141799
+    assert float(stats["approx_kl"]) == pytest.approx(0.141799, abs=1e-6)
+    # d loss / d logp_t = -A_t * rho_t / 4 where unclipped, 0 where clipped or invalid
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.275, 0.0, 0.0, -0.125, 0.0]]))
+
+
+def test_value_loss_hand_example():
+    values = torch.tensor([[1.0, 1.5, 1.5, 8.0]], requires_grad=True)
+    old_values = torch.tensor([[0.9, 1.0, 1.0, 0.0]])
+    returns = torch.tensor([[2.0, 1.0, 2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # eps = 0.2: clipped V = 1.0 (within 0.9 +- 0.2), 1.2, 1.2
+    #   t0: max((1-2)^2, (1-2)^2)       = 1.0
+    #   t1: max((1.5-1)^2, (1.2-1)^2)   = max(0.25, 0.04) = 0.25
+    #   t2: max((1.5-2)^2, (1.2-2)^2)   = max(0.25, 0.64) = 0.64  clipped term wins
+    # loss = 0.5 * (1 + 0.25 + 0.64) / 3 = 0.315; vf_clipfrac = 1/3
+    loss, stats = value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.315)
+    assert float(stats["vf_clipfrac"]) == pytest.approx(1 / 3)
+    loss.backward()
+    # d/dV of 0.5*(V-R)^2/3 = (V-R)/3 where unclipped: -1/3, 0.5/3; t2 clipped -> 0
+    torch.testing.assert_close(values.grad, torch.tensor([[-1 / 3, 0.5 / 3, 0.0, 0.0]]))
+
+
+def test_entropy_uniform_one_hot_and_hand_value():
+    V = 5
+    uniform = torch.full((1, 1, V), 3.7)
+    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(V))
+    one_hot = torch.tensor([[[100.0, 0.0, 0.0, 0.0, 0.0]]])
+    assert entropy_from_logits(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    # logits (0, ln 3) -> p = (1/4, 3/4); H = 0.25 ln4 + 0.75 ln(4/3) = 0.346574 + 0.215762
+    two_way = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert entropy_from_logits(two_way).item() == pytest.approx(0.562335, abs=1e-6)
+
+
+def test_masked_entropy_averages_valid_tokens():
+    logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0]), torch.zeros(4)])[None]
+    mask = torch.tensor([[1, 1, 0]])
+    # (ln 4 + 0) / 2 = 0.693147; the third (uniform) token is masked out
+    assert masked_entropy(logits, mask).item() == pytest.approx(math.log(4) / 2, abs=1e-6)
