@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the field and says why."""
 
 
@@ -219,8 +221,22 @@ class LoggingConfig(_Section):
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars if installed.")
 
 
+class NodeSpec(_Section):
+    """One kind of node of a cluster described offline (for `rlhf-ray plan`)."""
+
+    cpus: float = Field(..., ge=0, description="CPUs per node.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per node.")
+    count: int = Field(1, ge=1, description="Nodes of this kind.")
+
+
 class ClusterConfig(_Section):
     """How Ray is reached and how long actors may wait for resources."""
+
+    nodes: list[NodeSpec] | None = Field(
+        None,
+        description="The target cluster, for planning without connecting to it (null: the "
+        "cluster at --address/RAY_ADDRESS, else this machine).",
+    )
 
     num_cpus: float | None = Field(
         None, gt=0, description="CPUs of a locally started Ray (null: all of this machine)."

@@ -35,6 +35,9 @@ class ReferenceScorer:
     def set_weights(self, weights: NumpyWeights) -> None:
         self.model.load_state_dict(state_dict_from_numpy(weights))
 
+    def ping(self) -> str:
+        return "reference"
+
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         input_ids, mask = rollout.input_ids, rollout.attention_mask
@@ -60,6 +63,9 @@ class RewardScorer:
             self.fn = None
             self.model = build_scalar_model(reward_cfg.model, build_tokenizer(tokenizer_cfg))
             self.model.requires_grad_(False)
+
+    def ping(self) -> str:
+        return "reward"
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:

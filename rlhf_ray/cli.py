@@ -1,0 +1,108 @@
+"""The ``rlhf-ray`` command line.
+
+``rlhf-ray ppo [--config F] [key=value ...]`` runs PPO: by default on a local Ray started here,
+or on the cluster named by ``--address`` / ``RAY_ADDRESS`` (as under ``ray job submit``).
+Config and resource errors print one paragraph and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rlhf_ray.config import Config, load_config, to_yaml
+from rlhf_ray.errors import UserError
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (default: the embedded one)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. rollout.num_workers=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-ray", description="RLHF with PPO as a Ray actor system.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ppo = sub.add_parser("ppo", help="run PPO (local Ray by default)")
+    _config_args(ppo)
+    ppo.add_argument("--print-config", action="store_true",
+                     help="print the resolved config and exit")
+    ppo.add_argument("--run-dir", type=Path,
+                     help="where the run writes (default: a new dated directory under ./runs)")
+    ppo.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    ppo.add_argument("--in-process", action="store_true",
+                     help="debug: run every role as a plain object in this process, no Ray")
+
+    plan = sub.add_parser("plan", help="print the actor/resource plan and check it fits")
+    _config_args(plan)
+    plan.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from rlhf_ray.driver import new_run_dir
+    from rlhf_ray.rewards import load_reward_function
+
+    if cfg.reward.function is not None:  # fail before any actor starts
+        try:
+            load_reward_function(cfg.reward.function, [os.getcwd()])
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    run_dir = args.run_dir or new_run_dir()
+    if args.in_process:
+        from rlhf_ray.workers.inprocess import InProcessWorkers
+
+        result = _run(cfg, lambda: InProcessWorkers(cfg), run_dir)
+    else:
+        from rlhf_ray.distributed import RayWorkers, connect, disconnect
+
+        connect(cfg, args.address)
+        try:
+            result = _run(cfg, lambda: RayWorkers(cfg), run_dir)
+        finally:
+            disconnect()
+    print(f"run dir: {result.resolve()}")
+    return 0
+
+
+def _run(cfg: Config, make_workers, run_dir: Path) -> Path:
+    from rlhf_ray.driver import run_ppo
+
+    workers = make_workers()
+    try:
+        return run_ppo(cfg, workers, run_dir).run_dir
+    finally:
+        workers.close()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rlhf_ray.distributed.plan import check_plan
+
+    cfg = _load(args)
+    return check_plan(cfg, args.address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"ppo": cmd_ppo, "plan": cmd_plan}
+    try:
+        return handlers[args.command](args)
+    except UserError as exc:
+        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

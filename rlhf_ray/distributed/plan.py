@@ -1,0 +1,139 @@
+"""The resource plan: which actors each role needs, and whether a cluster can hold them.
+
+Ray leaves actors whose resources no node can provide PENDING forever (a learner rank left
+pending deadlocks the rendezvous of the others), so every run checks the plan first and fails
+within seconds, naming the shortfall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_ray.config import Config
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    role: str
+    actors: int
+    cpus: float  # per actor
+    gpus: float  # per actor
+    group: bool  # ranks of one placement group (must all be placed together)
+
+    @property
+    def total_cpus(self) -> float:
+        return self.actors * self.cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.actors * self.gpus
+
+
+@dataclass(frozen=True)
+class Node:
+    cpus: float
+    gpus: float
+
+
+def resource_plan(cfg: Config) -> list[RolePlan]:
+    return [
+        RolePlan("policy", cfg.policy.num_ranks, cfg.policy.num_cpus_per_rank,
+                 cfg.policy.num_gpus_per_rank, True),
+        RolePlan("value", cfg.value.num_ranks, cfg.value.num_cpus_per_rank,
+                 cfg.value.num_gpus_per_rank, True),
+        RolePlan("reference", 1, cfg.reference.num_cpus, cfg.reference.num_gpus, False),
+        RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, False),
+        RolePlan("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus_per_worker,
+                 cfg.rollout.num_gpus_per_worker, False),
+    ]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
+    """Why ``nodes`` cannot hold ``plan`` (empty if they can).
+
+    Totals first, then a first-fit-decreasing packing of every actor onto the nodes, which
+    catches an actor larger than any single node even when the totals suffice.
+    """
+    need_cpu = sum(r.total_cpus for r in plan)
+    need_gpu = sum(r.total_gpus for r in plan)
+    have_cpu = sum(n.cpus for n in nodes)
+    have_gpu = sum(n.gpus for n in nodes)
+    problems = []
+    if need_gpu > have_gpu + 1e-9:
+        problems.append(f"needs {_fmt(need_gpu)} GPUs, cluster has {_fmt(have_gpu)}")
+    if need_cpu > have_cpu + 1e-9:
+        problems.append(f"needs {_fmt(need_cpu)} CPUs, cluster has {_fmt(have_cpu)}")
+    if problems:
+        return problems
+    free = [[n.cpus, n.gpus] for n in nodes]
+    actors = sorted(((r.role, r.cpus, r.gpus) for r in plan for _ in range(r.actors)),
+                    key=lambda a: (a[2], a[1]), reverse=True)
+    for role, cpus, gpus in actors:
+        for slot in free:
+            if slot[0] + 1e-9 >= cpus and slot[1] + 1e-9 >= gpus:
+                slot[0] -= cpus
+                slot[1] -= gpus
+                break
+        else:
+            problems.append(f"a {role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs) fits on "
+                            f"no node once the others are placed")
+            break
+    return problems
+
+
+def format_plan(plan: list[RolePlan], nodes: list[Node]) -> str:
+    lines = [f"{'role':<10} {'actors':>6} {'CPUs each':>10} {'GPUs each':>10} {'CPUs':>6} "
+             f"{'GPUs':>6}"]
+    for r in plan:
+        lines.append(f"{r.role:<10} {r.actors:>6} {_fmt(r.cpus):>10} {_fmt(r.gpus):>10} "
+                     f"{_fmt(r.total_cpus):>6} {_fmt(r.total_gpus):>6}")
+    lines.append(f"{'total':<10} {sum(r.actors for r in plan):>6} {'':>10} {'':>10} "
+                 f"{_fmt(sum(r.total_cpus for r in plan)):>6} "
+                 f"{_fmt(sum(r.total_gpus for r in plan)):>6}")
+    lines.append(f"cluster: {len(nodes)} node(s), "
+                 f"{_fmt(sum(n.cpus for n in nodes))} CPUs, {_fmt(sum(n.gpus for n in nodes))} GPUs")
+    return "\n".join(lines)
+
+
+def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
+    """The cluster to plan against: a live one, the config's description, or this machine."""
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        import ray
+
+        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes
+
+        ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR")
+        try:
+            return cluster_nodes(), f"Ray cluster at {address}"
+        finally:
+            ray.shutdown()
+    if cfg.cluster.nodes:
+        nodes = [Node(n.cpus, n.gpus) for n in cfg.cluster.nodes for _ in range(n.count)]
+        return nodes, "cluster.nodes of the config"
+    import torch
+
+    cpus = cfg.cluster.num_cpus or float(os.cpu_count() or 1)
+    return [Node(cpus, float(torch.cuda.device_count()))], "this machine (local Ray)"
+
+
+def check_plan(cfg: Config, address: str | None = None) -> int:
+    """Print the placement table; exit status 1 (with the shortfall) if it cannot fit."""
+    import sys
+
+    plan = resource_plan(cfg)
+    nodes, where = visible_nodes(cfg, address)
+    print(format_plan(plan, nodes))
+    problems = shortfalls(plan, nodes)
+    if problems:
+        print(f"rlhf-ray plan: does not fit {where}: " + "; ".join(problems) + ".",
+              file=sys.stderr)
+        return 1
+    print(f"fits {where}.")
+    return 0
