@@ -148,6 +148,8 @@ class TokenizerConfig(_Section):
     def _needs_name(self) -> TokenizerConfig:
         if self.kind != "bytes" and not self.name_or_path:
             raise ValueError(f"kind {self.kind!r} needs `name_or_path`")
+        if self.kind == "bytes" and self.name_or_path:
+            raise ValueError("kind 'bytes' is built in and takes no `name_or_path`")
         return self
 
 

@@ -27,7 +27,7 @@ from rlhf_ray.algo import (
     masked_whiten,
 )
 from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
-from rlhf_ray.data.prompts import load_prompts
+from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer
@@ -51,11 +51,11 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 def build_prompts(cfg: Config, tokenizer: Tokenizer) -> list[str]:
     """The prompt texts, with the chat template applied if configured."""
     data = cfg.data
-    prompts = load_prompts(data.prompts, field=data.prompt_field, split=data.split,
-                           fmt=data.format)
     if data.chat_template:
-        prompts = [tokenizer.apply_chat([{"role": "user", "content": p}]) for p in prompts]
-    return prompts
+        conversations = load_prompt_conversations(data.prompts, field=data.prompt_field,
+                                                  split=data.split, fmt=data.format)
+        return [tokenizer.apply_chat(conv) for conv in conversations]
+    return load_prompts(data.prompts, field=data.prompt_field, split=data.split, fmt=data.format)
 
 
 def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLController:
