@@ -63,6 +63,20 @@ def _env(gpus: float) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
+    """Kill actors and wait until Ray has released them (and so their names)."""
+    for h in handles:
+        ray.kill(h)
+    deadline = time.monotonic() + timeout_s
+    for h in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(h.ping.remote(), timeout=1)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.1)
+
+
 def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
     """Wait until every named actor answers ``ping``; a clear error if some stay pending."""
     refs = {h.ping.remote(): name for name, h in handles.items()}
@@ -120,8 +134,7 @@ class LearnerGroup:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
     def kill(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        _kill(self.actors)
         remove_placement_group(self.pg)
 
 
@@ -159,8 +172,7 @@ class RolloutPool:
                 for i, (w, rows) in enumerate(zip(self.workers, parts, strict=False))]
 
     def kill(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
+        _kill(self.workers)
         self.workers.clear()
 
 
@@ -244,5 +256,4 @@ class RayWorkers:
         for group in (self.policy, self.value):
             group.kill()
         self.pool.kill()
-        for actor in (self.reference, self.reward):
-            ray.kill(actor)
+        _kill([self.reference, self.reward])

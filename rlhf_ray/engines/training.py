@@ -7,8 +7,10 @@ DeepSpeed is imported lazily: it is heavy and only learners need it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +53,10 @@ class TorchEngine:
 
     def all_reduce_sum(self, value: float) -> float:
         return value
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        yield
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -123,13 +129,19 @@ class DeepSpeedEngine:
         dist.all_reduce(t)
         return float(t.item())
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        """Collective on all ranks: inside, every rank sees the full parameters (ZeRO-3)."""
         import deepspeed
 
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                enabled=self.zero_stage == 3):
+            yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""
+        with self.full_params():
             if self.rank != 0:
                 return None
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}

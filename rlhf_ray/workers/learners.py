@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.algo import masked_mean, policy_loss, value_loss
+from rlhf_ray.engines.generation import SamplingParams, sample_responses
 from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
 from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
 from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
@@ -114,6 +115,7 @@ class PolicyLearner(_Rank):
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(policy_cfg, ppo_cfg, lambda: build_causal_lm(policy_cfg.model, tok),
                          rank, world_size, seed, num_threads)
+        self.tokenizer = tok
         self.temperature = temperature
 
     @torch.no_grad()
@@ -126,6 +128,18 @@ class PolicyLearner(_Rank):
             out.append(response_logprobs(self.module, part.input_ids, part.attention_mask,
                                          part.prompt_len, self.temperature)[0])
         return torch.cat(out) * mine.response_mask
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               max_new_tokens: int) -> torch.Tensor:
+        """The learner's own greedy continuation (collective under ZeRO-3: call on all ranks)."""
+        assert self.engine is not None, "call setup() first"
+        params = SamplingParams(max_new_tokens)
+        with self.engine.full_params():
+            out = sample_responses(self.module, prompt_ids, prompt_mask, params,
+                                   self.tokenizer.eos_id, self.tokenizer.pad_id, seed=0,
+                                   greedy=True)
+        return out["response_ids"]
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):

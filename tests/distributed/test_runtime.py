@@ -1,0 +1,112 @@
+"""The Ray runtime on a local cluster: ZeRO sharding and equivalence, weight-sync parity,
+versioned samples, and pool sizes that leave the learners untouched."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.config import load_config
+from rlhf_ray.distributed import RayWorkers
+from rlhf_ray.distributed.plan import resource_plan
+from rlhf_ray.driver import build_kl_controller, build_prompts, compute_advantages, run_ppo
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.types import PromptBatch
+from rlhf_ray.workers.inprocess import InProcessWorkers
+from rlhf_ray.workers.interface import StaleWeightsError
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["rollout.batch_size=8", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
+         "train.rounds=2", "logging.progress=false"]
+
+
+def small_cfg(*overrides: str):
+    return load_config(None, [*SMALL, *overrides])
+
+
+def policy_weights(run_dir) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_zero3_shards_and_matches_zero1_and_in_process(ray_cluster, tmp_path):
+    results, held = {}, {}
+    for stage in (3, 1):
+        cfg = small_cfg("train.rounds=1", f"policy.zero_stage={stage}")
+        workers = RayWorkers(cfg)
+        try:
+            held[stage] = workers.param_counts["policy"]
+            run_ppo(cfg, workers, tmp_path / f"zero{stage}")
+        finally:
+            workers.close()
+        results[stage] = policy_weights(tmp_path / f"zero{stage}")
+    cfg = small_cfg("train.rounds=1", "policy.engine=torch", "policy.num_ranks=1",
+                    "value.engine=torch")
+    run_ppo(cfg, InProcessWorkers(cfg), tmp_path / "inprocess")
+    results["in-process"] = policy_weights(tmp_path / "inprocess")
+
+    # ZeRO-3: each of the 2 ranks holds about half of the parameters
+    (local0, total), (local1, _) = held[3]
+    assert abs(local0 - total / 2) / total < 0.01 and abs(local1 - total / 2) / total < 0.01
+    assert held[1][0][0] == total  # ZeRO-1 keeps full parameters on every rank
+
+    initial = InProcessWorkers(cfg).policy.full_weights()
+    moved = max((results[3][k] - torch.from_numpy(initial[k][0])).abs().max() for k in initial)
+    assert moved > 1e-4, "the update did not change the weights"
+    for other in (1, "in-process"):
+        for name, value in results[3].items():
+            torch.testing.assert_close(value, results[other][name], atol=2e-5, rtol=1e-4)
+
+
+def test_sync_parity_versions_and_stale_refusal(ray_cluster):
+    cfg = small_cfg("policy.zero_stage=3")
+    tok = build_tokenizer(cfg.tokenizer)
+    prompts = build_prompts(cfg, tok)[:8]
+    ids, mask = tok.encode_batch_left_padded(prompts, cfg.data.max_prompt_tokens)
+    batch = PromptBatch(ids, mask, torch.arange(8), prompts)
+    probe_ids, probe_mask = tok.encode_batch_left_padded(["Tell me about the sea."], 48)
+    kl_ctl = build_kl_controller(cfg.ppo)
+    workers = RayWorkers(cfg)
+    try:
+        for version in range(3):
+            workers.sync(version)
+            learner = ray.get(workers.policy.call("greedy", probe_ids, probe_mask, 12))
+            sampled = ray.get([w.greedy.remote(probe_ids, probe_mask, 12)
+                               for w in workers.pool.workers])
+            for out in sampled:
+                assert torch.equal(out, learner[0])
+            rollout = workers.generate(batch, version, version)
+            assert rollout.weight_version.tolist() == [version] * 8
+            with pytest.raises(StaleWeightsError):
+                workers.generate(batch, version, version + 1)
+            ppo_batch, _ = compute_advantages(rollout, workers.score(rollout), kl_ctl.value,
+                                              cfg.ppo, cfg.reward)
+            workers.update(ppo_batch, version)
+    finally:
+        workers.close()
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_rollout_pool_size_leaves_learners_alone(ray_cluster, tmp_path, num_workers):
+    cfg = small_cfg(f"rollout.num_workers={num_workers}")
+    base = small_cfg()
+    learners = [r for r in resource_plan(cfg) if r.role in ("policy", "value")]
+    assert learners == [r for r in resource_plan(base) if r.role in ("policy", "value")]
+    workers = RayWorkers(cfg)
+    try:
+        names = [f"rollout-{i}" for i in range(num_workers)]
+        names += ["policy-0", "policy-1", "value-0", "reference", "reward"]
+        for name in names:  # operators find every actor by name
+            assert ray.get(ray.get_actor(name, namespace="rlhf_ray").ping.remote()) is not None
+        with pytest.raises(ValueError):
+            ray.get_actor(f"rollout-{num_workers}", namespace="rlhf_ray")
+        run_ppo(cfg, workers, tmp_path / "run")
+    finally:
+        workers.close()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["rollout/num_workers"] for r in rows] == [num_workers] * 2
+    assert [r["rollout/num_samples"] for r in rows] == [8, 8]
