@@ -120,14 +120,14 @@ def rollout_stats(rollout: Rollout, raw_scores: torch.Tensor, seconds: float) ->
     }
 
 
-def check_versions(rollout: Rollout, version: int, expected_rows: int) -> None:
-    """Refuse a round whose samples are stale, missing or duplicated."""
+def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
+    """Refuse a round whose samples are stale, or not exactly one per requested prompt."""
     stale = (rollout.weight_version != version).nonzero().flatten().tolist()
     if stale:
         raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
-    if len(rollout) != expected_rows or len(set(rollout.prompt_index.tolist())) != expected_rows:
-        raise RuntimeError(
-            f"rollout returned {len(rollout)} samples for {expected_rows} prompts")
+    if rollout.prompt_index.tolist() != list(index):
+        raise RuntimeError(f"rollout returned {len(rollout)} samples for {len(index)} prompts, "
+                           "not one per prompt in order: samples were lost or duplicated")
 
 
 def save_final(workers: Workers, tokenizer: Tokenizer, run_dir: Path) -> None:
@@ -184,7 +184,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
             index = sampler.next_batch()
             batch = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
             rollout = workers.generate(batch, round_index, version)
-            check_versions(rollout, version, len(index))
+            check_rollout(rollout, version, index)
 
         # 2. score: reference logprobs, old logprobs, values and rewards, in parallel
         with timer.phase("score"):
