@@ -1,0 +1,259 @@
+"""The ready job configs under jobs/, their Ray runtime envs and the documented commands.
+
+Nothing here starts Ray: configs are loaded and planned offline (against their
+``cluster.nodes``), runtime envs are checked with Ray's own validation and packaging code, and
+the ``ray job submit`` commands of jobs/README.md are parsed by Ray's own CLI definition.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_ray.cli import build_parser
+from rlhf_ray.config import Config, load_config
+from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+
+
+def _is_runtime_env(path: Path) -> bool:
+    return path.name.startswith("runtime_env")
+
+
+CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if not _is_runtime_env(p))
+RUNTIME_ENVS = sorted(p for p in JOBS.glob("*.yaml") if _is_runtime_env(p))
+GPU_JOBS = ["ppo_1b_hh.yaml", "ppo_8b_hh.yaml"]
+
+
+def _load(name: str) -> Config:
+    return load_config(JOBS / name)
+
+
+def _described_nodes(cfg: Config) -> list[Node]:
+    assert cfg.cluster.nodes, "the job describes no cluster (cluster.nodes)"
+    return [Node(n.cpus, n.gpus) for n in cfg.cluster.nodes for _ in range(n.count)]
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # plan offline, always
+    return subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "plan", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+# -- the configs --------------------------------------------------------------------------------
+
+
+def test_the_documented_jobs_exist():
+    names = {p.name for p in CONFIGS} | {p.name for p in RUNTIME_ENVS}
+    assert {"debug_cpu.yaml", *GPU_JOBS, "runtime_env.yaml", "runtime_env_cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_job_config_loads(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_job_fits_the_cluster_it_describes(path: Path):
+    cfg = load_config(path)
+    assert shortfalls(resource_plan(cfg), _described_nodes(cfg)) == []
+
+
+def test_debug_cpu_job_fits_two_cores_without_downloads():
+    cfg = _load("debug_cpu.yaml")
+    plan = resource_plan(cfg)
+    assert sum(r.total_cpus for r in plan) <= 2
+    assert sum(r.total_gpus for r in plan) == 0
+    assert cfg.cluster.num_cpus == 2
+    # the shape the job is meant to exercise
+    assert (cfg.policy.num_ranks, cfg.policy.zero_stage, cfg.policy.engine) == (2, 2, "deepspeed")
+    assert cfg.value.num_ranks == 1 and cfg.rollout.num_workers == 2
+    assert (cfg.rollout.batch_size, cfg.ppo.minibatch_size) == (16, 8)
+    assert cfg.train.rounds <= 10
+    # nothing to download: preset models, byte tokenizer, bundled prompts, a built-in reward
+    assert cfg.policy.model.path is None and cfg.value.model.path is None
+    assert cfg.reference.model is None and cfg.reward.model is None
+    assert cfg.tokenizer.kind == "bytes" and cfg.data.prompts == "builtin"
+    from rlhf_ray.rewards import load_reward_function
+
+    assert callable(load_reward_function(cfg.reward.function))
+
+
+@pytest.mark.parametrize("name", GPU_JOBS)
+def test_gpu_jobs_are_realistic(name: str):
+    cfg = _load(name)
+    for role in resource_plan(cfg):
+        assert role.gpus >= 1, f"{role.role} has no GPU"
+    for learner in (cfg.policy, cfg.value):
+        assert learner.engine == "deepspeed" and learner.zero_stage == 3
+        assert learner.num_gpus_per_rank == 1
+        assert learner.model.path and learner.model.dtype == "bfloat16"
+    assert cfg.policy.optim.lr <= 1e-5
+    # a reward model, not a rule: scored with the policy's own tokenizer
+    assert cfg.reward.function is None and cfg.reward.model and cfg.reward.model.path
+    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.name_or_path == cfg.policy.model.path
+    assert cfg.data.format == "hh" and "hh-rlhf" in cfg.data.prompts
+    assert (cfg.rollout.batch_size, cfg.ppo.minibatch_size) == (512, 64)
+    assert (cfg.rollout.max_new_tokens, cfg.data.max_prompt_tokens) == (256, 512)
+
+
+def test_8b_job_scales_up_the_1b_job():
+    small, big = _load("ppo_1b_hh.yaml"), _load("ppo_8b_hh.yaml")
+    assert big.policy.num_ranks == 8 and big.policy.offload_optimizer
+    assert big.rollout.num_workers > small.rollout.num_workers
+    gpus = {n: sum(r.total_gpus for r in resource_plan(c)) for n, c in (("1b", small), ("8b", big))}
+    assert gpus["8b"] > gpus["1b"]
+    assert sum(n.gpus * n.count for n in big.cluster.nodes) == 32  # 4 nodes x 8 GPUs
+
+
+def test_plan_of_8b_job_fits_its_cluster():
+    result = _plan("--config", "jobs/ppo_8b_hh.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "fits cluster.nodes of the config" in result.stdout
+
+
+def test_plan_of_8b_job_on_one_gpu_names_the_gpu_shortfall():
+    result = _plan("--config", "jobs/ppo_8b_hh.yaml", "cluster.nodes=[{cpus: 8, gpus: 1, count: 1}]")
+    assert result.returncode == 1
+    assert re.search(r"needs 32 GPUs, cluster has 1\b", result.stderr), result.stderr
+
+
+# -- the runtime envs ---------------------------------------------------------------------------
+
+MUST_EXCLUDE = ["runs/", ".venv/", "**/__pycache__/", ".pytest_cache/", ".git/"]
+
+
+def _runtime_env(name: str) -> dict:
+    return yaml.safe_load((JOBS / name).read_text())
+
+
+@pytest.mark.parametrize("path", RUNTIME_ENVS, ids=lambda p: p.name)
+def test_runtime_env_is_accepted_by_ray(path: Path):
+    from ray.runtime_env import RuntimeEnv
+
+    data = yaml.safe_load(path.read_text())
+    RuntimeEnv(**data)  # raises on unknown types, e.g. a non-string env var
+    assert data["working_dir"] == "."
+    assert "pip" not in data and "conda" not in data  # the image holds the dependencies
+    assert set(MUST_EXCLUDE) <= set(data["excludes"])
+    assert "HF_HUB_OFFLINE" not in data.get("env_vars", {})
+
+
+def test_cpu_runtime_env_selects_deepspeed_on_cpu_and_gpu_one_does_not():
+    assert _runtime_env("runtime_env_cpu.yaml")["env_vars"]["DS_ACCELERATOR"] == "cpu"
+    assert "DS_ACCELERATOR" not in _runtime_env("runtime_env.yaml").get("env_vars", {})
+
+
+def _fake_checkout(root: Path) -> None:
+    files = ["rlhf_ray/cli.py", "jobs/debug_cpu.yaml", "pyproject.toml",
+             "runs/ppo-20250101-000000/metrics.jsonl", "runs/ppo-20250101-000000/policy/x.bin",
+             ".venv/bin/python", "rlhf_ray/__pycache__/cli.cpython-311.pyc",
+             ".pytest_cache/v/cache/nodeids", ".git/HEAD", ".mypy_cache/x.json",
+             "rlhf_ray.egg-info/PKG-INFO"]
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+
+
+def _packaged(directory: Path, target: Path, excludes: list[str], gitignore: bool) -> set[str]:
+    packaging = pytest.importorskip("ray._private.runtime_env.packaging")
+    packaging.create_package(str(directory), target, include_gitignore=gitignore,
+                             excludes=excludes)
+    with zipfile.ZipFile(target) as zf:
+        return {n for n in zf.namelist() if not n.endswith("/")}
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "runtime_env_cpu.yaml"])
+def test_runtime_env_excludes_keep_runs_and_caches_out_of_the_upload(tmp_path, name):
+    checkout = tmp_path / "checkout"
+    _fake_checkout(checkout)
+    excludes = _runtime_env(name)["excludes"]
+    shipped = _packaged(checkout, tmp_path / "pkg.zip", excludes, gitignore=False)
+    assert shipped == {"rlhf_ray/cli.py", "jobs/debug_cpu.yaml", "pyproject.toml"}
+
+
+def test_rayignore_keeps_runs_and_caches_out_of_a_plain_working_dir_upload(tmp_path):
+    checkout = tmp_path / "checkout"
+    _fake_checkout(checkout)
+    (checkout / ".rayignore").write_text((ROOT / ".rayignore").read_text())
+    shipped = _packaged(checkout, tmp_path / "pkg.zip", [], gitignore=False)
+    assert shipped == {"rlhf_ray/cli.py", "jobs/debug_cpu.yaml", "pyproject.toml", ".rayignore"}
+
+
+def test_this_checkout_uploads_well_under_rays_working_dir_limit(tmp_path):
+    target = tmp_path / "pkg.zip"
+    shipped = _packaged(ROOT, target, _runtime_env("runtime_env.yaml")["excludes"],
+                        gitignore=True)
+    assert {"rlhf_ray/cli.py", "jobs/ppo_1b_hh.yaml", "pyproject.toml"} <= shipped
+    assert not any(n.startswith(("runs/", ".git/", ".venv/")) or "__pycache__" in n
+                   for n in shipped)
+    assert target.stat().st_size < 100 * 2**20  # Ray refuses working dirs over 512 MiB
+
+
+# -- the documented commands ----------------------------------------------------------------------
+
+
+def _shell_commands(markdown: str) -> list[str]:
+    """Commands of the ```bash blocks, with backslash continuations joined and comments cut."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = command.split(" #")[0].strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def _submit_commands() -> list[list[str]]:
+    out = []
+    for command in _shell_commands((JOBS / "README.md").read_text()):
+        words = shlex.split(command)
+        if words[:3] == ["ray", "job", "submit"]:
+            out.append(words[3:])
+    return out
+
+
+def test_readme_documents_a_submit_command_for_every_job():
+    submitted = set()
+    for args in _submit_commands():
+        entry = args[args.index("--") + 1:]
+        if entry[:2] == ["rlhf-ray", "ppo"]:
+            submitted.add(Path(build_parser().parse_args(entry[1:]).config).name)
+    assert {p.name for p in CONFIGS} <= submitted
+
+
+@pytest.mark.parametrize("args", _submit_commands(), ids=lambda a: " ".join(a[-6:]))
+def test_documented_submit_commands_are_valid(args: list[str]):
+    from ray.dashboard.modules.job.cli import submit
+
+    params = submit.make_context("submit", list(args)).params  # Ray's own flags
+    assert params["address"], "pass the head explicitly: --address http://HEAD:8265"
+    assert params["runtime_env"] and (ROOT / params["runtime_env"]).is_file()
+    assert params["working_dir"] is None, "--working-dir would override the runtime env's"
+    entry = list(params["entrypoint"])
+    assert entry[0] == "rlhf-ray"
+    parsed = build_parser().parse_args(entry[1:])
+    assert (ROOT / parsed.config).is_file()
+    cfg = load_config(ROOT / parsed.config, parsed.overrides)
+    if parsed.command == "ppo":
+        assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
+        cpu_job = cfg.policy.num_gpus_per_rank == 0
+        expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
+        assert Path(params["runtime_env"]).name == expected
+
+
+def test_readme_tells_token_auth_users_what_to_set():
+    text = (JOBS / "README.md").read_text()
+    assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN" in text
+    assert "--run-dir" in text and "shared" in text
