@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the actor/resource plan and check it fits")
     _config_args(plan)
     plan.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS)")
+    scale = sub.add_parser("scale", help="resize a running job's rollout pool")
+    scale.add_argument("run_dir", type=Path, help="the run's directory")
+    scale.add_argument("--rollout-workers", type=int, required=True,
+                       help="rollout workers from the next round on")
     return parser
 
 
@@ -94,9 +98,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return check_plan(cfg, args.address)
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from rlhf_ray.control import request_rollout_workers
+
+    request_rollout_workers(args.run_dir, args.rollout_workers)
+    print(f"requested {args.rollout_workers} rollout workers for {args.run_dir}; "
+          "the run applies it before its next round")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"ppo": cmd_ppo, "plan": cmd_plan}
+    handlers = {"ppo": cmd_ppo, "plan": cmd_plan, "scale": cmd_scale}
     try:
         return handlers[args.command](args)
     except UserError as exc:

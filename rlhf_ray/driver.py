@@ -27,6 +27,7 @@ from rlhf_ray.algo import (
     masked_whiten,
 )
 from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
+from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
@@ -178,6 +179,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
     for round_index in range(cfg.train.rounds):
         version = round_index  # weights after `round_index` updates
         start = time.perf_counter()
+
+        # 0. scale: apply a requested rollout pool size (`rlhf-ray scale RUN --rollout-workers N`)
+        workers.scale_rollout(requested_rollout_workers(run_dir, cfg.rollout.num_workers))
 
         # 1. generate: split the prompt batch over the rollout pool
         with timer.phase("generate"):

@@ -91,3 +91,30 @@ def test_new_run_dirs_are_fresh(tmp_path):
     first = new_run_dir(tmp_path)
     first.mkdir()
     assert new_run_dir(tmp_path) != first
+
+
+def test_scale_requests_are_validated_and_read_back(tmp_path):
+    from rlhf_ray.control import request_rollout_workers, requested_rollout_workers
+    from rlhf_ray.errors import UserError
+
+    assert requested_rollout_workers(tmp_path, default=2) == 2
+    with pytest.raises(UserError, match="not a run dir"):
+        request_rollout_workers(tmp_path, 3)
+    (tmp_path / "config.yaml").write_text("{}")
+    with pytest.raises(UserError, match="at least 1"):
+        request_rollout_workers(tmp_path, 0)
+    request_rollout_workers(tmp_path, 3)
+    assert requested_rollout_workers(tmp_path, default=2) == 3
+
+
+def test_in_process_pool_resizes_between_rounds(tmp_path):
+    from rlhf_ray.control import request_rollout_workers
+
+    cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
+                             "train.rounds=2", "rollout.batch_size=8", "ppo.minibatch_size=8",
+                             "logging.progress=false", "rollout.num_workers=1"])
+    (tmp_path / "config.yaml").write_text("{}")
+    request_rollout_workers(tmp_path, 3)
+    run_ppo(cfg, InProcessWorkers(cfg), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["rollout/num_workers"] for r in rows] == [3, 3]

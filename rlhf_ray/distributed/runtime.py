@@ -139,7 +139,10 @@ class LearnerGroup:
 
 
 class RolloutPool:
-    """Rollout generators ``rollout-0..N-1`` with their own resources."""
+    """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
+
+    Ids are never reused, so a worker added after a removal has a fresh name.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -162,8 +165,15 @@ class RolloutPool:
         self.workers.extend(new.values())
         return new
 
-    def set_weights(self, weights_ref: Any, version: int) -> list[Any]:
-        return [w.set_weights.remote(weights_ref, version) for w in self.workers]
+    def shrink(self, n: int) -> None:
+        """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
+        extra = self.workers[n:]
+        del self.workers[n:]
+        _kill(extra)
+
+    def set_weights(self, weights_ref: Any, version: int,
+                    workers: list[Any] | None = None) -> list[Any]:
+        return [w.set_weights.remote(weights_ref, version) for w in workers or self.workers]
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Any]:
         parts = split_rows(len(prompts), len(self.workers))
@@ -225,6 +235,24 @@ class RayWorkers:
         weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
         self.weights_ref, self.version = weights[0], version
         ray.get(weights + self.pool.set_weights(weights[0], version))
+
+    def scale_rollout(self, num_workers: int) -> None:
+        current = len(self.pool.workers)
+        if num_workers < current:
+            self.pool.shrink(num_workers)
+        elif num_workers > current:
+            new = self.pool.grow(num_workers - current)
+            try:
+                _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
+            except UserError as exc:  # keep running on the pool we have
+                self.pool.shrink(current)
+                print(f"[rlhf_ray] could not grow the rollout pool: {exc}", flush=True)
+                return
+            # new workers get the current weights before they generate
+            ray.get(self.pool.set_weights(self.weights_ref, self.version, list(new.values())))
+        if num_workers != current:
+            print(f"[rlhf_ray] rollout pool: {current} -> {len(self.pool.workers)} workers",
+                  flush=True)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         return Rollout.concat(ray.get(self.pool.generate(prompts, round_index, version)))

@@ -48,9 +48,18 @@ class InProcessWorkers:
             self.reference.set_weights(self.policy.full_weights())
 
     def sync(self, version: int) -> None:
-        weights = self.policy.full_weights()
+        self.weights, self.version = self.policy.full_weights(), version
         for gen in self.generators:
-            gen.set_weights(weights, version)
+            gen.set_weights(self.weights, version)
+
+    def scale_rollout(self, num_workers: int) -> None:
+        while len(self.generators) > num_workers:
+            self.generators.pop()
+        while len(self.generators) < num_workers:
+            gen = RolloutGenerator(self.cfg.policy.model, self.cfg.tokenizer, self.cfg.rollout,
+                                   len(self.generators))
+            gen.set_weights(self.weights, self.version)
+            self.generators.append(gen)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         parts = split_rows(len(prompts), len(self.generators))

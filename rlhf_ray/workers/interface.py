@@ -24,6 +24,9 @@ class Workers(Protocol):
     def sync(self, version: int) -> None:
         """Send the policy's current full weights to every rollout worker as ``version``."""
 
+    def scale_rollout(self, num_workers: int) -> None:
+        """Resize the rollout pool between rounds; new workers get the current weights first."""
+
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         """Split ``prompts`` over the rollout pool; every sample carries ``version``."""
 

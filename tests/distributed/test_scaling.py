@@ -1,0 +1,54 @@
+"""Resizing the rollout pool of a running job: 1 -> 3 -> 2 workers, nothing lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.control import request_rollout_workers
+from rlhf_ray.distributed import RayWorkers
+from rlhf_ray.driver import run_ppo
+from rlhf_ray.metrics import read_metrics
+
+pytestmark = pytest.mark.ray
+
+
+def _resize_when(run_dir, plan: list[tuple[int, int]], stop: threading.Event) -> None:
+    """For each (rows, n): once metrics.jsonl has ``rows`` rows, request ``n`` workers."""
+    path = run_dir / "metrics.jsonl"
+    for rows, n in plan:
+        while not stop.is_set():
+            if path.exists() and len(path.read_text().splitlines()) >= rows:
+                request_rollout_workers(run_dir, n)
+                break
+            time.sleep(0.02)
+
+
+def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_path):
+    cfg = load_config(None, ["rollout.batch_size=12", "ppo.minibatch_size=4",
+                             "rollout.max_new_tokens=8", "rollout.num_workers=1",
+                             "train.rounds=12", "logging.progress=false"])
+    run_dir = tmp_path / "run"
+    stop = threading.Event()
+    controller = threading.Thread(target=_resize_when, args=(run_dir, [(2, 3), (6, 2)], stop))
+    workers = RayWorkers(cfg)
+    controller.start()
+    try:
+        run_ppo(cfg, workers, run_dir)
+    finally:
+        stop.set()
+        controller.join()
+        workers.close()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    counts = [r["rollout/num_workers"] for r in rows]
+    # 1 worker, then 3, then 2 until the end, each phase at least one round
+    first3, first2 = counts.index(3), counts.index(2)
+    assert counts[:first3] == [1] * first3 and first3 >= 2
+    assert counts[first3:first2] == [3] * (first2 - first3)
+    assert counts[first2:] == [2] * (len(counts) - first2)
+    # every round trained on one sample per prompt, with that round's weights
+    assert [r["rollout/num_samples"] for r in rows] == [12] * 12
+    assert [r["weights/version"] for r in rows] == list(range(12))
