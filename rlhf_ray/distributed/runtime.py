@@ -197,6 +197,15 @@ class RayWorkers:
         if problems:
             raise UserError("the run does not fit the cluster: " + "; ".join(problems) + ".\n"
                             + format_plan(plan, nodes))
+        self.policy = self.value = self.reference = self.reward = None
+        self.pool = RolloutPool(cfg)
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.close()  # leave nothing pending or half-started behind
+            raise
+
+    def _start(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
         tok, ppo, seed = cfg.tokenizer, cfg.ppo, cfg.train.seed
@@ -215,7 +224,6 @@ class RayWorkers:
             name="reward", namespace=NAMESPACE, num_cpus=rew.num_cpus, num_gpus=rew.num_gpus,
             runtime_env=_env(rew.num_gpus),
         ).remote(rew, tok, search_path=[os.getcwd()], num_threads=_threads(rew.num_cpus))
-        self.pool = RolloutPool(cfg)
         new = self.pool.grow(cfg.rollout.num_workers)
         _wait_ready({**self.policy.handles, **self.value.handles, "reference": self.reference,
                      "reward": self.reward, **new}, timeout)
@@ -282,6 +290,7 @@ class RayWorkers:
 
     def close(self) -> None:
         for group in (self.policy, self.value):
-            group.kill()
+            if group is not None:
+                group.kill()
         self.pool.kill()
-        _kill([self.reference, self.reward])
+        _kill([a for a in (self.reference, self.reward) if a is not None])

@@ -110,3 +110,24 @@ def test_rollout_pool_size_leaves_learners_alone(ray_cluster, tmp_path, num_work
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["rollout/num_workers"] for r in rows] == [num_workers] * 2
     assert [r["rollout/num_samples"] for r in rows] == [8, 8]
+
+
+@ray.remote(num_cpus=1.5)
+class _Blocker:
+    def ping(self) -> bool:
+        return True
+
+
+def test_actors_that_stay_pending_fail_clearly_and_leave_nothing(ray_cluster):
+    from rlhf_ray.errors import UserError
+
+    blocker = _Blocker.remote()  # another job holds 1.5 of the 2 CPUs: the run fits, in theory
+    ray.get(blocker.ping.remote())
+    try:
+        with pytest.raises(UserError, match="could not be placed|pending"):
+            RayWorkers(small_cfg("cluster.actor_start_timeout_s=3"))
+    finally:
+        ray.kill(blocker)
+    # everything the failed start created is gone: a normal start succeeds afterwards
+    workers = RayWorkers(small_cfg())
+    workers.close()

@@ -1,0 +1,100 @@
+"""The cluster path, end to end: a local head node started by PID (with Ray 2.60's token
+authentication made explicit), the CPU debug job submitted with ``ray job submit
+--working-dir``, its status, its logs and its run dir."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, wait_no_processes_under
+from rlhf_ray.metrics import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the server is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+@pytest.fixture
+def head_node():
+    """``ray start --head --block`` in the background; ended by its PID."""
+    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+    dash = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 90)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+        left = wait_no_processes_under(temp_dir)
+        assert not left, f"head node processes outlived the test: {[p.pid for p in left]}"
+
+
+def _ray(args: list[str], env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
+    address, env = head_node
+    run_dir = tmp_path / "run"
+    job = "rlhf-ray-debug-test"
+    submit = _ray(["job", "submit", "--address", address, "--submission-id", job,
+                   "--working-dir", str(REPO), "--runtime-env", "jobs/runtime_env_cpu.yaml",
+                   "--", "rlhf-ray", "ppo", "--config", "jobs/debug_cpu.yaml",
+                   "--run-dir", str(run_dir)], env, timeout=900)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    status = _ray(["job", "status", "--address", address, job], env)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    rounds = yaml.safe_load((REPO / "jobs" / "debug_cpu.yaml").read_text())["train"]["rounds"]
+    logs = _ray(["job", "logs", "--address", address, job], env).stdout
+    progress = [line for line in logs.splitlines() if line.startswith("round ")]
+    assert len(progress) == rounds, logs[-3000:]
+    assert f"run dir: {run_dir}" in logs
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == rounds
+    assert (run_dir / "policy" / "config.json").exists()
+    assert (run_dir / "config.yaml").exists()
