@@ -92,9 +92,9 @@ def _run(cfg: Config, make_workers, run_dir: Path) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # config errors first, before importing ray
     from rlhf_ray.distributed.plan import check_plan
 
-    cfg = _load(args)
     return check_plan(cfg, args.address)
 
 

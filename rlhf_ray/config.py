@@ -278,9 +278,8 @@ class Config(_Section):
                 raise ValueError(
                     f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks ({ranks})"
                 )
-        on_cpu = self.policy.num_gpus_per_rank == 0
-        for name, spec in (("policy", self.policy.model), ("value", self.value.model)):
-            if on_cpu and spec.dtype == "float16":
+        for name, role in (("policy", self.policy), ("value", self.value)):
+            if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
         if self.value.init_from_reward and self.reward.model is None:
             raise ValueError("value.init_from_reward needs reward.model")

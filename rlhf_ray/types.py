@@ -22,7 +22,9 @@ class Rows:
         return len(first)
 
     def select(self: T, index: torch.Tensor | slice | list[int]) -> T:
-        """The rows ``index`` (a slice, an index tensor or a list of ints)."""
+        """The rows ``index`` (a slice, an index tensor, a bool row mask or a list of ints)."""
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            index = index.nonzero().flatten()  # a row mask selects the rows where it is True
         if not isinstance(index, slice):
             index = torch.as_tensor(index, dtype=torch.long)
         values: dict[str, Any] = {}

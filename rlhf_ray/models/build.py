@@ -168,4 +168,4 @@ def build_scalar_model(spec: ModelSource, tok: SpecialIds) -> ScalarHeadModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForSequenceClassification.from_config(config)
-    return ScalarHeadModel(_finish(model, tok, spec))
+    return ScalarHeadModel(_finish(model, tok, spec)).eval()

@@ -15,7 +15,8 @@ from rlhf_ray.algo import entropy_from_logits
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` positions counting real tokens only; pads get 0."""
+    """``(B, T)`` positions counting real tokens only (left pads get 0; causal attention makes
+    the value at trailing pads irrelevant)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
