@@ -18,32 +18,45 @@ from rlhf_ray.errors import UserError
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (default: the embedded one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. rollout.num_workers=3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. rollout.num_workers=3",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rlhf-ray", description="RLHF with PPO as a Ray actor system.")
+        prog="rlhf-ray", description="RLHF with PPO as a Ray actor system."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ppo = sub.add_parser("ppo", help="run PPO (local Ray by default)")
     _config_args(ppo)
-    ppo.add_argument("--print-config", action="store_true",
-                     help="print the resolved config and exit")
-    ppo.add_argument("--run-dir", type=Path,
-                     help="where the run writes (default: a new dated directory under ./runs)")
+    ppo.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    ppo.add_argument(
+        "--run-dir",
+        type=Path,
+        help="where the run writes (default: a new dated directory under ./runs)",
+    )
     ppo.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
-    ppo.add_argument("--in-process", action="store_true",
-                     help="debug: run every role as a plain object in this process, no Ray")
+    ppo.add_argument(
+        "--in-process",
+        action="store_true",
+        help="debug: run every role as a plain object in this process, no Ray",
+    )
 
     plan = sub.add_parser("plan", help="print the actor/resource plan and check it fits")
     _config_args(plan)
     plan.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS)")
     scale = sub.add_parser("scale", help="resize a running job's rollout pool")
     scale.add_argument("run_dir", type=Path, help="the run's directory")
-    scale.add_argument("--rollout-workers", type=int, required=True,
-                       help="rollout workers from the next round on")
+    scale.add_argument(
+        "--rollout-workers", type=int, required=True, help="rollout workers from the next round on"
+    )
     return parser
 
 
@@ -102,8 +115,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from rlhf_ray.control import request_rollout_workers
 
     request_rollout_workers(args.run_dir, args.rollout_workers)
-    print(f"requested {args.rollout_workers} rollout workers for {args.run_dir}; "
-          "the run applies it before its next round")
+    print(
+        f"requested {args.rollout_workers} rollout workers for {args.run_dir}; "
+        "the run applies it before its next round"
+    )
     return 0
 
 

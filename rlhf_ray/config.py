@@ -84,6 +84,12 @@ class PolicyConfig(_Section):
     def _engine_ranks(self) -> PolicyConfig:
         if self.engine == "torch" and self.num_ranks != 1:
             raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
+        if self.num_ranks > 1 and 0 < self.num_gpus_per_rank < 1:
+            raise ValueError(
+                f"num_gpus_per_rank {self.num_gpus_per_rank:g} < 1 with {self.num_ranks} ranks "
+                "would put ranks of one NCCL group on the same GPU, which NCCL refuses; "
+                "colocate different roles on a GPU instead, or use num_ranks=1"
+            )
         return self
 
 

@@ -53,8 +53,9 @@ def build_prompts(cfg: Config, tokenizer: Tokenizer) -> list[str]:
     """The prompt texts, with the chat template applied if configured."""
     data = cfg.data
     if data.chat_template:
-        conversations = load_prompt_conversations(data.prompts, field=data.prompt_field,
-                                                  split=data.split, fmt=data.format)
+        conversations = load_prompt_conversations(
+            data.prompts, field=data.prompt_field, split=data.split, fmt=data.format
+        )
         return [tokenizer.apply_chat(conv) for conv in conversations]
     return load_prompts(data.prompts, field=data.prompt_field, split=data.split, fmt=data.format)
 
@@ -65,8 +66,9 @@ def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLControl
     return FixedKLController(ppo.kl_coef)
 
 
-def tokenize_prompts(tokenizer: Tokenizer, prompts: list[str], index: list[int],
-                     max_tokens: int) -> PromptBatch:
+def tokenize_prompts(
+    tokenizer: Tokenizer, prompts: list[str], index: list[int], max_tokens: int
+) -> PromptBatch:
     texts = [prompts[i] for i in index]
     ids, mask = tokenizer.encode_batch_left_padded(texts, max_tokens)
     return PromptBatch(ids, mask, torch.tensor(index, dtype=torch.long), texts)
@@ -82,20 +84,31 @@ def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward: RewardConf
     return scores
 
 
-def compute_advantages(rollout: Rollout, scored: dict[str, torch.Tensor], kl_coef: float,
-                       ppo: PPOConfig, reward: RewardConfig) -> tuple[PPOBatch, dict[str, float]]:
+def compute_advantages(
+    rollout: Rollout,
+    scored: dict[str, torch.Tensor],
+    kl_coef: float,
+    ppo: PPOConfig,
+    reward: RewardConfig,
+) -> tuple[PPOBatch, dict[str, float]]:
     """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math)."""
     mask = rollout.response_mask
     scores = shape_scores(scored["scores"], rollout.has_eos, reward)
-    rewards, kl = kl_penalized_rewards(scores, scored["old_logprobs"], scored["ref_logprobs"],
-                                       mask, kl_coef, ppo.kl_estimator)
+    rewards, kl = kl_penalized_rewards(
+        scores, scored["old_logprobs"], scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
+    )
     advantages, returns = compute_gae(rewards, scored["values"], mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     batch = PPOBatch(
-        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, response_mask=mask,
-        old_logprobs=scored["old_logprobs"], old_values=scored["values"],
-        advantages=advantages, returns=returns, prompt_len=rollout.prompt_len,
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        response_mask=mask,
+        old_logprobs=scored["old_logprobs"],
+        old_values=scored["values"],
+        advantages=advantages,
+        returns=returns,
+        prompt_len=rollout.prompt_len,
     )
     stats = {
         "ppo/kl": float(kl.sum(-1).mean()),
@@ -103,8 +116,9 @@ def compute_advantages(rollout: Rollout, scored: dict[str, torch.Tensor], kl_coe
         "ppo/return_mean": float(masked_mean(returns, mask)),
         "ppo/explained_variance": explained_variance(scored["values"], returns, mask),
         "rollout/score_mean": float(scores.mean()),
-        "rollout/logprob_gap": float(masked_mean(
-            (rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)),
+        "rollout/logprob_gap": float(
+            masked_mean((rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)
+        ),
     }
     return batch, stats
 
@@ -127,8 +141,10 @@ def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
     if stale:
         raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
     if rollout.prompt_index.tolist() != list(index):
-        raise RuntimeError(f"rollout returned {len(rollout)} samples for {len(index)} prompts, "
-                           "not one per prompt in order: samples were lost or duplicated")
+        raise RuntimeError(
+            f"rollout returned {len(rollout)} samples for {len(index)} prompts, "
+            "not one per prompt in order: samples were lost or duplicated"
+        )
 
 
 def save_final(workers: Workers, tokenizer: Tokenizer, run_dir: Path) -> None:
@@ -136,8 +152,9 @@ def save_final(workers: Workers, tokenizer: Tokenizer, run_dir: Path) -> None:
     tokenizer.save(run_dir / "policy")
 
 
-def save_checkpoint(workers: Workers, tokenizer: Tokenizer, cfg: Config, run_dir: Path,
-                    state: dict) -> Path:
+def save_checkpoint(
+    workers: Workers, tokenizer: Tokenizer, cfg: Config, run_dir: Path, state: dict
+) -> Path:
     """Write ``checkpoints/round_XXXXXX`` atomically: a temp dir renamed when complete."""
     root = run_dir / "checkpoints"
     final = root / f"round_{state['round']:06d}"
@@ -171,8 +188,11 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)
-    log = MetricsLog(run_dir / "metrics.jsonl", cfg.logging.progress,
-                     tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None)
+    log = MetricsLog(
+        run_dir / "metrics.jsonl",
+        cfg.logging.progress,
+        tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None,
+    )
     timer = PhaseTimer()
     workers.sync(version=0)  # rollout workers start from the learner's initial weights
 
@@ -196,8 +216,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
 
         # 3. advantage: KL-penalised per-token rewards, GAE, whitening (on the driver)
         with timer.phase("advantage"):
-            ppo_batch, adv_stats = compute_advantages(rollout, scored, kl_ctl.value, cfg.ppo,
-                                                      cfg.reward)
+            ppo_batch, adv_stats = compute_advantages(
+                rollout, scored, kl_ctl.value, cfg.ppo, cfg.reward
+            )
 
         # 4. update: PPO epochs x minibatches on the policy and value learners
         with timer.phase("update"):
@@ -223,9 +244,17 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
         log.write(row)
         every = cfg.checkpoint.every
         if every and (round_index + 1) % every == 0:
-            save_checkpoint(workers, tokenizer, cfg, run_dir, {
-                "round": round_index, "kl_ctl": kl_ctl.state_dict(),
-                "sampler": sampler.state_dict()})
+            save_checkpoint(
+                workers,
+                tokenizer,
+                cfg,
+                run_dir,
+                {
+                    "round": round_index,
+                    "kl_ctl": kl_ctl.state_dict(),
+                    "sampler": sampler.state_dict(),
+                },
+            )
 
     save_final(workers, tokenizer, run_dir)
     log.close()

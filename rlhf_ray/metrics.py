@@ -33,8 +33,13 @@ class PhaseTimer:
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl`` and prints a progress line."""
 
-    def __init__(self, path: Path, progress: bool = True, stream: TextIO | None = None,
-                 tensorboard_dir: Path | None = None):
+    def __init__(
+        self,
+        path: Path,
+        progress: bool = True,
+        stream: TextIO | None = None,
+        tensorboard_dir: Path | None = None,
+    ):
         self.path = path
         self.progress = progress
         self.stream = stream
@@ -48,8 +53,10 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in row.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
@@ -66,9 +73,11 @@ class MetricsLog:
 
 
 def format_progress(row: dict[str, Any]) -> str:
-    return (f"round {row['round']:>4} | reward {row['rollout/reward_mean']:+.4f} "
-            f"| kl {row['ppo/kl']:+.4f} | workers {row.get('rollout/num_workers', '-')} "
-            f"| {row['time/round']:.1f}s")
+    return (
+        f"round {row['round']:>4} | reward {row['rollout/reward_mean']:+.4f} "
+        f"| kl {row['ppo/kl']:+.4f} | workers {row.get('rollout/num_workers', '-')} "
+        f"| {row['time/round']:.1f}s"
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -37,15 +37,18 @@ def load_reward_function(name: str, search_path: Sequence[str] = ()) -> RewardFn
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"reward.function {name!r}: cannot import {module_name!r} ({exc})") from None
+        raise ValueError(
+            f"reward.function {name!r}: cannot import {module_name!r} ({exc})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"reward.function {name!r}: {module_name} has no callable {attr!r}")
     return fn
 
 
-def call_reward_function(fn: RewardFn, name: str, prompts: list[str],
-                         responses: list[str]) -> list[float]:
+def call_reward_function(
+    fn: RewardFn, name: str, prompts: list[str], responses: list[str]
+) -> list[float]:
     """Call ``fn`` and check it returned one finite number per response."""
     scores = [float(s) for s in fn(prompts, responses)]
     if len(scores) != len(responses):

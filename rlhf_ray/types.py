@@ -33,11 +33,21 @@ class Rows:
             if isinstance(value, torch.Tensor):
                 values[f.name] = value[index]
             elif isinstance(value, list):
-                values[f.name] = value[index] if isinstance(index, slice) else [
-                    value[i] for i in index.tolist()]
+                values[f.name] = (
+                    value[index] if isinstance(index, slice) else [value[i] for i in index.tolist()]
+                )
             else:
                 values[f.name] = value
         return replace(self, **values)  # type: ignore[type-var]
+
+    def to(self: T, device: torch.device | str) -> T:
+        """The same rows with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)  # type: ignore[type-var]
 
     @classmethod
     def concat(cls: type[T], parts: list[T]) -> T:

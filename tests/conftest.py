@@ -42,8 +42,14 @@ def ray_cluster():
 
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, namespace="rlhf_ray", include_dashboard=False,
-             _temp_dir=temp_dir, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        namespace="rlhf_ray",
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+    )
     try:
         yield temp_dir
     finally:

@@ -153,13 +153,26 @@ def _dockerignored(patterns: list[str], path: str) -> bool:
 
 
 def test_dockerignore_keeps_runs_and_caches_out_but_the_project_in():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    for junk in ["runs/ppo-1/metrics.jsonl", ".git/HEAD", ".venv/bin/python",
-                 "rlhf_ray/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v/x"]:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for junk in [
+        "runs/ppo-1/metrics.jsonl",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "rlhf_ray/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/x",
+    ]:
         assert _dockerignored(patterns, junk), junk
-    for needed in ["pyproject.toml", "rlhf_ray/cli.py", "rlhf_ray/data/prompts.jsonl",
-                   "jobs/ppo_1b_hh.yaml", "docker/Dockerfile"]:
+    for needed in [
+        "pyproject.toml",
+        "rlhf_ray/cli.py",
+        "rlhf_ray/data/prompts.jsonl",
+        "jobs/ppo_1b_hh.yaml",
+        "docker/Dockerfile",
+    ]:
         assert not _dockerignored(patterns, needed), needed
 
 
@@ -200,8 +213,9 @@ def _launcher_nodes(launcher: dict, workers: str) -> list[Node]:
     return nodes
 
 
-@pytest.mark.parametrize(("job", "workers"), [("ppo_1b_hh.yaml", "min_workers"),
-                                              ("ppo_8b_hh.yaml", "max_workers")])
+@pytest.mark.parametrize(
+    ("job", "workers"), [("ppo_1b_hh.yaml", "min_workers"), ("ppo_8b_hh.yaml", "max_workers")]
+)
 def test_launcher_cluster_holds_the_gpu_jobs(launcher, job, workers):
     cfg = load_config(ROOT / "jobs" / job)
     assert shortfalls(resource_plan(cfg), _launcher_nodes(launcher, workers)) == []
@@ -262,8 +276,9 @@ def test_kuberay_raycluster_structure(raycluster):
     _check_cluster_spec(raycluster["spec"])
 
 
-@pytest.mark.parametrize(("job", "replicas"), [("ppo_1b_hh.yaml", "replicas"),
-                                               ("ppo_8b_hh.yaml", "maxReplicas")])
+@pytest.mark.parametrize(
+    ("job", "replicas"), [("ppo_1b_hh.yaml", "replicas"), ("ppo_8b_hh.yaml", "maxReplicas")]
+)
 def test_kuberay_raycluster_holds_the_gpu_jobs(raycluster, job, replicas):
     cfg = load_config(ROOT / "jobs" / job)
     assert shortfalls(resource_plan(cfg), _k8s_nodes(raycluster["spec"], replicas)) == []

@@ -37,10 +37,20 @@ def test_in_process_default_config_raises_reward(tmp_path):
 
 
 def test_checkpoints_are_complete_and_pruned(tmp_path):
-    cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
-                             "train.rounds=5", "checkpoint.every=2", "checkpoint.keep_last=1",
-                             "rollout.batch_size=8", "ppo.minibatch_size=8",
-                             "logging.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            "policy.engine=torch",
+            "policy.num_ranks=1",
+            "value.engine=torch",
+            "train.rounds=5",
+            "checkpoint.every=2",
+            "checkpoint.keep_last=1",
+            "rollout.batch_size=8",
+            "ppo.minibatch_size=8",
+            "logging.progress=false",
+        ],
+    )
     run_ppo(cfg, InProcessWorkers(cfg), tmp_path)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["round_000003"]  # round_000001 pruned, no temp dir left
@@ -52,11 +62,17 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
 def _rollout(versions: list[int], index: list[int]) -> Rollout:
     n = len(versions)
     return Rollout(
-        prompt_ids=torch.zeros(n, 2, dtype=torch.long), prompt_mask=torch.ones(n, 2),
-        prompt_index=torch.tensor(index), response_ids=torch.zeros(n, 3, dtype=torch.long),
-        response_mask=torch.ones(n, 3), has_eos=torch.ones(n, dtype=torch.bool),
-        sampler_logprobs=torch.zeros(n, 3), weight_version=torch.tensor(versions),
-        prompts=["p"] * n, responses=["r"] * n)
+        prompt_ids=torch.zeros(n, 2, dtype=torch.long),
+        prompt_mask=torch.ones(n, 2),
+        prompt_index=torch.tensor(index),
+        response_ids=torch.zeros(n, 3, dtype=torch.long),
+        response_mask=torch.ones(n, 3),
+        has_eos=torch.ones(n, dtype=torch.bool),
+        sampler_logprobs=torch.zeros(n, 3),
+        weight_version=torch.tensor(versions),
+        prompts=["p"] * n,
+        responses=["r"] * n,
+    )
 
 
 def test_round_refuses_stale_missing_or_duplicated_samples():
@@ -110,9 +126,19 @@ def test_scale_requests_are_validated_and_read_back(tmp_path):
 def test_in_process_pool_resizes_between_rounds(tmp_path):
     from rlhf_ray.control import request_rollout_workers
 
-    cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
-                             "train.rounds=2", "rollout.batch_size=8", "ppo.minibatch_size=8",
-                             "logging.progress=false", "rollout.num_workers=1"])
+    cfg = load_config(
+        None,
+        [
+            "policy.engine=torch",
+            "policy.num_ranks=1",
+            "value.engine=torch",
+            "train.rounds=2",
+            "rollout.batch_size=8",
+            "ppo.minibatch_size=8",
+            "logging.progress=false",
+            "rollout.num_workers=1",
+        ],
+    )
     (tmp_path / "config.yaml").write_text("{}")
     request_rollout_workers(tmp_path, 3)
     run_ppo(cfg, InProcessWorkers(cfg), tmp_path)

@@ -46,8 +46,14 @@ def _described_nodes(cfg: Config) -> list[Node]:
 
 def _plan(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # plan offline, always
-    return subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "plan", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_ray.cli", "plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # -- the configs --------------------------------------------------------------------------------
@@ -124,7 +130,9 @@ def test_plan_of_8b_job_fits_its_cluster():
 
 
 def test_plan_of_8b_job_on_one_gpu_names_the_gpu_shortfall():
-    result = _plan("--config", "jobs/ppo_8b_hh.yaml", "cluster.nodes=[{cpus: 8, gpus: 1, count: 1}]")
+    result = _plan(
+        "--config", "jobs/ppo_8b_hh.yaml", "cluster.nodes=[{cpus: 8, gpus: 1, count: 1}]"
+    )
     assert result.returncode == 1
     assert re.search(r"needs 32 GPUs, cluster has 1\b", result.stderr), result.stderr
 
@@ -156,11 +164,19 @@ def test_cpu_runtime_env_selects_deepspeed_on_cpu_and_gpu_one_does_not():
 
 
 def _fake_checkout(root: Path) -> None:
-    files = ["rlhf_ray/cli.py", "jobs/debug_cpu.yaml", "pyproject.toml",
-             "runs/ppo-20250101-000000/metrics.jsonl", "runs/ppo-20250101-000000/policy/x.bin",
-             ".venv/bin/python", "rlhf_ray/__pycache__/cli.cpython-311.pyc",
-             ".pytest_cache/v/cache/nodeids", ".git/HEAD", ".mypy_cache/x.json",
-             "rlhf_ray.egg-info/PKG-INFO"]
+    files = [
+        "rlhf_ray/cli.py",
+        "jobs/debug_cpu.yaml",
+        "pyproject.toml",
+        "runs/ppo-20250101-000000/metrics.jsonl",
+        "runs/ppo-20250101-000000/policy/x.bin",
+        ".venv/bin/python",
+        "rlhf_ray/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        ".git/HEAD",
+        ".mypy_cache/x.json",
+        "rlhf_ray.egg-info/PKG-INFO",
+    ]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")
@@ -168,8 +184,7 @@ def _fake_checkout(root: Path) -> None:
 
 def _packaged(directory: Path, target: Path, excludes: list[str], gitignore: bool) -> set[str]:
     packaging = pytest.importorskip("ray._private.runtime_env.packaging")
-    packaging.create_package(str(directory), target, include_gitignore=gitignore,
-                             excludes=excludes)
+    packaging.create_package(str(directory), target, include_gitignore=gitignore, excludes=excludes)
     with zipfile.ZipFile(target) as zf:
         return {n for n in zf.namelist() if not n.endswith("/")}
 
@@ -193,11 +208,11 @@ def test_rayignore_keeps_runs_and_caches_out_of_a_plain_working_dir_upload(tmp_p
 
 def test_this_checkout_uploads_well_under_rays_working_dir_limit(tmp_path):
     target = tmp_path / "pkg.zip"
-    shipped = _packaged(ROOT, target, _runtime_env("runtime_env.yaml")["excludes"],
-                        gitignore=True)
+    shipped = _packaged(ROOT, target, _runtime_env("runtime_env.yaml")["excludes"], gitignore=True)
     assert {"rlhf_ray/cli.py", "jobs/ppo_1b_hh.yaml", "pyproject.toml"} <= shipped
-    assert not any(n.startswith(("runs/", ".git/", ".venv/")) or "__pycache__" in n
-                   for n in shipped)
+    assert not any(
+        n.startswith(("runs/", ".git/", ".venv/")) or "__pycache__" in n for n in shipped
+    )
     assert target.stat().st_size < 100 * 2**20  # Ray refuses working dirs over 512 MiB
 
 
@@ -227,7 +242,7 @@ def _submit_commands() -> list[list[str]]:
 def test_readme_documents_a_submit_command_for_every_job():
     submitted = set()
     for args in _submit_commands():
-        entry = args[args.index("--") + 1:]
+        entry = args[args.index("--") + 1 :]
         if entry[:2] == ["rlhf-ray", "ppo"]:
             submitted.add(Path(build_parser().parse_args(entry[1:]).config).name)
     assert {p.name for p in CONFIGS} <= submitted

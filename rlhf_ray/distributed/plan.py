@@ -37,14 +37,29 @@ class Node:
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
     return [
-        RolePlan("policy", cfg.policy.num_ranks, cfg.policy.num_cpus_per_rank,
-                 cfg.policy.num_gpus_per_rank, True),
-        RolePlan("value", cfg.value.num_ranks, cfg.value.num_cpus_per_rank,
-                 cfg.value.num_gpus_per_rank, True),
+        RolePlan(
+            "policy",
+            cfg.policy.num_ranks,
+            cfg.policy.num_cpus_per_rank,
+            cfg.policy.num_gpus_per_rank,
+            True,
+        ),
+        RolePlan(
+            "value",
+            cfg.value.num_ranks,
+            cfg.value.num_cpus_per_rank,
+            cfg.value.num_gpus_per_rank,
+            True,
+        ),
         RolePlan("reference", 1, cfg.reference.num_cpus, cfg.reference.num_gpus, False),
         RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, False),
-        RolePlan("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus_per_worker,
-                 cfg.rollout.num_gpus_per_worker, False),
+        RolePlan(
+            "rollout",
+            cfg.rollout.num_workers,
+            cfg.rollout.num_cpus_per_worker,
+            cfg.rollout.num_gpus_per_worker,
+            False,
+        ),
     ]
 
 
@@ -70,8 +85,11 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
     if problems:
         return problems
     free = [[n.cpus, n.gpus] for n in nodes]
-    actors = sorted(((r.role, r.cpus, r.gpus) for r in plan for _ in range(r.actors)),
-                    key=lambda a: (a[2], a[1]), reverse=True)
+    actors = sorted(
+        ((r.role, r.cpus, r.gpus) for r in plan for _ in range(r.actors)),
+        key=lambda a: (a[2], a[1]),
+        reverse=True,
+    )
     for role, cpus, gpus in actors:
         for slot in free:
             if slot[0] + 1e-9 >= cpus and slot[1] + 1e-9 >= gpus:
@@ -79,23 +97,32 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
                 slot[1] -= gpus
                 break
         else:
-            problems.append(f"a {role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs) fits on "
-                            f"no node once the others are placed")
+            problems.append(
+                f"a {role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs) fits on "
+                f"no node once the others are placed"
+            )
             break
     return problems
 
 
 def format_plan(plan: list[RolePlan], nodes: list[Node]) -> str:
-    lines = [f"{'role':<10} {'actors':>6} {'CPUs each':>10} {'GPUs each':>10} {'CPUs':>6} "
-             f"{'GPUs':>6}"]
+    lines = [
+        f"{'role':<10} {'actors':>6} {'CPUs each':>10} {'GPUs each':>10} {'CPUs':>6} {'GPUs':>6}"
+    ]
     for r in plan:
-        lines.append(f"{r.role:<10} {r.actors:>6} {_fmt(r.cpus):>10} {_fmt(r.gpus):>10} "
-                     f"{_fmt(r.total_cpus):>6} {_fmt(r.total_gpus):>6}")
-    lines.append(f"{'total':<10} {sum(r.actors for r in plan):>6} {'':>10} {'':>10} "
-                 f"{_fmt(sum(r.total_cpus for r in plan)):>6} "
-                 f"{_fmt(sum(r.total_gpus for r in plan)):>6}")
-    lines.append(f"cluster: {len(nodes)} node(s), "
-                 f"{_fmt(sum(n.cpus for n in nodes))} CPUs, {_fmt(sum(n.gpus for n in nodes))} GPUs")
+        lines.append(
+            f"{r.role:<10} {r.actors:>6} {_fmt(r.cpus):>10} {_fmt(r.gpus):>10} "
+            f"{_fmt(r.total_cpus):>6} {_fmt(r.total_gpus):>6}"
+        )
+    lines.append(
+        f"{'total':<10} {sum(r.actors for r in plan):>6} {'':>10} {'':>10} "
+        f"{_fmt(sum(r.total_cpus for r in plan)):>6} "
+        f"{_fmt(sum(r.total_gpus for r in plan)):>6}"
+    )
+    lines.append(
+        f"cluster: {len(nodes)} node(s), "
+        f"{_fmt(sum(n.cpus for n in nodes))} CPUs, {_fmt(sum(n.gpus for n in nodes))} GPUs"
+    )
     return "\n".join(lines)
 
 
@@ -132,8 +159,7 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     print(format_plan(plan, nodes))
     problems = shortfalls(plan, nodes)
     if problems:
-        print(f"rlhf-ray plan: does not fit {where}: " + "; ".join(problems) + ".",
-              file=sys.stderr)
+        print(f"rlhf-ray plan: does not fit {where}: " + "; ".join(problems) + ".", file=sys.stderr)
         return 1
     print(f"fits {where}.")
     return 0

@@ -19,8 +19,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import Config
-from rlhf_ray.errors import UserError
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
+from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -36,8 +36,9 @@ def connect(cfg: Config, address: str | None = None) -> str:
     if address:
         ray.init(address=address, namespace=NAMESPACE)
         return address
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, namespace=NAMESPACE,
-             include_dashboard=False)
+    ray.init(
+        address="local", num_cpus=cfg.cluster.num_cpus, namespace=NAMESPACE, include_dashboard=False
+    )
     return "local"
 
 
@@ -48,8 +49,11 @@ def disconnect() -> None:
 
 
 def cluster_nodes() -> list[Node]:
-    return [Node(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
-            for n in ray.nodes() if n.get("Alive")]
+    return [
+        Node(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def _threads(cpus: float) -> int:
@@ -86,7 +90,8 @@ def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
         names = ", ".join(refs[r] for r in pending)
         raise UserError(
             f"actors still pending after {timeout_s:g}s (cluster.actor_start_timeout_s): {names}. "
-            "The cluster cannot schedule them; check `rlhf-ray plan` and the Ray dashboard.")
+            "The cluster cannot schedule them; check `rlhf-ray plan` and the Ray dashboard."
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -100,19 +105,25 @@ def _rendezvous_address() -> tuple[str, int]:
 class LearnerGroup:
     """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
 
-    def __init__(self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
-                 **kwargs: Any):
+    def __init__(
+        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int, **kwargs: Any
+    ):
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([bundle] * n, strategy="PACK", name=f"{NAMESPACE}-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
-            raise UserError(f"the {role} placement group ({n} x {bundle}) could not be placed "
-                            f"within {timeout_s:g}s")
+            raise UserError(
+                f"the {role} placement group ({n} x {bundle}) could not be placed "
+                f"within {timeout_s:g}s"
+            )
         remote = ray.remote(cls)
         self.actors = [
             remote.options(
-                name=f"{role}-{rank}", namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
+                name=f"{role}-{rank}",
+                namespace=NAMESPACE,
+                num_cpus=cpus,
+                num_gpus=gpus,
                 runtime_env=_env(gpus),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
             ).remote(rank=rank, world_size=n, num_threads=_threads(cpus), **kwargs)
@@ -126,8 +137,12 @@ class LearnerGroup:
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        ray.get([a.init_process_group.remote(addr, port, self.dist_timeout_s, backend)
-                 for a in self.actors])
+        ray.get(
+            [
+                a.init_process_group.remote(addr, port, self.dist_timeout_s, backend)
+                for a in self.actors
+            ]
+        )
         return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:
@@ -152,11 +167,23 @@ class RolloutPool:
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
         name = f"rollout-{self._next_id}"
-        handle = ray.remote(RolloutGenerator).options(
-            name=name, namespace=NAMESPACE, num_cpus=r.num_cpus_per_worker,
-            num_gpus=r.num_gpus_per_worker, runtime_env=_env(r.num_gpus_per_worker),
-        ).remote(self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
-                 num_threads=_threads(r.num_cpus_per_worker))
+        handle = (
+            ray.remote(RolloutGenerator)
+            .options(
+                name=name,
+                namespace=NAMESPACE,
+                num_cpus=r.num_cpus_per_worker,
+                num_gpus=r.num_gpus_per_worker,
+                runtime_env=_env(r.num_gpus_per_worker),
+            )
+            .remote(
+                self.cfg.policy.model,
+                self.cfg.tokenizer,
+                r,
+                worker_id=self._next_id,
+                num_threads=_threads(r.num_cpus_per_worker),
+            )
+        )
         self._next_id += 1
         return name, handle
 
@@ -171,15 +198,18 @@ class RolloutPool:
         del self.workers[n:]
         _kill(extra)
 
-    def set_weights(self, weights_ref: Any, version: int,
-                    workers: list[Any] | None = None) -> list[Any]:
+    def set_weights(
+        self, weights_ref: Any, version: int, workers: list[Any] | None = None
+    ) -> list[Any]:
         return [w.set_weights.remote(weights_ref, version) for w in workers or self.workers]
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Any]:
         parts = split_rows(len(prompts), len(self.workers))
         seed = self.cfg.train.seed
-        return [w.generate.remote(prompts.select(rows), shard_seed(seed, round_index, i), version)
-                for i, (w, rows) in enumerate(zip(self.workers, parts, strict=False))]
+        return [
+            w.generate.remote(prompts.select(rows), shard_seed(seed, round_index, i), version)
+            for i, (w, rows) in enumerate(zip(self.workers, parts, strict=False))
+        ]
 
     def kill(self) -> None:
         _kill(self.workers)
@@ -195,8 +225,12 @@ class RayWorkers:
         nodes = cluster_nodes()
         problems = shortfalls(plan, nodes)
         if problems:
-            raise UserError("the run does not fit the cluster: " + "; ".join(problems) + ".\n"
-                            + format_plan(plan, nodes))
+            raise UserError(
+                "the run does not fit the cluster: "
+                + "; ".join(problems)
+                + ".\n"
+                + format_plan(plan, nodes)
+            )
         self.policy = self.value = self.reference = self.reward = None
         self.pool = RolloutPool(cfg)
         try:
@@ -209,27 +243,73 @@ class RayWorkers:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
         tok, ppo, seed = cfg.tokenizer, cfg.ppo, cfg.train.seed
-        self.policy = LearnerGroup("policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
-                                   policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
-                                   temperature=cfg.rollout.temperature, seed=seed)
-        self.value = LearnerGroup("value", ValueLearner, cfg.value, timeout, dist_timeout,
-                                  value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed)
+        self.policy = LearnerGroup(
+            "policy",
+            PolicyLearner,
+            cfg.policy,
+            timeout,
+            dist_timeout,
+            policy_cfg=cfg.policy,
+            ppo_cfg=ppo,
+            tokenizer_cfg=tok,
+            temperature=cfg.rollout.temperature,
+            seed=seed,
+        )
+        self.value = LearnerGroup(
+            "value",
+            ValueLearner,
+            cfg.value,
+            timeout,
+            dist_timeout,
+            value_cfg=cfg.value,
+            ppo_cfg=ppo,
+            tokenizer_cfg=tok,
+            seed=seed,
+        )
         ref, rew = cfg.reference, cfg.reward
-        self.reference = ray.remote(ReferenceScorer).options(
-            name="reference", namespace=NAMESPACE, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus,
-            runtime_env=_env(ref.num_gpus),
-        ).remote(ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
-                 num_threads=_threads(ref.num_cpus))
-        self.reward = ray.remote(RewardScorer).options(
-            name="reward", namespace=NAMESPACE, num_cpus=rew.num_cpus, num_gpus=rew.num_gpus,
-            runtime_env=_env(rew.num_gpus),
-        ).remote(rew, tok, search_path=[os.getcwd()], num_threads=_threads(rew.num_cpus))
+        self.reference = (
+            ray.remote(ReferenceScorer)
+            .options(
+                name="reference",
+                namespace=NAMESPACE,
+                num_cpus=ref.num_cpus,
+                num_gpus=ref.num_gpus,
+                runtime_env=_env(ref.num_gpus),
+            )
+            .remote(
+                ref.model or cfg.policy.model,
+                tok,
+                cfg.rollout.temperature,
+                num_threads=_threads(ref.num_cpus),
+            )
+        )
+        self.reward = (
+            ray.remote(RewardScorer)
+            .options(
+                name="reward",
+                namespace=NAMESPACE,
+                num_cpus=rew.num_cpus,
+                num_gpus=rew.num_gpus,
+                runtime_env=_env(rew.num_gpus),
+            )
+            .remote(rew, tok, search_path=[os.getcwd()], num_threads=_threads(rew.num_cpus))
+        )
         new = self.pool.grow(cfg.rollout.num_workers)
-        _wait_ready({**self.policy.handles, **self.value.handles, "reference": self.reference,
-                     "reward": self.reward, **new}, timeout)
+        _wait_ready(
+            {
+                **self.policy.handles,
+                **self.value.handles,
+                "reference": self.reference,
+                "reward": self.reward,
+                **new,
+            },
+            timeout,
+        )
         counts = ray.get(self.policy.start() + self.value.start())
-        self.param_counts = {"policy": counts[: cfg.policy.num_ranks],
-                             "value": counts[cfg.policy.num_ranks :]}
+        self.param_counts = {
+            "policy": counts[: cfg.policy.num_ranks],
+            "value": counts[cfg.policy.num_ranks :],
+        }
         for role, per_rank in self.param_counts.items():
             held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
             print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
@@ -259,8 +339,10 @@ class RayWorkers:
             # new workers get the current weights before they generate
             ray.get(self.pool.set_weights(self.weights_ref, self.version, list(new.values())))
         if num_workers != current:
-            print(f"[rlhf_ray] rollout pool: {current} -> {len(self.pool.workers)} workers",
-                  flush=True)
+            print(
+                f"[rlhf_ray] rollout pool: {current} -> {len(self.pool.workers)} workers",
+                flush=True,
+            )
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         return Rollout.concat(ray.get(self.pool.generate(prompts, round_index, version)))
@@ -268,25 +350,35 @@ class RayWorkers:
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         ref = ray.put(rollout)
         n_pol = self.cfg.policy.num_ranks
-        refs = ([self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
-                + self.policy.call("logprobs", ref) + self.value.call("values", ref))
+        refs = (
+            [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
+            + self.policy.call("logprobs", ref)
+            + self.value.call("values", ref)
+        )
         ref_logprobs, scores, *ranks = ray.get(refs)
-        return {"ref_logprobs": ref_logprobs, "scores": scores,
-                "old_logprobs": torch.cat(ranks[:n_pol]), "values": torch.cat(ranks[n_pol:])}
+        return {
+            "ref_logprobs": ref_logprobs,
+            "scores": scores,
+            "old_logprobs": torch.cat(ranks[:n_pol]),
+            "values": torch.cat(ranks[n_pol:]),
+        }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         ref = ray.put(batch)
         n_pol = self.cfg.policy.num_ranks
-        stats = ray.get(self.policy.call("train", ref, round_index)
-                        + self.value.call("train", ref, round_index))
+        stats = ray.get(
+            self.policy.call("train", ref, round_index) + self.value.call("train", ref, round_index)
+        )
         return {**mean_stats(stats[:n_pol]), **mean_stats(stats[n_pol:])}
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.pool.workers)}
 
     def save(self, directory: Path) -> None:
-        ray.get(self.policy.call("save", str(directory / "policy"))
-                + self.value.call("save", str(directory / "value")))
+        ray.get(
+            self.policy.call("save", str(directory / "policy"))
+            + self.value.call("save", str(directory / "value"))
+        )
 
     def close(self) -> None:
         for group in (self.policy, self.value):

@@ -57,9 +57,10 @@ def sample_responses(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                             generation_config=config)
-    new = out.sequences[:, prompt_ids.shape[1]:]
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config
+        )
+    new = out.sequences[:, prompt_ids.shape[1] :]
     logits = torch.stack(out.logits, dim=1)
     gap = params.max_new_tokens - new.shape[1]
     if gap > 0:  # every row finished early: pad to the fixed width

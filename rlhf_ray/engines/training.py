@@ -28,7 +28,10 @@ class OptimSource(Protocol):
 def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
-        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
     )
 
 
@@ -66,19 +69,34 @@ class TorchEngine:
         return n, n
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
-                     timeout_s: int, backend: str) -> None:
+def init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: int, backend: str
+) -> None:
     """Join the learner group's process group (all five variables must be set, PLATFORM.md)."""
     import deepspeed
 
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+    )
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
-def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, grad_clip: float,
-                     dtype: str, offload_optimizer: bool) -> dict[str, Any]:
+def deepspeed_config(
+    zero_stage: int,
+    micro_batch: int,
+    world_size: int,
+    grad_clip: float,
+    dtype: str,
+    offload_optimizer: bool,
+) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -98,22 +116,37 @@ def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, grad_cl
 class DeepSpeedEngine:
     """A DeepSpeed engine around ``module`` (the process group must already exist)."""
 
-    def __init__(self, module: nn.Module, optim: OptimSource, zero_stage: int, micro_batch: int,
-                 dtype: str, offload_optimizer: bool):
+    def __init__(
+        self,
+        module: nn.Module,
+        optim: OptimSource,
+        zero_stage: int,
+        micro_batch: int,
+        dtype: str,
+        offload_optimizer: bool,
+    ):
         import deepspeed
         import torch.distributed as dist
 
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = zero_stage
-        config = deepspeed_config(zero_stage, micro_batch, self.world_size, optim.grad_clip,
-                                  dtype, offload_optimizer)
+        config = deepspeed_config(
+            zero_stage, micro_batch, self.world_size, optim.grad_clip, dtype, offload_optimizer
+        )
         optimizer = None if offload_optimizer else make_adamw(module, optim)
         if offload_optimizer:
-            config["optimizer"] = {"type": "AdamW", "params": {
-                "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                "weight_decay": optim.weight_decay}}
+            config["optimizer"] = {
+                "type": "AdamW",
+                "params": {
+                    "lr": optim.lr,
+                    "betas": list(optim.betas),
+                    "eps": optim.eps,
+                    "weight_decay": optim.weight_decay,
+                },
+            }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config)
+            model=module, optimizer=optimizer, config=config
+        )
         self.module = self.engine.module
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -135,8 +168,9 @@ class DeepSpeedEngine:
         import deepspeed
 
         params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                               enabled=self.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(
+            params, modifier_rank=None, enabled=self.zero_stage == 3
+        ):
             yield
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

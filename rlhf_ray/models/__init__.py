@@ -4,6 +4,7 @@ from rlhf_ray.models.build import (
     ScalarHeadModel,
     build_causal_lm,
     build_scalar_model,
+    default_device,
     disable_dropout,
     preset_config,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ScalarHeadModel",
     "build_causal_lm",
     "build_scalar_model",
+    "default_device",
     "disable_dropout",
     "last_token_index",
     "logprobs_from_logits",

@@ -54,23 +54,45 @@ def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
     """A tiny GPT-2 or Llama config sized to the tokenizer, dropout off, special ids explicit."""
     bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
     common = dict(
-        vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
-        bos_token_id=bos, tie_word_embeddings=True,
+        vocab_size=tok.vocab_size,
+        pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id,
+        bos_token_id=bos,
+        tie_word_embeddings=True,
     )
     if spec.preset == "gpt2-tiny":
         return GPT2Config(
-            n_embd=spec.hidden_size, n_layer=spec.num_layers, n_head=spec.num_heads,
-            n_positions=spec.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            summary_first_dropout=0.0, **common,
+            n_embd=spec.hidden_size,
+            n_layer=spec.num_layers,
+            n_head=spec.num_heads,
+            n_positions=spec.max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            **common,
         )
     if spec.preset == "llama-tiny":
         return LlamaConfig(
-            hidden_size=spec.hidden_size, intermediate_size=4 * spec.hidden_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
-            attention_dropout=0.0, **common,
+            hidden_size=spec.hidden_size,
+            intermediate_size=4 * spec.hidden_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads,
+            max_position_embeddings=spec.max_positions,
+            attention_dropout=0.0,
+            **common,
         )
     raise ValueError(f"unknown model preset {spec.preset!r}")
+
+
+def default_device() -> torch.device:
+    """The GPU Ray assigned to this actor (``CUDA_VISIBLE_DEVICES``), else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -114,8 +136,9 @@ class ScalarHeadModel(nn.Module):
 
     def __init__(self, seq_cls: PreTrainedModel):
         super().__init__()
-        if not isinstance(getattr(seq_cls, "score", getattr(seq_cls, "classifier", None)),
-                          nn.Module):
+        if not isinstance(
+            getattr(seq_cls, "score", getattr(seq_cls, "classifier", None)), nn.Module
+        ):
             raise ValueError(f"{type(seq_cls).__name__} has no `score`/`classifier` head")
         self.seq_cls = seq_cls  # the only registered submodule: state_dict keys "seq_cls.*"
 
@@ -139,7 +162,9 @@ class ScalarHeadModel(nn.Module):
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
-    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def sequence_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The head at the last real token of each row: ``(B,)``."""
         values = self(input_ids, attention_mask)
         rows = torch.arange(values.shape[0], device=values.device)

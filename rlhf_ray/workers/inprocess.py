@@ -30,8 +30,9 @@ class InProcessWorkers:
     def __init__(self, cfg):
         self.cfg = cfg
         tok = cfg.tokenizer
-        self.policy = PolicyLearner(cfg.policy, cfg.ppo, tok, cfg.rollout.temperature,
-                                    seed=cfg.train.seed)
+        self.policy = PolicyLearner(
+            cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed
+        )
         self.value = ValueLearner(cfg.value, cfg.ppo, tok, seed=cfg.train.seed)
         if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,8 +43,10 @@ class InProcessWorkers:
         ref_spec = cfg.reference.model or cfg.policy.model
         self.reference = ReferenceScorer(ref_spec, tok, cfg.rollout.temperature)
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
-        self.generators = [RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
-                           for i in range(cfg.rollout.num_workers)]
+        self.generators = [
+            RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
+            for i in range(cfg.rollout.num_workers)
+        ]
         if cfg.reference.model is None:
             self.reference.set_weights(self.policy.full_weights())
 
@@ -56,18 +59,22 @@ class InProcessWorkers:
         while len(self.generators) > num_workers:
             self.generators.pop()
         while len(self.generators) < num_workers:
-            gen = RolloutGenerator(self.cfg.policy.model, self.cfg.tokenizer, self.cfg.rollout,
-                                   len(self.generators))
+            gen = RolloutGenerator(
+                self.cfg.policy.model, self.cfg.tokenizer, self.cfg.rollout, len(self.generators)
+            )
             gen.set_weights(self.weights, self.version)
             self.generators.append(gen)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         parts = split_rows(len(prompts), len(self.generators))
-        return Rollout.concat([
-            gen.generate(prompts.select(rows), shard_seed(self.cfg.train.seed, round_index, i),
-                         version)
-            for i, (gen, rows) in enumerate(zip(self.generators, parts, strict=False))
-        ])
+        return Rollout.concat(
+            [
+                gen.generate(
+                    prompts.select(rows), shard_seed(self.cfg.train.seed, round_index, i), version
+                )
+                for i, (gen, rows) in enumerate(zip(self.generators, parts, strict=False))
+            ]
+        )
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         return {

@@ -18,7 +18,12 @@ import torch
 from rlhf_ray.algo import masked_mean, policy_loss, value_loss
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
 from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
-from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
+from rlhf_ray.models import (
+    build_causal_lm,
+    build_scalar_model,
+    default_device,
+    response_logprobs,
+)
 from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
@@ -29,8 +34,16 @@ LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 class _Rank:
     """What both learners share: the engine, their rows of a batch, the PPO epoch loop."""
 
-    def __init__(self, role_cfg, ppo_cfg, build: Callable[[], torch.nn.Module], rank: int,
-                 world_size: int, seed: int, num_threads: int | None):
+    def __init__(
+        self,
+        role_cfg,
+        ppo_cfg,
+        build: Callable[[], torch.nn.Module],
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_threads: int | None,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg, self.ppo = role_cfg, ppo_cfg
@@ -39,20 +52,27 @@ class _Rank:
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
 
-    def init_process_group(self, master_addr: str, master_port: int, timeout_s: int,
-                           backend: str = "gloo") -> None:
+    def init_process_group(
+        self, master_addr: str, master_port: int, timeout_s: int, backend: str = "gloo"
+    ) -> None:
         init_distributed(self.rank, self.world_size, master_addr, master_port, timeout_s, backend)
 
     def setup(self) -> tuple[int, int]:
         """Build the model and engine; returns (parameters held here, parameters in all)."""
-        module = self._build()
+        self.device = default_device()
+        module = self._build().to(self.device)
         module.train()
         if self.cfg.engine == "torch":
             self.engine = TorchEngine(module, self.cfg.optim)
         else:
-            self.engine = DeepSpeedEngine(module, self.cfg.optim, self.cfg.zero_stage,
-                                          self.micro_batch, self.cfg.model.dtype,
-                                          self.cfg.offload_optimizer)
+            self.engine = DeepSpeedEngine(
+                module,
+                self.cfg.optim,
+                self.cfg.zero_stage,
+                self.micro_batch,
+                self.cfg.model.dtype,
+                self.cfg.offload_optimizer,
+            )
         return self.engine.local_param_count()
 
     @property
@@ -76,7 +96,7 @@ class _Rank:
             for start in range(0, n, size):
                 rows = perm[start : start + size]
                 mine = rows[self.rank * per : (self.rank + 1) * per]
-                mb = batch.select(mine)
+                mb = batch.select(mine).to(self.device)
                 loss, stats = loss_fn(mb)
                 # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
                 local = float(mb.response_mask.sum())
@@ -110,11 +130,27 @@ class _Rank:
 class PolicyLearner(_Rank):
     """The policy under DeepSpeed ZeRO (or plain torch), one rank of a data-parallel group."""
 
-    def __init__(self, policy_cfg, ppo_cfg, tokenizer_cfg, temperature: float, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_threads: int | None = None):
+    def __init__(
+        self,
+        policy_cfg,
+        ppo_cfg,
+        tokenizer_cfg,
+        temperature: float,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(policy_cfg, ppo_cfg, lambda: build_causal_lm(policy_cfg.model, tok),
-                         rank, world_size, seed, num_threads)
+        super().__init__(
+            policy_cfg,
+            ppo_cfg,
+            lambda: build_causal_lm(policy_cfg.model, tok),
+            rank,
+            world_size,
+            seed,
+            num_threads,
+        )
         self.tokenizer = tok
         self.temperature = temperature
 
@@ -124,30 +160,46 @@ class PolicyLearner(_Rank):
         mine = rollout.select(self.my_rows(len(rollout)))
         out = []
         for start in range(0, len(mine), self.micro_batch):
-            part = mine.select(slice(start, start + self.micro_batch))
-            out.append(response_logprobs(self.module, part.input_ids, part.attention_mask,
-                                         part.prompt_len, self.temperature)[0])
+            part = mine.select(slice(start, start + self.micro_batch)).to(self.device)
+            logprobs, _ = response_logprobs(
+                self.module, part.input_ids, part.attention_mask, part.prompt_len, self.temperature
+            )
+            out.append(logprobs.cpu())
         return torch.cat(out) * mine.response_mask
 
     @torch.no_grad()
-    def greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               max_new_tokens: int) -> torch.Tensor:
+    def greedy(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
         """The learner's own greedy continuation (collective under ZeRO-3: call on all ranks)."""
         assert self.engine is not None, "call setup() first"
         params = SamplingParams(max_new_tokens)
         with self.engine.full_params():
-            out = sample_responses(self.module, prompt_ids, prompt_mask, params,
-                                   self.tokenizer.eos_id, self.tokenizer.pad_id, seed=0,
-                                   greedy=True)
-        return out["response_ids"]
+            out = sample_responses(
+                self.module,
+                prompt_ids.to(self.device),
+                prompt_mask.to(self.device),
+                params,
+                self.tokenizer.eos_id,
+                self.tokenizer.pad_id,
+                seed=0,
+                greedy=True,
+            )
+        return out["response_ids"].cpu()
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):
-            logprobs, entropy = response_logprobs(self.module, mb.input_ids, mb.attention_mask,
-                                                  mb.prompt_len, self.temperature,
-                                                  with_entropy=True)
-            loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages,
-                                      mb.response_mask, self.ppo.clip_eps)
+            logprobs, entropy = response_logprobs(
+                self.module,
+                mb.input_ids,
+                mb.attention_mask,
+                mb.prompt_len,
+                self.temperature,
+                with_entropy=True,
+            )
+            loss, stats = policy_loss(
+                logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, self.ppo.clip_eps
+            )
             ent = masked_mean(entropy, mb.response_mask)
             stats = {**stats, "entropy": ent.detach()}
             return loss - self.ppo.entropy_coef * ent, stats
@@ -160,11 +212,26 @@ class PolicyLearner(_Rank):
 class ValueLearner(_Rank):
     """The critic (backbone + scalar head), one rank of a data-parallel group."""
 
-    def __init__(self, value_cfg, ppo_cfg, tokenizer_cfg, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_threads: int | None = None):
+    def __init__(
+        self,
+        value_cfg,
+        ppo_cfg,
+        tokenizer_cfg,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(value_cfg, ppo_cfg, lambda: build_scalar_model(value_cfg.model, tok),
-                         rank, world_size, seed, num_threads)
+        super().__init__(
+            value_cfg,
+            ppo_cfg,
+            lambda: build_scalar_model(value_cfg.model, tok),
+            rank,
+            world_size,
+            seed,
+            num_threads,
+        )
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         # the value of the state before response token t sits at position prompt_len - 1 + t
@@ -175,15 +242,16 @@ class ValueLearner(_Rank):
         mine = rollout.select(self.my_rows(len(rollout)))
         out = []
         for start in range(0, len(mine), self.micro_batch):
-            part = mine.select(slice(start, start + self.micro_batch))
-            out.append(self._values(part.input_ids, part.attention_mask, part.prompt_len))
+            part = mine.select(slice(start, start + self.micro_batch)).to(self.device)
+            out.append(self._values(part.input_ids, part.attention_mask, part.prompt_len).cpu())
         return torch.cat(out) * mine.response_mask
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):
             values = self._values(mb.input_ids, mb.attention_mask, mb.prompt_len)
-            return value_loss(values, mb.old_values, mb.returns, mb.response_mask,
-                              self.ppo.value_clip_eps)
+            return value_loss(
+                values, mb.old_values, mb.returns, mb.response_mask, self.ppo.value_clip_eps
+            )
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["value_loss"] = stats.pop("loss")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
-from rlhf_ray.models import build_causal_lm, state_dict_from_numpy
+from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_numpy
 from rlhf_ray.models.weights import NumpyWeights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
@@ -15,15 +15,26 @@ from rlhf_ray.workers.interface import StaleWeightsError
 class RolloutGenerator:
     """Holds versioned policy weights and samples; refuses to sample with a stale version."""
 
-    def __init__(self, model_spec, tokenizer_cfg, rollout_cfg, worker_id: int = 0,
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        model_spec,
+        tokenizer_cfg,
+        rollout_cfg,
+        worker_id: int = 0,
+        num_threads: int | None = None,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
-        self.model = build_causal_lm(model_spec, self.tokenizer)
-        self.params = SamplingParams(rollout_cfg.max_new_tokens, rollout_cfg.temperature,
-                                     rollout_cfg.top_k, rollout_cfg.top_p)
+        self.device = default_device()
+        self.model = build_causal_lm(model_spec, self.tokenizer).to(self.device)
+        self.params = SamplingParams(
+            rollout_cfg.max_new_tokens,
+            rollout_cfg.temperature,
+            rollout_cfg.top_k,
+            rollout_cfg.top_p,
+        )
         self.version = -1  # no weights received yet
 
     def set_weights(self, weights: NumpyWeights, version: int) -> int:
@@ -35,28 +46,53 @@ class RolloutGenerator:
         if self.version != expected_version:
             raise StaleWeightsError(
                 f"rollout worker {self.worker_id} holds weights v{self.version}, "
-                f"round needs v{expected_version}")
-        out = sample_responses(self.model, prompts.prompt_ids, prompts.prompt_mask, self.params,
-                               self.tokenizer.eos_id, self.tokenizer.pad_id, seed)
-        responses = [self.tokenizer.decode(ids[m.bool()].tolist())
-                     for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)]
+                f"round needs v{expected_version}"
+            )
+        on_device = prompts.to(self.device)
+        out = sample_responses(
+            self.model,
+            on_device.prompt_ids,
+            on_device.prompt_mask,
+            self.params,
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+            seed,
+        )
+        out = {k: v.cpu() for k, v in out.items()}
+        responses = [
+            self.tokenizer.decode(ids[m.bool()].tolist())
+            for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)
+        ]
         n = len(prompts)
         return Rollout(
-            prompt_ids=prompts.prompt_ids, prompt_mask=prompts.prompt_mask,
-            prompt_index=prompts.prompt_index, response_ids=out["response_ids"],
-            response_mask=out["response_mask"], has_eos=out["has_eos"],
+            prompt_ids=prompts.prompt_ids,
+            prompt_mask=prompts.prompt_mask,
+            prompt_index=prompts.prompt_index,
+            response_ids=out["response_ids"],
+            response_mask=out["response_mask"],
+            has_eos=out["has_eos"],
             sampler_logprobs=out["sampler_logprobs"],
             weight_version=torch.full((n,), self.version, dtype=torch.long),
-            prompts=list(prompts.prompts), responses=responses,
+            prompts=list(prompts.prompts),
+            responses=responses,
         )
 
-    def greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               max_new_tokens: int) -> torch.Tensor:
+    def greedy(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
         """Greedy continuation (parity checks between workers and learners)."""
         params = SamplingParams(max_new_tokens)
-        out = sample_responses(self.model, prompt_ids, prompt_mask, params, self.tokenizer.eos_id,
-                               self.tokenizer.pad_id, seed=0, greedy=True)
-        return out["response_ids"]
+        out = sample_responses(
+            self.model,
+            prompt_ids.to(self.device),
+            prompt_mask.to(self.device),
+            params,
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+            seed=0,
+            greedy=True,
+        )
+        return out["response_ids"].cpu()
 
     def ping(self) -> int:
         return self.worker_id

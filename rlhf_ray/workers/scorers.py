@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.models import (
+    ScalarHeadModel,
     build_causal_lm,
     build_scalar_model,
+    default_device,
     response_logprobs,
     state_dict_from_numpy,
 )
 from rlhf_ray.models.weights import NumpyWeights
-from rlhf_ray.rewards import call_reward_function, load_reward_function
+from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import Rollout
 
@@ -23,11 +25,18 @@ def _chunks(n: int, size: int) -> list[slice]:
 class ReferenceScorer:
     """Log-probs of responses under the frozen initial policy (or ``reference.model``)."""
 
-    def __init__(self, model_spec, tokenizer_cfg, temperature: float, chunk_size: int = 16,
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        model_spec,
+        tokenizer_cfg,
+        temperature: float,
+        chunk_size: int = 16,
+        num_threads: int | None = None,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model = build_causal_lm(model_spec, build_tokenizer(tokenizer_cfg))
+        self.device = default_device()
+        self.model = build_causal_lm(model_spec, build_tokenizer(tokenizer_cfg)).to(self.device)
         self.model.requires_grad_(False)
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -40,28 +49,39 @@ class ReferenceScorer:
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        input_ids, mask = rollout.input_ids, rollout.attention_mask
-        out = [response_logprobs(self.model, input_ids[s], mask[s], rollout.prompt_len,
-                                 self.temperature)[0]
-               for s in _chunks(len(rollout), self.chunk_size)]
+        out = []
+        for rows in _chunks(len(rollout), self.chunk_size):
+            part = rollout.select(rows).to(self.device)
+            logprobs, _ = response_logprobs(
+                self.model, part.input_ids, part.attention_mask, part.prompt_len, self.temperature
+            )
+            out.append(logprobs.cpu())
         return torch.cat(out) * rollout.response_mask
 
 
 class RewardScorer:
     """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function."""
 
-    def __init__(self, reward_cfg, tokenizer_cfg, search_path: list[str] | None = None,
-                 chunk_size: int = 16, num_threads: int | None = None):
+    def __init__(
+        self,
+        reward_cfg,
+        tokenizer_cfg,
+        search_path: list[str] | None = None,
+        chunk_size: int = 16,
+        num_threads: int | None = None,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.name = reward_cfg.function
         self.chunk_size = chunk_size
+        self.device = default_device()
+        self.fn: RewardFn | None = None
+        self.model: ScalarHeadModel | None = None
         if reward_cfg.function is not None:
             self.fn = load_reward_function(reward_cfg.function, search_path or [])
-            self.model = None
         else:
-            self.fn = None
-            self.model = build_scalar_model(reward_cfg.model, build_tokenizer(tokenizer_cfg))
+            tok = build_tokenizer(tokenizer_cfg)
+            self.model = build_scalar_model(reward_cfg.model, tok).to(self.device)
             self.model.requires_grad_(False)
 
     def ping(self) -> str:
@@ -72,6 +92,9 @@ class RewardScorer:
         if self.fn is not None:
             scores = call_reward_function(self.fn, self.name, rollout.prompts, rollout.responses)
             return torch.tensor(scores, dtype=torch.float32)
-        input_ids, mask = rollout.input_ids, rollout.attention_mask
-        return torch.cat([self.model.sequence_scores(input_ids[s], mask[s])
-                          for s in _chunks(len(rollout), self.chunk_size)])
+        assert self.model is not None
+        out = []
+        for rows in _chunks(len(rollout), self.chunk_size):
+            part = rollout.select(rows).to(self.device)
+            out.append(self.model.sequence_scores(part.input_ids, part.attention_mask).cpu())
+        return torch.cat(out)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, wait_no_processes_under
+
 from rlhf_ray.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -51,15 +51,33 @@ def head_node():
     """``ray start --head --block`` in the background; ended by its PID."""
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     dash = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp_dir) / "head.log", "w")
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 (closed in finally)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 90)
         yield f"http://127.0.0.1:{dash}", env
@@ -75,18 +93,43 @@ def head_node():
 
 
 def _ray(args: list[str], env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
     address, env = head_node
     run_dir = tmp_path / "run"
     job = "rlhf-ray-debug-test"
-    submit = _ray(["job", "submit", "--address", address, "--submission-id", job,
-                   "--working-dir", str(REPO), "--runtime-env", "jobs/runtime_env_cpu.yaml",
-                   "--", "rlhf-ray", "ppo", "--config", "jobs/debug_cpu.yaml",
-                   "--run-dir", str(run_dir)], env, timeout=900)
+    submit = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env",
+            "jobs/runtime_env_cpu.yaml",
+            "--",
+            "rlhf-ray",
+            "ppo",
+            "--config",
+            "jobs/debug_cpu.yaml",
+            "--run-dir",
+            str(run_dir),
+        ],
+        env,
+        timeout=900,
+    )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = _ray(["job", "status", "--address", address, job], env)
     assert "succeeded" in (status.stdout + status.stderr).lower()

@@ -20,8 +20,13 @@ from rlhf_ray.workers.interface import StaleWeightsError
 
 pytestmark = pytest.mark.ray
 
-SMALL = ["rollout.batch_size=8", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
-         "train.rounds=2", "logging.progress=false"]
+SMALL = [
+    "rollout.batch_size=8",
+    "ppo.minibatch_size=4",
+    "rollout.max_new_tokens=8",
+    "train.rounds=2",
+    "logging.progress=false",
+]
 
 
 def small_cfg(*overrides: str):
@@ -44,8 +49,9 @@ def test_zero3_shards_and_matches_zero1_and_in_process(ray_cluster, tmp_path):
         finally:
             workers.close()
         results[stage] = policy_weights(tmp_path / f"zero{stage}")
-    cfg = small_cfg("train.rounds=1", "policy.engine=torch", "policy.num_ranks=1",
-                    "value.engine=torch")
+    cfg = small_cfg(
+        "train.rounds=1", "policy.engine=torch", "policy.num_ranks=1", "value.engine=torch"
+    )
     run_ppo(cfg, InProcessWorkers(cfg), tmp_path / "inprocess")
     results["in-process"] = policy_weights(tmp_path / "inprocess")
 
@@ -75,16 +81,18 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
         for version in range(3):
             workers.sync(version)
             learner = ray.get(workers.policy.call("greedy", probe_ids, probe_mask, 12))
-            sampled = ray.get([w.greedy.remote(probe_ids, probe_mask, 12)
-                               for w in workers.pool.workers])
+            sampled = ray.get(
+                [w.greedy.remote(probe_ids, probe_mask, 12) for w in workers.pool.workers]
+            )
             for out in sampled:
                 assert torch.equal(out, learner[0])
             rollout = workers.generate(batch, version, version)
             assert rollout.weight_version.tolist() == [version] * 8
             with pytest.raises(StaleWeightsError):
                 workers.generate(batch, version, version + 1)
-            ppo_batch, _ = compute_advantages(rollout, workers.score(rollout), kl_ctl.value,
-                                              cfg.ppo, cfg.reward)
+            ppo_batch, _ = compute_advantages(
+                rollout, workers.score(rollout), kl_ctl.value, cfg.ppo, cfg.reward
+            )
             workers.update(ppo_batch, version)
     finally:
         workers.close()

@@ -28,9 +28,17 @@ def _resize_when(run_dir, plan: list[tuple[int, int]], stop: threading.Event) ->
 
 
 def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_path):
-    cfg = load_config(None, ["rollout.batch_size=12", "ppo.minibatch_size=4",
-                             "rollout.max_new_tokens=8", "rollout.num_workers=1",
-                             "train.rounds=12", "logging.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.batch_size=12",
+            "ppo.minibatch_size=4",
+            "rollout.max_new_tokens=8",
+            "rollout.num_workers=1",
+            "train.rounds=12",
+            "logging.progress=false",
+        ],
+    )
     run_dir = tmp_path / "run"
     stop = threading.Event()
     controller = threading.Thread(target=_resize_when, args=(run_dir, [(2, 3), (6, 2)], stop))
