@@ -246,7 +246,7 @@ class ClusterConfig(_Section):
         "cluster at --address/RAY_ADDRESS, else this machine).",
     )
 
-    num_cpus: float | None = Field(
+    num_cpus: int | None = Field(
         None, gt=0, description="CPUs of a locally started Ray (null: all of this machine)."
     )
     actor_start_timeout_s: float = Field(

@@ -365,8 +365,11 @@ class TiktokenTokenizer:
 class TokenizerSpec(Protocol):
     """The attributes of ``rlhf_ray.config.TokenizerConfig`` that ``build_tokenizer`` reads."""
 
-    kind: Literal["bytes", "tiktoken", "hf"]
-    name_or_path: str | None
+    @property
+    def kind(self) -> Literal["bytes", "tiktoken", "hf"]: ...
+
+    @property
+    def name_or_path(self) -> str | None: ...
 
 
 def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:

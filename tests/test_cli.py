@@ -49,7 +49,7 @@ def test_print_config_prints_the_resolved_config(tmp_path):
 def test_print_config_honours_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  rounds: 5\nrollout:\n  num_workers: 4\n")
-    overrides = ["rollout.num_workers=3", "train.seed=9", "policy.num_gpus_per_rank=0.5"]
+    overrides = ["rollout.num_workers=3", "train.seed=9", "policy.num_gpus_per_rank=2"]
     proc = run_cli("ppo", "--print-config", "--config", str(path), *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
@@ -57,7 +57,7 @@ def test_print_config_honours_file_and_overrides(tmp_path):
     assert printed["train"]["rounds"] == 5
     assert printed["rollout"]["num_workers"] == 3
     assert printed["train"]["seed"] == 9
-    assert printed["policy"]["num_gpus_per_rank"] == 0.5
+    assert printed["policy"]["num_gpus_per_rank"] == 2
 
 
 def test_printed_config_is_a_valid_config_file(tmp_path):

@@ -21,7 +21,7 @@ CONTRACT = {
     "reward.function": "my_rewards:score",
     "policy.num_ranks": 1,
     "policy.zero_stage": 3,
-    "policy.num_gpus_per_rank": 0.5,
+    "policy.num_gpus_per_rank": 1.5,
     "checkpoint.every": 4,
     "data.prompts": "prompts.jsonl",
 }
@@ -290,3 +290,9 @@ def test_float16_value_on_its_own_gpus_is_accepted():
 def test_float16_value_on_cpu_is_rejected_even_if_the_policy_has_gpus():
     msg = _error(None, ["value.model.dtype=float16", "policy.num_gpus_per_rank=1"])
     assert "value.model.dtype" in msg
+
+
+def test_ranks_of_one_group_cannot_share_a_gpu():
+    msg = _error(None, ["policy.num_gpus_per_rank=0.5"])  # 2 ranks by default
+    assert "policy" in msg and "num_gpus_per_rank" in msg
+    assert load_config(None, ["policy.num_gpus_per_rank=0.5", "policy.num_ranks=1"])

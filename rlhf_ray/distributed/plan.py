@@ -128,6 +128,7 @@ def format_plan(plan: list[RolePlan], nodes: list[Node]) -> str:
 
 def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
     """The cluster to plan against: a live one, the config's description, or this machine."""
+    import logging
     import os
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -136,7 +137,7 @@ def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
 
         from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes
 
-        ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR")
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
         try:
             return cluster_nodes(), f"Ray cluster at {address}"
         finally:

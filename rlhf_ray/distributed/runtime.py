@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,16 @@ def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
         )
 
 
+def _actor(cls: type, name: str, cpus: float, gpus: float, *args: Any, **kwargs: Any) -> Any:
+    """A named actor of ``cls`` with its resources and at most its CPU share of threads."""
+    return (
+        ray.remote(cls)
+        .options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
+                 runtime_env=_env(gpus))
+        .remote(*args, num_threads=_threads(cpus), **kwargs)
+    )  # fmt: skip
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     with socket.socket() as s:
@@ -117,7 +128,7 @@ class LearnerGroup:
                 f"the {role} placement group ({n} x {bundle}) could not be placed "
                 f"within {timeout_s:g}s"
             )
-        remote = ray.remote(cls)
+        remote: Any = ray.remote(cls)
         self.actors = [
             remote.options(
                 name=f"{role}-{rank}",
@@ -167,23 +178,10 @@ class RolloutPool:
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
         name = f"rollout-{self._next_id}"
-        handle = (
-            ray.remote(RolloutGenerator)
-            .options(
-                name=name,
-                namespace=NAMESPACE,
-                num_cpus=r.num_cpus_per_worker,
-                num_gpus=r.num_gpus_per_worker,
-                runtime_env=_env(r.num_gpus_per_worker),
-            )
-            .remote(
-                self.cfg.policy.model,
-                self.cfg.tokenizer,
-                r,
-                worker_id=self._next_id,
-                num_threads=_threads(r.num_cpus_per_worker),
-            )
-        )
+        handle = _actor(
+            RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
+            self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
+        )  # fmt: skip
         self._next_id += 1
         return name, handle
 
@@ -231,8 +229,8 @@ class RayWorkers:
                 + ".\n"
                 + format_plan(plan, nodes)
             )
-        self.policy = self.value = self.reference = self.reward = None
         self.pool = RolloutPool(cfg)
+        self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:
             self._start(cfg)
         except BaseException:
@@ -244,56 +242,27 @@ class RayWorkers:
         dist_timeout = cfg.train.dist_timeout_s
         tok, ppo, seed = cfg.tokenizer, cfg.ppo, cfg.train.seed
         self.policy = LearnerGroup(
-            "policy",
-            PolicyLearner,
-            cfg.policy,
-            timeout,
-            dist_timeout,
-            policy_cfg=cfg.policy,
-            ppo_cfg=ppo,
-            tokenizer_cfg=tok,
-            temperature=cfg.rollout.temperature,
-            seed=seed,
-        )
+            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
+            policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
+            temperature=cfg.rollout.temperature, seed=seed,
+        )  # fmt: skip
+        self._cleanup.append(self.policy.kill)
         self.value = LearnerGroup(
-            "value",
-            ValueLearner,
-            cfg.value,
-            timeout,
-            dist_timeout,
-            value_cfg=cfg.value,
-            ppo_cfg=ppo,
-            tokenizer_cfg=tok,
-            seed=seed,
-        )
+            "value", ValueLearner, cfg.value, timeout, dist_timeout,
+            value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
+        )  # fmt: skip
+        self._cleanup.append(self.value.kill)
         ref, rew = cfg.reference, cfg.reward
-        self.reference = (
-            ray.remote(ReferenceScorer)
-            .options(
-                name="reference",
-                namespace=NAMESPACE,
-                num_cpus=ref.num_cpus,
-                num_gpus=ref.num_gpus,
-                runtime_env=_env(ref.num_gpus),
-            )
-            .remote(
-                ref.model or cfg.policy.model,
-                tok,
-                cfg.rollout.temperature,
-                num_threads=_threads(ref.num_cpus),
-            )
-        )
-        self.reward = (
-            ray.remote(RewardScorer)
-            .options(
-                name="reward",
-                namespace=NAMESPACE,
-                num_cpus=rew.num_cpus,
-                num_gpus=rew.num_gpus,
-                runtime_env=_env(rew.num_gpus),
-            )
-            .remote(rew, tok, search_path=[os.getcwd()], num_threads=_threads(rew.num_cpus))
-        )
+        self.reference = _actor(
+            ReferenceScorer, "reference", ref.num_cpus, ref.num_gpus,
+            ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+        )  # fmt: skip
+        self._cleanup.append(lambda: _kill([self.reference]))
+        self.reward = _actor(
+            RewardScorer, "reward", rew.num_cpus, rew.num_gpus, rew, tok,
+            search_path=[os.getcwd()],
+        )  # fmt: skip
+        self._cleanup.append(lambda: _kill([self.reward]))
         new = self.pool.grow(cfg.rollout.num_workers)
         _wait_ready(
             {
@@ -381,8 +350,5 @@ class RayWorkers:
         )
 
     def close(self) -> None:
-        for group in (self.policy, self.value):
-            if group is not None:
-                group.kill()
-        self.pool.kill()
-        _kill([a for a in (self.reference, self.reward) if a is not None])
+        while self._cleanup:
+            self._cleanup.pop()()

@@ -9,9 +9,9 @@ shards from different workers concatenate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 from transformers import GenerationConfig
 
 from rlhf_ray.algo import truncate_after_eos
@@ -28,7 +28,7 @@ class SamplingParams:
 
 @torch.no_grad()
 def sample_responses(
-    model: nn.Module,
+    model: Any,  # a transformers model (it has .generate)
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     params: SamplingParams,

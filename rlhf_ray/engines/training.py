@@ -29,7 +29,7 @@ def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=optim.lr,
-        betas=tuple(optim.betas),
+        betas=(optim.betas[0], optim.betas[1]),
         eps=optim.eps,
         weight_decay=optim.weight_decay,
     )

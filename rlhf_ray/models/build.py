@@ -9,7 +9,7 @@ trained elsewhere loads here. We read the head at every token (values) or at the
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class SpecialIds(Protocol):
 def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
     """A tiny GPT-2 or Llama config sized to the tokenizer, dropout off, special ids explicit."""
     bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=tok.vocab_size,
         pad_token_id=tok.pad_id,
         eos_token_id=tok.eos_id,
@@ -101,22 +101,28 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+            setattr(module, "attention_dropout", 0.0)  # noqa: B010 (not an nn.Module attr)
     model.eval()
 
 
-def _finish(model: PreTrainedModel, tok: SpecialIds, spec: ModelSource) -> PreTrainedModel:
-    if model.get_input_embeddings().num_embeddings < tok.vocab_size:
+def _finish(
+    model: PreTrainedModel, tok: SpecialIds, spec: ModelSource, device: torch.device | str
+) -> PreTrainedModel:
+    embeddings: Any = model.get_input_embeddings()
+    if embeddings.num_embeddings < tok.vocab_size:
         model.resize_token_embeddings(tok.vocab_size)
     model.config.pad_token_id = tok.pad_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_id
         model.generation_config.eos_token_id = tok.eos_id
     disable_dropout(model)
-    return model.to(_DTYPES[spec.dtype])
+    model.to(device=device, dtype=_DTYPES[spec.dtype])  # type: ignore[call-arg]  # in place
+    return model
 
 
-def build_causal_lm(spec: ModelSource, tok: SpecialIds) -> PreTrainedModel:
+def build_causal_lm(
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
     """The policy architecture with weights from ``spec.path`` or a seeded random preset."""
     if spec.path is not None:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_DTYPES[spec.dtype])
@@ -124,7 +130,7 @@ def build_causal_lm(spec: ModelSource, tok: SpecialIds) -> PreTrainedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(preset_config(spec, tok))
-    return _finish(model, tok, spec)
+    return _finish(model, tok, spec, device)
 
 
 class ScalarHeadModel(nn.Module):
@@ -148,7 +154,7 @@ class ScalarHeadModel(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        return getattr(self.seq_cls, "score", None) or self.seq_cls.classifier
+        return cast(nn.Module, getattr(self.seq_cls, "score", None) or self.seq_cls.classifier)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -177,7 +183,9 @@ class ScalarHeadModel(nn.Module):
         self.seq_cls.save_pretrained(directory, state_dict=state_dict)
 
 
-def build_scalar_model(spec: ModelSource, tok: SpecialIds) -> ScalarHeadModel:
+def build_scalar_model(
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+) -> ScalarHeadModel:
     """A value/reward model from ``spec.path`` (a sequence-classification or causal-LM
     checkpoint: the head is new in the latter case) or a seeded random preset."""
     if spec.path is not None:
@@ -193,4 +201,4 @@ def build_scalar_model(spec: ModelSource, tok: SpecialIds) -> ScalarHeadModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForSequenceClassification.from_config(config)
-    return ScalarHeadModel(_finish(model, tok, spec)).eval()
+    return ScalarHeadModel(_finish(model, tok, spec, device)).eval()

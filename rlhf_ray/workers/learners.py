@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ class _Rank:
         return self.engine.local_param_count()
 
     @property
-    def module(self) -> torch.nn.Module:
+    def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
         assert self.engine is not None, "call setup() first"
         return self.engine.module
 
@@ -200,6 +201,7 @@ class PolicyLearner(_Rank):
             loss, stats = policy_loss(
                 logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, self.ppo.clip_eps
             )
+            assert entropy is not None
             ent = masked_mean(entropy, mb.response_mask)
             stats = {**stats, "entropy": ent.detach()}
             return loss - self.ppo.entropy_coef * ent, stats

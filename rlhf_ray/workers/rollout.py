@@ -28,7 +28,7 @@ class RolloutGenerator:
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         self.device = default_device()
-        self.model = build_causal_lm(model_spec, self.tokenizer).to(self.device)
+        self.model = build_causal_lm(model_spec, self.tokenizer, self.device)
         self.params = SamplingParams(
             rollout_cfg.max_new_tokens,
             rollout_cfg.temperature,

@@ -36,7 +36,7 @@ class ReferenceScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = default_device()
-        self.model = build_causal_lm(model_spec, build_tokenizer(tokenizer_cfg)).to(self.device)
+        self.model = build_causal_lm(model_spec, build_tokenizer(tokenizer_cfg), self.device)
         self.model.requires_grad_(False)
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -81,7 +81,7 @@ class RewardScorer:
             self.fn = load_reward_function(reward_cfg.function, search_path or [])
         else:
             tok = build_tokenizer(tokenizer_cfg)
-            self.model = build_scalar_model(reward_cfg.model, tok).to(self.device)
+            self.model = build_scalar_model(reward_cfg.model, tok, self.device)
             self.model.requires_grad_(False)
 
     def ping(self) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO
-from rlhf_ray.metrics import read_metrics
 from test_end_to_end import first_last, run_cli
+
+from rlhf_ray.metrics import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
