@@ -136,3 +136,16 @@ def test_missing_reward_attribute_fails_before_ray(tmp_path, no_ray):
     (tmp_path / "my_scores.py").write_text("def other(prompts, responses):\n    return []\n")
     proc = run_cli("ppo", "reward.function=my_scores:score", cwd=tmp_path, pythonpath=no_ray)
     assert_user_error(proc, "my_scores", "score")
+
+
+def test_in_process_debug_run_writes_a_run_dir(tmp_path):
+    """`rlhf-ray ppo --in-process` runs the same loop without Ray and says where it wrote."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "ppo", "--in-process", "--run-dir", str(run_dir), "train.rounds=2",
+        "rollout.batch_size=8", "ppo.minibatch_size=8", "policy.engine=torch",
+        "policy.num_ranks=1", "value.engine=torch", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("round ") == 2 and f"run dir: {run_dir.resolve()}" in proc.stdout
+    assert (run_dir / "policy" / "config.json").exists()
