@@ -242,19 +242,10 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
             "time/round": time.perf_counter() - start,
         }
         log.write(row)
-        every = cfg.checkpoint.every
-        if every and (round_index + 1) % every == 0:
-            save_checkpoint(
-                workers,
-                tokenizer,
-                cfg,
-                run_dir,
-                {
-                    "round": round_index,
-                    "kl_ctl": kl_ctl.state_dict(),
-                    "sampler": sampler.state_dict(),
-                },
-            )
+        if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
+            state = {"round": round_index, "kl_ctl": kl_ctl.state_dict(),
+                     "sampler": sampler.state_dict()}  # fmt: skip
+            save_checkpoint(workers, tokenizer, cfg, run_dir, state)
 
     save_final(workers, tokenizer, run_dir)
     log.close()
