@@ -74,3 +74,16 @@ def sample_responses(
         "has_eos": has_eos,
         "sampler_logprobs": sampler_logprobs * response_mask,
     }
+
+
+def greedy_continuation(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+    eos_id: int, pad_id: int,
+) -> torch.Tensor:  # fmt: skip
+    """Greedy response ids ``(B, max_new_tokens)`` on the model's device, returned on the CPU
+    (the weight-sync parity check between learners and rollout workers)."""
+    device = next(model.parameters()).device
+    out = sample_responses(model, prompt_ids.to(device), prompt_mask.to(device),
+                           SamplingParams(max_new_tokens), eos_id, pad_id, seed=0,
+                           greedy=True)  # fmt: skip
+    return out["response_ids"].cpu()

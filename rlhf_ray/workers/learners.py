@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.algo import masked_mean, policy_loss, value_loss
-from rlhf_ray.engines.generation import SamplingParams, sample_responses
+from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
 from rlhf_ray.models import (
     build_causal_lm,
@@ -174,19 +174,9 @@ class PolicyLearner(_Rank):
     ) -> torch.Tensor:
         """The learner's own greedy continuation (collective under ZeRO-3: call on all ranks)."""
         assert self.engine is not None, "call setup() first"
-        params = SamplingParams(max_new_tokens)
         with self.engine.full_params():
-            out = sample_responses(
-                self.module,
-                prompt_ids.to(self.device),
-                prompt_mask.to(self.device),
-                params,
-                self.tokenizer.eos_id,
-                self.tokenizer.pad_id,
-                seed=0,
-                greedy=True,
-            )
-        return out["response_ids"].cpu()
+            return greedy_continuation(self.module, prompt_ids, prompt_mask, max_new_tokens,
+                                       self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.engines.generation import SamplingParams, sample_responses
+from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
 from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_numpy
 from rlhf_ray.models.weights import NumpyWeights
 from rlhf_ray.tokenization import build_tokenizer
@@ -81,18 +81,8 @@ class RolloutGenerator:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
         """Greedy continuation (parity checks between workers and learners)."""
-        params = SamplingParams(max_new_tokens)
-        out = sample_responses(
-            self.model,
-            prompt_ids.to(self.device),
-            prompt_mask.to(self.device),
-            params,
-            self.tokenizer.eos_id,
-            self.tokenizer.pad_id,
-            seed=0,
-            greedy=True,
-        )
-        return out["response_ids"].cpu()
+        return greedy_continuation(self.model, prompt_ids, prompt_mask, max_new_tokens,
+                                   self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
 
     def ping(self) -> int:
         return self.worker_id
