@@ -82,6 +82,16 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def _get_all(refs: list[Any]) -> list[Any]:
+    """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
+    learner rank would otherwise be waited on until the collective timeout."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
     """Wait until every named actor answers ``ping``; a clear error if some stay pending."""
     refs = {h.ping.remote(): name for name, h in handles.items()}
@@ -167,13 +177,16 @@ class LearnerGroup:
 class RolloutPool:
     """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
 
-    Ids are never reused, so a worker added after a removal has a fresh name.
+    The pool remembers the latest weights it was sent, so a worker that joins (a resize, or the
+    replacement of a dead one) receives them before it generates. Ids are never reused.
     """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.workers: list[Any] = []
+        self.restarts = 0
         self._next_id = 0
+        self._weights: tuple[Any, int] | None = None  # (object ref, version)
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -185,10 +198,17 @@ class RolloutPool:
         self._next_id += 1
         return name, handle
 
-    def grow(self, n: int) -> dict[str, Any]:
+    def grow(self, n: int) -> None:
+        """Add ``n`` workers, ready and holding the current weights; none if they cannot start."""
         new = dict(self._spawn() for _ in range(n))
+        try:
+            _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
+            if self._weights is not None:
+                ray.get([w.set_weights.remote(*self._weights) for w in new.values()])
+        except BaseException:
+            _kill(list(new.values()))
+            raise
         self.workers.extend(new.values())
-        return new
 
     def shrink(self, n: int) -> None:
         """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
@@ -196,18 +216,41 @@ class RolloutPool:
         del self.workers[n:]
         _kill(extra)
 
-    def set_weights(
-        self, weights_ref: Any, version: int, workers: list[Any] | None = None
-    ) -> list[Any]:
-        return [w.set_weights.remote(weights_ref, version) for w in workers or self.workers]
+    def set_weights(self, weights_ref: Any, version: int) -> list[Any]:
+        self._weights = (weights_ref, version)
+        return [w.set_weights.remote(weights_ref, version) for w in self.workers]
 
-    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Any]:
+    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
+        """One shard per worker. A worker that dies is replaced (with the current weights) and
+        its shard redone with the same seed: no prompt is lost or sampled twice."""
         parts = split_rows(len(prompts), len(self.workers))
-        seed = self.cfg.train.seed
-        return [
-            w.generate.remote(prompts.select(rows), shard_seed(seed, round_index, i), version)
-            for i, (w, rows) in enumerate(zip(self.workers, parts, strict=False))
-        ]
+        seeds = [shard_seed(self.cfg.train.seed, round_index, i) for i in range(len(parts))]
+        pending = {
+            self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
+            for i, rows in enumerate(parts)
+        }
+        done: dict[int, Rollout] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(ready[0])
+            try:
+                done[shard] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                if self.restarts >= 10 * len(self.workers):
+                    raise
+                self.restarts += 1
+                print(f"[rlhf_ray] rollout worker of shard {shard} died ({type(exc).__name__})"
+                      "; replacing it and redoing the shard", flush=True)  # fmt: skip
+                self._replace(shard)
+                work = prompts.select(parts[shard])
+                pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+        return [done[i] for i in range(len(parts))]
+
+    def _replace(self, index: int) -> None:
+        dead = self.workers.pop(index)
+        _kill([dead])
+        self.grow(1)
+        self.workers.insert(index, self.workers.pop())
 
     def kill(self) -> None:
         _kill(self.workers)
@@ -263,18 +306,11 @@ class RayWorkers:
             search_path=[os.getcwd()],
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reward]))
-        new = self.pool.grow(cfg.rollout.num_workers)
-        _wait_ready(
-            {
-                **self.policy.handles,
-                **self.value.handles,
-                "reference": self.reference,
-                "reward": self.reward,
-                **new,
-            },
-            timeout,
-        )
-        counts = ray.get(self.policy.start() + self.value.start())
+        self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
+        others = {**self.policy.handles, **self.value.handles, "reference": self.reference,
+                  "reward": self.reward}  # fmt: skip
+        _wait_ready(others, timeout)
+        counts = _get_all(self.policy.start() + self.value.start())
         self.param_counts = {
             "policy": counts[: cfg.policy.num_ranks],
             "value": counts[cfg.policy.num_ranks :],
@@ -284,29 +320,24 @@ class RayWorkers:
             print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
         if ref.model is None:
             weights = self.policy.call("full_weights")
-            ray.get(weights + [self.reference.set_weights.remote(weights[0])])
+            _get_all(weights + [self.reference.set_weights.remote(weights[0])])
 
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
         weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
-        self.weights_ref, self.version = weights[0], version
-        ray.get(weights + self.pool.set_weights(weights[0], version))
+        _get_all(weights + self.pool.set_weights(weights[0], version))
 
     def scale_rollout(self, num_workers: int) -> None:
         current = len(self.pool.workers)
         if num_workers < current:
             self.pool.shrink(num_workers)
         elif num_workers > current:
-            new = self.pool.grow(num_workers - current)
-            try:
-                _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
+            try:  # new workers get the current weights before they generate
+                self.pool.grow(num_workers - current)
             except UserError as exc:  # keep running on the pool we have
-                self.pool.shrink(current)
                 print(f"[rlhf_ray] could not grow the rollout pool: {exc}", flush=True)
                 return
-            # new workers get the current weights before they generate
-            ray.get(self.pool.set_weights(self.weights_ref, self.version, list(new.values())))
         if num_workers != current:
             print(
                 f"[rlhf_ray] rollout pool: {current} -> {len(self.pool.workers)} workers",
@@ -314,7 +345,7 @@ class RayWorkers:
             )
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
-        return Rollout.concat(ray.get(self.pool.generate(prompts, round_index, version)))
+        return Rollout.concat(self.pool.generate(prompts, round_index, version))
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         ref = ray.put(rollout)
@@ -324,7 +355,7 @@ class RayWorkers:
             + self.policy.call("logprobs", ref)
             + self.value.call("values", ref)
         )
-        ref_logprobs, scores, *ranks = ray.get(refs)
+        ref_logprobs, scores, *ranks = _get_all(refs)
         return {
             "ref_logprobs": ref_logprobs,
             "scores": scores,
@@ -335,16 +366,17 @@ class RayWorkers:
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         ref = ray.put(batch)
         n_pol = self.cfg.policy.num_ranks
-        stats = ray.get(
+        stats = _get_all(
             self.policy.call("train", ref, round_index) + self.value.call("train", ref, round_index)
         )
         return {**mean_stats(stats[:n_pol]), **mean_stats(stats[n_pol:])}
 
     def info(self) -> dict[str, float]:
-        return {"rollout/num_workers": len(self.pool.workers)}
+        return {"rollout/num_workers": len(self.pool.workers),
+                "rollout/worker_restarts": self.pool.restarts}  # fmt: skip
 
     def save(self, directory: Path) -> None:
-        ray.get(
+        _get_all(
             self.policy.call("save", str(directory / "policy"))
             + self.value.call("save", str(directory / "value"))
         )

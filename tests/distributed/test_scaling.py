@@ -1,4 +1,5 @@
-"""Resizing the rollout pool of a running job: 1 -> 3 -> 2 workers, nothing lost."""
+"""The rollout pool of a running job: resized 1 -> 3 -> 2 workers, and a dead worker
+replaced; nothing lost either way."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import threading
 import time
 
 import pytest
+import ray
 
 from rlhf_ray.config import load_config
 from rlhf_ray.control import request_rollout_workers
 from rlhf_ray.distributed import RayWorkers
 from rlhf_ray.driver import run_ppo
 from rlhf_ray.metrics import read_metrics
+from rlhf_ray.workers.inprocess import InProcessWorkers
 
 pytestmark = pytest.mark.ray
 
@@ -60,3 +63,40 @@ def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_
     # every round trained on one sample per prompt, with that round's weights
     assert [r["rollout/num_samples"] for r in rows] == [12] * 12
     assert [r["weights/version"] for r in rows] == list(range(12))
+
+
+def _kill_when(run_dir, rows: int, name: str, stop: threading.Event) -> None:
+    path = run_dir / "metrics.jsonl"
+    while not stop.is_set():
+        if path.exists() and len(path.read_text().splitlines()) >= rows:
+            ray.kill(ray.get_actor(name, namespace="rlhf_ray"))
+            return
+        time.sleep(0.02)
+
+
+def test_a_dead_rollout_worker_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
+    overrides = ["rollout.batch_size=8", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
+                 "train.rounds=5", "logging.progress=false"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    run_dir = tmp_path / "run"
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_when, args=(run_dir, 2, "rollout-1", stop))
+    workers = RayWorkers(cfg)
+    killer.start()
+    try:
+        run_ppo(cfg, workers, run_dir)
+    finally:
+        stop.set()
+        killer.join()
+        workers.close()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["rollout/worker_restarts"] == 1
+    assert [r["rollout/num_workers"] for r in rows] == [2] * 5
+    assert [r["rollout/num_samples"] for r in rows] == [8] * 5
+    # same seeds and weights for the redone shard: the run is the one without the failure
+    cfg_ref = load_config(None, [*overrides, "policy.num_ranks=1", "policy.engine=torch",
+                                 "value.engine=torch"])  # fmt: skip
+    run_ppo(cfg_ref, InProcessWorkers(cfg_ref), tmp_path / "reference")
+    expected = read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    for got, want in zip(rows, expected, strict=True):
+        assert got["rollout/reward_mean"] == pytest.approx(want["rollout/reward_mean"], abs=1e-6)
