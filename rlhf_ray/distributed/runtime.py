@@ -105,12 +105,15 @@ def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
         )
 
 
-def _actor(cls: type, name: str, cpus: float, gpus: float, *args: Any, **kwargs: Any) -> Any:
-    """A named actor of ``cls`` with its resources and at most its CPU share of threads."""
+def _actor(
+    cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0, **kwargs: Any
+) -> Any:
+    """A named actor of ``cls`` with its resources and at most its CPU share of threads;
+    ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only)."""
     return (
         ray.remote(cls)
         .options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
-                 runtime_env=_env(gpus))
+                 runtime_env=_env(gpus), max_restarts=restarts, max_task_retries=restarts)
         .remote(*args, num_threads=_threads(cpus), **kwargs)
     )  # fmt: skip
 
@@ -216,9 +219,15 @@ class RolloutPool:
         del self.workers[n:]
         _kill(extra)
 
-    def set_weights(self, weights_ref: Any, version: int) -> list[Any]:
+    def load(self, weights_ref: Any, version: int) -> None:
+        """Every worker takes these weights; one that died is replaced (and so gets them)."""
         self._weights = (weights_ref, version)
-        return [w.set_weights.remote(weights_ref, version) for w in self.workers]
+        refs = [w.set_weights.remote(weights_ref, version) for w in self.workers]
+        for index, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                self._replace(index, "while loading weights")
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
@@ -235,20 +244,19 @@ class RolloutPool:
             shard = pending.pop(ready[0])
             try:
                 done[shard] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                if self.restarts >= 10 * len(self.workers):
-                    raise
-                self.restarts += 1
-                print(f"[rlhf_ray] rollout worker of shard {shard} died ({type(exc).__name__})"
-                      "; replacing it and redoing the shard", flush=True)  # fmt: skip
-                self._replace(shard)
+            except ray.exceptions.RayActorError:
+                self._replace(shard, "while generating; its shard is redone")
                 work = prompts.select(parts[shard])
                 pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
         return [done[i] for i in range(len(parts))]
 
-    def _replace(self, index: int) -> None:
-        dead = self.workers.pop(index)
-        _kill([dead])
+    def _replace(self, index: int, when: str) -> None:
+        """A fresh worker, holding the current weights, takes the place of a dead one."""
+        if self.restarts >= 10 * len(self.workers):
+            raise RuntimeError(f"rollout workers keep dying ({self.restarts} replaced)")
+        self.restarts += 1
+        print(f"[rlhf_ray] rollout worker {index} died {when}; replacing it", flush=True)
+        _kill([self.workers.pop(index)])
         self.grow(1)
         self.workers.insert(index, self.workers.pop())
 
@@ -296,14 +304,17 @@ class RayWorkers:
         )  # fmt: skip
         self._cleanup.append(self.value.kill)
         ref, rew = cfg.reference, cfg.reward
+        # The scorers are frozen and their calls pure, and a restart rebuilds the same model
+        # (the reference from the policy's own deterministic spec), so Ray may restart them and
+        # retry the interrupted call.
         self.reference = _actor(
             ReferenceScorer, "reference", ref.num_cpus, ref.num_gpus,
-            ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+            ref.model or cfg.policy.model, tok, cfg.rollout.temperature, restarts=3,
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reference]))
         self.reward = _actor(
             RewardScorer, "reward", rew.num_cpus, rew.num_gpus, rew, tok,
-            search_path=[os.getcwd()],
+            search_path=[os.getcwd()], restarts=3,
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reward]))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
@@ -326,7 +337,8 @@ class RayWorkers:
 
     def sync(self, version: int) -> None:
         weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
-        _get_all(weights + self.pool.set_weights(weights[0], version))
+        _get_all(weights)
+        self.pool.load(weights[0], version)
 
     def scale_rollout(self, num_workers: int) -> None:
         current = len(self.pool.workers)

@@ -65,22 +65,29 @@ def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_
     assert [r["weights/version"] for r in rows] == list(range(12))
 
 
-def _kill_when(run_dir, rows: int, name: str, stop: threading.Event) -> None:
+def _kill_when(run_dir, plan: list[tuple[int, str]], stop: threading.Event,
+               killed: list[str]) -> None:  # fmt: skip
+    """For each (rows, name): once metrics.jsonl has ``rows`` rows, kill actor ``name`` the way
+    a crash would (Ray may restart it if it allows restarts)."""
     path = run_dir / "metrics.jsonl"
-    while not stop.is_set():
-        if path.exists() and len(path.read_text().splitlines()) >= rows:
-            ray.kill(ray.get_actor(name, namespace="rlhf_ray"))
-            return
-        time.sleep(0.02)
+    for rows, name in plan:
+        while not stop.is_set():
+            if path.exists() and len(path.read_text().splitlines()) >= rows:
+                ray.kill(ray.get_actor(name, namespace="rlhf_ray"), no_restart=False)
+                killed.append(name)
+                break
+            time.sleep(0.02)
 
 
-def test_a_dead_rollout_worker_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
+def test_dead_rollout_worker_and_scorers_are_replaced_and_their_work_redone(ray_cluster, tmp_path):
     overrides = ["rollout.batch_size=8", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
-                 "train.rounds=5", "logging.progress=false"]  # fmt: skip
+                 "train.rounds=6", "logging.progress=false"]  # fmt: skip
     cfg = load_config(None, overrides)
     run_dir = tmp_path / "run"
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_when, args=(run_dir, 2, "rollout-1", stop))
+    deaths = [(2, "rollout-1"), (3, "reference"), (4, "reward")]
+    killed: list[str] = []
+    killer = threading.Thread(target=_kill_when, args=(run_dir, deaths, stop, killed))
     workers = RayWorkers(cfg)
     killer.start()
     try:
@@ -90,9 +97,10 @@ def test_a_dead_rollout_worker_is_replaced_and_its_shard_redone(ray_cluster, tmp
         killer.join()
         workers.close()
     rows = read_metrics(run_dir / "metrics.jsonl")
+    assert killed == [name for _, name in deaths]  # each died while the run went on
     assert rows[-1]["rollout/worker_restarts"] == 1
-    assert [r["rollout/num_workers"] for r in rows] == [2] * 5
-    assert [r["rollout/num_samples"] for r in rows] == [8] * 5
+    assert [r["rollout/num_workers"] for r in rows] == [2] * 6
+    assert [r["rollout/num_samples"] for r in rows] == [8] * 6
     # same seeds and weights for the redone shard: the run is the one without the failure
     cfg_ref = load_config(None, [*overrides, "policy.num_ranks=1", "policy.engine=torch",
                                  "value.engine=torch"])  # fmt: skip
