@@ -292,6 +292,14 @@ class Config(_Section):
         return self
 
 
+def value_init_spec(cfg: Config) -> ModelSpec:
+    """The critic's initial weights: its own model, or the reward model's when
+    ``value.init_from_reward`` (a common choice: the critic starts knowing what scores well)."""
+    if cfg.value.init_from_reward and cfg.reward.model is not None:
+        return cfg.reward.model.model_copy(update={"dtype": cfg.value.model.dtype})
+    return cfg.value.model
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides and error messages
 

@@ -19,7 +19,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -301,6 +301,7 @@ class RayWorkers:
         self.value = LearnerGroup(
             "value", ValueLearner, cfg.value, timeout, dist_timeout,
             value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
+            model_spec=value_init_spec(cfg),
         )  # fmt: skip
         self._cleanup.append(self.value.kill)
         ref, rew = cfg.reference, cfg.reward

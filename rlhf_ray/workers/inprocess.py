@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -33,7 +34,9 @@ class InProcessWorkers:
         self.policy = PolicyLearner(
             cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed
         )
-        self.value = ValueLearner(cfg.value, cfg.ppo, tok, seed=cfg.train.seed)
+        self.value = ValueLearner(
+            cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed
+        )
         if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # one process can hold one process group: both learners share a world of size 1

@@ -209,16 +209,20 @@ class ValueLearner(_Rank):
         value_cfg,
         ppo_cfg,
         tokenizer_cfg,
+        model_spec=None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
     ):
+        """``model_spec``: the initial weights (default ``value_cfg.model``; see
+        ``config.value_init_spec``)."""
         tok = build_tokenizer(tokenizer_cfg)
+        spec = model_spec or value_cfg.model
         super().__init__(
             value_cfg,
             ppo_cfg,
-            lambda: build_scalar_model(value_cfg.model, tok),
+            lambda: build_scalar_model(spec, tok),
             rank,
             world_size,
             seed,
