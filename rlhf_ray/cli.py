@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="where the run writes (default: a new dated directory under ./runs)",
     )
+    ppo.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its newest complete checkpoint",
+    )
     ppo.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     ppo.add_argument(
         "--in-process",
@@ -77,29 +82,31 @@ def cmd_ppo(args: argparse.Namespace) -> int:
             load_reward_function(cfg.reward.function, [os.getcwd()])
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    if args.resume and args.run_dir is None:
+        raise UserError("--resume needs --run-dir: the run to continue")
     run_dir = args.run_dir or new_run_dir()
     if args.in_process:
         from rlhf_ray.workers.inprocess import InProcessWorkers
 
-        result = _run(cfg, lambda: InProcessWorkers(cfg), run_dir)
+        result = _run(cfg, lambda: InProcessWorkers(cfg), run_dir, args.resume)
     else:
         from rlhf_ray.distributed import RayWorkers, connect, disconnect
 
         connect(cfg, args.address)
         try:
-            result = _run(cfg, lambda: RayWorkers(cfg), run_dir)
+            result = _run(cfg, lambda: RayWorkers(cfg), run_dir, args.resume)
         finally:
             disconnect()
     print(f"run dir: {result.resolve()}")
     return 0
 
 
-def _run(cfg: Config, make_workers, run_dir: Path) -> Path:
+def _run(cfg: Config, make_workers, run_dir: Path, resume: bool) -> Path:
     from rlhf_ray.driver import run_ppo
 
     workers = make_workers()
     try:
-        return run_ppo(cfg, workers, run_dir).run_dir
+        return run_ppo(cfg, workers, run_dir, resume=resume).run_dir
     finally:
         workers.close()
 

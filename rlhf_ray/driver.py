@@ -8,7 +8,6 @@ infrastructure: it talks to a ``Workers`` object, in-process or Ray.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +24,13 @@ from rlhf_ray.algo import (
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
+)
+from rlhf_ray.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    save_checkpoint,
+    save_model_dirs,
+    truncate_metrics,
 )
 from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
 from rlhf_ray.control import requested_rollout_workers
@@ -147,29 +153,6 @@ def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
         )
 
 
-def save_final(workers: Workers, tokenizer: Tokenizer, run_dir: Path) -> None:
-    workers.save(run_dir)
-    tokenizer.save(run_dir / "policy")
-
-
-def save_checkpoint(
-    workers: Workers, tokenizer: Tokenizer, cfg: Config, run_dir: Path, state: dict
-) -> Path:
-    """Write ``checkpoints/round_XXXXXX`` atomically: a temp dir renamed when complete."""
-    root = run_dir / "checkpoints"
-    final = root / f"round_{state['round']:06d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_final(workers, tokenizer, tmp)
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    (tmp / "driver_state.json").write_text(json.dumps(state))
-    tmp.rename(final)
-    for old in sorted(root.glob("round_*"))[: -cfg.checkpoint.keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -180,25 +163,50 @@ class RunResult:
 # the loop
 
 
-def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
-    """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times."""
+def resume_from_checkpoint(
+    cfg: Config,
+    workers: Workers,
+    run_dir: Path,
+    sampler: PromptSampler,
+    kl_ctl: FixedKLController | AdaptiveKLController,
+) -> int:
+    """Restore the newest complete checkpoint of ``run_dir``; returns the round to start at."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        print(f"[rlhf_ray] no complete checkpoint in {run_dir}: starting from round 0", flush=True)
+        truncate_metrics(run_dir / "metrics.jsonl", -1)
+        return 0
+    check_resumable(checkpoint, cfg)
+    state = json.loads((checkpoint / "driver_state.json").read_text())
+    workers.load_state(checkpoint)
+    sampler.load_state_dict(state["sampler"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    truncate_metrics(run_dir / "metrics.jsonl", state["round"])
+    print(f"[rlhf_ray] resumed from {checkpoint}", flush=True)
+    return state["round"] + 1
+
+
+def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) -> RunResult:
+    """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times
+    (from the newest checkpoint of ``run_dir`` on, if ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(cfg.tokenizer)
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)
+    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl) if resume else 0
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log = MetricsLog(
         run_dir / "metrics.jsonl",
         cfg.logging.progress,
         tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None,
     )
     timer = PhaseTimer()
-    workers.sync(version=0)  # rollout workers start from the learner's initial weights
+    workers.sync(version=start)  # rollout workers start from the learner's weights
 
-    for round_index in range(cfg.train.rounds):
+    for round_index in range(start, cfg.train.rounds):
         version = round_index  # weights after `round_index` updates
-        start = time.perf_counter()
+        started = time.perf_counter()
 
         # 0. scale: apply a requested rollout pool size (`rlhf-ray scale RUN --rollout-workers N`)
         workers.scale_rollout(requested_rollout_workers(run_dir, cfg.rollout.num_workers))
@@ -239,7 +247,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
             **{f"ppo/{k}": v for k, v in train_stats.items()},
             **workers.info(),
             **times,
-            "time/round": time.perf_counter() - start,
+            "time/round": time.perf_counter() - started,
         }
         log.write(row)
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
@@ -247,6 +255,6 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path) -> RunResult:
                      "sampler": sampler.state_dict()}  # fmt: skip
             save_checkpoint(workers, tokenizer, cfg, run_dir, state)
 
-    save_final(workers, tokenizer, run_dir)
+    save_model_dirs(workers, tokenizer, run_dir)
     log.close()
     return RunResult(run_dir=run_dir, rounds=cfg.train.rounds)

@@ -149,3 +149,7 @@ def test_in_process_debug_run_writes_a_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("round ") == 2 and f"run dir: {run_dir.resolve()}" in proc.stdout
     assert (run_dir / "policy" / "config.json").exists()
+
+
+def test_resume_needs_a_run_dir(tmp_path):
+    assert_user_error(run_cli("ppo", "--resume", cwd=tmp_path), "--run-dir")

@@ -394,6 +394,18 @@ class RayWorkers:
             + self.value.call("save", str(directory / "value"))
         )
 
+    def save_state(self, directory: Path) -> None:
+        _get_all(
+            self.policy.call("save_state", str(directory / "policy_state"))
+            + self.value.call("save_state", str(directory / "value_state"))
+        )
+
+    def load_state(self, directory: Path) -> None:
+        _get_all(
+            self.policy.call("load_state", str(directory / "policy_state"))
+            + self.value.call("load_state", str(directory / "value_state"))
+        )
+
     def close(self) -> None:
         while self._cleanup:
             self._cleanup.pop()()

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -67,6 +68,17 @@ class TorchEngine:
     def local_param_count(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.module.parameters())
         return n, n
+
+    def save_state(self, directory: str) -> None:
+        """Weights and optimizer state, for an exact resume."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        torch.save(state, Path(directory) / "torch_engine.pt")
+
+    def load_state(self, directory: str) -> None:
+        state = torch.load(Path(directory) / "torch_engine.pt", weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def init_distributed(
@@ -179,6 +191,17 @@ class DeepSpeedEngine:
             if self.rank != 0:
                 return None
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save_state(self, directory: str) -> None:
+        """Collective: weights and each rank's (ZeRO-partitioned) optimizer state."""
+        self.engine.save_checkpoint(directory, tag="state")
+
+    def load_state(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(
+            directory, tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed training state under {directory}")
 
     def local_param_count(self) -> tuple[int, int]:
         """(parameters this rank holds, parameters of the whole model)."""

@@ -97,5 +97,13 @@ class InProcessWorkers:
         self.policy.save(str(directory / "policy"))
         self.value.save(str(directory / "value"))
 
+    def save_state(self, directory: Path) -> None:
+        self.policy.save_state(str(directory / "policy_state"))
+        self.value.save_state(str(directory / "value_state"))
+
+    def load_state(self, directory: Path) -> None:
+        self.policy.load_state(str(directory / "policy_state"))
+        self.value.load_state(str(directory / "value_state"))
+
     def close(self) -> None:
         self.generators.clear()

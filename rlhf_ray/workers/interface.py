@@ -42,6 +42,12 @@ class Workers(Protocol):
     def save(self, directory: Path) -> None:
         """Write ``policy/`` and ``value/`` (HF format) under ``directory``."""
 
+    def save_state(self, directory: Path) -> None:
+        """Write the learners' training state (weights and optimizers) for an exact resume."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what ``save_state`` wrote."""
+
     def close(self) -> None:
         """Release every worker."""
 

@@ -124,6 +124,15 @@ class _Rank:
             Path(directory).mkdir(parents=True, exist_ok=True)
             self.module.save_pretrained(directory, state_dict=state)
 
+    def save_state(self, directory: str) -> None:
+        """Collective: everything this group needs to resume training exactly."""
+        assert self.engine is not None, "call setup() first"
+        self.engine.save_state(directory)
+
+    def load_state(self, directory: str) -> None:
+        assert self.engine is not None, "call setup() first"
+        self.engine.load_state(directory)
+
     def ping(self) -> int:
         return self.rank
 
