@@ -249,6 +249,11 @@ class ClusterConfig(_Section):
     num_cpus: int | None = Field(
         None, gt=0, description="CPUs of a locally started Ray (null: all of this machine)."
     )
+    namespace: str = Field(
+        "rlhf_ray",
+        min_length=1,
+        description="Ray namespace of the run's named actors (one run per namespace at a time).",
+    )
     actor_start_timeout_s: float = Field(
         180.0, gt=0, description="Give up (clearly) if actors stay pending this long."
     )

@@ -28,17 +28,20 @@ from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 
-NAMESPACE = "rlhf_ray"
+NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
 
 def connect(cfg: Config, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=NAMESPACE)
+        ray.init(address=address, namespace=cfg.cluster.namespace)
         return address
     ray.init(
-        address="local", num_cpus=cfg.cluster.num_cpus, namespace=NAMESPACE, include_dashboard=False
+        address="local",
+        num_cpus=cfg.cluster.num_cpus,
+        namespace=cfg.cluster.namespace,
+        include_dashboard=False,
     )
     return "local"
 
@@ -82,6 +85,19 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def _check_namespace_free() -> None:
+    """Actor names are unique per namespace: say so clearly if another run holds them."""
+    try:
+        ray.get_actor("policy-0")
+    except ValueError:
+        return
+    namespace = ray.get_runtime_context().namespace
+    raise UserError(
+        f"another run's actors (policy-0, ...) are alive in Ray namespace {namespace!r} of this "
+        "cluster: wait for that run to end, or give this one its own cluster.namespace"
+    )
+
+
 def _get_all(refs: list[Any]) -> list[Any]:
     """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
     learner rank would otherwise be waited on until the collective timeout."""
@@ -112,7 +128,7 @@ def _actor(
     ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only)."""
     return (
         ray.remote(cls)
-        .options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
+        .options(name=name, num_cpus=cpus, num_gpus=gpus,
                  runtime_env=_env(gpus), max_restarts=restarts, max_task_retries=restarts)
         .remote(*args, num_threads=_threads(cpus), **kwargs)
     )  # fmt: skip
@@ -134,7 +150,7 @@ class LearnerGroup:
     ):
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([bundle] * n, strategy="PACK", name=f"{NAMESPACE}-{role}")
+        self.pg = placement_group([bundle] * n, strategy="PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
             raise UserError(
@@ -145,7 +161,6 @@ class LearnerGroup:
         self.actors = [
             remote.options(
                 name=f"{role}-{rank}",
-                namespace=NAMESPACE,
                 num_cpus=cpus,
                 num_gpus=gpus,
                 runtime_env=_env(gpus),
@@ -280,6 +295,7 @@ class RayWorkers:
                 + ".\n"
                 + format_plan(plan, nodes)
             )
+        _check_namespace_free()
         self.pool = RolloutPool(cfg)
         self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:

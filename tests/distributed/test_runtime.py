@@ -139,3 +139,15 @@ def test_actors_that_stay_pending_fail_clearly_and_leave_nothing(ray_cluster):
     # everything the failed start created is gone: a normal start succeeds afterwards
     workers = RayWorkers(small_cfg())
     workers.close()
+
+
+def test_a_second_run_in_the_same_namespace_is_refused_clearly(ray_cluster):
+    from rlhf_ray.errors import UserError
+
+    first = RayWorkers(small_cfg())
+    try:
+        with pytest.raises(UserError, match="namespace 'rlhf_ray'"):
+            RayWorkers(small_cfg())
+        assert ray.get(ray.get_actor("policy-0").ping.remote()) == 0  # the first run is intact
+    finally:
+        first.close()
