@@ -20,6 +20,20 @@ from rlhf_ray.workers.inprocess import InProcessWorkers
 pytestmark = pytest.mark.ray
 
 
+def _run_beside(cfg, run_dir, target, *args) -> None:
+    """Run PPO on Ray while ``target(run_dir, *args, stop)`` acts on it from a thread."""
+    stop = threading.Event()
+    thread = threading.Thread(target=target, args=(run_dir, *args, stop))
+    workers = RayWorkers(cfg)
+    thread.start()
+    try:
+        run_ppo(cfg, workers, run_dir)
+    finally:
+        stop.set()
+        thread.join()
+        workers.close()
+
+
 def _resize_when(run_dir, plan: list[tuple[int, int]], stop: threading.Event) -> None:
     """For each (rows, n): once metrics.jsonl has ``rows`` rows, request ``n`` workers."""
     path = run_dir / "metrics.jsonl"
@@ -44,16 +58,7 @@ def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_
         ],
     )
     run_dir = tmp_path / "run"
-    stop = threading.Event()
-    controller = threading.Thread(target=_resize_when, args=(run_dir, [(2, 3), (6, 2)], stop))
-    workers = RayWorkers(cfg)
-    controller.start()
-    try:
-        run_ppo(cfg, workers, run_dir)
-    finally:
-        stop.set()
-        controller.join()
-        workers.close()
+    _run_beside(cfg, run_dir, _resize_when, [(2, 3), (6, 2)])
     rows = read_metrics(run_dir / "metrics.jsonl")
     counts = [r["rollout/num_workers"] for r in rows]
     # 1 worker, then 3, then 2 until the end, each phase at least one round
@@ -66,8 +71,8 @@ def test_pool_grows_and_shrinks_mid_run_without_losing_samples(ray_cluster, tmp_
     assert [r["weights/version"] for r in rows] == list(range(12))
 
 
-def _kill_when(run_dir, plan: list[tuple[int, str]], stop: threading.Event,
-               killed: list[str]) -> None:  # fmt: skip
+def _kill_when(run_dir, plan: list[tuple[int, str]], killed: list[str],
+               stop: threading.Event) -> None:  # fmt: skip
     """For each (rows, name): once metrics.jsonl has ``rows`` rows, kill actor ``name`` the way
     a crash would (Ray may restart it if it allows restarts)."""
     path = run_dir / "metrics.jsonl"
@@ -85,18 +90,9 @@ def test_dead_rollout_worker_and_scorers_are_replaced_and_their_work_redone(ray_
                  "train.rounds=6", "logging.progress=false"]  # fmt: skip
     cfg = load_config(None, overrides)
     run_dir = tmp_path / "run"
-    stop = threading.Event()
     deaths = [(2, "rollout-1"), (3, "reference"), (4, "reward")]
     killed: list[str] = []
-    killer = threading.Thread(target=_kill_when, args=(run_dir, deaths, stop, killed))
-    workers = RayWorkers(cfg)
-    killer.start()
-    try:
-        run_ppo(cfg, workers, run_dir)
-    finally:
-        stop.set()
-        killer.join()
-        workers.close()
+    _run_beside(cfg, run_dir, _kill_when, deaths, killed)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert killed == [name for _, name in deaths]  # each died while the run went on
     assert rows[-1]["rollout/worker_restarts"] == 1
@@ -130,4 +126,6 @@ def test_resume_under_zero3_matches_the_uninterrupted_run(ray_cluster, tmp_path)
         [{k: r[k] for k in keys} for r in read_metrics(tmp_path / name / "metrics.jsonl")]
         for name in ("whole", "stopped")
     )
-    assert resumed == pytest.approx(whole)
+    assert len(resumed) == len(whole) == 4
+    for got, want in zip(resumed, whole, strict=True):
+        assert got == pytest.approx(want)
