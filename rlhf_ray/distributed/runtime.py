@@ -1,8 +1,9 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
 Each phase submits every call first and then waits once (``ray.get`` on the whole list).
-Learner groups live in placement groups; every actor and group is named in the ``rlhf_ray``
-namespace (``policy-0``, ``value-0``, ``reference``, ``reward``, ``rollout-0`` ...).
+Learner groups live in placement groups; every actor and group is named, in the run's namespace
+(``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
+``reward``, ``rollout-0`` ...
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def _threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
-def _env(gpus: float) -> dict[str, Any]:
+def _env(cpus: float, gpus: float) -> dict[str, Any]:
     env = {"DS_ACCELERATOR": "cpu"} if gpus == 0 else {}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(_threads(cpus))
     return {"env_vars": env}
 
 
@@ -122,14 +123,16 @@ def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
 
 
 def _actor(
-    cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0, **kwargs: Any
-) -> Any:
+    cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0,
+    strategy: Any = None, **kwargs: Any,
+) -> Any:  # fmt: skip
     """A named actor of ``cls`` with its resources and at most its CPU share of threads;
-    ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only)."""
+    ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only);
+    ``strategy`` places it (a placement-group bundle)."""
     return (
         ray.remote(cls)
-        .options(name=name, num_cpus=cpus, num_gpus=gpus,
-                 runtime_env=_env(gpus), max_restarts=restarts, max_task_retries=restarts)
+        .options(name=name, num_cpus=cpus, num_gpus=gpus, runtime_env=_env(cpus, gpus),
+                 max_restarts=restarts, max_task_retries=restarts, scheduling_strategy=strategy)
         .remote(*args, num_threads=_threads(cpus), **kwargs)
     )  # fmt: skip
 
@@ -157,17 +160,11 @@ class LearnerGroup:
                 f"the {role} placement group ({n} x {bundle}) could not be placed "
                 f"within {timeout_s:g}s"
             )
-        remote: Any = ray.remote(cls)
         self.actors = [
-            remote.options(
-                name=f"{role}-{rank}",
-                num_cpus=cpus,
-                num_gpus=gpus,
-                runtime_env=_env(gpus),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
-            ).remote(rank=rank, world_size=n, num_threads=_threads(cpus), **kwargs)
+            _actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
+                   strategy=PlacementGroupSchedulingStrategy(self.pg, rank), **kwargs)
             for rank in range(n)
-        ]
+        ]  # fmt: skip
         self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
         self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
 
@@ -176,12 +173,7 @@ class LearnerGroup:
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        ray.get(
-            [
-                a.init_process_group.remote(addr, port, self.dist_timeout_s, backend)
-                for a in self.actors
-            ]
-        )
+        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend))
         return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:
