@@ -1,6 +1,7 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
-Each phase submits every call first and then waits once (``ray.get`` on the whole list).
+Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
+one call fails); the weight sync waits for the learners' gather, then for the pool's load.
 Learner groups live in placement groups; every actor and group is named, in the run's namespace
 (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
 ``reward``, ``rollout-0`` ...
