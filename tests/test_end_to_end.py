@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
     )
     left = wait_no_processes_under(ray_tmp)
     assert not left, f"processes outlived the run: {[p.pid for p in left]}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

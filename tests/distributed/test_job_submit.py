@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,7 @@ def head_node():
         log.close()
         left = wait_no_processes_under(temp_dir)
         assert not left, f"head node processes outlived the test: {[p.pid for p in left]}"
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray(args: list[str], env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
