@@ -8,6 +8,7 @@ seed sampling identically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +51,15 @@ class Workers(Protocol):
 
     def close(self) -> None:
         """Release every worker."""
+
+
+def in_chunks(
+    rollout: Rollout, size: int, device: torch.device, fn: Callable[[Rollout], torch.Tensor]
+) -> torch.Tensor:
+    """``fn`` over ``rollout`` in chunks of ``size`` rows moved to ``device`` (bounded memory
+    for scoring forwards), results concatenated on the CPU."""
+    return torch.cat([fn(rollout.select(slice(i, i + size)).to(device)).cpu()
+                      for i in range(0, len(rollout), size)])  # fmt: skip
 
 
 def split_rows(num_rows: int, num_parts: int) -> list[slice]:

@@ -28,6 +28,7 @@ from rlhf_ray.models import (
 from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
+from rlhf_ray.workers.interface import in_chunks
 
 LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -88,7 +89,6 @@ class _Rank:
     def run_epochs(self, batch: PPOBatch, round_index: int, loss_fn: LossFn) -> dict[str, float]:
         assert self.engine is not None, "call setup() first"
         n, size = len(batch), self.ppo.minibatch_size
-        per = size // self.world_size
         gen = torch.Generator().manual_seed(self.seed * 7919 + round_index)
         sums: dict[str, float] = defaultdict(float)
         steps = 0
@@ -96,7 +96,7 @@ class _Rank:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, size):
                 rows = perm[start : start + size]
-                mine = rows[self.rank * per : (self.rank + 1) * per]
+                mine = rows[self.my_rows(size)]
                 mb = batch.select(mine).to(self.device)
                 loss, stats = loss_fn(mb)
                 # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
@@ -168,14 +168,12 @@ class PolicyLearner(_Rank):
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Old log-probs of this rank's rows (recomputed here, not taken from the sampler)."""
         mine = rollout.select(self.my_rows(len(rollout)))
-        out = []
-        for start in range(0, len(mine), self.micro_batch):
-            part = mine.select(slice(start, start + self.micro_batch)).to(self.device)
-            logprobs, _ = response_logprobs(
-                self.module, part.input_ids, part.attention_mask, part.prompt_len, self.temperature
-            )
-            out.append(logprobs.cpu())
-        return torch.cat(out) * mine.response_mask
+
+        def forward(part: Rollout) -> torch.Tensor:
+            return response_logprobs(self.module, part.input_ids, part.attention_mask,
+                                     part.prompt_len, self.temperature)[0]  # fmt: skip
+
+        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
 
     @torch.no_grad()
     def greedy(
@@ -245,11 +243,11 @@ class ValueLearner(_Rank):
     @torch.no_grad()
     def values(self, rollout: Rollout) -> torch.Tensor:
         mine = rollout.select(self.my_rows(len(rollout)))
-        out = []
-        for start in range(0, len(mine), self.micro_batch):
-            part = mine.select(slice(start, start + self.micro_batch)).to(self.device)
-            out.append(self._values(part.input_ids, part.attention_mask, part.prompt_len).cpu())
-        return torch.cat(out) * mine.response_mask
+
+        def forward(part: Rollout) -> torch.Tensor:
+            return self._values(part.input_ids, part.attention_mask, part.prompt_len)
+
+        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):

@@ -16,10 +16,7 @@ from rlhf_ray.models.weights import NumpyWeights
 from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import Rollout
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+from rlhf_ray.workers.interface import in_chunks
 
 
 class ReferenceScorer:
@@ -49,14 +46,11 @@ class ReferenceScorer:
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        out = []
-        for rows in _chunks(len(rollout), self.chunk_size):
-            part = rollout.select(rows).to(self.device)
-            logprobs, _ = response_logprobs(
-                self.model, part.input_ids, part.attention_mask, part.prompt_len, self.temperature
-            )
-            out.append(logprobs.cpu())
-        return torch.cat(out) * rollout.response_mask
+        def forward(part: Rollout) -> torch.Tensor:
+            return response_logprobs(self.model, part.input_ids, part.attention_mask,
+                                     part.prompt_len, self.temperature)[0]  # fmt: skip
+
+        return in_chunks(rollout, self.chunk_size, self.device, forward) * rollout.response_mask
 
 
 class RewardScorer:
@@ -92,9 +86,11 @@ class RewardScorer:
         if self.fn is not None:
             scores = call_reward_function(self.fn, self.name, rollout.prompts, rollout.responses)
             return torch.tensor(scores, dtype=torch.float32)
-        assert self.model is not None
-        out = []
-        for rows in _chunks(len(rollout), self.chunk_size):
-            part = rollout.select(rows).to(self.device)
-            out.append(self.model.sequence_scores(part.input_ids, part.attention_mask).cpu())
-        return torch.cat(out)
+        model = self.model
+        assert model is not None
+        return in_chunks(
+            rollout,
+            self.chunk_size,
+            self.device,
+            lambda part: model.sequence_scores(part.input_ids, part.attention_mask),
+        )
