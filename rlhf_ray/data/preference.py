@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_ray.data.sources import load_table
+from rlhf_ray.data.sources import load_table, select_columns
 
 __all__ = [
     "DEFAULT_SYSTEM",
@@ -188,13 +188,7 @@ def load_preferences(
     if fmt == "auto":
         fmt = "plain" if "prompt" in columns else "hh"
     needed = ["chosen", "rejected"] + (["prompt"] if fmt == "plain" else [])
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{where.source}: {fmt!r} preference data needs fields {needed}; missing {missing} "
-            f"(columns: {sorted(columns)})"
-        )
-    data = {c: table[c] for c in needed}
+    data = select_columns(table, where, needed, f"{fmt!r} preference data needs {needed}")
     pairs: list[PreferencePair] = []
     skipped = 0
     for i in range(table.num_rows):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 from rlhf_ray.data.preference import hh_pair, render_transcript
-from rlhf_ray.data.sources import BUILTIN_PROMPTS, load_table
+from rlhf_ray.data.sources import BUILTIN_PROMPTS, load_table, select_columns
 
 __all__ = ["BUILTIN_PROMPTS", "load_prompt_conversations", "load_prompts"]
 
@@ -66,13 +66,7 @@ def _load(source: str, field: str, split: str, fmt: str) -> tuple[str, list[list
     if fmt == "auto":
         fmt = "hh" if {"chosen", "rejected"} <= columns and field not in columns else "plain"
     needed = ["chosen", "rejected"] if fmt == "hh" else [field]
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{where.describe(0)}: no field {missing[0]!r} (columns: {sorted(columns)}); "
-            f"set the prompt field or fmt"
-        )
-    data = {c: table[c] for c in needed}
+    data = select_columns(table, where, needed, "set the prompt field or fmt")
     conversations = []
     for i in range(table.num_rows):
         if fmt == "hh":

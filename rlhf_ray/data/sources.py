@@ -165,3 +165,18 @@ def load_table(source: str, split: str = "train") -> tuple[datasets.Dataset, Row
     if looks_local:
         raise FileNotFoundError(f"data file not found: {path}")
     return _load_hub(source, split)
+
+
+def select_columns(
+    table: datasets.Dataset, where: RowLocator, needed: list[str], hint: str
+) -> dict[str, list]:
+    """The ``needed`` columns of ``table`` as lists; a missing one raises ValueError naming the
+    source, what is missing, the columns there are, and ``hint`` (what the user can set)."""
+    columns = set(table.column_names)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{where.source}: no field {missing[0]!r} (missing {missing}; columns: "
+            f"{sorted(columns)}); {hint}"
+        )
+    return {c: table[c] for c in needed}
