@@ -40,7 +40,7 @@ class RayStage:
         _check_name_free(f"{role.name}-0")
         timeout = cluster.actor_start_timeout_s
         self.group = LearnerGroup(role.name, role.cls, role.role_cfg, timeout, dist_timeout_s,
-                                  role_cfg=role.role_cfg, **role.kwargs)  # fmt: skip
+                                  learner_cfg=role.role_cfg, **role.kwargs)  # fmt: skip
         try:
             _wait_ready(self.group.handles, timeout)
             counts = _get_all(self.group.start())

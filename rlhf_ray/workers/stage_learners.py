@@ -104,7 +104,7 @@ class SFTLearner(_StageRank):
 
     def __init__(
         self,
-        role_cfg,
+        learner_cfg,
         tokenizer_cfg,
         batch_size: int,
         rank: int = 0,
@@ -113,7 +113,7 @@ class SFTLearner(_StageRank):
         num_threads: int | None = None,
     ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(role_cfg, lambda: build_causal_lm(role_cfg.model, tok), batch_size,
+        super().__init__(learner_cfg, lambda: build_causal_lm(learner_cfg.model, tok), batch_size,
                          rank, world_size, seed, num_threads)  # fmt: skip
 
     def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -130,7 +130,7 @@ class RewardLearner(_StageRank):
 
     def __init__(
         self,
-        role_cfg,
+        learner_cfg,
         tokenizer_cfg,
         batch_size: int,
         rank: int = 0,
@@ -139,7 +139,7 @@ class RewardLearner(_StageRank):
         num_threads: int | None = None,
     ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(role_cfg, lambda: build_scalar_model(role_cfg.model, tok), batch_size,
+        super().__init__(learner_cfg, lambda: build_scalar_model(learner_cfg.model, tok), batch_size,
                          rank, world_size, seed, num_threads)  # fmt: skip
 
     def pair_scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
