@@ -16,7 +16,20 @@ from rlhf_ray.stage_config import load_rm_config
 from rlhf_ray.stages import rm_role, run_train_rm
 from rlhf_ray.workers.inprocess import InProcessStage
 
-WORDS = "apple river stone cloud green quiet table window garden light music paper".split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "quiet",
+    "table",
+    "window",
+    "garden",
+    "light",
+    "music",
+    "paper",
+]
 
 
 def preference_rows(n: int, seed: int) -> list[dict]:
