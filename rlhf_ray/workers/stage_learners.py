@@ -6,7 +6,8 @@ Hugging Face saving) with a stage loss. Every rank holds the whole tokenized tra
 permutation seeded by (seed, epoch), identical on every rank; each rank takes its contiguous
 share and scales its loss so that the rank-averaged gradient is the gradient of the mean over
 the global minibatch (a token mean for SFT, a pair mean for the RM), as ``_Rank.run_epochs``
-does for PPO. So 1 rank and N ranks take the same steps (up to float rounding). A last partial
+does for PPO; reported step stats are weighted the same way. So 1 rank and N ranks take the
+same steps and report the same figures (up to float rounding). A last partial
 batch of an epoch is dropped.
 
 Evaluation: every rank scores the whole split (identical forwards keep ZeRO-3's parameter
@@ -66,15 +67,16 @@ class _StageRank(_Rank):
         return perm[step * self.batch_size : (step + 1) * self.batch_size]
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        """One optimizer step on this rank's share of the step's rows; this rank's stats."""
+        """One optimizer step on this rank's share of the step's rows. Returns this rank's
+        loss and stats weighted so that their mean over ranks is the global minibatch's."""
         assert self.engine is not None, "call setup() first"
         rows = self.step_rows(epoch, step)
         mb = self.data["train"].select(rows[self.my_rows(len(rows))]).to(self.device)
         loss, stats = self.loss(mb)
-        total = self.units(self.data["train"].select(rows))
-        self.engine.backward(loss * self.units(mb) * self.world_size / total)
+        weight = self.units(mb) * self.world_size / self.units(self.data["train"].select(rows))
+        self.engine.backward(loss * weight)
         self.engine.step()
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}
+        return {k: float(v) * weight for k, v in {"loss": loss.detach(), **stats}.items()}
 
     def save(self, directory: str) -> None:
         """Collective; rank 0 writes the model in Hugging Face format (no progress bar)."""
