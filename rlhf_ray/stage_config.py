@@ -174,12 +174,15 @@ def learner_role(cfg: _StageConfig) -> PolicyConfig:
 
 
 def stage_tokenizer(cfg: _StageConfig) -> TokenizerConfig:
-    """``tokenizer`` if set; else the tokenizer saved in ``model.path``; else byte-level."""
+    """``tokenizer`` if set; else the tokenizer of ``model.path`` (a hub id, or a local
+    directory that holds one); else byte-level."""
     if cfg.tokenizer is not None:
         return cfg.tokenizer
     path = cfg.model.path
-    if path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return TokenizerConfig(kind="hf", name_or_path=path)
+    if path is not None:
+        local = Path(path).expanduser()
+        if not local.exists() or any((local / f).is_file() for f in TOKENIZER_FILES):
+            return TokenizerConfig(kind="hf", name_or_path=path)
     return TokenizerConfig()
 
 
