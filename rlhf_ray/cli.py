@@ -75,15 +75,11 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from rlhf_ray.driver import new_run_dir
-    from rlhf_ray.rewards import load_reward_function
+    from rlhf_ray.preflight import preflight_ppo
 
-    if cfg.reward.function is not None:  # fail before any actor starts
-        try:
-            load_reward_function(cfg.reward.function, [os.getcwd()])
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
     if args.resume and args.run_dir is None:
         raise UserError("--resume needs --run-dir: the run to continue")
+    preflight_ppo(cfg, args.run_dir, args.resume, [os.getcwd()])  # before any actor starts
     run_dir = args.run_dir or new_run_dir()
     if args.in_process:
         from rlhf_ray.workers.inprocess import InProcessWorkers
