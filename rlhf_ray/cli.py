@@ -98,11 +98,11 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Config, make_workers, run_dir: Path, resume: bool) -> Path:
-    from rlhf_ray.driver import run_ppo
+    from rlhf_ray.recovery import run_ppo_recovering
 
     workers = make_workers()
     try:
-        return run_ppo(cfg, workers, run_dir, resume=resume).run_dir
+        return run_ppo_recovering(cfg, workers, run_dir, resume=resume).run_dir
     finally:
         workers.close()
 
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as exc:
-        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        cause = getattr(exc, "cause", None)  # raised in an actor: Ray's wrapper adds a traceback
+        print(f"rlhf-ray: {cause if isinstance(cause, UserError) else exc}", file=sys.stderr)
         return 2
 
 

@@ -260,6 +260,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             **rollout_stats(rollout, scored["scores"], times["time/generate"]),
             **adv_stats,
             **{f"ppo/{k}": v for k, v in train_stats.items()},
+            "ppo/skipped_steps": sum(
+                v for k, v in train_stats.items() if k.endswith("skipped_steps")
+            ),
             **workers.info(),
             "data/skipped_rows": len(prompts.skipped),
             **times,

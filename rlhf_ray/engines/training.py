@@ -51,10 +51,14 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+    def step(self) -> bool:
+        """Clip and step; a non-finite gradient norm skips the step. Returns whether applied."""
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def all_reduce_sum(self, value: float) -> float:
         return value
@@ -192,8 +196,11 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Returns whether the step was applied: DeepSpeed skips one whose gradient norm is not
+        finite (ZeRO-1/2; agreed over ranks), as it does an fp16 overflow."""
         self.engine.step()
+        return bool(getattr(self.engine, "_step_applied", True))
 
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist
