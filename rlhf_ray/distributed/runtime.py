@@ -244,8 +244,6 @@ class RolloutPool:
     replacement of a dead one) receives them before it generates. Ids are never reused.
     """
 
-    generator_cls: type = RolloutGenerator  # tests substitute a misbehaving subclass
-
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.timeout_s = cfg.train.phase_timeout_s
@@ -258,7 +256,7 @@ class RolloutPool:
         r = self.cfg.rollout
         name = f"rollout-{self._next_id}"
         handle = _actor(
-            self.generator_cls, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
+            RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
             strategy=_spread(self.cfg),
         )  # fmt: skip

@@ -9,7 +9,6 @@ rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same optimizer steps (up to float roun
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -168,10 +167,6 @@ class _Rank:
 
     def ping(self) -> int:
         return self.rank
-
-    def pid(self) -> int:
-        """This rank's process id (tests kill a rank the way a crash would)."""
-        return os.getpid()
 
 
 class PolicyLearner(_Rank):
