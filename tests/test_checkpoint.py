@@ -21,7 +21,9 @@ from rlhf_ray.config import load_config, to_yaml
 from rlhf_ray.driver import run_ppo
 from rlhf_ray.errors import UserError
 from rlhf_ray.metrics import read_metrics
+from rlhf_ray.recovery import run_ppo_recovering
 from rlhf_ray.workers.inprocess import InProcessWorkers
+from rlhf_ray.workers.interface import LearnerLostError
 
 BASE = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch", "train.rounds=6",
         "rollout.batch_size=8", "ppo.minibatch_size=4", "checkpoint.every=2",
@@ -221,3 +223,14 @@ def test_engine_state_is_safetensors_and_json_never_a_pickle(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(engine.optimizer.state.values(), other.optimizer.state.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class LosesALearner(InProcessWorkers):
+    def update(self, batch, round_index):
+        raise LearnerLostError("learner policy-1 died during update")
+
+
+def test_a_lost_learner_without_a_checkpoint_stops_with_a_clear_error(tmp_path):
+    cfg = load_config(None, [*BASE, "checkpoint.every=0", "train.rounds=1"])
+    with pytest.raises(UserError, match=r"policy-1 died during update.*checkpoint\.every"):
+        run_ppo_recovering(cfg, LosesALearner(cfg), tmp_path)

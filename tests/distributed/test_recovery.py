@@ -14,6 +14,7 @@ import torch
 from ray._private import state as ray_state
 from safetensors.torch import load_file
 
+from rlhf_ray.checkpoint import latest_checkpoint
 from rlhf_ray.config import load_config
 from rlhf_ray.distributed import RayWorkers
 from rlhf_ray.metrics import read_metrics
@@ -32,15 +33,16 @@ def _pid(name: str) -> int:
                 if a["Name"] == name and a["State"] == "ALIVE")  # fmt: skip
 
 
-def _signal_when(name: str, sig: int):
-    """Once a round is logged, send ``sig`` to the process of actor ``name`` (SIGSTOP: it
-    hangs, answering nothing; SIGKILL: it dies the way a crash kills it)."""
+def _signal_when(name: str, sig: int, rows: int):
+    """Once ``rows`` rounds are logged and a checkpoint is complete, send ``sig`` to the process
+    of actor ``name`` (SIGSTOP: it hangs, answering nothing; SIGKILL: it dies as in a crash)."""
 
     def act(run_dir, stop: threading.Event) -> None:
         pid = _pid(name)
         path = run_dir / "metrics.jsonl"
         while not stop.is_set():
-            if path.exists() and len(path.read_text().splitlines()) >= 1:
+            logged = len(path.read_text().splitlines()) if path.exists() else 0
+            if logged >= rows and latest_checkpoint(run_dir) is not None:
                 os.kill(pid, sig)
                 return
             time.sleep(0.05)
@@ -67,8 +69,8 @@ def _run(run_dir, beside=None) -> None:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
-    _run(root / "hung", _signal_when("rollout-1", signal.SIGSTOP))
-    _run(root / "killed", _signal_when("policy-1", signal.SIGKILL))
+    _run(root / "hung", _signal_when("rollout-1", signal.SIGSTOP, rows=1))
+    _run(root / "killed", _signal_when("policy-1", signal.SIGKILL, rows=2))
     return root
 
 
