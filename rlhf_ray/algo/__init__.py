@@ -10,10 +10,18 @@ from rlhf_ray.algo.advantages import (
 )
 from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
 from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
+from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo.sampling import (
+    entropy_of_scores,
+    gumbel_noise,
+    label_logprobs,
+    process_logits,
+)
 
 __all__ = [
     "AdaptiveKLController",
+    "RunningMoments",
     "FixedKLController",
     "apply_missing_eos_penalty",
     "compute_gae",
@@ -30,4 +38,9 @@ __all__ = [
     "policy_loss",
     "truncate_after_eos",
     "value_loss",
+    "entropy_of_scores",
+    "gumbel_noise",
+    "label_logprobs",
+    "process_logits",
+    "standardize",
 ]
