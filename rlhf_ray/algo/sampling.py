@@ -56,8 +56,9 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
     """Entropy ``(...)`` of ``softmax(scores (..., V))``; ``-inf`` scores (filtered tokens)
     contribute 0: H = -sum_{p > 0} p log p."""
     logp = torch.log_softmax(scores, dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # zero the log of filtered tokens BEFORE the product: 0 * -inf would make NaN gradients
+    logp_kept = torch.where(torch.isinf(scores), torch.zeros_like(logp), logp)
+    return -(logp.exp() * logp_kept).sum(-1)
 
 
 def gumbel_noise(
