@@ -173,6 +173,8 @@ def encode_prompts(
     """
     prefix = list(tokenizer.prefix_ids)
     start_ids = tokenizer.encode(template_start) if template_start else []
+    if prefix and start_ids[: len(prefix)] == prefix:  # the template writes BOS itself
+        start_ids = start_ids[len(prefix) :]
     rows, truncated = [], 0
     for text in texts:
         body = tokenizer.encode(text)
