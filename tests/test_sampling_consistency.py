@@ -25,7 +25,7 @@ from rlhf_ray.workers.inprocess import InProcessWorkers
 BASE = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch", "train.rounds=3",
         "rollout.batch_size=8", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
         "rollout.micro_batch_size=3", "rollout.top_p=0.9", "rollout.top_k=20",
-        "reward.normalize=running", "logging.progress=false"]  # fmt: skip
+        "reward.normalize=running", "ppo.epochs=2", "logging.progress=false"]  # fmt: skip
 
 
 def _run(overrides, run_dir, resume=False, during=None):
