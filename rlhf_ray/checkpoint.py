@@ -3,7 +3,7 @@
 A checkpoint is ``RUN/checkpoints/round_XXXXXX/`` holding the policy and critic in Hugging Face
 format (``policy/`` with its tokenizer, ``value/``), the learners' training state
 (``policy_state/``, ``value_state/``: weights and optimizer, ZeRO-partitioned per rank under
-DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient) and the
+DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient, running score statistics) and the
 resolved ``config.yaml``. It is written to a temp dir and renamed when complete, so resume never
 picks a half checkpoint. No RNG state is needed: sampling seeds and minibatch shuffles derive
 from ``(train.seed, round)``.

@@ -10,6 +10,7 @@ the sampler's top-k / top-p (``algo.sampling``), the reference's do not.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def logprobs_from_logits(
 
 
 def _hidden_and_head(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Last hidden states ``(B, T, H)`` and the function from hidden states to logits.
 
@@ -59,6 +60,7 @@ def _hidden_and_head(
         return out.logits, lambda x: x
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids, use_cache=False)  # fmt: skip
+    assert head is not None
     return out.last_hidden_state, head
 
 

@@ -166,7 +166,8 @@ class PolicyLearner(_Rank):
             num_threads,
         )
         self.tokenizer = tok
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
+                                         "top_p": top_p}  # fmt: skip
 
     @torch.no_grad()
     def old_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
