@@ -30,7 +30,7 @@ from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfal
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import LearnerLostError, mean_stats, shard_seed, split_rows
+from rlhf_ray.workers.interface import LearnerLostError, mean_stats, round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -298,8 +298,8 @@ class RolloutPool:
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
         its shard redone with the same seed: no prompt is lost or sampled twice."""
-        parts = split_rows(len(prompts), len(self.workers))
-        seeds = [shard_seed(self.cfg.train.seed, round_index, i) for i in range(len(parts))]
+        parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
+        seeds = [round_seed(self.cfg.train.seed, round_index)] * len(parts)  # rows seed by index
         pending = {
             self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
             for i, rows in enumerate(parts)
@@ -382,6 +382,7 @@ class RayWorkers:
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
             temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )  # fmt: skip
         self.value = LearnerGroup(
             "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
@@ -494,7 +495,7 @@ class RayWorkers:
         n_pol = self.cfg.policy.num_ranks
         refs = (
             [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
-            + self.policy.call("logprobs", ref)
+            + self.policy.call("old_logprobs", ref)
             + self.value.call("values", ref)
         )
         names = ["reference", "reward", *self.policy.names, *self.value.names]
@@ -504,7 +505,7 @@ class RayWorkers:
         return {
             "ref_logprobs": ref_logprobs,
             "scores": scores,
-            "old_logprobs": torch.cat(ranks[:n_pol]),
+            **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
             "values": torch.cat(ranks[n_pol:]),
         }
 
