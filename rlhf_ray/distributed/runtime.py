@@ -88,7 +88,7 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             try:
                 ray.get(h.ping.remote(), timeout=1)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                break
+                break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
             time.sleep(0.1)
 
 
@@ -119,6 +119,7 @@ def _get_all(
     phase: str = "",
     timeout_s: float | None = None,
     on_timeout: Callable[[list[str]], bool] | None = None,
+    resubmit: Callable[[str], Any] | None = None,
 ) -> list[Any]:
     """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
     learner rank would otherwise be waited on until the collective timeout.
@@ -126,8 +127,11 @@ def _get_all(
     Waits at most ``timeout_s`` (between answers of a late actor's restarts): past it,
     ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
     late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
-    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase."""
+    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase; the call of
+    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref."""
+    refs = list(refs)
     label = dict(zip(refs, names or [""] * len(refs), strict=True))
+    slot = {r: i for i, r in enumerate(refs)}
     pending = list(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
@@ -141,10 +145,16 @@ def _get_all(
             _raise_late(late, phase, timeout_s)
         try:
             ray.get(ready)
-        except ray.exceptions.RayActorError:
-            if _is_learner(label[ready[0]]):
-                raise LearnerLostError(f"learner {label[ready[0]]} died during {phase}") from None
-            raise
+        except ray.exceptions.RayActorError:  # also ActorUnavailableError (a lost node)
+            name = label[ready[0]]
+            if _is_learner(name):
+                raise LearnerLostError(f"learner {name} died during {phase}") from None
+            again = resubmit(name) if resubmit is not None else None
+            if again is None:
+                raise
+            refs[slot[ready[0]]] = again
+            label[again], slot[again] = name, slot[ready[0]]
+            pending.append(again)
     return ray.get(refs)
 
 
@@ -464,6 +474,18 @@ class RayWorkers:
             ray.kill(handles[name], no_restart=False)
         return True
 
+    def _retry_scorer(self, name: str, rollout_ref: Any) -> Any:
+        """The call of a scorer that died or became unreachable (its node was lost) beyond
+        Ray's own retries: sent again once Ray has restarted it; None when it keeps failing."""
+        if self.scorer_restarts >= 10:
+            return None
+        self.scorer_restarts += 1
+        print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
+        time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
+        if name == "reference":
+            return self.reference.logprobs.remote(rollout_ref)
+        return self.reward.score.remote(rollout_ref)
+
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
@@ -500,8 +522,9 @@ class RayWorkers:
         )
         names = ["reference", "reward", *self.policy.names, *self.value.names]
         ref_logprobs, scores, *ranks = _get_all(
-            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers
-        )
+            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
+            lambda name: self._retry_scorer(name, ref),
+        )  # fmt: skip
         return {
             "ref_logprobs": ref_logprobs,
             "scores": scores,

@@ -200,7 +200,7 @@ class PolicyLearner(_Rank):
             world_size,
             seed,
             num_threads,
-            max_bad_steps,
+            max_bad_steps=max_bad_steps,
         )
         self.tokenizer = tok
         self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
@@ -292,7 +292,7 @@ class ValueLearner(_Rank):
             world_size,
             seed,
             num_threads,
-            max_bad_steps,
+            max_bad_steps=max_bad_steps,
         )
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
