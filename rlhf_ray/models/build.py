@@ -192,9 +192,11 @@ def build_scalar_model(
         config = AutoConfig.from_pretrained(spec.path)
         config.num_labels = 1
         config.pad_token_id = tok.pad_id
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.path, config=config, dtype=_DTYPES[spec.dtype]
-        )
+        with torch.random.fork_rng(devices=[]):  # a new head: the same on every rank and run
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.path, config=config, dtype=_DTYPES[spec.dtype]
+            )
     else:
         config = preset_config(spec, tok)
         config.num_labels = 1

@@ -106,7 +106,7 @@ def train_epochs(
             f"{num_train} training examples do not fill one batch of train.batch_size "
             f"{train.batch_size}: lower it or give more data"
         )
-    step, row = 0, {}
+    step, row = 0, dict[str, Any]()
     for epoch in range(train.epochs):
         for i in range(steps):
             # 2. train: one optimizer step on the step's global minibatch (all ranks)
