@@ -32,7 +32,7 @@ from rlhf_ray.checkpoint import (
     save_model_dirs,
     truncate_metrics,
 )
-from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
+from rlhf_ray.config import Config, PPOConfig, RewardConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
 from rlhf_ray.data.sampler import PromptSampler
@@ -45,11 +45,11 @@ from rlhf_ray.workers.interface import StaleWeightsError, Workers
 # setup helpers
 
 
-def new_run_dir(root: str | Path = "runs") -> Path:
-    """A fresh dated directory under ``root`` (never reuses an existing one)."""
+def new_run_dir(root: str | Path = "runs", stage: str = "ppo") -> Path:
+    """A fresh dated directory ``root/<stage>-<time>`` (never reuses an existing one)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
-        path = Path(root) / (f"ppo-{stamp}" + (f"-{n}" if n else ""))
+        path = Path(root) / (f"{stage}-{stamp}" + (f"-{n}" if n else ""))
         if not path.exists():
             return path
     raise RuntimeError(f"could not find a free run directory under {root}")
@@ -190,7 +190,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times
     (from the newest checkpoint of ``run_dir`` on, if ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    tokenizer = build_tokenizer(policy_tokenizer(cfg))
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)

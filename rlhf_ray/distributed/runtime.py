@@ -21,7 +21,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config, value_init_spec
+from rlhf_ray.config import Config, ModelSpec, TokenizerConfig, policy_tokenizer, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -192,8 +192,18 @@ class RolloutPool:
     replacement of a dead one) receives them before it generates. Ids are never reused.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(
+        self,
+        cfg: Config,
+        model_spec: ModelSpec | None = None,
+        tokenizer_cfg: TokenizerConfig | None = None,
+        prefix: str = "rollout",
+    ):
+        """Generators of ``model_spec`` (default: the policy's) named ``<prefix>-<id>``."""
         self.cfg = cfg
+        self.model_spec = model_spec or cfg.policy.model
+        self.tokenizer_cfg = tokenizer_cfg or policy_tokenizer(cfg)
+        self.prefix = prefix
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
@@ -201,10 +211,10 @@ class RolloutPool:
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
-        name = f"rollout-{self._next_id}"
+        name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
-            self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
+            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
         )  # fmt: skip
         self._next_id += 1
         return name, handle
@@ -300,7 +310,7 @@ class RayWorkers:
     def _start(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
-        tok, ppo, seed = cfg.tokenizer, cfg.ppo, cfg.train.seed
+        tok, ppo, seed = policy_tokenizer(cfg), cfg.ppo, cfg.train.seed
         self.policy = LearnerGroup(
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,

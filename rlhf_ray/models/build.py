@@ -86,6 +86,15 @@ def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
     raise ValueError(f"unknown model preset {spec.preset!r}")
 
 
+def max_positions(config: PretrainedConfig, default: int = 1024) -> int:
+    """The longest sequence a model's position embeddings cover (``default`` if unbounded)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
 def default_device() -> torch.device:
     """The GPU Ray assigned to this actor (``CUDA_VISIBLE_DEVICES``), else the CPU."""
     return (
