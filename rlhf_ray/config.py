@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,9 @@ class ConfigError(UserError, ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_Schema = TypeVar("_Schema", bound=BaseModel)
 
 
 class ModelSpec(_Section):
@@ -410,6 +413,13 @@ def _describe(error: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the embedded default when ``path`` is None), apply overrides."""
+    return load_schema(Config, path, overrides)
+
+
+def load_schema(
+    schema: type[_Schema], path: str | Path | None = None, overrides: list[str] | None = None
+) -> _Schema:
+    """``load_config`` for any config schema (the stage configs of ``stage_config`` use it)."""
     raw: dict[str, Any] = {}
     source = "embedded default"
     if path is not None:
@@ -428,7 +438,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = _merge(raw, parse_overrides(overrides))
         source += " + command-line overrides"
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
 

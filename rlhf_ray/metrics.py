@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,10 +39,16 @@ class MetricsLog:
         progress: bool = True,
         stream: TextIO | None = None,
         tensorboard_dir: Path | None = None,
+        format_row: Callable[[dict[str, Any]], str] | None = None,
+        step_key: str = "round",
     ):
+        """``format_row``: the progress line of a row (default: PPO's); ``step_key``: the row
+        field that is the TensorBoard step."""
         self.path = path
         self.progress = progress
         self.stream = stream
+        self.format_row = format_row or format_progress
+        self.step_key = step_key
         self.tb = None
         if tensorboard_dir is not None:
             try:
@@ -52,7 +58,8 @@ class MetricsLog:
             else:
                 self.tb = SummaryWriter(str(tensorboard_dir))
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, row: dict[str, Any], show: bool = True) -> None:
+        """Append ``row``; print its progress line if ``progress`` and ``show``."""
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in row.items()
@@ -61,11 +68,11 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "round":
-                    self.tb.add_scalar(k, v, row["round"])
+                if isinstance(v, (int, float)) and k != self.step_key:
+                    self.tb.add_scalar(k, v, row[self.step_key])
             self.tb.flush()
-        if self.progress:
-            print(format_progress(row), file=self.stream, flush=True)
+        if self.progress and show:
+            print(self.format_row(row), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.tb is not None:
