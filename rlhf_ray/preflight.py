@@ -6,8 +6,15 @@ models fails with one paragraph instead of after the actor graph has started.
 
 from __future__ import annotations
 
-from rlhf_ray.config import Config, TokenizerConfig, policy_tokenizer, reward_tokenizer
+from rlhf_ray.config import (
+    Config,
+    TokenizerConfig,
+    model_tokenizer,
+    policy_tokenizer,
+    reward_tokenizer,
+)
 from rlhf_ray.errors import UserError
+from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, same_tokenizer
 
 
@@ -36,3 +43,21 @@ def check_models(cfg: Config) -> None:
             "critic from its own value.model, or use a reward model trained on the policy's "
             "tokenizer"
         )
+
+
+def check_eval_models(cfg: EvalConfig) -> None:
+    """Both policies read the same token ids (the KL compares them token by token), and the
+    reward's tokenizer loads."""
+    tok_cfg = eval_tokenizer(cfg)
+    tok = load_tokenizer(tok_cfg, "the policy's tokenizer")
+    own = model_tokenizer(cfg.baseline.path)
+    if own is not None and cfg.tokenizer.kind == "auto":
+        baseline_tok = load_tokenizer(own, "the baseline's tokenizer")
+        if not same_tokenizer(tok, baseline_tok):
+            raise UserError(
+                f"the baseline {cfg.baseline.path} has a tokenizer other than the policy's "
+                f"({tok_cfg.name_or_path or tok_cfg.kind}); eval compares the two token by "
+                "token: give both the same tokenizer"
+            )
+    if cfg.reward.model is not None:
+        load_tokenizer(reward_tokenizer(cfg.reward, tok_cfg), "the reward model's tokenizer")

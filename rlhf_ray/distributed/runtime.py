@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray.config import Config, ModelSpec, TokenizerConfig, policy_tokenizer, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
+from rlhf_ray.stage_config import EvalConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -33,7 +34,7 @@ from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
 
-def connect(cfg: Config, address: str | None = None) -> str:
+def connect(cfg: Config | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -194,15 +195,20 @@ class RolloutPool:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Config | EvalConfig,
         model_spec: ModelSpec | None = None,
         tokenizer_cfg: TokenizerConfig | None = None,
         prefix: str = "rollout",
+        seed: int | None = None,
     ):
-        """Generators of ``model_spec`` (default: the policy's) named ``<prefix>-<id>``."""
+        """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
+        pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
         self.cfg = cfg
-        self.model_spec = model_spec or cfg.policy.model
-        self.tokenizer_cfg = tokenizer_cfg or policy_tokenizer(cfg)
+        if model_spec is None or tokenizer_cfg is None or seed is None:
+            assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
+            model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
+            seed = cfg.train.seed
+        self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
         self.prefix = prefix
         self.workers: list[Any] = []
         self.restarts = 0
@@ -251,7 +257,7 @@ class RolloutPool:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
         its shard redone with the same seed: no prompt is lost or sampled twice."""
         parts = split_rows(len(prompts), len(self.workers))
-        seeds = [shard_seed(self.cfg.train.seed, round_index, i) for i in range(len(parts))]
+        seeds = [shard_seed(self.seed, round_index, i) for i in range(len(parts))]
         pending = {
             self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
             for i, rows in enumerate(parts)
