@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlhf_ray.stages.evaluate import run_eval
 
     check_eval_models(cfg)
-    run_dir = args.run_dir or new_run_dir(stage="eval")
+    run_dir = args.run_dir or new_run_dir(prefix="eval")
     if args.in_process:
         from rlhf_ray.workers.evaluation import InProcessEvalWorkers
 
