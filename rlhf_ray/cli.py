@@ -2,6 +2,7 @@
 
 ``rlhf-ray ppo [--config F] [key=value ...]`` runs PPO: by default on a local Ray started here,
 or on the cluster named by ``--address`` / ``RAY_ADDRESS`` (as under ``ray job submit``).
+``rlhf-ray sft`` and ``rlhf-ray train-rm`` run the stages before it the same way.
 Config and resource errors print one paragraph and exit 2; no traceback.
 """
 
@@ -54,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug: run every role as a plain object in this process, no Ray",
     )
+
+    for name, what in (("sft", "supervised fine-tuning on assistant replies"),
+                       ("train-rm", "train a Bradley-Terry reward model on preference pairs")):  # fmt: skip
+        stage = sub.add_parser(name, help=f"{what} (local Ray by default)")
+        _config_args(stage)
+        stage.add_argument(
+            "--print-config", action="store_true", help="print the resolved config and exit"
+        )
+        stage.add_argument(
+            "--run-dir", type=Path, help="where the run writes (default: a new dated directory)"
+        )
+        stage.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+        stage.add_argument(
+            "--in-process", action="store_true", help="one rank in this process, no Ray"
+        )
 
     evaluate = sub.add_parser(
         "eval", help="compare a tuned policy with its baseline on held-out prompts"
@@ -134,6 +150,46 @@ def _run(cfg: Config, make_workers, run_dir: Path, resume: bool) -> Path:
         workers.close()
 
 
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``sft`` / ``train-rm``: the stage's learner group in-process or on Ray."""
+    from rlhf_ray.stage_config import load_rm_config, load_sft_config
+
+    sft = args.command == "sft"
+    cfg = (load_sft_config if sft else load_rm_config)(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from rlhf_ray.driver import new_run_dir
+    from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
+
+    role = sft_role(cfg) if sft else rm_role(cfg)  # type: ignore[arg-type]
+    run = run_sft if sft else run_train_rm
+    run_dir = args.run_dir or new_run_dir(prefix="sft" if sft else "rm")
+    timeout = cfg.train.dist_timeout_s
+    if args.in_process:
+        from rlhf_ray.workers.inprocess import InProcessStage
+
+        workers = InProcessStage(role, timeout)
+        try:
+            run(cfg, workers, run_dir)  # type: ignore[arg-type]
+        finally:
+            workers.close()
+    else:
+        from rlhf_ray.distributed import RayStage, connect, disconnect
+
+        connect(cfg, args.address)
+        try:
+            ray_workers = RayStage(role, cfg.cluster, timeout)
+            try:
+                run(cfg, ray_workers, run_dir)  # type: ignore[arg-type]
+            finally:
+                ray_workers.close()
+        finally:
+            disconnect()
+    print(f"run dir: {run_dir.resolve()}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlhf_ray.stage_config import load_eval_config
 
@@ -195,7 +251,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"ppo": cmd_ppo, "eval": cmd_eval, "plan": cmd_plan, "scale": cmd_scale}
+    handlers = {"ppo": cmd_ppo, "eval": cmd_eval, "plan": cmd_plan, "scale": cmd_scale, "sft": cmd_stage,
+                "train-rm": cmd_stage}  # fmt: skip
     try:
         return handlers[args.command](args)
     except UserError as exc:

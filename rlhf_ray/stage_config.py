@@ -1,9 +1,14 @@
-"""Typed configs of the stages around PPO: ``rlhf-ray eval``.
+"""Typed configs of the stages around PPO: ``rlhf-ray sft``, ``rlhf-ray train-rm`` and
+``rlhf-ray eval``.
 
 Same rules as ``rlhf_ray.config`` (frozen pydantic, ``extra="forbid"``, a description on every
-field, cross-field checks raise) and the same sections where they mean the same thing: models
-(``ModelSpec``), the reward (``RewardConfig``), prompts (``DataConfig``), sampling and the
-rollout pool (``RolloutConfig``), the tokenizer, logging and the cluster.
+field, cross-field checks raise) and the same sections where they mean the same thing: the
+model (``ModelSpec``), its optimizer (``OptimSpec``), the tokenizer, logging and the cluster.
+``load_stage_config`` reads YAML plus dotted overrides with ``config.load_schema``, so errors are
+the one-paragraph ``ConfigError`` of ``load_config``.
+
+Each stage's embedded default runs offline in minutes on 2 CPU cores: a tiny GPT-2 preset, the
+byte-level tokenizer and the bundled HH-RLHF sample (``builtin:hh-rlhf``).
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from rlhf_ray.config import (
     ClusterConfig,
     DataConfig,
     LoggingConfig,
     ModelSpec,
+    OptimSpec,
+    PolicyConfig,
     RewardConfig,
     RolloutConfig,
     ScorerConfig,
@@ -26,6 +33,172 @@ from rlhf_ray.config import (
     load_schema,
     resolve_tokenizer,
 )
+from rlhf_ray.data.sources import BUILTIN_HH_RLHF
+
+# the files a saved Hugging Face tokenizer leaves in a model directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class LearnerSpec(_Section):
+    """The learner group that trains the stage's model (the fields of ``policy`` in ``ppo``
+    other than its model and optimizer, which are this config's ``model`` and ``optim``)."""
+
+    engine: Literal["deepspeed", "torch"] = Field(
+        "deepspeed",
+        description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
+    )
+    num_ranks: int = Field(2, ge=1, description="Data-parallel learner ranks (one actor each).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank.")
+    num_cpus_per_rank: float = Field(1.0, gt=0, description="CPUs per rank.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
+
+
+class _StageData(_Section):
+    """Where a stage's examples come from, and its held-out split."""
+
+    path: str = Field(
+        BUILTIN_HH_RLHF,
+        description="'builtin:hh-rlhf' (300 bundled HH-RLHF pairs), a JSONL/JSON/Parquet/CSV "
+        "file, a saved `datasets` directory, or a hub dataset id.",
+    )
+    eval_path: str | None = Field(
+        None, description="Held-out examples in the same format (excludes eval_fraction)."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of `path` held out for eval when no eval_path."
+    )
+    split: str = Field("train", description="Dataset split for hub datasets.")
+    max_tokens: int = Field(192, gt=1, description="Tokens per sequence (prompt + reply + EOS).")
+    max_prompt_tokens: int = Field(
+        128, gt=0, description="Prompts keep their last N tokens (the reply keeps its first)."
+    )
+    skip_bad_rows: bool = Field(False, description="Skip (and count) rows that do not parse.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> _StageData:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("set either eval_path or eval_fraction (> 0), not both")
+        if self.max_prompt_tokens >= self.max_tokens:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be below max_tokens "
+                f"({self.max_tokens}) to leave room for the reply"
+            )
+        return self
+
+
+class SFTDataConfig(_StageData):
+    """Supervised examples: a conversation and the assistant reply to learn."""
+
+    format: Literal["auto", "hh", "plain", "messages"] = Field(
+        "auto",
+        description="'hh': HH-RLHF transcripts (the `chosen` side: prompt = every turn before "
+        "the final assistant reply); 'plain': `prompt`/`response` rows; 'messages': chat rows "
+        "ending with an assistant message; 'auto' picks by the columns present.",
+    )
+
+
+class PreferenceDataConfig(_StageData):
+    """Preference pairs: a conversation and a chosen and a rejected reply."""
+
+    format: Literal["auto", "hh", "plain"] = Field(
+        "auto",
+        description="'hh': `chosen`/`rejected` HH-RLHF transcripts; 'plain': `prompt`/`chosen`/"
+        "`rejected` rows; 'auto': plain if there is a `prompt` column.",
+    )
+
+
+class StageTrainConfig(_Section):
+    """The training loop of a stage."""
+
+    epochs: int = Field(2, gt=0, description="Passes over the training examples.")
+    batch_size: int = Field(
+        16, gt=0, description="Sequences (sft) or pairs (train-rm) per optimizer step, all ranks."
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate every N steps (0: only at the end of each epoch)."
+    )
+    log_every: int = Field(1, gt=0, description="A progress line every N steps.")
+    seed: int = Field(0, description="Seed of the held-out split and of the example order.")
+    dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
+
+
+class _StageConfig(_Section):
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, description="Initial weights: an HF directory or a preset."
+    )
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="Learner group.")
+    tokenizer: TokenizerConfig | None = Field(
+        None,
+        description="Null: the tokenizer saved in `model.path` if it holds one, else the "
+        "built-in byte-level encoding.",
+    )
+    train: StageTrainConfig = Field(default_factory=StageTrainConfig, description="Loop.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
+
+    @model_validator(mode="after")
+    def _learner_fits(self) -> _StageConfig:
+        try:  # the PolicyConfig rules: torch engine = one rank, one NCCL rank per GPU
+            learner_role(self)
+        except ValidationError as exc:
+            msgs = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
+            raise ValueError("learner: " + "; ".join(msgs)) from None
+        ranks = self.learner.num_ranks
+        if self.train.batch_size % ranks:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                f"learner.num_ranks ({ranks})"
+            )
+        if self.learner.num_gpus_per_rank == 0 and self.model.dtype == "float16":
+            raise ValueError("model.dtype float16 needs GPUs; use bfloat16 on CPU")
+        return self
+
+
+class SFTConfig(_StageConfig):
+    """``rlhf-ray sft``: causal-LM fine-tuning on assistant replies (loss on reply tokens)."""
+
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig, description="SFT examples.")
+
+
+class RewardModelConfig(_StageConfig):
+    """``rlhf-ray train-rm``: a Bradley-Terry reward model on preference pairs."""
+
+    data: PreferenceDataConfig = Field(
+        default_factory=PreferenceDataConfig, description="Preference pairs."
+    )
+
+
+StageConfig = SFTConfig | RewardModelConfig
+
+
+def learner_role(cfg: _StageConfig) -> PolicyConfig:
+    """The stage's model, optimizer and learner group as the ``PolicyConfig`` that the learner
+    machinery (``workers.learners._Rank``, ``distributed.runtime.LearnerGroup``) reads."""
+    return PolicyConfig(model=cfg.model, optim=cfg.optim, **cfg.learner.model_dump())
+
+
+def stage_tokenizer(cfg: _StageConfig) -> TokenizerConfig:
+    """``tokenizer`` if set; else the tokenizer saved in ``model.path``; else byte-level."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    path = cfg.model.path
+    if path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return TokenizerConfig(kind="hf", name_or_path=path)
+    return TokenizerConfig(kind="bytes")
+
+
+def load_sft_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> SFTConfig:
+    return load_schema(SFTConfig, path, overrides)
+
+
+def load_rm_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> RewardModelConfig:
+    return load_schema(RewardModelConfig, path, overrides)
 
 
 class EvalSettings(_Section):

@@ -115,3 +115,22 @@ class PPOBatch(Rows):
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
     prompt_len: int
+
+
+@dataclass
+class SFTBatch(Rows):
+    """Supervised sequences (prompt + reply + EOS), left-padded; the loss reads ``loss_mask``."""
+
+    input_ids: torch.Tensor  # (B, T) long, left-padded
+    attention_mask: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T) 1 on reply tokens (and the EOS closing the reply)
+
+
+@dataclass
+class PairBatch(Rows):
+    """Preference pairs: the chosen and rejected sequences, left-padded to one width ``T``."""
+
+    chosen_ids: torch.Tensor  # (B, T)
+    chosen_mask: torch.Tensor  # (B, T)
+    rejected_ids: torch.Tensor  # (B, T)
+    rejected_mask: torch.Tensor  # (B, T)

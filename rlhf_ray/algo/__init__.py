@@ -12,11 +12,13 @@ from rlhf_ray.algo.comparison import sequence_kl, win_rate
 from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
 from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
 from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "apply_missing_eos_penalty",
+    "bradley_terry_loss",
     "compute_gae",
     "entropy_from_logits",
     "estimate_kl",
@@ -30,6 +32,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "sequence_kl",
+    "sft_loss",
     "truncate_after_eos",
     "value_loss",
     "win_rate",

@@ -1,6 +1,7 @@
 """Open a tabular data source as a ``datasets.Dataset``, with row locations for error messages.
 
-A source is ``"builtin"`` (the bundled prompts), a local file (.jsonl, .jsonl.gz, .json,
+A source is ``"builtin"`` (the bundled prompts), ``"builtin:hh-rlhf"`` (300 bundled HH-RLHF
+harmless-base pairs, MIT: see ``rlhf_ray/data/HH_RLHF_README.md``), a local file (.jsonl, .jsonl.gz, .json,
 .json.gz, .parquet, .csv, .csv.gz), a directory written by ``Dataset.save_to_disk`` (or a
 directory of such files), or else a Hugging Face Hub dataset id. Local files are read with the
 ``datasets`` packaged builders, which need no network.
@@ -19,10 +20,15 @@ from typing import IO, TYPE_CHECKING
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["BUILTIN_PROMPTS", "RowLocator", "load_table"]
+__all__ = ["BUILTIN_HH_RLHF", "BUILTIN_PROMPTS", "RowLocator", "load_table"]
 
 BUILTIN_PROMPTS = "builtin"
 """Source name of the prompts bundled with the package (``rlhf_ray/data/prompts.jsonl``)."""
+
+BUILTIN_HH_RLHF = "builtin:hh-rlhf"
+"""Source name of the bundled HH-RLHF sample (``rlhf_ray/data/hh_rlhf_sample.jsonl``)."""
+
+_BUILTIN_FILES = {BUILTIN_PROMPTS: "prompts.jsonl", BUILTIN_HH_RLHF: "hh_rlhf_sample.jsonl"}
 
 _BUILDERS = {
     ".jsonl": "json",
@@ -89,13 +95,14 @@ def _first_bad_json_line(path: str) -> tuple[int, str] | None:
     return None
 
 
-def _load_builtin() -> tuple[datasets.Dataset, RowLocator]:
+def _load_builtin(name: str = BUILTIN_PROMPTS) -> tuple[datasets.Dataset, RowLocator]:
     import datasets
 
-    resource = resources.files("rlhf_ray.data").joinpath("prompts.jsonl")
+    filename = _BUILTIN_FILES[name]
+    resource = resources.files("rlhf_ray.data").joinpath(filename)
     rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line]
     return datasets.Dataset.from_list(rows), RowLocator(
-        "rlhf_ray/data/prompts.jsonl", json_lines=False
+        f"rlhf_ray/data/{filename}", json_lines=False
     )
 
 
@@ -150,8 +157,8 @@ def load_table(source: str, split: str = "train") -> tuple[datasets.Dataset, Row
     ``split`` applies to Hub datasets and DatasetDict directories; a single file is one split.
     Raises FileNotFoundError for a path-like source that does not exist, ValueError otherwise.
     """
-    if source == BUILTIN_PROMPTS:
-        return _load_builtin()
+    if source in _BUILTIN_FILES:
+        return _load_builtin(source)
     path = os.path.expanduser(source)
     looks_local = bool(_suffix(path)) or path.startswith(("/", ".", "~")) or os.path.exists(path)
     if os.path.isdir(path):

@@ -1,5 +1,6 @@
 """The only package that imports ray: actor groups, placement groups, weight sync."""
 
 from rlhf_ray.distributed.runtime import RayWorkers, connect, disconnect
+from rlhf_ray.distributed.stages import RayStage
 
-__all__ = ["RayWorkers", "connect", "disconnect"]
+__all__ = ["RayStage", "RayWorkers", "connect", "disconnect"]

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray.config import Config, ModelSpec, TokenizerConfig, policy_tokenizer, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import EvalConfig
+from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -34,7 +34,7 @@ from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
 
-def connect(cfg: Config | EvalConfig, address: str | None = None) -> str:
+def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -15,6 +15,7 @@ from rlhf_ray.models.logprobs import (
     position_ids_from_mask,
     response_logprobs,
 )
+from rlhf_ray.models.score_stats import read_score_stats, write_score_stats
 from rlhf_ray.models.weights import state_dict_from_numpy, state_dict_to_numpy
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
     "logprobs_from_logits",
     "position_ids_from_mask",
     "preset_config",
+    "read_score_stats",
     "response_logprobs",
     "state_dict_from_numpy",
     "state_dict_to_numpy",
+    "write_score_stats",
 ]

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.config import policy_tokenizer, value_init_spec
-from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
+from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 
 
 def _free_port() -> int:
@@ -110,3 +111,34 @@ class InProcessWorkers:
 
     def close(self) -> None:
         self.generators.clear()
+
+
+class InProcessStage:
+    """A stage's learner as one plain object in this process (a world of one rank): the
+    ``StageWorkers`` that ``run_sft`` / ``run_train_rm`` use with ``--in-process``."""
+
+    def __init__(self, role: StageRole, dist_timeout_s: int):
+        self.learner = role.cls(role.role_cfg, **role.kwargs)
+        if role.role_cfg.engine == "deepspeed":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            self.learner.init_process_group("127.0.0.1", _free_port(), dist_timeout_s)
+        self.learner.setup()
+
+    def load_data(self, train: Rows, eval_set: Rows | None) -> None:
+        self.learner.load_data(train, eval_set)
+
+    def train_step(self, epoch: int, step: int) -> dict[str, float]:
+        return self.learner.train_step(epoch, step)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.learner.evaluate(split)
+
+    def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(self.learner, RewardLearner), "scores() needs a reward learner"
+        return self.learner.scores(split)
+
+    def save(self, directory: Path) -> None:
+        self.learner.save(str(directory))
+
+    def close(self) -> None:
+        self.learner.engine = None

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 
 
 class StaleWeightsError(RuntimeError):
@@ -77,3 +77,26 @@ def shard_seed(seed: int, round_index: int, shard: int) -> int:
 def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Average each stat over ranks (each rank saw the same number of minibatches)."""
     return {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
+
+
+class StageWorkers(Protocol):
+    """What ``stages.run_sft`` and ``stages.run_train_rm`` talk to: one learner group
+    (``workers.stage_learners``), in-process (``InProcessStage``) or on Ray (``RayStage``)."""
+
+    def load_data(self, train: Rows, eval_set: Rows | None) -> None:
+        """Give every rank the tokenized train set and the held-out set (if any)."""
+
+    def train_step(self, epoch: int, step: int) -> dict[str, float]:
+        """One optimizer step on the step's global minibatch; stats averaged over ranks."""
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and stats over a whole split ("train" or "eval")."""
+
+    def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward learners only: chosen and rejected scores ``(N,)`` of a split."""
+
+    def save(self, directory: Path) -> None:
+        """Write the model in Hugging Face format to ``directory``."""
+
+    def close(self) -> None:
+        """Release the learners."""

@@ -45,12 +45,15 @@ class _Rank:
         world_size: int,
         seed: int,
         num_threads: int | None,
+        micro_batch: int | None = None,
     ):
+        """``micro_batch``: rows per rank per step (default: the PPO minibatch's share); the
+        stages of ``workers.stage_learners`` pass it and no ``ppo_cfg``."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg, self.ppo = role_cfg, ppo_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.micro_batch = ppo_cfg.minibatch_size // world_size
+        self.micro_batch = micro_batch or ppo_cfg.minibatch_size // world_size
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
 

@@ -1,0 +1,191 @@
+"""Examples of the stages before PPO: supervised replies (sft) and preference pairs (train-rm).
+
+Both are conversations plus assistant replies, rendered with the tokenizer's chat format
+(``Tokenizer.apply_chat``; the default is the HH-RLHF transcript, the same text PPO's HH prompts
+use) and encoded the way PPO's rollouts are: the prompt text ``apply_chat(prompt, True)`` and
+the reply text (what ``apply_chat`` adds for the assistant turn, e.g. ``" " + reply`` in the
+transcript format) encoded separately, then EOS. A sequence keeps the prompt's last
+``max_prompt_tokens`` tokens and is cut to ``max_tokens`` at the end of the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhf_ray.data.preference import (
+    ROLE_LABELS,
+    Message,
+    PreferencePair,
+    load_preferences,
+    parse_hh_transcript,
+)
+from rlhf_ray.data.sources import load_table, select_columns
+from rlhf_ray.tokenization import Tokenizer, left_pad
+from rlhf_ray.types import PairBatch, SFTBatch
+
+__all__ = [
+    "SFTExample",
+    "encode_pairs",
+    "encode_sft",
+    "held_out_split",
+    "load_sft_examples",
+    "reply_text",
+]
+
+logger = logging.getLogger(__name__)
+
+SFTFormat = Literal["auto", "hh", "plain", "messages"]
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A conversation ending with a user turn and the assistant reply to learn."""
+
+    prompt: list[Message]
+    response: str
+
+
+def _hh_example(row: dict) -> SFTExample:
+    turns = parse_hh_transcript(row["chosen"])
+    if turns[-1]["role"] != "assistant" or len(turns) < 2:
+        raise ValueError("transcript does not end with an Assistant reply after a Human turn")
+    return SFTExample(prompt=turns[:-1], response=turns[-1]["content"])
+
+
+def _plain_example(row: dict) -> SFTExample:
+    prompt, response = row["prompt"], row["response"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"field 'prompt' must be a non-empty string, got {prompt!r:.60}")
+    if not isinstance(response, str):
+        raise ValueError(f"field 'response' must be a string, got {response!r:.60}")
+    return SFTExample(prompt=[{"role": "user", "content": prompt.strip()}], response=response)
+
+
+def _messages_example(row: dict) -> SFTExample:
+    messages = row["messages"]
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLE_LABELS and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok or len(messages) < 2:
+        raise ValueError("field 'messages' must be a list of at least two {role, content} messages")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant reply to learn")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    return SFTExample(prompt=prompt, response=messages[-1]["content"])
+
+
+_SFT_PARSERS = {
+    "hh": (["chosen"], _hh_example),
+    "plain": (["prompt", "response"], _plain_example),
+    "messages": (["messages"], _messages_example),
+}
+
+
+def load_sft_examples(
+    path: str, fmt: SFTFormat = "auto", split: str = "train", skip_bad_rows: bool = False
+) -> tuple[list[SFTExample], int]:
+    """Supervised examples from a file, directory, ``builtin:hh-rlhf`` or Hub id; returns
+    ``(examples, num_skipped)``. ``fmt="auto"``: ``messages`` if that column exists, else
+    ``plain`` if ``prompt`` and ``response`` do, else ``hh`` (the ``chosen`` transcripts).
+    A bad row raises ValueError naming the file and line unless ``skip_bad_rows``."""
+    table, where = load_table(path, split=split)
+    columns = set(table.column_names)
+    if fmt == "auto":
+        fmt = (
+            "messages"
+            if "messages" in columns
+            else "plain"
+            if {"prompt", "response"} <= columns
+            else "hh"
+        )
+    if fmt not in _SFT_PARSERS:
+        raise ValueError(f"fmt must be 'auto', 'hh', 'plain' or 'messages', got {fmt!r}")
+    needed, parse = _SFT_PARSERS[fmt]
+    data = select_columns(table, where, needed, f"{fmt!r} SFT data needs {needed}")
+    examples: list[SFTExample] = []
+    skipped = 0
+    for i in range(table.num_rows):
+        try:
+            examples.append(parse({c: data[c][i] for c in needed}))
+        except ValueError as e:
+            message = f"{where.describe(i)}: {e}"
+            if not skip_bad_rows:
+                raise ValueError(message) from None
+            if skipped == 0:
+                logger.warning("skipping bad SFT row: %s", message)
+            skipped += 1
+    if not examples:
+        raise ValueError(f"{where.source}: no usable SFT examples ({skipped} rows skipped)")
+    return examples, skipped
+
+
+def load_pairs(
+    path: str, fmt: Literal["auto", "hh", "plain"], split: str, skip_bad_rows: bool
+) -> tuple[list[PreferencePair], int]:
+    """``load_preferences`` with no system line (PPO's HH prompts have none either)."""
+    return load_preferences(path, fmt, skip_bad_rows=skip_bad_rows, split=split, system=None)
+
+
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, eval)`` row indices: a seeded random ``fraction`` of ``range(n)`` held out
+    (at least one row when ``fraction > 0``, never all of them); both lists sorted."""
+    if fraction <= 0:
+        return list(range(n)), []
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
+
+
+def reply_text(tokenizer: Tokenizer, prompt: Sequence[Message], reply: str) -> tuple[str, str]:
+    """``(prompt_text, reply_text)``: the generation prompt, and what the chat format adds for
+    the assistant's ``reply`` after it (``" " + reply`` for the HH transcript format)."""
+    prompt_text = tokenizer.apply_chat(list(prompt), add_generation_prompt=True)
+    full = tokenizer.apply_chat(
+        [*prompt, {"role": "assistant", "content": reply}], add_generation_prompt=False
+    )
+    return prompt_text, full[len(prompt_text) :] if full.startswith(prompt_text) else reply
+
+
+def _sequence(
+    tokenizer: Tokenizer, prompt: Sequence[Message], reply: str, max_tokens: int, max_prompt: int
+) -> tuple[list[int], int]:
+    """Token ids of prompt + reply + EOS, and how many of them are the prompt's."""
+    prompt_text, reply_part = reply_text(tokenizer, prompt, reply)
+    prompt_ids = tokenizer.encode(prompt_text)[-max_prompt:]
+    ids = (prompt_ids + tokenizer.encode(reply_part) + [tokenizer.eos_id])[:max_tokens]
+    return ids, len(prompt_ids)
+
+
+def encode_sft(
+    examples: Sequence[SFTExample], tokenizer: Tokenizer, max_tokens: int, max_prompt_tokens: int
+) -> SFTBatch:
+    """Left-padded sequences whose ``loss_mask`` is 1 exactly on the reply tokens and EOS."""
+    seqs = [
+        _sequence(tokenizer, ex.prompt, ex.response, max_tokens, max_prompt_tokens)
+        for ex in examples
+    ]
+    input_ids, attention_mask = left_pad([ids for ids, _ in seqs], tokenizer.pad_id, max_tokens)
+    loss_mask = torch.zeros_like(attention_mask)
+    width = input_ids.shape[1]
+    for row, (ids, n_prompt) in enumerate(seqs):
+        loss_mask[row, width - len(ids) + n_prompt :] = 1
+    return SFTBatch(input_ids, attention_mask, loss_mask)
+
+
+def encode_pairs(
+    pairs: Sequence[PreferencePair], tokenizer: Tokenizer, max_tokens: int, max_prompt_tokens: int
+) -> PairBatch:
+    """Chosen and rejected sequences (prompt + reply + EOS), left-padded to one width."""
+    chosen = [_sequence(tokenizer, p.prompt, p.chosen, max_tokens, max_prompt_tokens)[0]
+              for p in pairs]  # fmt: skip
+    rejected = [_sequence(tokenizer, p.prompt, p.rejected, max_tokens, max_prompt_tokens)[0]
+                for p in pairs]  # fmt: skip
+    ids, mask = left_pad(chosen + rejected, tokenizer.pad_id, max_tokens)
+    n = len(pairs)
+    return PairBatch(ids[:n], mask[:n], ids[n:], mask[n:])

@@ -1,0 +1,129 @@
+"""What the stage drivers share: the run dir and metrics log, the held-out split, and the
+epoch loop (steps 2 and 3 of every stage: train, evaluate).
+
+Metric rows (``metrics.jsonl``): one per optimizer step (``step``, ``epoch``, ``train/*``,
+``time/step``), one per mid-epoch evaluation (``eval/*``), and one at the end of each epoch with
+``epoch/train_*`` (a full pass over the train split with the epoch's final weights) and
+``eval/*``. Stage-specific rows follow (e.g. the reward model's score statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rlhf_ray.config import LoggingConfig, to_yaml
+from rlhf_ray.data.stage_data import held_out_split
+from rlhf_ray.errors import UserError
+from rlhf_ray.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.stage_config import StageTrainConfig, _StageConfig, _StageData
+from rlhf_ray.workers.interface import StageWorkers
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    output: Path  # the saved model directory
+    final: dict[str, float] = field(default_factory=dict)  # the last epoch's figures
+
+
+def start_run(cfg: _StageConfig, run_dir: Path) -> tuple[MetricsLog, PhaseTimer]:
+    """Create ``run_dir``, write ``config.yaml``, open ``metrics.jsonl``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return stage_log(run_dir, cfg.logging), PhaseTimer()
+
+
+def stage_log(run_dir: Path, logging: LoggingConfig) -> MetricsLog:
+    return MetricsLog(
+        run_dir / "metrics.jsonl",
+        logging.progress,
+        tensorboard_dir=run_dir / "tb" if logging.tensorboard else None,
+        format_row=format_stage_row,
+        step_key="step",
+    )
+
+
+_SHOWN = (
+    ("loss", "loss", "{:.4f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("margin", "margin", "{:+.3f}"),
+)
+
+
+def format_stage_row(row: dict[str, Any]) -> str:
+    """``step   12 | epoch 0 | train loss 0.6931 acc 0.500 | 0.21s`` (and eval/epoch rows)."""
+    parts = [f"step {row['step']:>5} | epoch {row['epoch']}"]
+    for prefix, label in (("train/", "train"), ("epoch/train_", "epoch train"), ("eval/", "eval")):
+        shown = [
+            f"{short} {fmt.format(row[prefix + key])}"
+            for key, short, fmt in _SHOWN
+            if isinstance(row.get(prefix + key), float)
+        ]
+        if shown:
+            parts.append(f"{label} " + " ".join(shown))
+    seconds = sum(v for k, v in row.items() if k.startswith("time/"))
+    return " | ".join(parts) + f" | {seconds:.2f}s"
+
+
+def prefixed(stats: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in stats.items()}
+
+
+def split_examples(
+    data: _StageData, seed: int, load: Callable[[str], Sequence[Item]]
+) -> tuple[list[Item], list[Item]]:
+    """``(train, eval)``: ``data.path`` and ``data.eval_path``, or a seeded held-out
+    ``data.eval_fraction`` of ``data.path``. ``load(path)`` reads one source."""
+    try:
+        items = list(load(data.path))
+        if data.eval_path is not None:
+            return items, list(load(data.eval_path))
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    train, held = held_out_split(len(items), data.eval_fraction, seed)
+    return [items[i] for i in train], [items[i] for i in held]
+
+
+def train_epochs(
+    workers: StageWorkers,
+    train: StageTrainConfig,
+    num_train: int,
+    has_eval: bool,
+    log: MetricsLog,
+    timer: PhaseTimer,
+) -> dict[str, Any]:
+    """Steps 2-3 of a stage: ``train.epochs`` passes of optimizer steps over the train set,
+    evaluations every ``train.eval_every`` steps and at each epoch's end. Returns the last
+    epoch-end row."""
+    steps = num_train // train.batch_size
+    if steps == 0:
+        raise UserError(
+            f"{num_train} training examples do not fill one batch of train.batch_size "
+            f"{train.batch_size}: lower it or give more data"
+        )
+    step, row = 0, {}
+    for epoch in range(train.epochs):
+        for i in range(steps):
+            # 2. train: one optimizer step on the step's global minibatch (all ranks)
+            with timer.phase("step"):
+                stats = workers.train_step(epoch, i)
+            step += 1
+            log.write({"step": step, "epoch": epoch, **prefixed(stats, "train/"), **timer.pop()},
+                      show=step % train.log_every == 0)  # fmt: skip
+
+            # 3. evaluate: the held-out split (and, at the epoch's end, the whole train split)
+            end = i == steps - 1
+            if end or (has_eval and train.eval_every and step % train.eval_every == 0):
+                with timer.phase("eval"):
+                    row = {"step": step, "epoch": epoch}
+                    if end:
+                        row.update(prefixed(workers.evaluate("train"), "epoch/train_"))
+                    if has_eval:
+                        row.update(prefixed(workers.evaluate("eval"), "eval/"))
+                log.write({**row, **timer.pop()})
+    return row

@@ -1,0 +1,61 @@
+"""Stage configs (sft, train-rm): embedded defaults, overrides, one-paragraph errors."""
+
+from __future__ import annotations
+
+import pytest
+from test_config import _undescribed
+
+from rlhf_ray.config import ConfigError, PolicyConfig, TokenizerConfig, to_yaml
+from rlhf_ray.stage_config import (
+    RewardModelConfig,
+    SFTConfig,
+    learner_role,
+    load_rm_config,
+    load_sft_config,
+    stage_tokenizer,
+)
+
+
+@pytest.mark.parametrize("load,schema", [(load_sft_config, SFTConfig),
+                                         (load_rm_config, RewardModelConfig)])  # fmt: skip
+def test_defaults_round_trip_and_every_setting_is_described(tmp_path, load, schema):
+    cfg = load()
+    assert cfg == schema() and cfg.data.path == "builtin:hh-rlhf"
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load(path, ["train.epochs=5", "model.path=/m"]).train.epochs == 5
+    assert _undescribed(schema, "", set()) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,names",
+    [
+        (["data.eval_path=x.jsonl"], ["eval_path", "eval_fraction"]),
+        (["train.batch_size=15"], ["train.batch_size", "learner.num_ranks"]),
+        (["learner.engine=torch"], ["learner", "one rank"]),
+        (["data.max_prompt_tokens=500"], ["max_prompt_tokens", "max_tokens"]),
+        (["data.format=messages"], ["data.format"]),  # not a preference format
+        (["train.epoch=2"], ["train.epoch", "not a known setting"]),
+    ],
+)
+def test_bad_settings_fail_in_one_paragraph(overrides, names):
+    with pytest.raises(ConfigError) as info:
+        load_rm_config(None, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+
+
+def test_learner_role_is_the_policy_section_the_machinery_reads():
+    cfg = load_sft_config(None, ["learner.num_ranks=1", "learner.zero_stage=3", "optim.lr=0.5"])
+    role = learner_role(cfg)
+    assert isinstance(role, PolicyConfig)
+    assert (role.num_ranks, role.zero_stage, role.optim.lr, role.model) == (1, 3, 0.5, cfg.model)
+
+
+def test_tokenizer_comes_from_the_model_dir_unless_set(tmp_path):
+    assert stage_tokenizer(SFTConfig()) == TokenizerConfig()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cfg = load_rm_config(None, [f"model.path={tmp_path}"])
+    assert stage_tokenizer(cfg) == TokenizerConfig(kind="hf", name_or_path=str(tmp_path))
+    cfg = load_rm_config(None, [f"model.path={tmp_path}", "tokenizer.kind=bytes"])
+    assert stage_tokenizer(cfg) == TokenizerConfig()
