@@ -21,6 +21,7 @@ import yaml
 from rlhf_ray.cli import build_parser
 from rlhf_ray.config import Config, load_config
 from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
+from rlhf_ray.stage_config import load_eval_config, load_rm_config, load_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -30,7 +31,12 @@ def _is_runtime_env(path: Path) -> bool:
     return path.name.startswith("runtime_env")
 
 
-CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if not _is_runtime_env(p))
+def _is_eval_job(path: Path) -> bool:  # an `rlhf-ray eval` config, not a PPO one
+    return path.name.startswith("eval_")
+
+
+CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if not _is_runtime_env(p) and not _is_eval_job(p))
+EVAL_JOBS = sorted(p for p in JOBS.glob("*.yaml") if _is_eval_job(p))
 RUNTIME_ENVS = sorted(p for p in JOBS.glob("*.yaml") if _is_runtime_env(p))
 GPU_JOBS = ["ppo_1b_hh.yaml", "ppo_8b_hh.yaml"]
 
@@ -259,6 +265,13 @@ def test_documented_submit_commands_are_valid(args: list[str]):
     entry = list(params["entrypoint"])
     assert entry[0] == "rlhf-ray"
     parsed = build_parser().parse_args(entry[1:])
+    stage_loaders = {"sft": load_sft_config, "train-rm": load_rm_config, "eval": load_eval_config}
+    if parsed.command in stage_loaders:  # the stages around PPO: their own configs
+        config = None if parsed.config is None else ROOT / parsed.config
+        assert config is None or config.is_file()
+        stage_loaders[parsed.command](config, parsed.overrides)
+        assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
+        return
     assert (ROOT / parsed.config).is_file()
     cfg = load_config(ROOT / parsed.config, parsed.overrides)
     if parsed.command == "ppo":
@@ -266,6 +279,17 @@ def test_documented_submit_commands_are_valid(args: list[str]):
         cpu_job = cfg.policy.num_gpus_per_rank == 0
         expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
         assert Path(params["runtime_env"]).name == expected
+
+
+def test_eval_jobs_load_and_are_documented():
+    assert [p.name for p in EVAL_JOBS] == ["eval_1b_hh.yaml"]
+    cfg = load_eval_config(EVAL_JOBS[0])
+    assert cfg.policy.path and cfg.baseline.path and cfg.reward.model and cfg.reward.model.path
+    assert cfg.rollout.num_gpus_per_worker == 1 and cfg.scorer.num_gpus == 1
+    documented = [
+        a for a in _submit_commands() if a[a.index("--") + 1 :][:2] == ["rlhf-ray", "eval"]
+    ]
+    assert any("jobs/eval_1b_hh.yaml" in a for a in documented)
 
 
 def test_readme_tells_token_auth_users_what_to_set():
