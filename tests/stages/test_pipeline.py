@@ -136,7 +136,8 @@ def learnable(tmp_path_factory):
     bpe_tokenizer(tmp / "bpe")
     policy = save_policy(tmp / "start", TiktokenTokenizer.byte_level())
     cli("train-rm", "--in-process", "--run-dir", tmp / "rm", f"data.path={data}",
-        "learner.engine=torch", "learner.num_ranks=1", "train.epochs=2", "train.batch_size=16",
+        "learner.engine=torch", "learner.num_ranks=1", "train.epochs=3", "train.batch_size=16",
+        "optim.lr=2e-3",
         "tokenizer.kind=hf", f"tokenizer.name_or_path={tmp / 'bpe'}", "logging.progress=false")  # fmt: skip
     rm = tmp / "rm/reward_model"
     cli("ppo", *PPO, "--run-dir", tmp / "ppo", f"policy.model.path={policy}",
