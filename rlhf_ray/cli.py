@@ -112,17 +112,11 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from rlhf_ray.driver import new_run_dir
-    from rlhf_ray.preflight import check_models
-    from rlhf_ray.rewards import load_reward_function
+    from rlhf_ray.preflight import preflight_ppo
 
-    check_models(cfg)  # tokenizers and model directories, before any actor starts
-    if cfg.reward.function is not None:  # fail before any actor starts
-        try:
-            load_reward_function(cfg.reward.function, [os.getcwd()])
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
     if args.resume and args.run_dir is None:
         raise UserError("--resume needs --run-dir: the run to continue")
+    preflight_ppo(cfg, args.run_dir, args.resume, [os.getcwd()])  # before any actor starts
     run_dir = args.run_dir or new_run_dir()
     if args.in_process:
         from rlhf_ray.workers.inprocess import InProcessWorkers
@@ -141,11 +135,11 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Config, make_workers, run_dir: Path, resume: bool) -> Path:
-    from rlhf_ray.driver import run_ppo
+    from rlhf_ray.recovery import run_ppo_recovering
 
     workers = make_workers()
     try:
-        return run_ppo(cfg, workers, run_dir, resume=resume).run_dir
+        return run_ppo_recovering(cfg, workers, run_dir, resume=resume).run_dir
     finally:
         workers.close()
 
@@ -256,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as exc:
-        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        cause = getattr(exc, "cause", None)  # raised in an actor: Ray's wrapper adds a traceback
+        print(f"rlhf-ray: {cause if isinstance(cause, UserError) else exc}", file=sys.stderr)
         return 2
 
 

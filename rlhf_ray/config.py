@@ -198,6 +198,12 @@ class DataConfig(_Section):
     split: str = Field("train", description="Dataset split for hub datasets.")
     max_prompt_tokens: int = Field(48, gt=0, description="Prompts keep their last N tokens.")
     chat_template: bool = Field(False, description="Wrap each prompt with the chat template.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed row (not JSON, not UTF-8, prompt missing or empty): 'error' "
+        "stops before any actor starts, naming file and line; 'skip' drops it and counts it "
+        "(`data/skipped_rows`).",
+    )
 
 
 class RolloutConfig(_Section):
@@ -237,6 +243,24 @@ class TrainConfig(_Section):
     rounds: int = Field(30, gt=0, description="PPO rounds (generate, score, update, sync).")
     seed: int = Field(0, description="Seed of prompt order, sampling and minibatch shuffles.")
     dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
+    phase_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for any actor call of a phase. A rollout, reference or reward "
+        "actor past it is replaced and its work redone; a learner past it is treated as lost.",
+    )
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        description="Times the learner groups are rebuilt from the last checkpoint after a rank "
+        "dies or hangs (`train/learner_restarts`); needs checkpoint.every.",
+    )
+    max_bad_steps: int = Field(
+        3,
+        gt=0,
+        description="Non-finite losses skipped in a row (`ppo/skipped_steps`) before the run "
+        "stops with an error.",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -280,6 +304,16 @@ class ClusterConfig(_Section):
     )
     actor_start_timeout_s: float = Field(
         180.0, gt=0, description="Give up (clearly) if actors stay pending this long."
+    )
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each learner rank also requests, to pin the learner "
+        "groups to nodes that offer them (e.g. {learner_node: 0.01}).",
+    )
+    spread: bool = Field(
+        True,
+        description="Spread rollout workers and scorers over the cluster's nodes (Ray SPREAD "
+        "scheduling), so that losing one node loses few of them.",
     )
 
 
@@ -375,7 +409,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:

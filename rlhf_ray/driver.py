@@ -34,7 +34,8 @@ from rlhf_ray.checkpoint import (
 )
 from rlhf_ray.config import Config, PPOConfig, RewardConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
-from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
+from rlhf_ray.data.preference import render_transcript
+from rlhf_ray.data.prompts import load_prompt_set
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer
@@ -55,15 +56,29 @@ def new_run_dir(root: str | Path = "runs", prefix: str = "ppo") -> Path:
     raise RuntimeError(f"could not find a free run directory under {root}")
 
 
-def build_prompts(cfg: Config, tokenizer: Tokenizer) -> list[str]:
+class PromptTexts(list[str]):
+    """The prompt texts; ``skipped`` lists the bad rows dropped (``data.on_bad_row: skip``)."""
+
+    skipped: list[str] = []
+
+
+def build_prompts(cfg: Config, tokenizer: Tokenizer) -> PromptTexts:
     """The prompt texts, with the chat template applied if configured."""
     data = cfg.data
+    loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format,
+                             data.on_bad_row)  # fmt: skip
     if data.chat_template:
-        conversations = load_prompt_conversations(
-            data.prompts, field=data.prompt_field, split=data.split, fmt=data.format
-        )
-        return [tokenizer.apply_chat(conv) for conv in conversations]
-    return load_prompts(data.prompts, field=data.prompt_field, split=data.split, fmt=data.format)
+        texts = PromptTexts(tokenizer.apply_chat(conv) for conv in loaded.conversations)
+    elif loaded.format == "plain":
+        texts = PromptTexts(conv[0]["content"] for conv in loaded.conversations)
+    else:
+        texts = PromptTexts(render_transcript(conv, add_generation_prompt=True)
+                            for conv in loaded.conversations)  # fmt: skip
+    texts.skipped = loaded.skipped
+    if loaded.skipped:
+        print(f"[rlhf_ray] skipped {len(loaded.skipped)} bad data rows (data.on_bad_row: skip), "
+              f"first: {loaded.skipped[0]}", flush=True)  # fmt: skip
+    return texts
 
 
 def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLController:
@@ -245,7 +260,11 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             **rollout_stats(rollout, scored["scores"], times["time/generate"]),
             **adv_stats,
             **{f"ppo/{k}": v for k, v in train_stats.items()},
+            "ppo/skipped_steps": sum(
+                v for k, v in train_stats.items() if k.endswith("skipped_steps")
+            ),
             **workers.info(),
+            "data/skipped_rows": len(prompts.skipped),
             **times,
             "time/round": time.perf_counter() - started,
         }

@@ -180,12 +180,15 @@ def learner_role(cfg: _StageConfig) -> PolicyConfig:
 
 
 def stage_tokenizer(cfg: _StageConfig) -> TokenizerConfig:
-    """``tokenizer`` if set; else the tokenizer saved in ``model.path``; else byte-level."""
+    """``tokenizer`` if set; else the tokenizer of ``model.path`` (a hub id, or a local
+    directory that holds one); else byte-level."""
     if cfg.tokenizer is not None:
         return cfg.tokenizer
     path = cfg.model.path
-    if path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return TokenizerConfig(kind="hf", name_or_path=path)
+    if path is not None:
+        local = Path(path).expanduser()
+        if not local.exists() or any((local / f).is_file() for f in TOKENIZER_FILES):
+            return TokenizerConfig(kind="hf", name_or_path=path)
     return TokenizerConfig(kind="bytes")
 
 
@@ -214,6 +217,9 @@ class EvalSettings(_Section):
         "k1", description="Per-token estimator summed into `kl_to_baseline` (see algo.kl)."
     )
     table_rows: int = Field(8, ge=0, description="Sample rows shown in eval.md.")
+    phase_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for a generation or scoring call (on Ray)."
+    )
 
 
 class EvalConfig(_Section):

@@ -31,12 +31,17 @@ def _is_runtime_env(path: Path) -> bool:
     return path.name.startswith("runtime_env")
 
 
-def _is_eval_job(path: Path) -> bool:  # an `rlhf-ray eval` config, not a PPO one
-    return path.name.startswith("eval_")
+# stage jobs (rlhf-ray sft / train-rm) are named after their stage; the rest are PPO jobs
+STAGE_LOADERS = {"sft": load_sft_config, "train-rm": load_rm_config, "eval": load_eval_config}
+STAGE_PREFIXES = {"sft_": "sft", "rm_": "train-rm", "eval_": "eval"}
 
 
-CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if not _is_runtime_env(p) and not _is_eval_job(p))
-EVAL_JOBS = sorted(p for p in JOBS.glob("*.yaml") if _is_eval_job(p))
+def _stage_of(path: Path) -> str | None:
+    return next((s for p, s in STAGE_PREFIXES.items() if path.name.startswith(p)), None)
+
+
+STAGE_CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if _stage_of(p))
+CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if not _is_runtime_env(p) and not _stage_of(p))
 RUNTIME_ENVS = sorted(p for p in JOBS.glob("*.yaml") if _is_runtime_env(p))
 GPU_JOBS = ["ppo_1b_hh.yaml", "ppo_8b_hh.yaml"]
 
@@ -74,6 +79,35 @@ def test_the_documented_jobs_exist():
 def test_every_job_config_loads(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_stage_jobs_exist_and_load_with_their_stage():
+    names = {p.name for p in STAGE_CONFIGS}
+    assert {"sft_hh.yaml", "rm_hh.yaml", "sft_1b_hh.yaml", "rm_1b_hh.yaml"} <= names
+    for path in STAGE_CONFIGS:
+        STAGE_LOADERS[_stage_of(path)](path)
+
+
+def test_eval_jobs_judge_the_stage_outputs():
+    cpu, gpu = load_eval_config(JOBS / "eval_hh.yaml"), load_eval_config(JOBS / "eval_1b_hh.yaml")
+    assert (cpu.policy.path, cpu.baseline.path, cpu.reward.model.path) == (
+        "/tmp/rlhf-runs/ppo-hh/policy", "/tmp/rlhf-runs/sft-hh/model",
+        "/tmp/rlhf-runs/rm-hh/reward_model")  # fmt: skip
+    assert cpu.rollout.num_gpus_per_worker == 0 and gpu.rollout.num_gpus_per_worker == 1
+    assert gpu.reward.model.path == _load("ppo_1b_hh.yaml").reward.model.path
+
+
+def test_1b_jobs_chain_the_stage_outputs():
+    sft_run = "/mnt/shared/runs/sft-1b-hh"
+    rm_run = "/mnt/shared/runs/rm-1b-hh"
+    assert f"--run-dir {sft_run}" in (JOBS / "sft_1b_hh.yaml").read_text()
+    assert load_rm_config(JOBS / "rm_1b_hh.yaml").model.path == f"{sft_run}/model"
+    assert f"--run-dir {rm_run}" in (JOBS / "rm_1b_hh.yaml").read_text()
+    ppo = _load("ppo_1b_hh.yaml")
+    assert (ppo.policy.model.path, ppo.reward.model.path) == (
+        f"{sft_run}/model",
+        f"{rm_run}/reward_model",
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -249,9 +283,9 @@ def test_readme_documents_a_submit_command_for_every_job():
     submitted = set()
     for args in _submit_commands():
         entry = args[args.index("--") + 1 :]
-        if entry[:2] == ["rlhf-ray", "ppo"]:
+        if entry[0] == "rlhf-ray" and entry[1] in ("ppo", *STAGE_LOADERS):
             submitted.add(Path(build_parser().parse_args(entry[1:]).config).name)
-    assert {p.name for p in CONFIGS} <= submitted
+    assert {p.name for p in CONFIGS + STAGE_CONFIGS} <= submitted
 
 
 @pytest.mark.parametrize("args", _submit_commands(), ids=lambda a: " ".join(a[-6:]))
@@ -265,31 +299,22 @@ def test_documented_submit_commands_are_valid(args: list[str]):
     entry = list(params["entrypoint"])
     assert entry[0] == "rlhf-ray"
     parsed = build_parser().parse_args(entry[1:])
-    stage_loaders = {"sft": load_sft_config, "train-rm": load_rm_config, "eval": load_eval_config}
-    if parsed.command in stage_loaders:  # the stages around PPO: their own configs
-        config = None if parsed.config is None else ROOT / parsed.config
-        assert config is None or config.is_file()
-        stage_loaders[parsed.command](config, parsed.overrides)
-        assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
-        return
     assert (ROOT / parsed.config).is_file()
+    if parsed.command in STAGE_LOADERS:
+        stage = STAGE_LOADERS[parsed.command](ROOT / parsed.config, parsed.overrides)
+        assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
+        gpus = stage.rollout.num_gpus_per_worker if parsed.command == "eval" else (
+            stage.learner.num_gpus_per_rank)  # fmt: skip
+        cpu_job = gpus == 0
+        expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
+        assert Path(params["runtime_env"]).name == expected
+        return
     cfg = load_config(ROOT / parsed.config, parsed.overrides)
     if parsed.command == "ppo":
         assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
         cpu_job = cfg.policy.num_gpus_per_rank == 0
         expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
         assert Path(params["runtime_env"]).name == expected
-
-
-def test_eval_jobs_load_and_are_documented():
-    assert [p.name for p in EVAL_JOBS] == ["eval_1b_hh.yaml"]
-    cfg = load_eval_config(EVAL_JOBS[0])
-    assert cfg.policy.path and cfg.baseline.path and cfg.reward.model and cfg.reward.model.path
-    assert cfg.rollout.num_gpus_per_worker == 1 and cfg.scorer.num_gpus == 1
-    documented = [
-        a for a in _submit_commands() if a[a.index("--") + 1 :][:2] == ["rlhf-ray", "eval"]
-    ]
-    assert any("jobs/eval_1b_hh.yaml" in a for a in documented)
 
 
 def test_readme_tells_token_auth_users_what_to_set():

@@ -13,7 +13,7 @@ from rlhf_ray.config import TokenizerConfig, load_config, policy_tokenizer, reso
 from rlhf_ray.driver import run_ppo
 from rlhf_ray.errors import UserError
 from rlhf_ray.models import build_scalar_model
-from rlhf_ray.preflight import check_models
+from rlhf_ray.preflight import check_model_tokenizers
 from rlhf_ray.tokenization import TiktokenTokenizer, build_tokenizer, same_tokenizer
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.inprocess import InProcessWorkers
@@ -55,7 +55,7 @@ def test_policy_dir_tokenizer_and_critic_from_reward_model_in_ppo(dirs, tmp_path
                              f"reward.model.path={dirs['rm']}", "value.init_from_reward=true",
                              "train.rounds=1", "rollout.batch_size=8", "ppo.minibatch_size=8",
                              "ppo.epochs=1"])  # fmt: skip
-    check_models(cfg)
+    check_model_tokenizers(cfg)
     workers = InProcessWorkers(cfg)
     rm = build_scalar_model(cfg.reward.model, dirs["bpe"])
     critic = workers.value.module.state_dict()
@@ -70,7 +70,7 @@ def test_critic_cannot_start_from_a_reward_model_of_another_tokenizer(dirs):
     cfg = load_config(None, [f"policy.model.path={dirs['bytes_policy']}",
                              f"reward.model.path={dirs['rm']}", "value.init_from_reward=true"])  # fmt: skip
     with pytest.raises(UserError, match="tokenizer other than the policy's"):
-        check_models(cfg)
+        check_model_tokenizers(cfg)
 
 
 def test_reward_model_with_its_own_tokenizer_scores_the_text(dirs):

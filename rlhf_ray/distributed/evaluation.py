@@ -20,6 +20,7 @@ from rlhf_ray.distributed.runtime import (
     _check_namespace_free,
     _get_all,
     _kill,
+    _spread,
     _wait_ready,
     cluster_nodes,
 )
@@ -63,10 +64,12 @@ class RayEvalWorkers:
             s, t = cfg.scorer, cfg.rollout.temperature
             for m in MODELS:  # frozen and pure: Ray may restart them and retry a call
                 self.scorers[m] = _actor(ReferenceScorer, f"scorer-{m}", s.num_cpus, s.num_gpus,
-                                         specs[m], tok, t, restarts=3)  # fmt: skip
+                                         specs[m], tok, t, restarts=3,
+                                         strategy=_spread(cfg))  # fmt: skip
             w = cfg.reward
             self.reward = _actor(RewardScorer, "reward", w.num_cpus, w.num_gpus, w, tok,
-                                 search_path=[os.getcwd()], restarts=3)  # fmt: skip
+                                 search_path=[os.getcwd()], restarts=3,
+                                 strategy=_spread(cfg))  # fmt: skip
             for pool in self.pools.values():
                 pool.grow(cfg.rollout.num_workers)
             handles = {f"scorer-{m}": h for m, h in self.scorers.items()}

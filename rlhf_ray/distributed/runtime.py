@@ -1,7 +1,11 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
 Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
-one call fails); the weight sync waits for the learners' gather, then for the pool's load.
+one call fails, and waits at most ``train.phase_timeout_s``); the weight sync waits for the
+learners' gather, then for the pool's load. A rollout worker or scorer that dies or does not
+answer in time is replaced and its work redone; a learner rank that does is reported as a
+``LearnerLostError`` naming it and the phase, and ``restart_learners`` rebuilds both groups.
+Rollout workers and scorers are spread over the nodes (``cluster.spread``).
 Learner groups live in placement groups; every actor and group is named, in the run's namespace
 (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
 ``reward``, ``rollout-0`` ...
@@ -26,7 +30,7 @@ from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfal
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
+from rlhf_ray.workers.interface import LearnerLostError, mean_stats, shard_seed, split_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -101,14 +105,56 @@ def _check_namespace_free() -> None:
     )
 
 
-def _get_all(refs: list[Any]) -> list[Any]:
+class PhaseTimeoutError(UserError):
+    """Some actors of a phase did not answer within ``train.phase_timeout_s``."""
+
+
+def _is_learner(name: str) -> bool:
+    return name.startswith(("policy-", "value-"))
+
+
+def _get_all(
+    refs: list[Any],
+    names: list[str] | None = None,
+    phase: str = "",
+    timeout_s: float | None = None,
+    on_timeout: Callable[[list[str]], bool] | None = None,
+) -> list[Any]:
     """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
-    learner rank would otherwise be waited on until the collective timeout."""
+    learner rank would otherwise be waited on until the collective timeout.
+
+    Waits at most ``timeout_s`` (between answers of a late actor's restarts): past it,
+    ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
+    late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
+    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase."""
+    label = dict(zip(refs, names or [""] * len(refs), strict=True))
     pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            late = [label[r] for r in pending]
+            if on_timeout is not None and on_timeout(late):
+                deadline = time.monotonic() + (timeout_s or 0.0)
+                continue
+            _raise_late(late, phase, timeout_s)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError:
+            if _is_learner(label[ready[0]]):
+                raise LearnerLostError(f"learner {label[ready[0]]} died during {phase}") from None
+            raise
     return ray.get(refs)
+
+
+def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
+    named = ", ".join(n or "an actor" for n in late)
+    message = (f"{named} did not answer within train.phase_timeout_s={timeout_s:g}s "
+               f"during {phase}")  # fmt: skip
+    if any(_is_learner(n) for n in late):
+        raise LearnerLostError(message)
+    raise PhaseTimeoutError(message)
 
 
 def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
@@ -151,10 +197,11 @@ class LearnerGroup:
     """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
 
     def __init__(
-        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int, **kwargs: Any
-    ):
+        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
+        resources: dict[str, float] | None = None, **kwargs: Any,
+    ):  # fmt: skip
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
         self.pg = placement_group([bundle] * n, strategy="PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
@@ -168,22 +215,27 @@ class LearnerGroup:
             for rank in range(n)
         ]  # fmt: skip
         self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
+        self.names = list(self.handles)
         self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
+        self._alive = True
 
     def start(self) -> list[Any]:
         """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend))
+        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+                 self.names, "rendezvous")  # fmt: skip
         return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
     def kill(self) -> None:
-        _kill(self.actors)
-        remove_placement_group(self.pg)
+        if self._alive:
+            self._alive = False
+            _kill(self.actors)
+            remove_placement_group(self.pg)
 
 
 class RolloutPool:
@@ -210,6 +262,9 @@ class RolloutPool:
             seed = cfg.train.seed
         self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
         self.prefix = prefix
+        self.timeout_s = (
+            cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
+        )
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
@@ -221,6 +276,7 @@ class RolloutPool:
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
+            strategy=_spread(self.cfg),
         )  # fmt: skip
         self._next_id += 1
         return name, handle
@@ -247,11 +303,14 @@ class RolloutPool:
         """Every worker takes these weights; one that died is replaced (and so gets them)."""
         self._weights = (weights_ref, version)
         refs = [w.set_weights.remote(weights_ref, version) for w in self.workers]
+        deadline = time.monotonic() + self.timeout_s
         for index, ref in enumerate(refs):
             try:
-                ray.get(ref)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.RayActorError:
-                self._replace(index, "while loading weights")
+                self._replace(index, "died while loading weights")
+            except ray.exceptions.GetTimeoutError:
+                self._replace(index, "did not load weights within train.phase_timeout_s")
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
@@ -263,23 +322,34 @@ class RolloutPool:
             for i, rows in enumerate(parts)
         }
         done: dict[int, Rollout] = {}
+
+        def redo(shard: int, why: str) -> None:
+            self._replace(shard, f"{why}; its shard is redone")
+            work = prompts.select(parts[shard])
+            pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:  # the late ones are treated as dead: replaced, their shards redone
+                for shard in [pending.pop(ref) for ref in list(pending)]:
+                    redo(shard, "did not answer within train.phase_timeout_s")
+                deadline = time.monotonic() + self.timeout_s
+                continue
             shard = pending.pop(ready[0])
             try:
                 done[shard] = ray.get(ready[0])
             except ray.exceptions.RayActorError:
-                self._replace(shard, "while generating; its shard is redone")
-                work = prompts.select(parts[shard])
-                pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+                redo(shard, "died while generating")
         return [done[i] for i in range(len(parts))]
 
-    def _replace(self, index: int, when: str) -> None:
-        """A fresh worker, holding the current weights, takes the place of a dead one."""
+    def _replace(self, index: int, why: str) -> None:
+        """A fresh worker, holding the current weights, takes the place of a lost one."""
         if self.restarts >= 10 * len(self.workers):
-            raise RuntimeError(f"rollout workers keep dying ({self.restarts} replaced)")
+            raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         self.restarts += 1
-        print(f"[rlhf_ray] rollout worker {index} died {when}; replacing it", flush=True)
+        print(f"[rlhf_ray] rollout worker {index} {why}; replacing it", flush=True)
         _kill([self.workers.pop(index)])
         self.grow(1)
         self.workers.insert(index, self.workers.pop())
@@ -287,6 +357,11 @@ class RolloutPool:
     def kill(self) -> None:
         _kill(self.workers)
         self.workers.clear()
+
+
+def _spread(cfg: Config | EvalConfig) -> str | None:
+    """Rollout workers and scorers spread over nodes: a lost node takes few of them."""
+    return "SPREAD" if cfg.cluster.spread else None
 
 
 class RayWorkers:
@@ -306,6 +381,8 @@ class RayWorkers:
             )
         _check_namespace_free()
         self.pool = RolloutPool(cfg)
+        self.learner_restarts = 0
+        self.scorer_restarts = 0
         self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:
             self._start(cfg)
@@ -313,22 +390,42 @@ class RayWorkers:
             self.close()  # leave nothing pending or half-started behind
             raise
 
-    def _start(self, cfg: Config) -> None:
+    def _make_learners(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
-        tok, ppo, seed = policy_tokenizer(cfg), cfg.ppo, cfg.train.seed
+        tok, ppo, seed, bad = (
+            policy_tokenizer(cfg),
+            cfg.ppo,
+            cfg.train.seed,
+            cfg.train.max_bad_steps,
+        )
+        pinned = cfg.cluster.learner_resources
         self.policy = LearnerGroup(
-            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
+            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
-            temperature=cfg.rollout.temperature, seed=seed,
+            temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
         )  # fmt: skip
-        self._cleanup.append(self.policy.kill)
         self.value = LearnerGroup(
-            "value", ValueLearner, cfg.value, timeout, dist_timeout,
+            "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
             value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
-            model_spec=value_init_spec(cfg),
+            model_spec=value_init_spec(cfg), max_bad_steps=bad,
         )  # fmt: skip
-        self._cleanup.append(self.value.kill)
+
+    def _start_learners(self) -> None:
+        """Rendezvous and build the engines of both groups (their actors must be alive)."""
+        counts = _get_all(self.policy.start() + self.value.start(),
+                          self.policy.names + self.value.names, "setup")  # fmt: skip
+        n_pol = self.cfg.policy.num_ranks
+        self.param_counts = {"policy": counts[:n_pol], "value": counts[n_pol:]}
+        for role, per_rank in self.param_counts.items():
+            held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
+            print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
+
+    def _start(self, cfg: Config) -> None:
+        timeout = cfg.cluster.actor_start_timeout_s
+        tok = policy_tokenizer(cfg)
+        self._cleanup.append(self._kill_learners)
+        self._make_learners(cfg)
         ref, rew = cfg.reference, cfg.reward
         # The scorers are frozen and their calls pure, and a restart rebuilds the same model
         # (the reference from the policy's own deterministic spec), so Ray may restart them and
@@ -336,34 +433,63 @@ class RayWorkers:
         self.reference = _actor(
             ReferenceScorer, "reference", ref.num_cpus, ref.num_gpus,
             ref.model or cfg.policy.model, tok, cfg.rollout.temperature, restarts=3,
+            strategy=_spread(cfg),
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reference]))
         self.reward = _actor(
             RewardScorer, "reward", rew.num_cpus, rew.num_gpus, rew, tok,
-            search_path=[os.getcwd()], restarts=3,
+            search_path=[os.getcwd()], restarts=3, strategy=_spread(cfg),
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reward]))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
         others = {**self.policy.handles, **self.value.handles, "reference": self.reference,
                   "reward": self.reward}  # fmt: skip
         _wait_ready(others, timeout)
-        counts = _get_all(self.policy.start() + self.value.start())
-        self.param_counts = {
-            "policy": counts[: cfg.policy.num_ranks],
-            "value": counts[cfg.policy.num_ranks :],
-        }
-        for role, per_rank in self.param_counts.items():
-            held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
-            print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
+        self._start_learners()
         if ref.model is None:
             weights = self.policy.call("full_weights")
             _get_all(weights + [self.reference.set_weights.remote(weights[0])])
+
+    def _kill_learners(self) -> None:
+        for role in ("value", "policy"):
+            group = getattr(self, role, None)
+            if group is not None:
+                group.kill()
+
+    def restart_learners(self) -> None:
+        """Kill both learner groups and start them again (fresh weights: the caller restores
+        a checkpoint). Rollout workers and scorers keep running."""
+        self.learner_restarts += 1
+        print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
+        self._kill_learners()
+        self._make_learners(self.cfg)
+        _wait_ready({**self.policy.handles, **self.value.handles},
+                    self.cfg.cluster.actor_start_timeout_s)  # fmt: skip
+        self._start_learners()
+
+    def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
+        """Wait for one call per learner rank (policy ranks first, then value ranks)."""
+        names = (self.policy.names + self.value.names)[: len(refs)]
+        return _get_all(refs, names, phase, self.cfg.train.phase_timeout_s)
+
+    def _restart_late_scorers(self, late: list[str]) -> bool:
+        """Past the phase timeout: a late scorer is killed and Ray restarts it and retries its
+        call (frozen and pure, see ``_start``); a late learner cannot be helped here."""
+        handles = {"reference": self.reference, "reward": self.reward}
+        if not late or any(n not in handles for n in late) or self.scorer_restarts >= 3:
+            return False
+        for name in late:
+            print(f"[rlhf_ray] {name} did not answer within train.phase_timeout_s; restarting "
+                  "it and retrying its call", flush=True)  # fmt: skip
+            self.scorer_restarts += 1
+            ray.kill(handles[name], no_restart=False)
+        return True
 
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
         weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
-        _get_all(weights)
+        self._learners("sync", weights)
         self.pool.load(weights[0], version)
 
     def scale_rollout(self, num_workers: int) -> None:
@@ -393,7 +519,10 @@ class RayWorkers:
             + self.policy.call("logprobs", ref)
             + self.value.call("values", ref)
         )
-        ref_logprobs, scores, *ranks = _get_all(refs)
+        names = ["reference", "reward", *self.policy.names, *self.value.names]
+        ref_logprobs, scores, *ranks = _get_all(
+            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers
+        )
         return {
             "ref_logprobs": ref_logprobs,
             "scores": scores,
@@ -404,31 +533,38 @@ class RayWorkers:
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         ref = ray.put(batch)
         n_pol = self.cfg.policy.num_ranks
-        stats = _get_all(
-            self.policy.call("train", ref, round_index) + self.value.call("train", ref, round_index)
+        stats = self._learners(
+            "update",
+            self.policy.call("train", ref, round_index)
+            + self.value.call("train", ref, round_index),
         )
         return {**mean_stats(stats[:n_pol]), **mean_stats(stats[n_pol:])}
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.pool.workers),
-                "rollout/worker_restarts": self.pool.restarts}  # fmt: skip
+                "rollout/worker_restarts": self.pool.restarts,
+                "train/learner_restarts": self.learner_restarts,
+                "train/scorer_restarts": self.scorer_restarts}  # fmt: skip
 
     def save(self, directory: Path) -> None:
-        _get_all(
+        self._learners(
+            "save",
             self.policy.call("save", str(directory / "policy"))
-            + self.value.call("save", str(directory / "value"))
+            + self.value.call("save", str(directory / "value")),
         )
 
     def save_state(self, directory: Path) -> None:
-        _get_all(
+        self._learners(
+            "save_state",
             self.policy.call("save_state", str(directory / "policy_state"))
-            + self.value.call("save_state", str(directory / "value_state"))
+            + self.value.call("save_state", str(directory / "value_state")),
         )
 
     def load_state(self, directory: Path) -> None:
-        _get_all(
+        self._learners(
+            "load_state",
             self.policy.call("load_state", str(directory / "policy_state"))
-            + self.value.call("load_state", str(directory / "value_state"))
+            + self.value.call("load_state", str(directory / "value_state")),
         )
 
     def close(self) -> None:

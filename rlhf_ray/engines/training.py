@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +51,14 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+    def step(self) -> bool:
+        """Clip and step; a non-finite gradient norm skips the step. Returns whether applied."""
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def all_reduce_sum(self, value: float) -> float:
         return value
@@ -70,15 +75,42 @@ class TorchEngine:
         return n, n
 
     def save_state(self, directory: str) -> None:
-        """Weights and optimizer state, for an exact resume."""
+        """Weights and optimizer state, for an exact resume: tensors as safetensors, the rest
+        as JSON (never a pickle)."""
+        from safetensors.torch import save_file
+
         Path(directory).mkdir(parents=True, exist_ok=True)
-        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        torch.save(state, Path(directory) / "torch_engine.pt")
+        optim = self.optimizer.state_dict()
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, per_param in optim["state"].items():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        # tied weights share storage, which safetensors refuses: store each one as its own copy
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                  str(Path(directory) / "torch_engine.safetensors"))  # fmt: skip
+        meta = {"param_groups": optim["param_groups"], "scalars": scalars}
+        (Path(directory) / "torch_engine.json").write_text(json.dumps(meta))
 
     def load_state(self, directory: str) -> None:
-        state = torch.load(Path(directory) / "torch_engine.pt", weights_only=True)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(directory) / "torch_engine.safetensors"))
+        meta = json.loads((Path(directory) / "torch_engine.json").read_text())
+        module = {k.removeprefix("module."): v for k, v in tensors.items()
+                  if k.startswith("module.")}  # fmt: skip
+        self.module.load_state_dict(module)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, values in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def init_distributed(
@@ -164,8 +196,11 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Returns whether the step was applied: DeepSpeed skips one whose gradient norm is not
+        finite (ZeRO-1/2; agreed over ranks), as it does an fp16 overflow."""
         self.engine.step()
+        return bool(getattr(self.engine, "_step_applied", True))
 
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist

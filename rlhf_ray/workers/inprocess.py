@@ -32,11 +32,13 @@ class InProcessWorkers:
     def __init__(self, cfg):
         self.cfg = cfg
         tok = policy_tokenizer(cfg)
+        bad = cfg.train.max_bad_steps
         self.policy = PolicyLearner(
-            cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed
-        )
+            cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
+            max_bad_steps=bad,
+        )  # fmt: skip
         self.value = ValueLearner(
-            cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed
+            cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed, max_bad_steps=bad
         )
         if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")

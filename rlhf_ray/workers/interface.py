@@ -21,6 +21,11 @@ class StaleWeightsError(RuntimeError):
     """A rollout worker produced samples with weights other than the round's version."""
 
 
+class LearnerLostError(RuntimeError):
+    """A learner rank died or did not answer within ``train.phase_timeout_s``: its group cannot
+    go on (its peers wait in collectives), so the groups are rebuilt from a checkpoint."""
+
+
 class Workers(Protocol):
     def sync(self, version: int) -> None:
         """Send the policy's current full weights to every rollout worker as ``version``."""

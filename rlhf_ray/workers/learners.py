@@ -19,6 +19,7 @@ import torch
 from rlhf_ray.algo import masked_mean, policy_loss, value_loss
 from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
+from rlhf_ray.errors import UserError
 from rlhf_ray.models import (
     build_causal_lm,
     build_scalar_model,
@@ -31,6 +32,10 @@ from rlhf_ray.types import PPOBatch, Rollout
 from rlhf_ray.workers.interface import in_chunks
 
 LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class NonFiniteLossError(UserError):
+    """``train.max_bad_steps`` updates in a row had a non-finite loss or gradient."""
 
 
 class _Rank:
@@ -46,6 +51,7 @@ class _Rank:
         seed: int,
         num_threads: int | None,
         micro_batch: int | None = None,
+        max_bad_steps: int = 3,
     ):
         """``micro_batch``: rows per rank per step (default: the PPO minibatch's share); the
         stages of ``workers.stage_learners`` pass it and no ``ppo_cfg``."""
@@ -54,6 +60,8 @@ class _Rank:
         self.cfg, self.ppo = role_cfg, ppo_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.micro_batch = micro_batch or ppo_cfg.minibatch_size // world_size
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
 
@@ -102,16 +110,40 @@ class _Rank:
                 mine = rows[self.my_rows(size)]
                 mb = batch.select(mine).to(self.device)
                 loss, stats = loss_fn(mb)
+                if not self._finite_everywhere(loss):  # every rank skips: ZeRO stays in step
+                    self._bad_step(round_index)
+                    continue
                 # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
                 local = float(mb.response_mask.sum())
                 total = float(batch.response_mask[rows].sum())
                 self.engine.backward(loss * local * self.world_size / total)
-                self.engine.step()
+                if not self.engine.step():  # a non-finite gradient: the engine skipped it
+                    self._bad_step(round_index)
+                    continue
+                self.bad_in_row = 0
                 sums["loss"] += float(loss.detach())
                 for k, v in stats.items():
                     sums[k] += float(v)
                 steps += 1
-        return {k: v / steps for k, v in sums.items()}
+        skipped = self.ppo.epochs * -(-n // size) - steps
+        out = {k: v / steps for k, v in sums.items()} if steps else {"loss": float("nan")}
+        return {**out, "skipped_steps": float(skipped)}
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one all-reduce: all ranks decide alike)."""
+        assert self.engine is not None
+        bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+        return self.engine.all_reduce_sum(bad) == 0.0
+
+    def _bad_step(self, round_index: int) -> None:
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: {self.bad_in_row} updates in a row had a non-finite "
+                f"loss or gradient (round {round_index}; train.max_bad_steps="
+                f"{self.max_bad_steps}); the run stops rather than train on them. Lower the "
+                "learning rate, check the rewards, or resume from the last checkpoint."
+            )
 
     def full_weights(self) -> NumpyWeights | None:
         """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
@@ -153,6 +185,7 @@ class PolicyLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        max_bad_steps: int = 3,
     ):
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(
@@ -163,6 +196,7 @@ class PolicyLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            max_bad_steps,
         )
         self.tokenizer = tok
         self.temperature = temperature
@@ -208,6 +242,7 @@ class PolicyLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["policy_loss"] = stats.pop("loss")
+        stats["policy_skipped_steps"] = stats.pop("skipped_steps")
         return stats
 
 
@@ -224,6 +259,7 @@ class ValueLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        max_bad_steps: int = 3,
     ):
         """``model_spec``: the initial weights (default ``value_cfg.model``; see
         ``config.value_init_spec``)."""
@@ -237,6 +273,7 @@ class ValueLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            max_bad_steps,
         )
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
@@ -261,4 +298,5 @@ class ValueLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["value_loss"] = stats.pop("loss")
+        stats["value_skipped_steps"] = stats.pop("skipped_steps")
         return stats

@@ -1,6 +1,6 @@
 """The cluster path, end to end: a local head node started by PID (with Ray 2.60's token
-authentication made explicit), the CPU debug job submitted with ``ray job submit
---working-dir``, its status, its logs and its run dir."""
+authentication made explicit), the CPU debug job and a ``train-rm`` stage submitted with
+``ray job submit --working-dir``, their status, logs and run dirs."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import yaml
 from conftest import REPO, wait_no_processes_under
 
 from rlhf_ray.metrics import read_metrics
+from rlhf_ray.models import read_score_stats
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -47,9 +48,10 @@ def _wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node():
-    """``ray start --head --block`` in the background; ended by its PID."""
+    """``ray start --head --block`` in the background, shared by the module's jobs (one at a
+    time); ended by its PID."""
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     dash = _free_port()
     env = {
@@ -143,3 +145,32 @@ def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
     assert len(read_metrics(run_dir / "metrics.jsonl")) == rounds
     assert (run_dir / "policy" / "config.json").exists()
     assert (run_dir / "config.yaml").exists()
+
+
+def test_train_rm_stage_through_ray_job_submit(head_node, tmp_path):
+    address, env = head_node
+    run_dir = tmp_path / "rm"
+    job = "rlhf-ray-train-rm-test"
+    submit = _ray(
+        [
+            "job", "submit", "--address", address, "--submission-id", job,
+            "--working-dir", str(REPO), "--runtime-env", "jobs/runtime_env_cpu.yaml",
+            "--", "rlhf-ray", "train-rm", "--config", "jobs/rm_hh.yaml",
+            "--run-dir", str(run_dir),
+            # the CPU test's share of the bundled sample: 1 epoch of 4 steps
+            "train.epochs=1", "train.batch_size=32", "data.eval_fraction=0.5",
+            "data.max_tokens=64", "data.max_prompt_tokens=32",
+        ],
+        env,
+        timeout=900,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    status = _ray(["job", "status", "--address", address, job], env)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    logs = _ray(["job", "logs", "--address", address, job], env).stdout
+    assert "rm parameters held per rank (rank 0:" in logs and "rank 1:" in logs  # 2 ranks
+    assert f"run dir: {run_dir}" in logs
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert "final/eval_accuracy" in rows[-1]
+    assert read_score_stats(run_dir / "reward_model") is not None
