@@ -35,10 +35,10 @@ from rlhf_ray.tokenization import (
 
 pytestmark = pytest.mark.slow
 
-STAGE = ["--in-process", "learner.engine=torch", "learner.num_ranks=1", "train.epochs=1",
+STAGE = ["learner.engine=torch", "learner.num_ranks=1", "train.epochs=1",
          "train.batch_size=8", "data.max_tokens=96", "data.max_prompt_tokens=64",
          "logging.progress=false"]  # fmt: skip
-PPO = ["--in-process", "policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
+PPO = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
        "rollout.num_workers=1", "logging.progress=false"]  # fmt: skip
 EVAL_KEYS = ("policy/reward_mean", "baseline/reward_mean", "win_rate", "kl_to_baseline",
              "policy/response_length", "baseline/response_length", "num_prompts")  # fmt: skip
@@ -77,10 +77,10 @@ def hh_pipeline(request, tmp_path_factory):
     train, heldout = hh_split(tmp)
     tok_args = tokenizer_args(kind, tmp)
     started = time.perf_counter()
-    cli("sft", *STAGE, "--run-dir", tmp / "sft", f"data.path={train}", *tok_args)
-    cli("train-rm", *STAGE, "--run-dir", tmp / "rm", f"data.path={train}",
+    cli("sft", "--in-process", "--run-dir", tmp / "sft", *STAGE, f"data.path={train}", *tok_args)
+    cli("train-rm", "--in-process", "--run-dir", tmp / "rm", *STAGE, f"data.path={train}",
         f"model.path={tmp / 'sft/model'}")  # fmt: skip
-    cli("ppo", *PPO, "--run-dir", tmp / "ppo", f"data.prompts={train}",
+    cli("ppo", "--in-process", "--run-dir", tmp / "ppo", *PPO, f"data.prompts={train}",
         f"policy.model.path={tmp / 'sft/model'}", f"reward.model.path={tmp / 'rm/reward_model'}",
         "value.init_from_reward=true", "train.rounds=2", "rollout.batch_size=8",
         "ppo.minibatch_size=8", "ppo.epochs=1")  # fmt: skip
@@ -92,7 +92,7 @@ def hh_pipeline(request, tmp_path_factory):
         cli("eval", "--in-process", *eval_args)
     else:  # on a local Ray cluster: the rollout pools, scorers and reward as actors
         request.getfixturevalue("ray_cluster")
-        cfg = load_eval_config(None, [str(a) for a in eval_args[6:]] + [
+        cfg = load_eval_config(None, [str(a) for a in eval_args[8:]] + [
             f"policy.path={tmp / 'ppo/policy'}", f"baseline.path={tmp / 'sft/model'}",
             f"reward.model.path={tmp / 'rm/reward_model'}"])  # fmt: skip
         from rlhf_ray.distributed.evaluation import RayEvalWorkers
@@ -140,7 +140,7 @@ def learnable(tmp_path_factory):
         "optim.lr=2e-3",
         "tokenizer.kind=hf", f"tokenizer.name_or_path={tmp / 'bpe'}", "logging.progress=false")  # fmt: skip
     rm = tmp / "rm/reward_model"
-    cli("ppo", *PPO, "--run-dir", tmp / "ppo", f"policy.model.path={policy}",
+    cli("ppo", "--in-process", "--run-dir", tmp / "ppo", *PPO, f"policy.model.path={policy}",
         f"reward.model.path={rm}", "data.chat_template=true", "train.rounds=15",
         "rollout.batch_size=16", "ppo.minibatch_size=8")  # fmt: skip
     cli("eval", "--in-process", "--run-dir", tmp / "eval", "--policy", tmp / "ppo/policy",
