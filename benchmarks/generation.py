@@ -1,8 +1,8 @@
 """Benchmark: sampling throughput of ``rlhf_ray.engines.generation.sample_responses`` on CPU.
 
 What it measures
-    New tokens per second of the rollout sampler (Hugging Face ``generate`` with a KV cache,
-    ``output_logits=True``, then EOS truncation and sampler logprobs) for:
+    New tokens per second of the rollout sampler (Hugging Face ``generate`` with a KV cache and
+    the per-row ``RowSampler``, then EOS truncation and sampler logprobs) for:
 
     - ``tiny``:  the embedded default policy (gpt2-tiny, hidden 64, 2 layers, 4 heads);
     - ``h256``:  gpt2-tiny hidden 256, 6 layers, 8 heads (the "~10M" shape; with the built-in
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_call(model, ids, mask, params, tok, seed: int) -> dict[str, float]:
     start = time.perf_counter()
-    out = sample_responses(model, ids, mask, params, tok.eos_id, tok.pad_id, seed=seed)
+    seeds = [seed * 1000 + i for i in range(len(ids))]  # one generator per row, as in a run
+    out = sample_responses(model, ids, mask, params, tok.eos_id, tok.pad_id, seeds)
     seconds = time.perf_counter() - start
     lengths = out["response_mask"].sum(-1)
     all_done = bool(out["has_eos"].all())

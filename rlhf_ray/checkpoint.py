@@ -3,8 +3,8 @@
 A checkpoint is ``RUN/checkpoints/round_XXXXXX/`` holding the policy and critic in Hugging Face
 format (``policy/`` with its tokenizer, ``value/``), the learners' training state
 (``policy_state/``, ``value_state/``: weights and optimizer, ZeRO-partitioned per rank under
-DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient) and the
-resolved ``config.yaml``. It is written to a temp dir, every file fsynced, and renamed into place
+DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient, running
+score statistics) and the resolved ``config.yaml``. It is written to a temp dir, every file fsynced, and renamed into place
 when complete; only then are older checkpoints removed. Resume picks the newest directory that
 holds every part, so a checkpoint cut off mid-write is never picked. No RNG state is needed:
 sampling seeds and minibatch shuffles derive from ``(train.seed, round)``.

@@ -154,7 +154,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from rlhf_ray.driver import new_run_dir
+    from rlhf_ray.preflight import preflight_stage
     from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
+
+    preflight_stage(cfg)  # before any actor starts
 
     role = sft_role(cfg) if sft else rm_role(cfg)  # type: ignore[arg-type]
     run = run_sft if sft else run_train_rm

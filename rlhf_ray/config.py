@@ -136,10 +136,21 @@ class RewardConfig(ScorerConfig):
         "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
         "tokenizer is fed the rollout text encoded with that tokenizer.",
     )
-    normalize: bool = Field(False, description="Standardise scores over each round's batch.")
-    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+    normalize: Literal["auto", "running", "batch", "model", "off"] = Field(
+        "auto",
+        description="Standardise scores with: 'running' mean/std of every score so far (kept in "
+        "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
+        "statistics, or 'off'. 'auto': running for a reward model, off for a function.",
+    )
+    clip: float | None = Field(
+        None, gt=0, description="Clip the shaped scores (after the penalty) to [-clip, clip]."
+    )
     missing_eos_penalty: float | None = Field(
-        None, description="Score given to a response that never emits EOS (null: off)."
+        None,
+        ge=0,
+        description="Subtracted from the (normalised) score of a response that never emits EOS, "
+        "as TRL does: score - penalty, so a penalty of 1 costs one standard deviation when "
+        "scores are normalised (null: off).",
     )
 
     @model_validator(mode="before")
@@ -155,6 +166,11 @@ class RewardConfig(ScorerConfig):
         if (self.function is None) == (self.model is None):
             raise ValueError(
                 "set exactly one of `function` and `model` (set function=null to use the model)"
+            )
+        if self.normalize == "model" and (self.model is None or self.model.path is None):
+            raise ValueError(
+                "normalize 'model' reads the statistics stored with a saved reward model: "
+                "set model.path, or use normalize 'running'"
             )
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")
@@ -213,8 +229,21 @@ class RolloutConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Rollout generator actors.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also in logprobs).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Top-k sampling (0: off). The sampler records, and the policy's old and new "
+        "log-probs and entropy use, this filtered distribution; the reference does not.",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
+    micro_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Rows generated together (one `generate` call). The round's rows are cut "
+        "into micro-batches counted from its first row and dealt whole to the workers, so a "
+        "row is computed beside the same rows, and sampled identically, whatever "
+        "rollout.num_workers is.",
+    )
     num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
     num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")
 
@@ -235,6 +264,13 @@ class PPOConfig(_Section):
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon (samples).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
     whiten_advantages: bool = Field(True, description="Whiten advantages over valid tokens.")
+    critic_warmup_rounds: int = Field(
+        0,
+        ge=0,
+        description="For the first N rounds only the value model is updated, not the policy "
+        "(metric `ppo/critic_warmup` is 1 then): the usual remedy when the critic starts from "
+        "a reward model or a fresh head.",
+    )
 
 
 class TrainConfig(_Section):

@@ -18,7 +18,6 @@ import torch
 from rlhf_ray.algo import (
     AdaptiveKLController,
     FixedKLController,
-    apply_missing_eos_penalty,
     compute_gae,
     explained_variance,
     kl_penalized_rewards,
@@ -32,14 +31,15 @@ from rlhf_ray.checkpoint import (
     save_model_dirs,
     truncate_metrics,
 )
-from rlhf_ray.config import Config, PPOConfig, RewardConfig, policy_tokenizer, to_yaml
+from rlhf_ray.config import Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_set
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
-from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
+from rlhf_ray.reward_shaping import ScoreShaper
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
 from rlhf_ray.workers.interface import StaleWeightsError, Workers
 
 # --------------------------------------------------------------------------------------------
@@ -88,21 +88,18 @@ def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLControl
 
 
 def tokenize_prompts(
-    tokenizer: Tokenizer, prompts: list[str], index: list[int], max_tokens: int
-) -> PromptBatch:
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    index: list[int],
+    max_tokens: int,
+    template_start: str | None = None,
+) -> tuple[PromptBatch, int]:
+    """The round's rows, encoded as the tokenizer does by default (BOS for Llama), each with
+    its sample index (seeds its sampling); and how many prompts were cut to ``max_tokens``."""
     texts = [prompts[i] for i in index]
-    ids, mask = tokenizer.encode_batch_left_padded(texts, max_tokens)
-    return PromptBatch(ids, mask, torch.tensor(index, dtype=torch.long), texts)
-
-
-def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward: RewardConfig) -> torch.Tensor:
-    """Missing-EOS penalty, then optional batch normalisation and clipping of raw scores."""
-    scores = apply_missing_eos_penalty(scores, has_eos, reward.missing_eos_penalty)
-    if reward.normalize and len(scores) > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-    if reward.clip is not None:
-        scores = scores.clamp(-reward.clip, reward.clip)
-    return scores
+    ids, mask, truncated = encode_prompts(tokenizer, texts, max_tokens, template_start)
+    prompt_index = torch.tensor(index, dtype=torch.long)
+    return PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index)), truncated
 
 
 def compute_advantages(
@@ -110,11 +107,11 @@ def compute_advantages(
     scored: dict[str, torch.Tensor],
     kl_coef: float,
     ppo: PPOConfig,
-    reward: RewardConfig,
 ) -> tuple[PPOBatch, dict[str, float]]:
-    """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math)."""
+    """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math).
+    ``scored["scores"]`` are the shaped scores (``ScoreShaper``)."""
     mask = rollout.response_mask
-    scores = shape_scores(scored["scores"], rollout.has_eos, reward)
+    scores = scored["scores"]
     rewards, kl = kl_penalized_rewards(
         scores, scored["old_logprobs"], scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
     )
@@ -140,6 +137,9 @@ def compute_advantages(
         "rollout/logprob_gap": float(
             masked_mean((rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)
         ),
+        "rollout/outside_filter_tokens": int(scored["outside_filter"].sum())
+        if "outside_filter" in scored
+        else 0,
     }
     return batch, stats
 
@@ -184,6 +184,7 @@ def resume_from_checkpoint(
     run_dir: Path,
     sampler: PromptSampler,
     kl_ctl: FixedKLController | AdaptiveKLController,
+    shaper: ScoreShaper | None = None,
 ) -> int:
     """Restore the newest complete checkpoint of ``run_dir``; returns the round to start at."""
     checkpoint = latest_checkpoint(run_dir)
@@ -196,6 +197,8 @@ def resume_from_checkpoint(
     workers.load_state(checkpoint)
     sampler.load_state_dict(state["sampler"])
     kl_ctl.load_state_dict(state["kl_ctl"])
+    if shaper is not None and "score_shaper" in state:
+        shaper.load_state_dict(state["score_shaper"])
     truncate_metrics(run_dir / "metrics.jsonl", state["round"])
     print(f"[rlhf_ray] resumed from {checkpoint}", flush=True)
     return state["round"] + 1
@@ -209,7 +212,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)
-    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl) if resume else 0
+    shaper = ScoreShaper(cfg.reward)  # normalise, missing-EOS penalty, clip
+    template_start = chat_template_start(tokenizer) if cfg.data.chat_template else None
+    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl, shaper) if resume else 0
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log = MetricsLog(
         run_dir / "metrics.jsonl",
@@ -229,7 +234,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 1. generate: split the prompt batch over the rollout pool
         with timer.phase("generate"):
             index = sampler.next_batch()
-            batch = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            batch, truncated = tokenize_prompts(
+                tokenizer, prompts, index, cfg.data.max_prompt_tokens, template_start
+            )
             rollout = workers.generate(batch, round_index, version)
             check_rollout(rollout, version, index)
 
@@ -239,9 +246,8 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
 
         # 3. advantage: KL-penalised per-token rewards, GAE, whitening (on the driver)
         with timer.phase("advantage"):
-            ppo_batch, adv_stats = compute_advantages(
-                rollout, scored, kl_ctl.value, cfg.ppo, cfg.reward
-            )
+            shaped = {**scored, "scores": shaper(scored["scores"], rollout.has_eos)}
+            ppo_batch, adv_stats = compute_advantages(rollout, shaped, kl_ctl.value, cfg.ppo)
 
         # 4. update: PPO epochs x minibatches on the policy and value learners
         with timer.phase("update"):
@@ -259,6 +265,9 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             "weights/version": version,
             **rollout_stats(rollout, scored["scores"], times["time/generate"]),
             **adv_stats,
+            **shaper.stats(),
+            "data/truncated_prompts": truncated,
+            "ppo/critic_warmup": float(round_index < cfg.ppo.critic_warmup_rounds),
             **{f"ppo/{k}": v for k, v in train_stats.items()},
             "ppo/skipped_steps": sum(
                 v for k, v in train_stats.items() if k.endswith("skipped_steps")
@@ -271,7 +280,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         log.write(row)
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
             state = {"round": round_index, "kl_ctl": kl_ctl.state_dict(),
-                     "sampler": sampler.state_dict()}  # fmt: skip
+                     "sampler": sampler.state_dict(), "score_shaper": shaper.state_dict()}  # fmt: skip
             save_checkpoint(workers, tokenizer, cfg, run_dir, state)
 
     save_model_dirs(workers, tokenizer, run_dir)

@@ -15,6 +15,7 @@ import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rlhf_ray.checkpoint import CHECKPOINT_PARTS, check_resumable, is_complete
 from rlhf_ray.config import (
@@ -148,6 +149,29 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_prompts(cfg, tokenizer)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
+
+
+def check_data_file(setting: str, path: str, split: str, skip_bad_rows: bool) -> None:
+    """A data source opens, is not empty and (JSON lines) every line is a UTF-8 JSON object,
+    unless bad rows are to be skipped."""
+    from rlhf_ray.data.sources import load_table
+
+    try:
+        load_table(path, split=split, skip_bad_lines=skip_bad_rows)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{setting}: {exc}") from None
+
+
+def preflight_stage(cfg: Any) -> None:
+    """The checks of ``rlhf-ray sft`` / ``train-rm`` (a ``stage_config`` config): the model and
+    tokenizer paths, and the data files."""
+    check_model("model", cfg.model)
+    if cfg.tokenizer is not None:
+        check_tokenizer(cfg.tokenizer)
+    data = cfg.data
+    check_data_file("data.path", data.path, data.split, data.skip_bad_rows)
+    if data.eval_path is not None:
+        check_data_file("data.eval_path", data.eval_path, data.split, data.skip_bad_rows)
 
 
 def load_tokenizer(tok: TokenizerConfig, what: str) -> Tokenizer:

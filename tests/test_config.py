@@ -83,7 +83,8 @@ def test_override_values_are_parsed_as_yaml_scalars():
             "policy.optim.weight_decay=1e-2",  # float written in e-notation
             "logging.progress=false",  # bool
             "reward.clip=null",  # null
-            "reward.missing_eos_penalty=-1.0",  # negative float
+            "reward.missing_eos_penalty=1.5",  # float
+            "train.seed=-3",  # negative int
             "policy.model.hidden_size=32",  # nested three levels deep
         ],
     )
@@ -92,7 +93,8 @@ def test_override_values_are_parsed_as_yaml_scalars():
     assert cfg.policy.optim.weight_decay == pytest.approx(1e-2)
     assert cfg.logging.progress is False
     assert cfg.reward.clip is None
-    assert cfg.reward.missing_eos_penalty == -1.0
+    assert cfg.reward.missing_eos_penalty == 1.5
+    assert cfg.train.seed == -3
     assert cfg.policy.model.hidden_size == 32
 
 

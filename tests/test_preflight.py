@@ -150,3 +150,17 @@ def test_the_command_exits_within_seconds_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "typo.jsonl" in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("command", ["sft", "train-rm"])
+def test_stages_check_their_data_and_model_before_ray(no_ray, capsys, command):
+    bad = _write(no_ray / "pairs.jsonl", [b'{"chosen": "a", "rejected": "b"}', b"{oops"])
+    assert "pairs.jsonl, line 2" in _fails_as(capsys, command, f"data.path={bad}")
+    assert "model.path" in _fails_as(capsys, command, "model.path=/no/such/model")
+
+
+def _fails_as(capsys, command: str, *args: str) -> str:
+    assert cli.main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf-ray:") and "Traceback" not in err
+    return err

@@ -11,11 +11,19 @@ from rlhf_ray.algo.advantages import (
 from rlhf_ray.algo.comparison import sequence_kl, win_rate
 from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
 from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
+from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo.sampling import (
+    entropy_of_scores,
+    gumbel_noise,
+    label_logprobs,
+    process_logits,
+)
 from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
 __all__ = [
     "AdaptiveKLController",
+    "RunningMoments",
     "FixedKLController",
     "apply_missing_eos_penalty",
     "bradley_terry_loss",
@@ -36,4 +44,9 @@ __all__ = [
     "truncate_after_eos",
     "value_loss",
     "win_rate",
+    "entropy_of_scores",
+    "gumbel_noise",
+    "label_logprobs",
+    "process_logits",
+    "standardize",
 ]

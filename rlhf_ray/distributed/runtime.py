@@ -30,7 +30,7 @@ from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfal
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import LearnerLostError, mean_stats, shard_seed, split_rows
+from rlhf_ray.workers.interface import LearnerLostError, mean_stats, round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -88,7 +88,7 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             try:
                 ray.get(h.ping.remote(), timeout=1)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                break
+                break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
             time.sleep(0.1)
 
 
@@ -119,6 +119,7 @@ def _get_all(
     phase: str = "",
     timeout_s: float | None = None,
     on_timeout: Callable[[list[str]], bool] | None = None,
+    resubmit: Callable[[str], Any] | None = None,
 ) -> list[Any]:
     """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
     learner rank would otherwise be waited on until the collective timeout.
@@ -126,8 +127,11 @@ def _get_all(
     Waits at most ``timeout_s`` (between answers of a late actor's restarts): past it,
     ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
     late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
-    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase."""
+    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase; the call of
+    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref."""
+    refs = list(refs)
     label = dict(zip(refs, names or [""] * len(refs), strict=True))
+    slot = {r: i for i, r in enumerate(refs)}
     pending = list(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
@@ -141,10 +145,16 @@ def _get_all(
             _raise_late(late, phase, timeout_s)
         try:
             ray.get(ready)
-        except ray.exceptions.RayActorError:
-            if _is_learner(label[ready[0]]):
-                raise LearnerLostError(f"learner {label[ready[0]]} died during {phase}") from None
-            raise
+        except ray.exceptions.RayActorError:  # also ActorUnavailableError (a lost node)
+            name = label[ready[0]]
+            if _is_learner(name):
+                raise LearnerLostError(f"learner {name} died during {phase}") from None
+            again = resubmit(name) if resubmit is not None else None
+            if again is None:
+                raise
+            refs[slot[ready[0]]] = again
+            label[again], slot[again] = name, slot[ready[0]]
+            pending.append(again)
     return ray.get(refs)
 
 
@@ -315,8 +325,8 @@ class RolloutPool:
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
         its shard redone with the same seed: no prompt is lost or sampled twice."""
-        parts = split_rows(len(prompts), len(self.workers))
-        seeds = [shard_seed(self.seed, round_index, i) for i in range(len(parts))]
+        parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
+        seeds = [round_seed(self.seed, round_index)] * len(parts)  # rows seed by index
         pending = {
             self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
             for i, rows in enumerate(parts)
@@ -404,6 +414,7 @@ class RayWorkers:
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
             temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )  # fmt: skip
         self.value = LearnerGroup(
             "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
@@ -485,6 +496,18 @@ class RayWorkers:
             ray.kill(handles[name], no_restart=False)
         return True
 
+    def _retry_scorer(self, name: str, rollout_ref: Any) -> Any:
+        """The call of a scorer that died or became unreachable (its node was lost) beyond
+        Ray's own retries: sent again once Ray has restarted it; None when it keeps failing."""
+        if self.scorer_restarts >= 10:
+            return None
+        self.scorer_restarts += 1
+        print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
+        time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
+        if name == "reference":
+            return self.reference.logprobs.remote(rollout_ref)
+        return self.reward.score.remote(rollout_ref)
+
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
@@ -516,17 +539,18 @@ class RayWorkers:
         n_pol = self.cfg.policy.num_ranks
         refs = (
             [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
-            + self.policy.call("logprobs", ref)
+            + self.policy.call("old_logprobs", ref)
             + self.value.call("values", ref)
         )
         names = ["reference", "reward", *self.policy.names, *self.value.names]
         ref_logprobs, scores, *ranks = _get_all(
-            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers
-        )
+            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
+            lambda name: self._retry_scorer(name, ref),
+        )  # fmt: skip
         return {
             "ref_logprobs": ref_logprobs,
             "scores": scores,
-            "old_logprobs": torch.cat(ranks[:n_pol]),
+            **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
             "values": torch.cat(ranks[n_pol:]),
         }
 

@@ -171,7 +171,7 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
 
         # 1. generate: both policies sample every prompt, with the same seed per prompt
         with timer.phase("generate"):
-            batch = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            batch, _ = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
             samples = workers.generate(batch, step)
             for rollout in samples.values():
                 check_rollout(rollout, LOADED, index)

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.interface import shard_seed, split_rows
+from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 
@@ -25,8 +25,8 @@ LOADED = -1
 
 class EvalWorkers(Protocol):
     def generate(self, prompts: PromptBatch, step: int) -> dict[str, Rollout]:
-        """Both policies sample every prompt, shard ``i`` of step ``s`` with the seed
-        ``shard_seed(eval.seed, s, i)`` for both; ``{"policy": ..., "baseline": ...}``."""
+        """Both policies sample every prompt, each row seeded by (eval.seed, step, its prompt
+        index) for both; ``{"policy": ..., "baseline": ...}``."""
 
     def score(self, samples: dict[str, Rollout]) -> dict[str, torch.Tensor]:
         """``policy/scores``, ``baseline/scores`` (B,) from the reward; ``policy/logprobs`` and
@@ -38,7 +38,7 @@ class EvalWorkers(Protocol):
 
 class InProcessEvalWorkers:
     """One generator and one log-prob scorer per policy, and the reward scorer, as plain
-    objects. Prompts are split into ``rollout.num_workers`` shards seeded as on Ray."""
+    objects. Prompts are split into shards as on Ray; rows seed by their index."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
@@ -50,15 +50,11 @@ class InProcessEvalWorkers:
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
 
     def generate(self, prompts: PromptBatch, step: int) -> dict[str, Rollout]:
-        parts = split_rows(len(prompts), self.cfg.rollout.num_workers)
-        seed = self.cfg.eval.seed
+        r = self.cfg.rollout
+        parts = shard_rows(len(prompts), r.num_workers, r.micro_batch_size)
+        seed = round_seed(self.cfg.eval.seed, step)  # each row seeds by its prompt index
         return {
-            m: Rollout.concat(
-                [
-                    gen.generate(prompts.select(rows), shard_seed(seed, step, i), LOADED)
-                    for i, rows in enumerate(parts)
-                ]
-            )  # fmt: skip
+            m: Rollout.concat([gen.generate(prompts.select(rows), seed, LOADED) for rows in parts])
             for m, gen in self.generators.items()
         }
 

@@ -15,7 +15,7 @@ import torch
 
 from rlhf_ray.config import policy_tokenizer, value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
-from rlhf_ray.workers.interface import shard_seed, split_rows
+from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -35,7 +35,7 @@ class InProcessWorkers:
         bad = cfg.train.max_bad_steps
         self.policy = PolicyLearner(
             cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-            max_bad_steps=bad,
+            max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )  # fmt: skip
         self.value = ValueLearner(
             cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed, max_bad_steps=bad
@@ -75,20 +75,19 @@ class InProcessWorkers:
             self.generators.append(gen)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
-        parts = split_rows(len(prompts), len(self.generators))
+        parts = shard_rows(len(prompts), len(self.generators), self.cfg.rollout.micro_batch_size)
+        seed = round_seed(self.cfg.train.seed, round_index)
         return Rollout.concat(
             [
-                gen.generate(
-                    prompts.select(rows), shard_seed(self.cfg.train.seed, round_index, i), version
-                )
-                for i, (gen, rows) in enumerate(zip(self.generators, parts, strict=False))
+                gen.generate(prompts.select(rows), seed, version)
+                for gen, rows in zip(self.generators, parts, strict=False)
             ]
         )
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         return {
             "ref_logprobs": self.reference.logprobs(rollout),
-            "old_logprobs": self.policy.logprobs(rollout),
+            **self.policy.old_logprobs(rollout),
             "values": self.value.values(rollout),
             "scores": self.reward.score(rollout),
         }

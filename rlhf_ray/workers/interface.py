@@ -3,11 +3,14 @@
 ``run_ppo`` talks only to ``Workers``. Two implementations satisfy it: ``InProcessWorkers``
 (plain objects, one process: tests and debugging) and ``rlhf_ray.distributed.RayWorkers``
 (the same classes as Ray actors). Helpers here are shared by both so that they split work and
-seed sampling identically.
+seed sampling identically: a round's rows are dealt to workers in whole chunks
+(``shard_rows``) and each row is seeded by (seed, round, prompt index, sample index)
+(``row_seeds``), so the samples do not depend on the pool size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -37,7 +40,8 @@ class Workers(Protocol):
         """Split ``prompts`` over the rollout pool; every sample carries ``version``."""
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R) and raw ``scores`` (B,)."""
+        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R), raw ``scores`` (B,) and
+        ``outside_filter`` (B, R) bool: sampled tokens outside the policy's top-k / top-p set."""
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         """PPO epochs on the policy and value learners; returns averaged stats."""
@@ -74,9 +78,29 @@ def split_rows(num_rows: int, num_parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def shard_seed(seed: int, round_index: int, shard: int) -> int:
-    """Sampling seed of one shard of one round: identical in-process and on Ray."""
-    return (seed * 1_000_003 + round_index * 10_007 + shard) % (2**31)
+def shard_rows(num_rows: int, num_workers: int, chunk_rows: int) -> list[slice]:
+    """Contiguous shards of ``range(num_rows)``, one per worker (fewer if there are fewer
+    chunks), made of whole chunks of ``chunk_rows`` rows counted from row 0 of the round.
+
+    A worker generates its shard chunk by chunk, so each row is computed in the same chunk,
+    beside the same rows, whatever the number of workers: the floats, and so the samples, do
+    not depend on the pool size."""
+    chunks = split_rows(-(-num_rows // chunk_rows), num_workers) if num_rows else []
+    return [slice(c.start * chunk_rows, min(c.stop * chunk_rows, num_rows)) for c in chunks]
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of one round (rows derive theirs with ``row_seeds``)."""
+    return (seed * 1_000_003 + round_index * 10_007) % (2**31)
+
+
+def row_seeds(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> list[int]:
+    """One sampling seed per row from (round seed, prompt index, sample index) only: never
+    from the shard or the worker, so a row draws the same sample on any pool size."""
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}/{p}/{s}".encode(), digest_size=8).digest()) >> 1
+        for p, s in zip(prompt_index.tolist(), sample_index.tolist(), strict=True)
+    ]
 
 
 def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -186,7 +186,11 @@ class PolicyLearner(_Rank):
         seed: int = 0,
         num_threads: int | None = None,
         max_bad_steps: int = 3,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ):
+        """``temperature``, ``top_k``, ``top_p``: the sampler's (``rollout.*``); the policy's
+        log-probs and entropy are those of the distribution the rollout samples from."""
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(
             policy_cfg,
@@ -196,21 +200,28 @@ class PolicyLearner(_Rank):
             world_size,
             seed,
             num_threads,
-            max_bad_steps,
+            max_bad_steps=max_bad_steps,
         )
         self.tokenizer = tok
-        self.temperature = temperature
+        self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
+                                         "top_p": top_p}  # fmt: skip
 
     @torch.no_grad()
-    def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """Old log-probs of this rank's rows (recomputed here, not taken from the sampler)."""
+    def old_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Old log-probs ``(B, R)`` of this rank's rows (recomputed here, not taken from the
+        sampler), and ``outside_filter (B, R)``: response tokens that lie outside this policy's
+        top-k / top-p set although the sampler drew them (float differences at the edge)."""
         mine = rollout.select(self.my_rows(len(rollout)))
 
         def forward(part: Rollout) -> torch.Tensor:
-            return response_logprobs(self.module, part.input_ids, part.attention_mask,
-                                     part.prompt_len, self.temperature)[0]  # fmt: skip
+            outside: list[torch.Tensor] = []
+            logprobs, _ = response_logprobs(self.module, part.input_ids, part.attention_mask,
+                                            part.prompt_len, **self.sampling, outside=outside)  # fmt: skip
+            return torch.stack([logprobs, outside[0].float()], -1)
 
-        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
+        both = in_chunks(mine, self.micro_batch, self.device, forward)
+        mask = mine.response_mask
+        return {"old_logprobs": both[..., 0] * mask, "outside_filter": (both[..., 1] * mask) > 0}
 
     @torch.no_grad()
     def greedy(
@@ -223,14 +234,20 @@ class PolicyLearner(_Rank):
                                        self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        """PPO epochs; none in the first ``ppo.critic_warmup_rounds`` rounds (the critic
+        learns alone then), which return no stats."""
+        if round_index < self.ppo.critic_warmup_rounds:
+            return {}
+
         def loss_fn(mb: PPOBatch):
             logprobs, entropy = response_logprobs(
                 self.module,
                 mb.input_ids,
                 mb.attention_mask,
                 mb.prompt_len,
-                self.temperature,
+                **self.sampling,
                 with_entropy=True,
+                entropy_grad=self.ppo.entropy_coef > 0,
             )
             loss, stats = policy_loss(
                 logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, self.ppo.clip_eps
@@ -238,7 +255,9 @@ class PolicyLearner(_Rank):
             assert entropy is not None
             ent = masked_mean(entropy, mb.response_mask)
             stats = {**stats, "entropy": ent.detach()}
-            return loss - self.ppo.entropy_coef * ent, stats
+            if self.ppo.entropy_coef > 0:
+                loss = loss - self.ppo.entropy_coef * ent
+            return loss, stats
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["policy_loss"] = stats.pop("loss")
@@ -273,7 +292,7 @@ class ValueLearner(_Rank):
             world_size,
             seed,
             num_threads,
-            max_bad_steps,
+            max_bad_steps=max_bad_steps,
         )
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_num
 from rlhf_ray.models.weights import NumpyWeights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.interface import StaleWeightsError
+from rlhf_ray.workers.interface import StaleWeightsError, row_seeds
 
 
 class RolloutGenerator:
@@ -35,6 +35,7 @@ class RolloutGenerator:
             rollout_cfg.top_k,
             rollout_cfg.top_p,
         )
+        self.micro_batch_size = rollout_cfg.micro_batch_size
         self.version = -1  # no weights received yet
 
     def set_weights(self, weights: NumpyWeights, version: int) -> int:
@@ -43,6 +44,8 @@ class RolloutGenerator:
         return version
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
+        """Sample ``prompts`` (whole micro-batches of the round, see ``shard_rows``), each row
+        seeded by (``seed``: the round's, its prompt index, its sample index)."""
         if self.version != expected_version:
             raise StaleWeightsError(
                 f"rollout worker {self.worker_id} holds weights v{self.version}, "
@@ -56,7 +59,8 @@ class RolloutGenerator:
             self.params,
             self.tokenizer.eos_id,
             self.tokenizer.pad_id,
-            seed,
+            row_seeds(seed, prompts.prompt_index, prompts.sample_index),
+            self.micro_batch_size,
         )
         out = {k: v.cpu() for k, v in out.items()}
         responses = [
@@ -68,6 +72,7 @@ class RolloutGenerator:
             prompt_ids=prompts.prompt_ids,
             prompt_mask=prompts.prompt_mask,
             prompt_index=prompts.prompt_index,
+            sample_index=prompts.sample_index,
             response_ids=out["response_ids"],
             response_mask=out["response_mask"],
             has_eos=out["has_eos"],
