@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rlhf_ray.config import Config, load_config, to_yaml
 from rlhf_ray.errors import UserError
@@ -69,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument(
             "--in-process", action="store_true", help="one rank in this process, no Ray"
         )
+
+    evaluate = sub.add_parser(
+        "eval", help="compare a tuned policy with its baseline on held-out prompts"
+    )
+    _config_args(evaluate)
+    evaluate.add_argument("--policy", help="the tuned policy's model directory (policy.path)")
+    evaluate.add_argument("--baseline", help="the baseline's model directory (baseline.path)")
+    evaluate.add_argument(
+        "--reward-model", help="the judging reward model's directory (reward.model.path)"
+    )
+    evaluate.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    evaluate.add_argument(
+        "--run-dir", type=Path, help="where eval.json/eval.md go (default: a new ./runs/eval-*)"
+    )
+    evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    evaluate.add_argument(
+        "--in-process", action="store_true", help="run every role in this process, no Ray"
+    )
 
     plan = sub.add_parser("plan", help="print the actor/resource plan and check it fits")
     _config_args(plan)
@@ -166,6 +187,47 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlhf_ray.stage_config import load_eval_config
+
+    flags = {"policy.path": args.policy, "baseline.path": args.baseline,
+             "reward.model.path": args.reward_model}  # fmt: skip
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg = load_eval_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from rlhf_ray.driver import new_run_dir
+    from rlhf_ray.preflight import check_eval_models
+    from rlhf_ray.stages.evaluate import run_eval
+
+    check_eval_models(cfg)
+    run_dir = args.run_dir or new_run_dir(prefix="eval")
+    if args.in_process:
+        from rlhf_ray.workers.evaluation import InProcessEvalWorkers
+
+        workers: Any = InProcessEvalWorkers(cfg)
+        try:
+            run_eval(cfg, workers, run_dir)
+        finally:
+            workers.close()
+    else:
+        from rlhf_ray.distributed import connect, disconnect
+        from rlhf_ray.distributed.evaluation import RayEvalWorkers
+
+        connect(cfg, args.address)
+        try:
+            workers = RayEvalWorkers(cfg)
+            try:
+                run_eval(cfg, workers, run_dir)
+            finally:
+                workers.close()
+        finally:
+            disconnect()
+    print(f"run dir: {run_dir.resolve()}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)  # config errors first, before importing ray
     from rlhf_ray.distributed.plan import check_plan
@@ -186,7 +248,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"ppo": cmd_ppo, "plan": cmd_plan, "scale": cmd_scale, "sft": cmd_stage,
+    handlers = {"ppo": cmd_ppo, "eval": cmd_eval, "plan": cmd_plan, "scale": cmd_scale, "sft": cmd_stage,
                 "train-rm": cmd_stage}  # fmt: skip
     try:
         return handlers[args.command](args)

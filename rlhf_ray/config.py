@@ -8,6 +8,7 @@ paragraph naming the offending field, which the CLI prints without a traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -118,15 +119,22 @@ class ReferenceConfig(ScorerConfig):
     model: ModelSpec | None = Field(None, description="Null: the initial policy's weights.")
 
 
+DEFAULT_REWARD_FUNCTION = "rlhf_ray.rewards:lowercase_fraction"
+
+
 class RewardConfig(ScorerConfig):
     """Where the scalar score of a response comes from: a function or a reward model."""
 
     function: str | None = Field(
-        "rlhf_ray.rewards:lowercase_fraction",
-        description="'package.module:callable' called as fn(prompts, responses) -> list[float].",
+        None,
+        description="'package.module:callable' called as fn(prompts, responses) -> list[float]. "
+        f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` is given, else the model.",
     )
     model: ModelSpec | None = Field(
-        None, description="Reward model (sequence-classification checkpoint); excludes function."
+        None,
+        description="Reward model (sequence-classification checkpoint, e.g. RUN/reward_model of "
+        "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
+        "tokenizer is fed the rollout text encoded with that tokenizer.",
     )
     normalize: Literal["auto", "running", "batch", "model", "off"] = Field(
         "auto",
@@ -145,10 +153,20 @@ class RewardConfig(ScorerConfig):
         "scores are normalised (null: off).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_function(cls, data: Any) -> Any:
+        """An unset `function` means the built-in one only when no `model` is given."""
+        if isinstance(data, dict) and "function" not in data and data.get("model") is None:
+            return {**data, "function": DEFAULT_REWARD_FUNCTION}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
         if (self.function is None) == (self.model is None):
-            raise ValueError("set exactly one of `function` and `model`")
+            raise ValueError(
+                "set exactly one of `function` and `model` (set function=null to use the model)"
+            )
         if self.normalize == "model" and (self.model is None or self.model.path is None):
             raise ValueError(
                 "normalize 'model' reads the statistics stored with a saved reward model: "
@@ -160,21 +178,24 @@ class RewardConfig(ScorerConfig):
 
 
 class TokenizerConfig(_Section):
-    """The tokenizer shared by every role."""
+    """The tokenizer of the policy (shared by the policy, reference, critic and rollout roles;
+    a reward model directory with its own tokenizer uses that one)."""
 
-    kind: Literal["bytes", "tiktoken", "hf"] = Field(
-        "bytes",
-        description="'bytes': built-in offline byte-level encoding; 'tiktoken': an encoding name "
-        "or local .tiktoken file; 'hf': a Hugging Face tokenizer path or hub id.",
+    kind: Literal["auto", "bytes", "tiktoken", "hf"] = Field(
+        "auto",
+        description="'auto': the policy model directory's own tokenizer if it holds one "
+        "(e.g. RUN/model of `rlhf-ray sft`), else 'bytes'; 'bytes': built-in offline byte-level "
+        "encoding; 'tiktoken': an encoding name or local .tiktoken file; 'hf': a Hugging Face "
+        "tokenizer path or hub id.",
     )
     name_or_path: str | None = Field(None, description="Encoding name, file or HF path.")
 
     @model_validator(mode="after")
     def _needs_name(self) -> TokenizerConfig:
-        if self.kind != "bytes" and not self.name_or_path:
+        if self.kind in ("tiktoken", "hf") and not self.name_or_path:
             raise ValueError(f"kind {self.kind!r} needs `name_or_path`")
-        if self.kind == "bytes" and self.name_or_path:
-            raise ValueError("kind 'bytes' is built in and takes no `name_or_path`")
+        if self.kind in ("bytes", "auto") and self.name_or_path:
+            raise ValueError(f"kind {self.kind!r} takes no `name_or_path`")
         return self
 
 
@@ -368,6 +389,41 @@ class Config(_Section):
         if self.value.init_from_reward and self.reward.model is None:
             raise ValueError("value.init_from_reward needs reward.model")
         return self
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:
+    """The tokenizer a model comes with: a local directory's saved Hugging Face tokenizer, or
+    (a path that is not local: a hub id) the hub repo's; None for a directory without one."""
+    if model_path is None:
+        return None
+    path = os.path.expanduser(model_path)
+    if not os.path.exists(path) or any(
+        os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES
+    ):
+        return TokenizerConfig(kind="hf", name_or_path=path)
+    return None
+
+
+def resolve_tokenizer(tok: TokenizerConfig, model_path: str | None) -> TokenizerConfig:
+    """``tok`` itself unless its kind is 'auto'; then the tokenizer the model at ``model_path``
+    comes with, else the built-in bytes."""
+    if tok.kind != "auto":
+        return tok
+    return model_tokenizer(model_path) or TokenizerConfig(kind="bytes")
+
+
+def policy_tokenizer(cfg: Config) -> TokenizerConfig:
+    """The policy's tokenizer, resolved (see ``TokenizerConfig.kind``)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.policy.model.path)
+
+
+def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> TokenizerConfig:
+    """The reward model's own tokenizer when it comes with one, else the policy's."""
+    own = model_tokenizer(reward.model.path) if reward.model is not None else None
+    return own or policy_tok
 
 
 def value_init_spec(cfg: Config) -> ModelSpec:

@@ -31,7 +31,7 @@ from rlhf_ray.checkpoint import (
     save_model_dirs,
     truncate_metrics,
 )
-from rlhf_ray.config import Config, PPOConfig, to_yaml
+from rlhf_ray.config import Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_set
@@ -208,7 +208,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times
     (from the newest checkpoint of ``run_dir`` on, if ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    tokenizer = build_tokenizer(policy_tokenizer(cfg))
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)

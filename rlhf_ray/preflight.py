@@ -4,7 +4,9 @@ Starting a cluster's actors can take many minutes; a typo in a data path should 
 Each check raises a ``UserError`` whose message names the setting, the file, the line and the
 field, so the CLI prints one paragraph and exits non-zero within seconds. ``preflight_ppo`` runs
 them all for ``rlhf-ray ppo``; other stages call the pieces they need (``check_model``,
-``check_tokenizer``, ``check_prompts``, ``check_reward``, ``check_resume``).
+``check_tokenizer``, ``check_prompts``, ``check_reward``, ``check_resume``; ``rlhf-ray eval``:
+``check_eval_models``). Tokenizers are checked as resolved: an unset (``auto``) tokenizer is the
+one saved in the policy's model directory, and a reward model may bring its own.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ray.checkpoint import CHECKPOINT_PARTS, check_resumable, is_complete
-from rlhf_ray.config import Config, ModelSpec, RewardConfig, TokenizerConfig
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    RewardConfig,
+    TokenizerConfig,
+    model_tokenizer,
+    policy_tokenizer,
+    reward_tokenizer,
+)
 from rlhf_ray.errors import UserError
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, same_tokenizer
 
 
 def _looks_local(path: str) -> bool:
@@ -132,8 +143,9 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     for setting, spec in (("policy.model", cfg.policy.model), ("value.model", cfg.value.model),
                           ("reference.model", cfg.reference.model)):  # fmt: skip
         check_model(setting, spec)
-    tokenizer = check_tokenizer(cfg.tokenizer)
+    tokenizer = check_tokenizer(policy_tokenizer(cfg))
     check_reward(cfg.reward, search_path)
+    check_model_tokenizers(cfg)
     check_prompts(cfg, tokenizer)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
@@ -160,3 +172,48 @@ def preflight_stage(cfg: Any) -> None:
     check_data_file("data.path", data.path, data.split, data.skip_bad_rows)
     if data.eval_path is not None:
         check_data_file("data.eval_path", data.eval_path, data.split, data.skip_bad_rows)
+
+
+def load_tokenizer(tok: TokenizerConfig, what: str) -> Tokenizer:
+    """``build_tokenizer`` with its failure turned into a ``UserError`` naming ``what``."""
+    try:
+        return build_tokenizer(tok)
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def check_model_tokenizers(cfg: Config) -> None:
+    """The policy's and the reward model's tokenizers load, and a critic initialised from the
+    reward model (``value.init_from_reward``) reads the policy's token ids."""
+    policy_tok_cfg = policy_tokenizer(cfg)
+    policy_tok = load_tokenizer(policy_tok_cfg, "the policy's tokenizer")
+    if cfg.reward.model is None:
+        return
+    reward_tok = load_tokenizer(
+        reward_tokenizer(cfg.reward, policy_tok_cfg), "the reward model's tokenizer"
+    )
+    if cfg.value.init_from_reward and not same_tokenizer(policy_tok, reward_tok):
+        raise UserError(
+            f"value.init_from_reward: the reward model {cfg.reward.model.path} has a tokenizer "
+            "other than the policy's, and the critic reads the policy's token ids; start the "
+            "critic from its own value.model, or use a reward model trained on the policy's "
+            "tokenizer"
+        )
+
+
+def check_eval_models(cfg: EvalConfig) -> None:
+    """Both policies read the same token ids (the KL compares them token by token), and the
+    reward's tokenizer loads."""
+    tok_cfg = eval_tokenizer(cfg)
+    tok = load_tokenizer(tok_cfg, "the policy's tokenizer")
+    own = model_tokenizer(cfg.baseline.path)
+    if own is not None and cfg.tokenizer.kind == "auto":
+        baseline_tok = load_tokenizer(own, "the baseline's tokenizer")
+        if not same_tokenizer(tok, baseline_tok):
+            raise UserError(
+                f"the baseline {cfg.baseline.path} has a tokenizer other than the policy's "
+                f"({tok_cfg.name_or_path or tok_cfg.kind}); eval compares the two token by "
+                "token: give both the same tokenizer"
+            )
+    if cfg.reward.model is not None:
+        load_tokenizer(reward_tokenizer(cfg.reward, tok_cfg), "the reward model's tokenizer")

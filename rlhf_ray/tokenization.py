@@ -50,6 +50,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerSpec",
     "build_tokenizer",
+    "same_tokenizer",
     "byte_level_encoding",
     "chat_template_start",
     "encode_prompts",
@@ -430,16 +431,22 @@ class TokenizerSpec(Protocol):
     """The attributes of ``rlhf_ray.config.TokenizerConfig`` that ``build_tokenizer`` reads."""
 
     @property
-    def kind(self) -> Literal["bytes", "tiktoken", "hf"]: ...
+    def kind(self) -> Literal["auto", "bytes", "tiktoken", "hf"]: ...
 
     @property
     def name_or_path(self) -> str | None: ...
 
 
-def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
+def build_tokenizer(cfg: TokenizerSpec, model_path: str | None = None) -> Tokenizer:
     """``kind="bytes"``: the built-in byte-level tiktoken encoding (``name_or_path`` unset).
     ``kind="tiktoken"``: a ``.tiktoken`` file path, else an encoding name for
-    ``tiktoken.get_encoding``. ``kind="hf"``: a directory or Hub id for ``AutoTokenizer``."""
+    ``tiktoken.get_encoding``. ``kind="hf"``: a directory or Hub id for ``AutoTokenizer``.
+    ``kind="auto"``: the tokenizer the model at ``model_path`` comes with, else the bytes
+    (``rlhf_ray.config.resolve_tokenizer``)."""
+    if cfg.kind == "auto":
+        from rlhf_ray.config import TokenizerConfig, resolve_tokenizer
+
+        cfg = resolve_tokenizer(TokenizerConfig(kind="auto"), model_path)
     kind, name = cfg.kind, cfg.name_or_path
     if kind == "bytes":
         if name is not None:
@@ -449,7 +456,9 @@ def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
             )
         return TiktokenTokenizer.byte_level()
     if kind not in ("tiktoken", "hf"):
-        raise ValueError(f"tokenizer.kind must be 'bytes', 'tiktoken' or 'hf', got {kind!r}")
+        raise ValueError(
+            f"tokenizer.kind must be 'auto', 'bytes', 'tiktoken' or 'hf', got {kind!r}"
+        )
     if not name:
         what = (
             "an encoding name or .tiktoken file" if kind == "tiktoken" else "a directory or Hub id"
@@ -461,3 +470,19 @@ def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
     if name.endswith(".tiktoken") or os.path.sep in name or os.path.isfile(path):
         return TiktokenTokenizer.from_file(path)
     return TiktokenTokenizer.from_name(name)
+
+
+_PROBES = (
+    "Hello, world! 123 ...",
+    "\n\nHuman: Wie geht's? \u00e9\u00e8 \u4f60\u597d \U0001f600\n\nAssistant:",
+    f"tabs\tand  spaces {EOS_TOKEN}",
+)
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether token ids mean the same to both: same vocabulary size, EOS and pad ids, and the
+    same ids for probe texts (ASCII, accents, CJK, emoji, whitespace, EOS text). A tokenizer
+    saved from another (``Tokenizer.save``) compares equal to it."""
+    if (a.vocab_size, a.eos_id, a.pad_id) != (b.vocab_size, b.eos_id, b.pad_id):
+        return False
+    return all(a.encode(text) == b.encode(text) for text in _PROBES)

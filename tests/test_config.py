@@ -172,10 +172,17 @@ def test_minibatch_must_be_divisible_by_value_ranks():
     assert "value.num_ranks" in msg
 
 
+def test_reward_model_replaces_the_default_function():
+    cfg = load_config(None, ["reward.model.path=/models/rm"])
+    assert cfg.reward.function is None and cfg.reward.model.path == "/models/rm"
+    assert load_config().reward.function == "rlhf_ray.rewards:lowercase_fraction"
+
+
 def test_reward_function_and_model_are_exclusive():
-    msg = _error(None, ["reward.model.path=/models/rm"])
+    msg = _error(None, ["reward.model.path=/models/rm", "reward.function=my.mod:fn"])
     assert "`reward`" in msg
-    assert "function" in msg and "model" in msg
+    assert "function" in msg and "model" in msg and "function=null" in msg
+    assert "set exactly one" in _error(None, ["reward.function=null"])
 
 
 def test_reward_model_alone_is_accepted():

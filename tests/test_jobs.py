@@ -21,7 +21,7 @@ import yaml
 from rlhf_ray.cli import build_parser
 from rlhf_ray.config import Config, load_config
 from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
-from rlhf_ray.stage_config import load_rm_config, load_sft_config
+from rlhf_ray.stage_config import load_eval_config, load_rm_config, load_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -32,8 +32,8 @@ def _is_runtime_env(path: Path) -> bool:
 
 
 # stage jobs (rlhf-ray sft / train-rm) are named after their stage; the rest are PPO jobs
-STAGE_LOADERS = {"sft": load_sft_config, "train-rm": load_rm_config}
-STAGE_PREFIXES = {"sft_": "sft", "rm_": "train-rm"}
+STAGE_LOADERS = {"sft": load_sft_config, "train-rm": load_rm_config, "eval": load_eval_config}
+STAGE_PREFIXES = {"sft_": "sft", "rm_": "train-rm", "eval_": "eval"}
 
 
 def _stage_of(path: Path) -> str | None:
@@ -86,6 +86,15 @@ def test_stage_jobs_exist_and_load_with_their_stage():
     assert {"sft_hh.yaml", "rm_hh.yaml", "sft_1b_hh.yaml", "rm_1b_hh.yaml"} <= names
     for path in STAGE_CONFIGS:
         STAGE_LOADERS[_stage_of(path)](path)
+
+
+def test_eval_jobs_judge_the_stage_outputs():
+    cpu, gpu = load_eval_config(JOBS / "eval_hh.yaml"), load_eval_config(JOBS / "eval_1b_hh.yaml")
+    assert (cpu.policy.path, cpu.baseline.path, cpu.reward.model.path) == (
+        "/tmp/rlhf-runs/ppo-hh/policy", "/tmp/rlhf-runs/sft-hh/model",
+        "/tmp/rlhf-runs/rm-hh/reward_model")  # fmt: skip
+    assert cpu.rollout.num_gpus_per_worker == 0 and gpu.rollout.num_gpus_per_worker == 1
+    assert gpu.reward.model.path == _load("ppo_1b_hh.yaml").reward.model.path
 
 
 def test_1b_jobs_chain_the_stage_outputs():
@@ -294,7 +303,9 @@ def test_documented_submit_commands_are_valid(args: list[str]):
     if parsed.command in STAGE_LOADERS:
         stage = STAGE_LOADERS[parsed.command](ROOT / parsed.config, parsed.overrides)
         assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
-        cpu_job = stage.learner.num_gpus_per_rank == 0
+        gpus = stage.rollout.num_gpus_per_worker if parsed.command == "eval" else (
+            stage.learner.num_gpus_per_rank)  # fmt: skip
+        cpu_job = gpus == 0
         expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
         assert Path(params["runtime_env"]).name == expected
         return

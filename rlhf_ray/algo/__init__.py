@@ -8,6 +8,7 @@ from rlhf_ray.algo.advantages import (
     masked_var,
     masked_whiten,
 )
+from rlhf_ray.algo.comparison import sequence_kl, win_rate
 from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
 from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
 from rlhf_ray.algo.normalize import RunningMoments, standardize
@@ -38,9 +39,11 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "sequence_kl",
     "sft_loss",
     "truncate_after_eos",
     "value_loss",
+    "win_rate",
     "entropy_of_scores",
     "gumbel_noise",
     "label_logprobs",

@@ -25,10 +25,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config, value_init_spec
+from rlhf_ray.config import Config, ModelSpec, TokenizerConfig, policy_tokenizer, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import StageConfig
+from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import LearnerLostError, mean_stats, round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -38,7 +38,7 @@ from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
 
-def connect(cfg: Config | StageConfig, address: str | None = None) -> str:
+def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -255,9 +255,26 @@ class RolloutPool:
     replacement of a dead one) receives them before it generates. Ids are never reused.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(
+        self,
+        cfg: Config | EvalConfig,
+        model_spec: ModelSpec | None = None,
+        tokenizer_cfg: TokenizerConfig | None = None,
+        prefix: str = "rollout",
+        seed: int | None = None,
+    ):
+        """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
+        pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
         self.cfg = cfg
-        self.timeout_s = cfg.train.phase_timeout_s
+        if model_spec is None or tokenizer_cfg is None or seed is None:
+            assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
+            model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
+            seed = cfg.train.seed
+        self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
+        self.prefix = prefix
+        self.timeout_s = (
+            cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
+        )
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
@@ -265,10 +282,10 @@ class RolloutPool:
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
-        name = f"rollout-{self._next_id}"
+        name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
-            self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
+            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
             strategy=_spread(self.cfg),
         )  # fmt: skip
         self._next_id += 1
@@ -309,7 +326,7 @@ class RolloutPool:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
         its shard redone with the same seed: no prompt is lost or sampled twice."""
         parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
-        seeds = [round_seed(self.cfg.train.seed, round_index)] * len(parts)  # rows seed by index
+        seeds = [round_seed(self.seed, round_index)] * len(parts)  # rows seed by index
         pending = {
             self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
             for i, rows in enumerate(parts)
@@ -352,7 +369,7 @@ class RolloutPool:
         self.workers.clear()
 
 
-def _spread(cfg: Config) -> str | None:
+def _spread(cfg: Config | EvalConfig) -> str | None:
     """Rollout workers and scorers spread over nodes: a lost node takes few of them."""
     return "SPREAD" if cfg.cluster.spread else None
 
@@ -386,7 +403,12 @@ class RayWorkers:
     def _make_learners(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
-        tok, ppo, seed, bad = cfg.tokenizer, cfg.ppo, cfg.train.seed, cfg.train.max_bad_steps
+        tok, ppo, seed, bad = (
+            policy_tokenizer(cfg),
+            cfg.ppo,
+            cfg.train.seed,
+            cfg.train.max_bad_steps,
+        )
         pinned = cfg.cluster.learner_resources
         self.policy = LearnerGroup(
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
@@ -412,7 +434,7 @@ class RayWorkers:
 
     def _start(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
-        tok = cfg.tokenizer
+        tok = policy_tokenizer(cfg)
         self._cleanup.append(self._kill_learners)
         self._make_learners(cfg)
         ref, rew = cfg.reference, cfg.reward

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import value_init_spec
+from rlhf_ray.config import policy_tokenizer, value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -31,7 +31,7 @@ def _free_port() -> int:
 class InProcessWorkers:
     def __init__(self, cfg):
         self.cfg = cfg
-        tok = cfg.tokenizer
+        tok = policy_tokenizer(cfg)
         bad = cfg.train.max_bad_steps
         self.policy = PolicyLearner(
             cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
@@ -66,7 +66,10 @@ class InProcessWorkers:
             self.generators.pop()
         while len(self.generators) < num_workers:
             gen = RolloutGenerator(
-                self.cfg.policy.model, self.cfg.tokenizer, self.cfg.rollout, len(self.generators)
+                self.cfg.policy.model,
+                policy_tokenizer(self.cfg),
+                self.cfg.rollout,
+                len(self.generators),
             )
             gen.set_weights(self.weights, self.version)
             self.generators.append(gen)
