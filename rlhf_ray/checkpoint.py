@@ -7,7 +7,8 @@ DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient)
 resolved ``config.yaml``. It is written to a temp dir, every file fsynced, and renamed into place
 when complete; only then are older checkpoints removed. Resume picks the newest directory that
 holds every part, so a checkpoint cut off mid-write is never picked. No RNG state is needed:
-sampling seeds and minibatch shuffles derive from ``(train.seed, round)``.
+sampling seeds and minibatch shuffles derive from ``(train.seed, round)``. A critic-free run
+(``algo.estimator`` not gae) has no ``value`` parts.
 
 Our own state is JSON or safetensors. DeepSpeed's optimizer files (``*_optim_states.pt``) are
 pickles: load checkpoints only from a source you trust.
@@ -51,7 +52,7 @@ CHECKPOINT_PARTS = ("policy", "value", "policy_state", "value_state", "config.ya
 
 
 def save_model_dirs(workers: Workers, tokenizer: Tokenizer, directory: Path) -> None:
-    """``policy/`` (with the tokenizer) and ``value/`` in Hugging Face format."""
+    """``policy/`` (with the tokenizer) and, with a critic, ``value/`` in Hugging Face format."""
     workers.save(directory)
     tokenizer.save(directory / "policy")
 
