@@ -1,6 +1,7 @@
 """Critic-free estimators end to end: the ready jobs of jobs/ learn with groups of 4 samples per
 prompt, a grpo run resumes exactly, pool sizes do not change a run, and on Ray no value actor
-is started, nothing of a critic is saved and a dead rollout worker loses no sample of any group.
+is started, nothing of a critic is saved and a rollout worker killed mid-round loses no sample
+of any group.
 
 The in-process runs use the job files with a shorter prompt and response (so CI stays fast);
 the Ray run is the grpo job itself (2 policy ranks under ZeRO-2) with the same shortening, and
@@ -9,7 +10,6 @@ must match the in-process grpo run round by round.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from statistics import mean
@@ -140,69 +140,71 @@ def test_rollout_pool_sizes_one_and_three_give_identical_runs(tmp_path):
 # -- on Ray ---------------------------------------------------------------------------------------
 
 
-def _watch(run_dir: Path, seen: dict, stop: threading.Event) -> None:
-    """Once a round is logged, list the named actors; once two are, kill rollout-1 the way a
-    crash would (while the driver goes on to the next round)."""
+def _crash(name: str) -> None:
+    """Kill actor ``name`` the way a crash would, and wait until Ray reports it dead."""
     import ray
 
-    path = run_dir / "metrics.jsonl"
-    while not stop.is_set():
-        rows = len(path.read_text().splitlines()) if path.exists() else 0
-        if rows >= 1 and "actors" not in seen:
-            seen["actors"] = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-        if rows >= 2:
-            ray.kill(ray.get_actor("rollout-1", namespace="rlhf_ray"), no_restart=False)
-            seen["killed"] = True
+    handle = ray.get_actor(name, namespace="rlhf_ray")
+    ray.kill(handle, no_restart=False)
+    while True:
+        try:
+            ray.get(handle.ping.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return
-        time.sleep(0.02)
+        time.sleep(0.05)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_grpo_on_ray_starts_no_critic_and_a_dead_worker_loses_no_sample(
-    ray_cluster, grpo_run, tmp_path
+    ray_cluster, grpo_run, tmp_path, capsys
 ):
     import ray
 
     from rlhf_ray.distributed import RayWorkers
 
     class Recording(RayWorkers):
-        """RayWorkers that keep each round's (prompt index, weight version) per sample."""
+        """RayWorkers that list the named actors in round 1, crash rollout-1 once round 2 has
+        begun (before its shard is done), and keep every round's prompt index and weight
+        version per sample."""
 
         rounds: list[tuple[list[int], list[int]]] = []
+        actors: set[str] = set()
 
         def generate(self, prompts, round_index, version):
+            if round_index == 1:
+                self.actors |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            if round_index == 2:
+                _crash("rollout-1")
             rollout = super().generate(prompts, round_index, version)
             self.rounds.append((rollout.prompt_index.tolist(), rollout.weight_version.tolist()))
             return rollout
 
     cfg = _job("grpo")  # the job itself: 2 policy ranks under DeepSpeed ZeRO-2
     run_dir = tmp_path / "run"
-    seen: dict = {}
-    stop = threading.Event()
-    thread = threading.Thread(target=_watch, args=(run_dir, seen, stop))
     workers = Recording(cfg)
-    thread.start()
     try:
         run_ppo(cfg, workers, run_dir)
     finally:
-        stop.set()
-        thread.join()
         workers.close()
 
     # the actor graph: policy ranks, scorers and the pool; no value actor at all
-    assert {"policy-0", "policy-1", "reference", "reward", "rollout-0", "rollout-1"} <= seen[
-        "actors"
-    ]
-    assert not any(name.startswith("value") for name in seen["actors"])
-    with pytest.raises(ValueError):
-        ray.get_actor("value-0", namespace="rlhf_ray")
+    assert {
+        "policy-0",
+        "policy-1",
+        "reference",
+        "reward",
+        "rollout-0",
+        "rollout-1",
+    } <= workers.actors
+    assert not any(name.startswith("value") for name in workers.actors)
     _no_critic_saved(run_dir)
 
-    # a worker died and was replaced; every round still has all 4 samples of each of its 8
-    # groups, in consecutive rows, each generated with that round's weights
+    # the worker died mid-round and was replaced, its shard redone; every round still has all
+    # 4 samples of each of its 8 groups, in consecutive rows, made with that round's weights
+    assert "rollout worker 1 died while generating; its shard is redone" in capsys.readouterr().out
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert seen.get("killed") and rows[-1]["rollout/worker_restarts"] == 1
+    assert rows[-1]["rollout/worker_restarts"] == 1
     assert len(workers.rounds) == 8
     for round_index, (prompt_index, versions) in enumerate(workers.rounds):
         groups = [prompt_index[g * 4 : (g + 1) * 4] for g in range(8)]
