@@ -130,7 +130,7 @@ def test_rollout_pool_sizes_one_and_three_give_identical_runs(tmp_path):
         cfg = _job("grpo", *IN_PROCESS, "train.rounds=2", "rollout.batch_size=4",
                    f"rollout.num_workers={n}")  # fmt: skip
         rows = _run_in_process(cfg, tmp_path / f"pool{n}")
-        runs[n] = [(r["rollout/reward_mean"], r["ppo/policy_loss"]) for r in rows]
+        runs[n] = [r[k] for r in rows for k in ("rollout/reward_mean", "ppo/policy_loss")]
     assert runs[1] == pytest.approx(runs[3], abs=1e-6)
     one, three = _weights(tmp_path / "pool1"), _weights(tmp_path / "pool3")
     for name, value in one.items():
