@@ -180,7 +180,8 @@ def test_grpo_on_ray_starts_no_critic_and_a_dead_worker_loses_no_sample(
             self.rounds.append((rollout.prompt_index.tolist(), rollout.weight_version.tolist()))
             return rollout
 
-    cfg = _job("grpo")  # the job itself: 2 policy ranks under DeepSpeed ZeRO-2
+    # the job itself (2 policy ranks under DeepSpeed ZeRO-2), patient with a busy machine
+    cfg = _job("grpo", "cluster.actor_start_timeout_s=600")
     run_dir = tmp_path / "run"
     workers = Recording(cfg)
     try:
