@@ -107,18 +107,20 @@ def fsync_tree(root: Path) -> None:
 CRITIC_PARTS = ("value", "value_state")  # absent when algo.estimator is critic-free
 
 
-def _saved_critic(checkpoint: Path) -> bool:
-    algo = yaml.safe_load((checkpoint / "config.yaml").read_text()).get("algo") or {}
-    return algo.get("estimator", "gae") == "gae"
+def expected_parts(checkpoint: Path) -> list[str]:
+    """The parts a complete ``checkpoint`` holds: no ``value`` parts when the config saved in it
+    has a critic-free estimator (read once that config is there)."""
+    config = checkpoint / "config.yaml"
+    algo = (yaml.safe_load(config.read_text()).get("algo") or {}) if config.exists() else {}
+    critic = algo.get("estimator", "gae") == "gae"
+    return [p for p in CHECKPOINT_PARTS if critic or p not in CRITIC_PARTS]
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Every part is there (a directory cut off mid-write misses some); a critic-free run's
-    checkpoint has no ``value`` parts."""
-    parts = [p for p in CHECKPOINT_PARTS if p not in CRITIC_PARTS]
-    if not checkpoint.is_dir() or not all((checkpoint / p).exists() for p in parts):
-        return False
-    return not _saved_critic(checkpoint) or all((checkpoint / p).exists() for p in CRITIC_PARTS)
+    """Every part is there (a directory cut off mid-write misses some)."""
+    return checkpoint.is_dir() and all(
+        (checkpoint / p).exists() for p in expected_parts(checkpoint)
+    )
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
