@@ -7,7 +7,8 @@ DeepSpeed), ``driver_state.json`` (round, prompt-sampler cursor, KL coefficient,
 score statistics) and the resolved ``config.yaml``. It is written to a temp dir, every file fsynced, and renamed into place
 when complete; only then are older checkpoints removed. Resume picks the newest directory that
 holds every part, so a checkpoint cut off mid-write is never picked. No RNG state is needed:
-sampling seeds and minibatch shuffles derive from ``(train.seed, round)``.
+sampling seeds and minibatch shuffles derive from ``(train.seed, round)``. A critic-free run
+(``algo.estimator`` not gae) has no ``value`` parts.
 
 Our own state is JSON or safetensors. DeepSpeed's optimizer files (``*_optim_states.pt``) are
 pickles: load checkpoints only from a source you trust.
@@ -51,7 +52,7 @@ CHECKPOINT_PARTS = ("policy", "value", "policy_state", "value_state", "config.ya
 
 
 def save_model_dirs(workers: Workers, tokenizer: Tokenizer, directory: Path) -> None:
-    """``policy/`` (with the tokenizer) and ``value/`` in Hugging Face format."""
+    """``policy/`` (with the tokenizer) and, with a critic, ``value/`` in Hugging Face format."""
     workers.save(directory)
     tokenizer.save(directory / "policy")
 
@@ -103,9 +104,23 @@ def fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+CRITIC_PARTS = ("value", "value_state")  # absent when algo.estimator is critic-free
+
+
+def expected_parts(checkpoint: Path) -> list[str]:
+    """The parts a complete ``checkpoint`` holds: no ``value`` parts when the config saved in it
+    has a critic-free estimator (read once that config is there)."""
+    config = checkpoint / "config.yaml"
+    algo = (yaml.safe_load(config.read_text()).get("algo") or {}) if config.exists() else {}
+    critic = algo.get("estimator", "gae") == "gae"
+    return [p for p in CHECKPOINT_PARTS if critic or p not in CRITIC_PARTS]
+
+
 def is_complete(checkpoint: Path) -> bool:
     """Every part is there (a directory cut off mid-write misses some)."""
-    return checkpoint.is_dir() and all((checkpoint / p).exists() for p in CHECKPOINT_PARTS)
+    return checkpoint.is_dir() and all(
+        (checkpoint / p).exists() for p in expected_parts(checkpoint)
+    )
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -226,6 +226,12 @@ class RolloutConfig(_Section):
     """Sampling and the rollout generator pool."""
 
     batch_size: int = Field(32, gt=0, description="Prompts per round.")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Responses sampled per prompt (n): a round has batch_size * n samples, "
+        "each prompt's n samples in consecutive rows (a group, for grpo/rloo baselines).",
+    )
     num_workers: int = Field(2, ge=1, description="Rollout generator actors.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also in logprobs).")
@@ -262,14 +268,41 @@ class PPOConfig(_Section):
     adaptive_kl: bool = Field(False, description="Adapt beta towards `kl_target`.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL target (nats per sequence).")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon (samples).")
+    kl_in_loss: Literal["k3", "k2"] | None = Field(
+        None,
+        description="Add KL(policy || reference) to the policy loss with this estimator, "
+        "weighted by kl_loss_coef (GRPO's way); null: off. Excludes a nonzero kl_coef.",
+    )
+    kl_loss_coef: float = Field(0.001, ge=0, description="Weight of the KL loss (kl_in_loss).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean",
+        description="How per-token policy losses become one loss: mean over all tokens, mean "
+        "over sequences of per-sequence token means (GRPO) or of token sums (Dr. GRPO).",
+    )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over valid tokens.")
+    whiten_advantages: bool = Field(
+        True, description="Whiten GAE advantages over valid tokens (estimator gae only)."
+    )
     critic_warmup_rounds: int = Field(
         0,
         ge=0,
         description="For the first N rounds only the value model is updated, not the policy "
         "(metric `ppo/critic_warmup` is 1 then): the usual remedy when the critic starts from "
         "a reward model or a fresh head.",
+    )
+
+
+class AlgoConfig(_Section):
+    """The advantage estimator: PPO with a critic, or a critic-free one."""
+
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae",
+        description="'gae': PPO with a learned critic; critic-free: 'grpo' (group mean, "
+        "optionally std), 'rloo' (leave-one-out group mean), 'reinforce_pp' (REINFORCE++: "
+        "returns normalised over the global batch). grpo/rloo need samples_per_prompt >= 2.",
+    )
+    grpo_norm_std: bool = Field(
+        True, description="grpo: also divide by the group's reward std (Dr. GRPO: false)."
     )
 
 
@@ -364,6 +397,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Prompt data.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO update.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage estimator.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Outer loop.")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints."
@@ -373,22 +407,52 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> Config:
-        batch, mini = self.rollout.batch_size, self.ppo.minibatch_size
-        if batch % mini:
+        batch, mini, n = (
+            self.rollout.batch_size,
+            self.ppo.minibatch_size,
+            self.rollout.samples_per_prompt,
+        )
+        if (batch * n) % mini:
             raise ValueError(
-                f"ppo.minibatch_size ({mini}) must divide rollout.batch_size ({batch})"
+                f"ppo.minibatch_size ({mini}) must divide the samples of a round, "
+                f"rollout.batch_size * rollout.samples_per_prompt ({batch} * {n})"
             )
-        for name, ranks in (("policy", self.policy.num_ranks), ("value", self.value.num_ranks)):
-            if mini % ranks:
+        learners = (("policy", self.policy), ("value", self.value))[: 1 + has_critic(self)]
+        for name, role in learners:
+            if mini % role.num_ranks:
                 raise ValueError(
-                    f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks ({ranks})"
+                    f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks "
+                    f"({role.num_ranks})"
                 )
-        for name, role in (("policy", self.policy), ("value", self.value)):
             if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
-        if self.value.init_from_reward and self.reward.model is None:
+        if has_critic(self) and self.value.init_from_reward and self.reward.model is None:
             raise ValueError("value.init_from_reward needs reward.model")
         return self
+
+    @model_validator(mode="after")
+    def _estimator(self) -> Config:
+        estimator, n = self.algo.estimator, self.rollout.samples_per_prompt
+        if estimator in ("grpo", "rloo") and n < 2:
+            raise ValueError(
+                f"algo.estimator {estimator} compares the samples of a prompt: set "
+                f"rollout.samples_per_prompt to 2 or more (got {n})"
+            )
+        if self.ppo.kl_in_loss is not None and self.ppo.kl_coef > 0:
+            raise ValueError(
+                f"ppo.kl_in_loss ({self.ppo.kl_in_loss}) and ppo.kl_coef ({self.ppo.kl_coef:g}) "
+                "would add the same KL penalty twice, in the loss and in the reward: set "
+                "ppo.kl_coef=0 to keep it in the loss, or ppo.kl_in_loss=null to keep it in "
+                "the reward"
+            )
+        if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
+            raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
+        return self
+
+
+def has_critic(cfg: Config) -> bool:
+    """Whether the run has a value group: only the ``gae`` estimator learns a critic."""
+    return cfg.algo.estimator == "gae"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

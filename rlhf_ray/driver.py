@@ -20,9 +20,13 @@ from rlhf_ray.algo import (
     FixedKLController,
     compute_gae,
     explained_variance,
+    grpo_advantages,
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_rewards,
 )
 from rlhf_ray.checkpoint import (
     check_resumable,
@@ -31,7 +35,7 @@ from rlhf_ray.checkpoint import (
     save_model_dirs,
     truncate_metrics,
 )
-from rlhf_ray.config import Config, PPOConfig, policy_tokenizer, to_yaml
+from rlhf_ray.config import AlgoConfig, Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_set
@@ -87,6 +91,11 @@ def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLControl
     return FixedKLController(ppo.kl_coef)
 
 
+def expand_groups(index: list[int], samples_per_prompt: int) -> list[int]:
+    """The round's rows: each prompt index repeated n times in a row (group g: [g*n, (g+1)*n))."""
+    return [i for i in index for _ in range(samples_per_prompt)]
+
+
 def tokenize_prompts(
     tokenizer: Tokenizer,
     prompts: list[str],
@@ -102,37 +111,65 @@ def tokenize_prompts(
     return PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index)), truncated
 
 
+def critic_free_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, algo: AlgoConfig, group_size: int, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) of a critic-free estimator from KL-penalised token rewards:
+    grpo/rloo compare each sample's total reward with its group's, reinforce_pp whitens
+    per-token returns over the batch."""
+    if algo.estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, mask, gamma)
+    totals = sequence_rewards(rewards, mask)
+    returns = totals[:, None] * mask.to(totals.dtype)
+    if algo.estimator == "grpo":
+        return grpo_advantages(totals, mask, group_size, algo.grpo_norm_std), returns
+    if algo.estimator == "rloo":
+        return rloo_advantages(totals, mask, group_size), returns
+    raise ValueError(f"{algo.estimator!r} is not a critic-free estimator")
+
+
 def compute_advantages(
     rollout: Rollout,
     scored: dict[str, torch.Tensor],
     kl_coef: float,
     ppo: PPOConfig,
+    algo: AlgoConfig | None = None,
+    group_size: int = 1,
 ) -> tuple[PPOBatch, dict[str, float]]:
-    """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math).
+    """Step 3: per-token KL-penalised rewards, then GAE and whitening (``algo.estimator`` gae,
+    the default) or a critic-free estimator over groups of ``group_size`` rows (pure math).
     ``scored["scores"]`` are the shaped scores (``ScoreShaper``)."""
+    algo = algo or AlgoConfig()
     mask = rollout.response_mask
     scores = scored["scores"]
     rewards, kl = kl_penalized_rewards(
         scores, scored["old_logprobs"], scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
     )
-    advantages, returns = compute_gae(rewards, scored["values"], mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    stats: dict[str, float] = {}
+    if algo.estimator == "gae":
+        values = scored["values"]
+        advantages, returns = compute_gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        stats["ppo/explained_variance"] = explained_variance(values, returns, mask)
+    else:
+        values = torch.zeros_like(rewards)
+        advantages, returns = critic_free_advantages(rewards, mask, algo, group_size, ppo.gamma)
     batch = PPOBatch(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         response_mask=mask,
         old_logprobs=scored["old_logprobs"],
-        old_values=scored["values"],
+        old_values=values,
         advantages=advantages,
         returns=returns,
+        ref_logprobs=scored["ref_logprobs"],
         prompt_len=rollout.prompt_len,
     )
-    stats = {
+    stats |= {
         "ppo/kl": float(kl.sum(-1).mean()),
         "ppo/kl_coef": kl_coef,
         "ppo/return_mean": float(masked_mean(returns, mask)),
-        "ppo/explained_variance": explained_variance(scored["values"], returns, mask),
         "rollout/score_mean": float(scores.mean()),
         "rollout/logprob_gap": float(
             masked_mean((rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)
@@ -157,7 +194,8 @@ def rollout_stats(rollout: Rollout, raw_scores: torch.Tensor, seconds: float) ->
 
 
 def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
-    """Refuse a round whose samples are stale, or not exactly one per requested prompt."""
+    """Refuse a round whose samples are stale, or not exactly one per requested prompt row
+    (``index``: a prompt index per row, n rows per prompt with samples_per_prompt n)."""
     stale = (rollout.weight_version != version).nonzero().flatten().tolist()
     if stale:
         raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
@@ -231,25 +269,27 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 0. scale: apply a requested rollout pool size (`rlhf-ray scale RUN --rollout-workers N`)
         workers.scale_rollout(requested_rollout_workers(run_dir, cfg.rollout.num_workers))
 
-        # 1. generate: split the prompt batch over the rollout pool
+        # 1. generate: n samples per prompt (a group of rows each), split over the rollout pool
         with timer.phase("generate"):
-            index = sampler.next_batch()
+            index = expand_groups(sampler.next_batch(), cfg.rollout.samples_per_prompt)
             batch, truncated = tokenize_prompts(
                 tokenizer, prompts, index, cfg.data.max_prompt_tokens, template_start
             )
             rollout = workers.generate(batch, round_index, version)
             check_rollout(rollout, version, index)
 
-        # 2. score: reference logprobs, old logprobs, values and rewards, in parallel
+        # 2. score: reference logprobs, old logprobs, values (with a critic) and rewards
         with timer.phase("score"):
             scored = workers.score(rollout)
 
-        # 3. advantage: KL-penalised per-token rewards, GAE, whitening (on the driver)
+        # 3. advantage: KL-penalised per-token rewards, then the estimator (on the driver)
         with timer.phase("advantage"):
             shaped = {**scored, "scores": shaper(scored["scores"], rollout.has_eos)}
-            ppo_batch, adv_stats = compute_advantages(rollout, shaped, kl_ctl.value, cfg.ppo)
+            ppo_batch, adv_stats = compute_advantages(
+                rollout, shaped, kl_ctl.value, cfg.ppo, cfg.algo, cfg.rollout.samples_per_prompt
+            )
 
-        # 4. update: PPO epochs x minibatches on the policy and value learners
+        # 4. update: PPO epochs x minibatches on the policy (and value) learners
         with timer.phase("update"):
             train_stats = workers.update(ppo_batch, round_index)
         kl_ctl.update(adv_stats["ppo/kl"], len(rollout))

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.checkpoint import CHECKPOINT_PARTS, check_resumable, is_complete
+from rlhf_ray.checkpoint import check_resumable, expected_parts, is_complete
 from rlhf_ray.config import (
     Config,
     ModelSpec,
     RewardConfig,
     TokenizerConfig,
+    has_critic,
     model_tokenizer,
     policy_tokenizer,
     reward_tokenizer,
@@ -118,12 +119,12 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
         return  # the run starts over from round 0
     newest = found[-1]
     if not is_complete(newest):
-        missing = [p for p in CHECKPOINT_PARTS if not (newest / p).exists()]
+        missing = [p for p in expected_parts(newest) if not (newest / p).exists()]
         raise UserError(
             f"cannot resume: checkpoint {newest} is incomplete (missing {', '.join(missing)}); "
             "it was not written by a finished save. Remove it to resume from an older one."
         )
-    for role in ("policy", "value"):
+    for role in ("policy", "value")[: 1 + has_critic(cfg)]:
         engine = getattr(cfg, role).engine
         state = newest / f"{role}_state"
         needed = ["torch_engine.safetensors", "torch_engine.json"] if engine == "torch" else []
@@ -142,7 +143,8 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     """Every check of a PPO run, cheapest first; raises the first ``UserError``."""
     for setting, spec in (("policy.model", cfg.policy.model), ("value.model", cfg.value.model),
                           ("reference.model", cfg.reference.model)):  # fmt: skip
-        check_model(setting, spec)
+        if setting != "value.model" or has_critic(cfg):  # no critic: value.* is unused
+            check_model(setting, spec)
     tokenizer = check_tokenizer(policy_tokenizer(cfg))
     check_reward(cfg.reward, search_path)
     check_model_tokenizers(cfg)

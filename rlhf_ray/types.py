@@ -139,9 +139,10 @@ class PPOBatch(Rows):
     attention_mask: torch.Tensor  # (B, P + R)
     response_mask: torch.Tensor  # (B, R)
     old_logprobs: torch.Tensor  # (B, R)
-    old_values: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R), zeros without a critic
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R), for ppo.kl_in_loss
     prompt_len: int
 
 

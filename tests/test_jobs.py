@@ -73,6 +73,7 @@ def _plan(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_documented_jobs_exist():
     names = {p.name for p in CONFIGS} | {p.name for p in RUNTIME_ENVS}
     assert {"debug_cpu.yaml", *GPU_JOBS, "runtime_env.yaml", "runtime_env_cpu.yaml"} <= names
+    assert set(ESTIMATOR_JOBS) <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -134,6 +135,38 @@ def test_debug_cpu_job_fits_two_cores_without_downloads():
     from rlhf_ray.rewards import load_reward_function
 
     assert callable(load_reward_function(cfg.reward.function))
+
+
+ESTIMATOR_JOBS = {"grpo_cpu.yaml": "grpo", "rloo_cpu.yaml": "rloo",
+                  "reinforce_pp_cpu.yaml": "reinforce_pp"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "estimator"), ESTIMATOR_JOBS.items())
+def test_estimator_jobs_run_the_cpu_system_without_a_critic(name: str, estimator: str):
+    cfg, debug = _load(name), _load("debug_cpu.yaml")
+    assert cfg.algo.estimator == estimator and cfg.rollout.samples_per_prompt == 4
+    plan = resource_plan(cfg)
+    assert [r.role for r in plan] == ["policy", "reference", "reward", "rollout"]
+    assert sum(r.total_cpus for r in plan) <= 2 and sum(r.total_gpus for r in plan) == 0
+    # the debug job's system otherwise: same policy group, pool and no-download sources
+    assert cfg.policy.model_copy(update={"optim": debug.policy.optim}) == debug.policy
+    assert cfg.rollout.num_workers == debug.rollout.num_workers
+    assert (
+        cfg.reward == debug.reward and cfg.data == debug.data and cfg.tokenizer == debug.tokenizer
+    )
+    assert (cfg.rollout.batch_size * 4) % cfg.ppo.minibatch_size == 0 and cfg.train.rounds <= 20
+    # KL in exactly one place: grpo in the loss, the others in the reward
+    assert (cfg.ppo.kl_in_loss is not None) == (estimator == "grpo")
+    assert (cfg.ppo.kl_coef > 0) == (estimator != "grpo")
+
+
+def test_plan_of_a_critic_free_job_shows_no_value_group():
+    result = _plan("--config", "jobs/grpo_cpu.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "no value group: algo.estimator grpo is critic-free" in result.stdout
+    assert not any(line.startswith("value") for line in result.stdout.splitlines())
+    debug = _plan("--config", "jobs/debug_cpu.yaml")
+    assert any(line.startswith("value") for line in debug.stdout.splitlines())
 
 
 @pytest.mark.parametrize("name", GPU_JOBS)

@@ -121,6 +121,7 @@ def _ppo_batch(rows: int, prompt_len: int) -> PPOBatch:
         old_values=t,
         advantages=t,
         returns=t,
+        ref_logprobs=t,
         prompt_len=prompt_len,
     )
 

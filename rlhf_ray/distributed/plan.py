@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, has_critic
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class Node:
 
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
+    """The actors of a run; no value group for a critic-free estimator (``algo.estimator``)."""
+    value = cfg.value
+    critic = [RolePlan("value", value.num_ranks, value.num_cpus_per_rank, value.num_gpus_per_rank,
+                       True)] if has_critic(cfg) else []  # fmt: skip
     return [
         RolePlan(
             "policy",
@@ -44,13 +48,7 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
             cfg.policy.num_gpus_per_rank,
             True,
         ),
-        RolePlan(
-            "value",
-            cfg.value.num_ranks,
-            cfg.value.num_cpus_per_rank,
-            cfg.value.num_gpus_per_rank,
-            True,
-        ),
+        *critic,
         RolePlan("reference", 1, cfg.reference.num_cpus, cfg.reference.num_gpus, False),
         RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, False),
         RolePlan(
@@ -158,6 +156,8 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     plan = resource_plan(cfg)
     nodes, where = visible_nodes(cfg, address)
     print(format_plan(plan, nodes))
+    if not has_critic(cfg):
+        print(f"no value group: algo.estimator {cfg.algo.estimator} is critic-free.")
     problems = shortfalls(plan, nodes)
     if problems:
         print(f"rlhf-ray plan: does not fit {where}: " + "; ".join(problems) + ".", file=sys.stderr)

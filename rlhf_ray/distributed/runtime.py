@@ -8,7 +8,8 @@ answer in time is replaced and its work redone; a learner rank that does is repo
 Rollout workers and scorers are spread over the nodes (``cluster.spread``).
 Learner groups live in placement groups; every actor and group is named, in the run's namespace
 (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
-``reward``, ``rollout-0`` ...
+``reward``, ``rollout-0`` ... A critic-free estimator (``algo.estimator`` other than gae) starts
+no value group: no ``value-*`` actor, placement group, checkpoint or resume state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config, ModelSpec, TokenizerConfig, policy_tokenizer, value_init_spec
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    TokenizerConfig,
+    has_critic,
+    policy_tokenizer,
+    value_init_spec,
+)
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
@@ -416,18 +424,24 @@ class RayWorkers:
             temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
             top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )  # fmt: skip
-        self.value = LearnerGroup(
-            "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
-            value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
-            model_spec=value_init_spec(cfg), max_bad_steps=bad,
-        )  # fmt: skip
+        self.value: LearnerGroup | None = None
+        if has_critic(cfg):  # a critic-free estimator has no value group
+            self.value = LearnerGroup(
+                "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
+                value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
+                model_spec=value_init_spec(cfg), max_bad_steps=bad,
+            )  # fmt: skip
+        self.learners = [g for g in (self.policy, self.value) if g is not None]
 
     def _start_learners(self) -> None:
-        """Rendezvous and build the engines of both groups (their actors must be alive)."""
-        counts = _get_all(self.policy.start() + self.value.start(),
-                          self.policy.names + self.value.names, "setup")  # fmt: skip
-        n_pol = self.cfg.policy.num_ranks
-        self.param_counts = {"policy": counts[:n_pol], "value": counts[n_pol:]}
+        """Rendezvous and build the engines of every learner group (their actors must be
+        alive)."""
+        counts = _get_all([r for g in self.learners for r in g.start()],
+                          [n for g in self.learners for n in g.names], "setup")  # fmt: skip
+        self.param_counts = {}
+        for group in self.learners:
+            self.param_counts[group.role] = counts[: group.cfg.num_ranks]
+            counts = counts[group.cfg.num_ranks :]
         for role, per_rank in self.param_counts.items():
             held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
             print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
@@ -453,8 +467,9 @@ class RayWorkers:
         )  # fmt: skip
         self._cleanup.append(lambda: _kill([self.reward]))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
-        others = {**self.policy.handles, **self.value.handles, "reference": self.reference,
-                  "reward": self.reward}  # fmt: skip
+        others = {"reference": self.reference, "reward": self.reward}
+        for group in self.learners:
+            others.update(group.handles)
         _wait_ready(others, timeout)
         self._start_learners()
         if ref.model is None:
@@ -474,13 +489,13 @@ class RayWorkers:
         print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
         self._kill_learners()
         self._make_learners(self.cfg)
-        _wait_ready({**self.policy.handles, **self.value.handles},
+        _wait_ready({n: h for g in self.learners for n, h in g.handles.items()},
                     self.cfg.cluster.actor_start_timeout_s)  # fmt: skip
         self._start_learners()
 
     def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
-        """Wait for one call per learner rank (policy ranks first, then value ranks)."""
-        names = (self.policy.names + self.value.names)[: len(refs)]
+        """Wait for one call per learner rank (policy ranks first, then any value ranks)."""
+        names = [n for g in self.learners for n in g.names][: len(refs)]
         return _get_all(refs, names, phase, self.cfg.train.phase_timeout_s)
 
     def _restart_late_scorers(self, late: list[str]) -> bool:
@@ -540,9 +555,9 @@ class RayWorkers:
         refs = (
             [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
             + self.policy.call("old_logprobs", ref)
-            + self.value.call("values", ref)
+            + (self.value.call("values", ref) if self.value else [])
         )
-        names = ["reference", "reward", *self.policy.names, *self.value.names]
+        names = ["reference", "reward", *(n for g in self.learners for n in g.names)]
         ref_logprobs, scores, *ranks = _get_all(
             refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
             lambda name: self._retry_scorer(name, ref),
@@ -551,18 +566,19 @@ class RayWorkers:
             "ref_logprobs": ref_logprobs,
             "scores": scores,
             **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
-            "values": torch.cat(ranks[n_pol:]),
+            **({"values": torch.cat(ranks[n_pol:])} if self.value else {}),
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         ref = ray.put(batch)
-        n_pol = self.cfg.policy.num_ranks
         stats = self._learners(
-            "update",
-            self.policy.call("train", ref, round_index)
-            + self.value.call("train", ref, round_index),
+            "update", [r for g in self.learners for r in g.call("train", ref, round_index)]
         )
-        return {**mean_stats(stats[:n_pol]), **mean_stats(stats[n_pol:])}
+        merged: dict[str, float] = {}
+        for group in self.learners:
+            merged |= mean_stats(stats[: group.cfg.num_ranks])
+            stats = stats[group.cfg.num_ranks :]
+        return merged
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.pool.workers),
@@ -571,25 +587,20 @@ class RayWorkers:
                 "train/scorer_restarts": self.scorer_restarts}  # fmt: skip
 
     def save(self, directory: Path) -> None:
-        self._learners(
-            "save",
-            self.policy.call("save", str(directory / "policy"))
-            + self.value.call("save", str(directory / "value")),
-        )
+        self._on_learners("save", directory)
 
     def save_state(self, directory: Path) -> None:
-        self._learners(
-            "save_state",
-            self.policy.call("save_state", str(directory / "policy_state"))
-            + self.value.call("save_state", str(directory / "value_state")),
-        )
+        self._on_learners("save_state", directory, "_state")
 
     def load_state(self, directory: Path) -> None:
-        self._learners(
-            "load_state",
-            self.policy.call("load_state", str(directory / "policy_state"))
-            + self.value.call("load_state", str(directory / "value_state")),
-        )
+        self._on_learners("load_state", directory, "_state")
+
+    def _on_learners(self, method: str, directory: Path, suffix: str = "") -> None:
+        """``method(directory/<role><suffix>)`` on every rank of every learner group."""
+        refs = [
+            r for g in self.learners for r in g.call(method, str(directory / (g.role + suffix)))
+        ]
+        self._learners(method, refs)
 
     def close(self) -> None:
         while self._cleanup:

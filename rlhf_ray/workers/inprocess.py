@@ -2,7 +2,8 @@
 
 The same worker classes the Ray runtime wraps, with one rank per learner group. The split of
 prompts over ``rollout.num_workers`` generators and the sampling seeds are those of the Ray
-runtime, so a run here is the distributed run without the distribution.
+runtime, so a run here is the distributed run without the distribution. A critic-free estimator
+(``algo.estimator`` other than gae) has no value learner.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import policy_tokenizer, value_init_spec
+from rlhf_ray.config import has_critic, policy_tokenizer, value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -37,15 +38,25 @@ class InProcessWorkers:
             cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
             max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         )  # fmt: skip
-        self.value = ValueLearner(
-            cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed, max_bad_steps=bad
+        self.value = (
+            ValueLearner(
+                cfg.value,
+                cfg.ppo,
+                tok,
+                value_init_spec(cfg),
+                seed=cfg.train.seed,
+                max_bad_steps=bad,
+            )
+            if has_critic(cfg)
+            else None
         )
-        if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
+        if "deepspeed" in (cfg.policy.engine, self.value and cfg.value.engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # one process can hold one process group: both learners share a world of size 1
             self.policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
         self.policy.setup()
-        self.value.setup()
+        if self.value:
+            self.value.setup()
         ref_spec = cfg.reference.model or cfg.policy.model
         self.reference = ReferenceScorer(ref_spec, tok, cfg.rollout.temperature)
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
@@ -88,27 +99,31 @@ class InProcessWorkers:
         return {
             "ref_logprobs": self.reference.logprobs(rollout),
             **self.policy.old_logprobs(rollout),
-            "values": self.value.values(rollout),
+            **({"values": self.value.values(rollout)} if self.value else {}),
             "scores": self.reward.score(rollout),
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
-        return {**self.policy.train(batch, round_index), **self.value.train(batch, round_index)}
+        value_stats = self.value.train(batch, round_index) if self.value else {}
+        return {**self.policy.train(batch, round_index), **value_stats}
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.generators)}
 
     def save(self, directory: Path) -> None:
         self.policy.save(str(directory / "policy"))
-        self.value.save(str(directory / "value"))
+        if self.value:
+            self.value.save(str(directory / "value"))
 
     def save_state(self, directory: Path) -> None:
         self.policy.save_state(str(directory / "policy_state"))
-        self.value.save_state(str(directory / "value_state"))
+        if self.value:
+            self.value.save_state(str(directory / "value_state"))
 
     def load_state(self, directory: Path) -> None:
         self.policy.load_state(str(directory / "policy_state"))
-        self.value.load_state(str(directory / "value_state"))
+        if self.value:
+            self.value.load_state(str(directory / "value_state"))
 
     def close(self) -> None:
         self.generators.clear()

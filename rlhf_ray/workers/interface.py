@@ -40,17 +40,18 @@ class Workers(Protocol):
         """Split ``prompts`` over the rollout pool; every sample carries ``version``."""
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R), raw ``scores`` (B,) and
-        ``outside_filter`` (B, R) bool: sampled tokens outside the policy's top-k / top-p set."""
+        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R; only with a critic), raw
+        ``scores`` (B,) and ``outside_filter`` (B, R) bool: sampled tokens outside the policy's
+        top-k / top-p set."""
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
-        """PPO epochs on the policy and value learners; returns averaged stats."""
+        """PPO epochs on the policy (and, with a critic, value) learners; averaged stats."""
 
     def info(self) -> dict[str, float]:
         """Per-round facts about the actor graph (e.g. ``rollout/num_workers``)."""
 
     def save(self, directory: Path) -> None:
-        """Write ``policy/`` and ``value/`` (HF format) under ``directory``."""
+        """Write ``policy/`` and, with a critic, ``value/`` (HF format) under ``directory``."""
 
     def save_state(self, directory: Path) -> None:
         """Write the learners' training state (weights and optimizers) for an exact resume."""

@@ -3,8 +3,9 @@
 Every rank receives the whole round's batch and derives its rows from a permutation seeded by
 (seed, round, epoch), identical on every rank. Minibatch ``k`` of an epoch is the same global set
 of rows whatever the number of ranks, and each rank's loss is rescaled so that the gradient
-averaged over ranks equals the gradient of the token-mean loss over the global minibatch. So 1
-rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same optimizer steps (up to float rounding).
+averaged over ranks equals the gradient of the loss over the global minibatch (token mean, or
+the per-sequence means of ``ppo.loss_agg``). So 1 rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same
+optimizer steps (up to float rounding).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.algo import masked_mean, policy_loss, value_loss
+from rlhf_ray.algo import (
+    aggregate_loss,
+    aggregation_weight,
+    kl_loss,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
 from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
 from rlhf_ray.errors import UserError
@@ -62,6 +70,7 @@ class _Rank:
         self.micro_batch = micro_batch or ppo_cfg.minibatch_size // world_size
         self.max_bad_steps = max_bad_steps
         self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
+        self.loss_agg = "token_mean"  # how loss_fn aggregates its per-token losses
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
 
@@ -113,9 +122,9 @@ class _Rank:
                 if not self._finite_everywhere(loss):  # every rank skips: ZeRO stays in step
                     self._bad_step(round_index)
                     continue
-                # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
-                local = float(mb.response_mask.sum())
-                total = float(batch.response_mask[rows].sum())
+                # the loss over the GLOBAL minibatch, given that ranks' grads are averaged
+                local = aggregation_weight(mb.response_mask, self.loss_agg)
+                total = aggregation_weight(batch.response_mask[rows], self.loss_agg)
                 self.engine.backward(loss * local * self.world_size / total)
                 if not self.engine.step():  # a non-finite gradient: the engine skipped it
                     self._bad_step(round_index)
@@ -205,6 +214,7 @@ class PolicyLearner(_Rank):
         self.tokenizer = tok
         self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
                                          "top_p": top_p}  # fmt: skip
+        self.loss_agg = ppo_cfg.loss_agg
 
     @torch.no_grad()
     def old_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
@@ -249,14 +259,18 @@ class PolicyLearner(_Rank):
                 with_entropy=True,
                 entropy_grad=self.ppo.entropy_coef > 0,
             )
+            mask, agg = mb.response_mask, self.loss_agg
             loss, stats = policy_loss(
-                logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, self.ppo.clip_eps
+                logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps, agg
             )
             assert entropy is not None
-            ent = masked_mean(entropy, mb.response_mask)
-            stats = {**stats, "entropy": ent.detach()}
+            stats["entropy"] = masked_mean(entropy.detach(), mask)
             if self.ppo.entropy_coef > 0:
-                loss = loss - self.ppo.entropy_coef * ent
+                loss = loss - self.ppo.entropy_coef * aggregate_loss(entropy, mask, agg)
+            if self.ppo.kl_in_loss is not None:
+                kl = kl_loss(logprobs, mb.ref_logprobs, mask, self.ppo.kl_in_loss, agg)
+                loss = loss + self.ppo.kl_loss_coef * kl
+                stats["kl_loss"] = kl.detach()
             return loss, stats
 
         stats = self.run_epochs(batch, round_index, loss_fn)

@@ -91,7 +91,7 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
             with pytest.raises(StaleWeightsError):
                 workers.generate(batch, version, version + 1)
             ppo_batch, _ = compute_advantages(
-                rollout, workers.score(rollout), kl_ctl.value, cfg.ppo, cfg.reward
+                rollout, workers.score(rollout), kl_ctl.value, cfg.ppo
             )
             workers.update(ppo_batch, version)
     finally:
