@@ -136,11 +136,11 @@ class RewardConfig(ScorerConfig):
         "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
         "tokenizer is fed the rollout text encoded with that tokenizer.",
     )
-    normalize: Literal["auto", "running", "batch", "model", "off"] = Field(
+    normalize: Literal["auto", "running", "batch", "model", "none"] = Field(
         "auto",
         description="Standardise scores with: 'running' mean/std of every score so far (kept in "
         "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
-        "statistics, or 'off'. 'auto': running for a reward model, off for a function.",
+        "statistics, or 'none'. 'auto': running for a reward model, none for a function.",
     )
     clip: float | None = Field(
         None, gt=0, description="Clip the shaped scores (after the penalty) to [-clip, clip]."

@@ -1,6 +1,6 @@
 """Raw scores -> the scores PPO trains on: normalise, subtract the missing-EOS penalty, clip.
 
-``reward.normalize`` chooses the statistics (``auto``: ``running`` for a reward model, ``off``
+``reward.normalize`` chooses the statistics (``auto``: ``running`` for a reward model, ``none``
 for a reward function):
 
 - ``running``: mean and std of every score seen so far in the run (OpenRLHF, TRL's
@@ -9,7 +9,7 @@ for a reward function):
 - ``batch``: this round's own mean and std;
 - ``model``: the mean and std of the reward model's train-set scores, stored in its
   ``config.json`` as ``rlhf_ray_score_mean`` / ``rlhf_ray_score_std`` by ``rlhf-ray train-rm``;
-- ``off``.
+- ``none`` (not ``off``, which YAML reads as false).
 
 The missing-EOS penalty is subtracted after normalising, so it is measured in standard
 deviations of the score whatever the reward model's scale.
@@ -29,11 +29,11 @@ STAT_KEYS = ("rlhf_ray_score_mean", "rlhf_ray_score_std")
 
 
 def normalize_mode(reward: RewardConfig) -> str:
-    """``reward.normalize`` with ``auto`` resolved: ``running`` for a model, ``off`` for a
+    """``reward.normalize`` with ``auto`` resolved: ``running`` for a model, ``none`` for a
     function."""
     if reward.normalize != "auto":
         return reward.normalize
-    return "running" if reward.model is not None else "off"
+    return "running" if reward.model is not None else "none"
 
 
 def model_score_stats(path: str) -> tuple[float, float]:

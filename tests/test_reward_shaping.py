@@ -20,7 +20,7 @@ EOS = torch.tensor([True, False, True])
 
 def test_auto_is_running_for_a_reward_model_and_off_for_a_function():
     assert normalize_mode(RewardConfig(**MODEL)) == "running"
-    assert normalize_mode(RewardConfig()) == "off"
+    assert normalize_mode(RewardConfig()) == "none"
     assert normalize_mode(RewardConfig(normalize="running")) == "running"
     shaper = ScoreShaper(RewardConfig())  # a function, nothing asked: scores pass unchanged
     scores = torch.tensor([0.2, 5.0, -1.0])

@@ -112,7 +112,8 @@ def test_sampler_and_learner_agree_on_the_filtered_distribution(runs):
 
 def test_critic_warmup_leaves_the_policy_and_top_k_2_bounds_the_entropy(tmp_path):
     overrides = ["ppo.critic_warmup_rounds=3", "train.rounds=4", "rollout.top_k=2",
-                 "rollout.top_p=1.0", "checkpoint.every=3", "value.optim.lr=0.003"]  # fmt: skip
+                 "rollout.top_p=1.0", "checkpoint.every=3", "value.optim.lr=0.01", "ppo.epochs=4",
+                 "reward.normalize=none"]  # fmt: skip
     _run(overrides, tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["ppo/critic_warmup"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
