@@ -97,14 +97,21 @@ def head_node():
 
 
 def _ray(args: list[str], env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run the ``ray`` CLI. A submission the head refuses because its job agent is not up yet
+    (it starts a few seconds after the dashboard answers) is tried again, for up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
