@@ -137,7 +137,7 @@ def draw_chart(ax: Any, chart: Chart, runs: list[Run], x_key: str) -> None:
             color = f"C{r}" if overlay else f"C{s}"
             sparse = len(xs) < 30 or not key.startswith(("train/", "ppo/", "rollout/"))
             name = f"{run.label}: {label}" if overlay else label
-            ax.plot(xs, ys, STYLES[s % 4] if overlay else "-", color=color, label=name,
+            ax.plot(xs, ys, STYLES[s % 4], color=color, label=name, linewidth=2.0 - 0.4 * s,
                     marker="o" if sparse else None, markersize=3)  # fmt: skip
             std_key = chart.band.get(key)
             if std_key:
@@ -172,6 +172,7 @@ def _draw_twin(ax: Any, twin: tuple[str, str, str], runs: list[Run], x_key: str)
             name = f"{run.label}: {label}" if len(runs) > 1 else label
             right.plot(xs, ys, ":", color=color, label=name, linewidth=1.2)
     right.set_ylabel(ylabel)
+    right.set_ylim(bottom=0)
     handles, _ = right.get_legend_handles_labels()
     if handles:
         right.legend(fontsize=7, loc="lower right")
@@ -208,7 +209,7 @@ def _save(path: Path, charts: list[Chart], runs: list[Run], x_key: str, cols: in
     for ax in list(axes.flat)[len(charts) :]:
         ax.set_visible(False)
     fig.suptitle(" vs ".join(run.label for run in runs), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
