@@ -123,6 +123,16 @@ def _xy(rows: Rows, x_key: str, key: str) -> tuple[list[float], list[float]]:
 
 
 STYLES = ("-", "--", ":", "-.")
+SMOOTH_FROM = 25  # points from which a series is drawn with a moving average over it
+
+
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` points (NaNs skipped)."""
+    out = []
+    for i in range(len(ys)):
+        part = [y for y in ys[max(0, i - window + 1) : i + 1] if not math.isnan(y)]
+        out.append(sum(part) / len(part) if part else math.nan)
+    return out
 
 
 def draw_chart(ax: Any, chart: Chart, runs: list[Run], x_key: str) -> None:
@@ -137,8 +147,15 @@ def draw_chart(ax: Any, chart: Chart, runs: list[Run], x_key: str) -> None:
             color = f"C{r}" if overlay else f"C{s}"
             sparse = len(xs) < 30 or not key.startswith(("train/", "ppo/", "rollout/"))
             name = f"{run.label}: {label}" if overlay else label
-            ax.plot(xs, ys, STYLES[s % 4], color=color, label=name, linewidth=2.0 - 0.4 * s,
-                    marker="o" if sparse else None, markersize=3)  # fmt: skip
+            style = {"color": color, "linestyle": STYLES[s % 4], "linewidth": 2.0 - 0.4 * s}
+            if len(xs) >= SMOOTH_FROM:  # noisy per-step curves: faint raw, bold moving average
+                window = max(3, len(xs) // 15)
+                ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.3)
+                ax.plot(xs, moving_average(ys, window), label=f"{name} (mean of {window})",
+                        **style)  # fmt: skip
+            else:
+                ax.plot(xs, ys, label=name, marker="o" if sparse else None, markersize=3,
+                        **style)  # fmt: skip
             std_key = chart.band.get(key)
             if std_key:
                 _, stds = _xy(run.rows, x_key, std_key)
