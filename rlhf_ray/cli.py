@@ -184,7 +184,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from rlhf_ray.console import print_summary, stage_summary
     from rlhf_ray.driver import new_run_dir
+    from rlhf_ray.metrics import check_sinks
     from rlhf_ray.preflight import preflight_stage
     from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
 
@@ -192,6 +194,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     role = sft_role(cfg) if sft else rm_role(cfg)  # type: ignore[arg-type]
     run = run_sft if sft else run_train_rm
+    check_sinks(cfg.logging)
     run_dir = args.run_dir or new_run_dir(prefix="sft" if sft else "rm")
     timeout = cfg.train.dist_timeout_s
     if args.in_process:
@@ -199,7 +202,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
         workers = InProcessStage(role, timeout)
         try:
-            run(cfg, workers, run_dir)  # type: ignore[arg-type]
+            result = run(cfg, workers, run_dir)  # type: ignore[arg-type]
         finally:
             workers.close()
     else:
@@ -209,12 +212,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         try:
             ray_workers = RayStage(role, cfg.cluster, timeout)
             try:
-                run(cfg, ray_workers, run_dir)  # type: ignore[arg-type]
+                result = run(cfg, ray_workers, run_dir)  # type: ignore[arg-type]
             finally:
                 ray_workers.close()
         finally:
             disconnect()
-    print(f"run dir: {run_dir.resolve()}")
+    print_summary(stage_summary(args.command, result.run_dir, result.output, result.final))
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -86,7 +86,10 @@ class ProgressDisplay:
         self.began = time.perf_counter()
         self.done = 0
         out = stream if stream is not None else sys.stdout
-        self.live = live if live is not None else (console is not None or out.isatty())
+        # live only with a known total (a stage without one prints its plain lines)
+        self.live = (
+            live if live is not None else total > 0 and (console is not None or out.isatty())
+        )
         self._live: Any = None
         self._bar: Any = None
         self._task: Any = None
@@ -230,3 +233,21 @@ def ppo_summary(run_dir: Path, rows: list[dict[str, Any]], seconds: float) -> Su
     if (run_dir / "policy").exists():
         next_commands.append(f"rlhf-ray generate --policy {run_dir / 'policy'}")
     return Summary("ppo finished", figures, artifacts, next_commands)
+
+
+def stage_summary(command: str, run_dir: Path, output: Path, final: dict[str, float]) -> Summary:
+    """The end of ``rlhf-ray sft`` / ``train-rm``: the last epoch's figures, where the model is,
+    and how PPO uses it."""
+    run_dir, output = run_dir.resolve(), output.resolve()
+    figures = {key: f"{value:.4f}" for key, value in final.items() if isinstance(value, float)}
+    artifacts: dict[str, Path | str] = {"run dir": run_dir, "metrics": run_dir / "metrics.jsonl",
+                                        "model": output}  # fmt: skip
+    if (run_dir / "tb").exists():
+        artifacts["tensorboard"] = run_dir / "tb"
+    if (run_dir / "wandb").exists():
+        artifacts["wandb"] = run_dir / "wandb"
+    use = (f"rlhf-ray ppo --config PPO.yaml reward.function=null reward.model.path={output}"
+           if command == "train-rm" else
+           f"rlhf-ray ppo --config PPO.yaml policy.model.path={output} value.model.path={output}"
+           f" tokenizer.kind=hf tokenizer.name_or_path={output}")  # fmt: skip
+    return Summary(f"{command} finished", figures, artifacts, [f"rlhf-ray plot {run_dir}", use])

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from conftest import REPO, wait_no_processes_under
 
+from rlhf_ray.cli import main
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.models import read_score_stats
 
@@ -181,8 +182,11 @@ def test_train_rm_stage_through_ray_job_submit(head_node, tmp_path):
     assert "succeeded" in (status.stdout + status.stderr).lower()
     logs = _ray(["job", "logs", "--address", address, job], env).stdout
     assert "rm parameters held per rank (rank 0:" in logs and "rank 1:" in logs  # 2 ranks
-    assert f"run dir: {run_dir}" in logs
+    assert "== train-rm finished ==" in logs and f"run dir: {run_dir}" in logs
+    assert f"next: rlhf-ray plot {run_dir}" in logs
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert "final/eval_accuracy" in rows[-1]
     assert read_score_stats(run_dir / "reward_model") is not None
+    assert main(["plot", str(run_dir)]) == 0  # loss and accuracy against steps
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {"loss.png", "accuracy.png"}
