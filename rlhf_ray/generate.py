@@ -34,7 +34,7 @@ def generate_samples(
     """Sample one response per prompt (``prompts``, else the first ``num_prompts`` of the run's
     data, default ``rollout.batch_size``) and score it; one dict per sample."""
     from rlhf_ray.driver import build_prompts, tokenize_prompts
-    from rlhf_ray.tokenization import build_tokenizer
+    from rlhf_ray.tokenization import build_tokenizer, chat_template_start
     from rlhf_ray.workers.rollout import RolloutGenerator
     from rlhf_ray.workers.scorers import RewardScorer
 
@@ -47,7 +47,10 @@ def generate_samples(
     texts = prompts or build_prompts(cfg, tokenizer)[: num_prompts or cfg.rollout.batch_size]
     spec = cfg.policy.model.model_copy(update={"path": str(policy_dir)})
     generator = RolloutGenerator(spec, tok_cfg, cfg.rollout)
-    batch = tokenize_prompts(tokenizer, texts, list(range(len(texts))), cfg.data.max_prompt_tokens)
+    batch, _ = tokenize_prompts(
+        tokenizer, texts, list(range(len(texts))), cfg.data.max_prompt_tokens,
+        chat_template_start(tokenizer) if cfg.data.chat_template else None,
+    )  # fmt: skip
     rollout = generator.generate(batch, cfg.train.seed if seed is None else seed, generator.version)
     scores = RewardScorer(cfg.reward, tok_cfg, search_path=[os.getcwd()]).score(rollout)
     lengths = rollout.response_mask.sum(-1)

@@ -248,7 +248,7 @@ class PolicyLearner(_Rank):
         """Log-probs ``(T-1,)`` of the sync probe (collective under ZeRO-3: call on all ranks)."""
         ids, mask = probe_batch(self.tokenizer)
         out = response_logprobs(self.module, ids.to(self.device), mask.to(self.device), 1,
-                                self.temperature)[0]  # fmt: skip
+                                self.sampling["temperature"])[0]  # fmt: skip
         return out[0].cpu()
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
