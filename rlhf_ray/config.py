@@ -340,10 +340,45 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """What a run reports."""
+    """What a run reports. JSONL (``metrics.jsonl``) is always written; the other sinks are
+    optional extras (``pip install 'rlhf-ray[tensorboard]'`` / ``'rlhf-ray[wandb]'``), and a run
+    with a sink switched on whose package is missing stops before anything starts."""
 
-    progress: bool = Field(True, description="One line of progress per round on stdout.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard scalars if installed.")
+    progress: bool = Field(
+        True,
+        description="Show progress: a live display on a terminal, otherwise one plain line "
+        "per round (CI, `ray job logs`).",
+    )
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars to RUN/tb.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases.")
+    wandb_project: str = Field("rlhf_ray", min_length=1, description="W&B project name.")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto",
+        description="'auto': online when W&B credentials are set and its server is reachable, "
+        "else offline (files under the W&B dir, `wandb sync` them later).",
+    )
+    wandb_dir: str | None = Field(
+        None, description="Where W&B writes its files (null: the run dir, so RUN/wandb/)."
+    )
+    dump_rollouts_every: int = Field(
+        0,
+        ge=0,
+        description="Every K rounds (round % K == 0) write RUN/rollouts/round_XXXXXX.jsonl "
+        "(one row per sample) and the round's PPO batch (.safetensors, for `rlhf-ray replay`); "
+        "0: off.",
+    )
+
+
+class SyncConfig(_Section):
+    """The weight sync from the policy learners to the rollout workers."""
+
+    max_logprob_diff: float = Field(
+        1e-2,
+        gt=0,
+        description="After each sync one rollout worker and the policy learner score a fixed "
+        "probe sequence; the run stops if their log-probs differ by more than this "
+        "(logged as sync/logprob_max_abs_diff).",
+    )
 
 
 class NodeSpec(_Section):
@@ -403,6 +438,7 @@ class Config(_Section):
         default_factory=CheckpointConfig, description="Checkpoints."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync checks.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
 
     @model_validator(mode="after")

@@ -40,11 +40,12 @@ from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_set
 from rlhf_ray.data.sampler import PromptSampler
-from rlhf_ray.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.metrics import PhaseTimer, open_metrics_log
 from rlhf_ray.reward_shaping import ScoreShaper
+from rlhf_ray.rollout_dump import dump_due, dump_round
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
-from rlhf_ray.workers.interface import StaleWeightsError, Workers
+from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
@@ -254,13 +255,12 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     template_start = chat_template_start(tokenizer) if cfg.data.chat_template else None
     start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl, shaper) if resume else 0
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log = MetricsLog(
-        run_dir / "metrics.jsonl",
-        cfg.logging.progress,
-        tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None,
+    log = open_metrics_log(
+        run_dir, cfg.logging, cfg.train.rounds, start, cfg.model_dump(mode="json")
     )
     timer = PhaseTimer()
     workers.sync(version=start)  # rollout workers start from the learner's weights
+    check_sync(workers, cfg.sync, start)
 
     for round_index in range(start, cfg.train.rounds):
         version = round_index  # weights after `round_index` updates
@@ -297,6 +297,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 5. sync: the new policy weights go to every rollout worker, versioned
         with timer.phase("sync"):
             workers.sync(version=version + 1)
+            sync_stats = check_sync(workers, cfg.sync, version + 1)  # probe: worker == learner
 
         # 6. log / checkpoint
         times = timer.pop()
@@ -312,12 +313,16 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             "ppo/skipped_steps": sum(
                 v for k, v in train_stats.items() if k.endswith("skipped_steps")
             ),
+            **sync_stats,
             **workers.info(),
             "data/skipped_rows": len(prompts.skipped),
             **times,
             "time/round": time.perf_counter() - started,
         }
         log.write(row)
+        if dump_due(cfg.logging.dump_rollouts_every, round_index):  # RUN/rollouts/, for replay
+            dump_round(run_dir, round_index, rollout, scored, ppo_batch, shaped["scores"],
+                       adv_stats["ppo/kl_coef"], cfg.ppo.kl_estimator)  # fmt: skip
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
             state = {"round": round_index, "kl_ctl": kl_ctl.state_dict(),
                      "sampler": sampler.state_dict(), "score_shaper": shaper.state_dict()}  # fmt: skip

@@ -113,10 +113,13 @@ class Rollout(Rows):
     prompts: list[str]
     responses: list[str]
     sample_index: torch.Tensor = field(default_factory=_no_rows)  # (B,) as in PromptBatch
+    worker_id: torch.Tensor = field(default_factory=_no_rows)  # (B,) the rollout worker's id
 
     def __post_init__(self) -> None:
         if len(self.sample_index) != len(self.prompt_index):
             self.sample_index = occurrences(self.prompt_index)
+        if len(self.worker_id) != len(self.prompt_index):  # not told: unknown (-1)
+            self.worker_id = torch.full_like(self.prompt_index, -1)
 
     @property
     def prompt_len(self) -> int:

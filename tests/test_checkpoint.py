@@ -156,7 +156,9 @@ ALLOWED = {  # one changed value for every setting resume accepts
     "cluster.actor_start_timeout_s": 9.0, "cluster.learner_resources": {"learner_node": 0.1},
     "cluster.spread": False, "rollout.num_workers": 5, "rollout.num_cpus_per_worker": 0.5,
     "policy.num_cpus_per_rank": 0.5, "value.num_cpus_per_rank": 0.5, "reference.num_cpus": 0.5,
-    "reward.num_cpus": 0.5, "data.on_bad_row": "skip",
+    "reward.num_cpus": 0.5, "data.on_bad_row": "skip", "logging.wandb": True,
+    "logging.wandb_project": "p", "logging.wandb_mode": "offline", "logging.wandb_dir": "/tmp/w",
+    "logging.dump_rollouts_every": 2, "sync.max_logprob_diff": 0.5,
 }  # fmt: skip
 REFUSED = {  # settings that change what the run computes
     "train.seed": 1, "ppo.clip_eps": 0.3, "ppo.epochs": 2, "rollout.temperature": 0.7,

@@ -72,6 +72,7 @@ def _rollout(versions: list[int], index: list[int]) -> Rollout:
         weight_version=torch.tensor(versions),
         prompts=["p"] * n,
         responses=["r"] * n,
+        worker_id=torch.zeros(n, dtype=torch.long),
     )
 
 

@@ -24,6 +24,7 @@ def make_rollout(offset: int = 0, rows: int = B) -> Rollout:
         weight_version=torch.full((rows,), 7),
         prompts=[f"p{i}" for i in n.tolist()],
         responses=[f"r{i}" for i in n.tolist()],
+        worker_id=n % 2,
     )
 
 

@@ -580,6 +580,13 @@ class RayWorkers:
             stats = stats[group.cfg.num_ranks :]
         return merged
 
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        worker = self.pool.workers[version % len(self.pool.workers)]
+        refs = self.policy.call("probe_logprobs") + [worker.probe_logprobs.remote(),
+                                                     worker.ping.remote()]  # fmt: skip
+        learner, *_, sampled, worker_id = _get_all(refs)
+        return float((learner - sampled).abs().max()), worker_id
+
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.pool.workers),
                 "rollout/worker_restarts": self.pool.restarts,

@@ -29,34 +29,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
+    """The policy learner and the value learner (None without a critic), one rank each, set up
+    in this process (also what ``rlhf-ray replay`` trains)."""
+    tok = policy_tokenizer(cfg)
+    bad = cfg.train.max_bad_steps
+    policy = PolicyLearner(
+        cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
+        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+    )  # fmt: skip
+    value = (
+        ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
+                     max_bad_steps=bad)
+        if has_critic(cfg) else None
+    )  # fmt: skip
+    if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # one process can hold one process group: both learners share a world of size 1
+        policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
+    policy.setup()
+    if value:
+        value.setup()
+    return policy, value
+
+
 class InProcessWorkers:
     def __init__(self, cfg):
         self.cfg = cfg
         tok = policy_tokenizer(cfg)
-        bad = cfg.train.max_bad_steps
-        self.policy = PolicyLearner(
-            cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-            max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        )  # fmt: skip
-        self.value = (
-            ValueLearner(
-                cfg.value,
-                cfg.ppo,
-                tok,
-                value_init_spec(cfg),
-                seed=cfg.train.seed,
-                max_bad_steps=bad,
-            )
-            if has_critic(cfg)
-            else None
-        )
-        if "deepspeed" in (cfg.policy.engine, self.value and cfg.value.engine):
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            # one process can hold one process group: both learners share a world of size 1
-            self.policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
-        self.policy.setup()
-        if self.value:
-            self.value.setup()
+        self.policy, self.value = build_learners(cfg)
         ref_spec = cfg.reference.model or cfg.policy.model
         self.reference = ReferenceScorer(ref_spec, tok, cfg.rollout.temperature)
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
@@ -106,6 +107,11 @@ class InProcessWorkers:
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         value_stats = self.value.train(batch, round_index) if self.value else {}
         return {**self.policy.train(batch, round_index), **value_stats}
+
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        gen = self.generators[version % len(self.generators)]
+        diff = (self.policy.probe_logprobs() - gen.probe_logprobs()).abs().max()
+        return float(diff), gen.worker_id
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.generators)}

@@ -17,7 +17,12 @@ from typing import Protocol
 
 import torch
 
+from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
+
+# The sync check's probe: a fixed text whose log-probs a rollout worker and the policy learner
+# must agree on after every weight sync (any tokenizer encodes it to a few dozen tokens).
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789, ok?"
 
 
 class StaleWeightsError(RuntimeError):
@@ -27,6 +32,16 @@ class StaleWeightsError(RuntimeError):
 class LearnerLostError(RuntimeError):
     """A learner rank died or did not answer within ``train.phase_timeout_s``: its group cannot
     go on (its peers wait in collectives), so the groups are rebuilt from a checkpoint."""
+
+
+class SyncCheckError(UserError, RuntimeError):
+    """A rollout worker's log-probs on the probe differ from the learner's after a sync."""
+
+
+def probe_batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, T)`` ids and mask of ``PROBE_TEXT``; score its tokens after the first."""
+    ids = torch.tensor([tokenizer.encode(PROBE_TEXT)], dtype=torch.long)
+    return ids, torch.ones_like(ids)
 
 
 class Workers(Protocol):
@@ -46,6 +61,11 @@ class Workers(Protocol):
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         """PPO epochs on the policy (and, with a critic, value) learners; averaged stats."""
+
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        """After a sync to ``version``: the max abs difference between the policy learner's and
+        one rollout worker's log-probs of the probe sequence, and that worker's id (the worker
+        checked rotates with the version)."""
 
     def info(self) -> dict[str, float]:
         """Per-round facts about the actor graph (e.g. ``rollout/num_workers``)."""
@@ -130,3 +150,18 @@ class StageWorkers(Protocol):
 
     def close(self) -> None:
         """Release the learners."""
+
+
+def check_sync(workers: Workers, sync_cfg, version: int) -> dict[str, float]:
+    """The sync check after a sync to ``version``: ``sync/logprob_max_abs_diff``, or a
+    ``SyncCheckError`` above ``sync_cfg.max_logprob_diff``."""
+    diff, worker = workers.probe_sync(version)
+    if not diff <= sync_cfg.max_logprob_diff:  # NaN fails too
+        raise SyncCheckError(
+            f"weight sync check failed after the sync to v{version}: rollout worker {worker} and "
+            f"the policy learner give log-probs of the probe sequence that differ by up to "
+            f"{diff:.3g} (> sync.max_logprob_diff {sync_cfg.max_logprob_diff:g}), so the worker "
+            "does not sample from the weights the learner trains. Check that both build the same "
+            "model (dtype, architecture) and that the sync loaded every tensor."
+        )
+    return {"sync/logprob_max_abs_diff": diff}

@@ -37,7 +37,7 @@ from rlhf_ray.models import (
 from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
-from rlhf_ray.workers.interface import in_chunks
+from rlhf_ray.workers.interface import in_chunks, probe_batch
 
 LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -242,6 +242,14 @@ class PolicyLearner(_Rank):
         with self.engine.full_params():
             return greedy_continuation(self.module, prompt_ids, prompt_mask, max_new_tokens,
                                        self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
+
+    @torch.no_grad()
+    def probe_logprobs(self) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of the sync probe (collective under ZeRO-3: call on all ranks)."""
+        ids, mask = probe_batch(self.tokenizer)
+        out = response_logprobs(self.module, ids.to(self.device), mask.to(self.device), 1,
+                                self.sampling["temperature"])[0]  # fmt: skip
+        return out[0].cpu()
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         """PPO epochs; none in the first ``ppo.critic_warmup_rounds`` rounds (the critic

@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
-from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_numpy
+from rlhf_ray.models import (
+    build_causal_lm,
+    default_device,
+    response_logprobs,
+    state_dict_from_numpy,
+)
 from rlhf_ray.models.weights import NumpyWeights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.interface import StaleWeightsError, row_seeds
+from rlhf_ray.workers.interface import StaleWeightsError, probe_batch, row_seeds
 
 
 class RolloutGenerator:
@@ -80,6 +85,7 @@ class RolloutGenerator:
             weight_version=torch.full((n,), self.version, dtype=torch.long),
             prompts=list(prompts.prompts),
             responses=responses,
+            worker_id=torch.full((n,), self.worker_id, dtype=torch.long),
         )
 
     def greedy(
@@ -88,6 +94,14 @@ class RolloutGenerator:
         """Greedy continuation (parity checks between workers and learners)."""
         return greedy_continuation(self.model, prompt_ids, prompt_mask, max_new_tokens,
                                    self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
+
+    @torch.no_grad()
+    def probe_logprobs(self) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of the sync probe under the weights this worker holds."""
+        ids, mask = probe_batch(self.tokenizer)
+        out = response_logprobs(self.model, ids.to(self.device), mask.to(self.device), 1,
+                                self.params.temperature)[0]  # fmt: skip
+        return out[0].cpu()
 
     def ping(self) -> int:
         return self.worker_id

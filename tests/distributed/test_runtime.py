@@ -16,7 +16,7 @@ from rlhf_ray.metrics import read_metrics
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.inprocess import InProcessWorkers
-from rlhf_ray.workers.interface import StaleWeightsError
+from rlhf_ray.workers.interface import StaleWeightsError, check_sync
 
 pytestmark = pytest.mark.ray
 
@@ -86,6 +86,8 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
             )
             for out in sampled:
                 assert torch.equal(out, learner[0])
+            # the sync check (a ZeRO-3 collective on the learners): worker == learner exactly
+            assert check_sync(workers, cfg.sync, version) == {"sync/logprob_max_abs_diff": 0.0}
             rollout = workers.generate(batch, version, version)
             assert rollout.weight_version.tolist() == [version] * 8
             with pytest.raises(StaleWeightsError):
