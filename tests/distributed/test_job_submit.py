@@ -75,6 +75,9 @@ def head_node():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # the job agent's HTTP port defaults to 52365, which any other Ray on this machine
+            # (a test's local cluster that is still shutting down) may hold
+            f"--dashboard-agent-listen-port={_free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
