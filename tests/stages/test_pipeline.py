@@ -141,7 +141,7 @@ def learnable(tmp_path_factory):
         "tokenizer.kind=hf", f"tokenizer.name_or_path={tmp / 'bpe'}", "logging.progress=false")  # fmt: skip
     rm = tmp / "rm/reward_model"
     cli("ppo", "--in-process", "--run-dir", tmp / "ppo", *PPO, f"policy.model.path={policy}",
-        f"reward.model.path={rm}", "data.chat_template=true", "train.rounds=15",
+        f"reward.model.path={rm}", "data.chat_template=true", "train.rounds=30",
         "rollout.batch_size=16", "ppo.minibatch_size=8")  # fmt: skip
     cli("eval", "--in-process", "--run-dir", tmp / "eval", "--policy", tmp / "ppo/policy",
         "--baseline", policy, "--reward-model", rm, "data.chat_template=true",

@@ -29,7 +29,7 @@ def _batch(nan_rows: list[int]) -> PPOBatch:
         input_ids=ids, attention_mask=torch.ones(4, 5, dtype=torch.long),
         response_mask=torch.ones(4, 2), old_logprobs=torch.full((4, 2), -5.0),
         old_values=torch.zeros(4, 2), advantages=advantages, returns=torch.zeros(4, 2),
-        prompt_len=3,
+        ref_logprobs=torch.full((4, 2), -5.0), prompt_len=3,
     )  # fmt: skip
 
 
