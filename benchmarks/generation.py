@@ -18,7 +18,7 @@ What it measures
     first EOS (what ``rollout/tokens_per_s`` reports in a run); ``slot tok/s`` counts
     batch x decoding steps, what the model actually computed (the sampler keeps going until
     every row has hit EOS or ``max_new_tokens``; ``min_new_tokens`` is 0, and with random
-    weights EOS is rare, so the two are close). PLATFORM.md's reference for a 10M-parameter
+    weights EOS is rare, so the two are close). The reference measured earlier for a 10M-parameter
     GPT-2, batch 16, 32 new tokens: HF ``generate`` 630-740 tokens/s, a hand KV-cache loop
     860-970.
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  tok/row: mean valid response tokens per row; tok/s columns use the median call, "
         "'best' the fastest one.\n"
-        "  PLATFORM.md (10M GPT-2, batch 16, 32 new): HF generate 630-740 tok/s, hand KV-cache "
+        "  earlier measurement (10M GPT-2, batch 16, 32 new): HF generate 630-740 tok/s, hand KV-cache "
         "loop 860-970.\n"
         "  With 2 threads on 2 cores, any other busy process stalls OpenMP's thread team: "
         "a 2-thread cell far slower than its 1-thread twin means contention, not the sampler."

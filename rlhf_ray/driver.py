@@ -1,6 +1,6 @@
 """The PPO loop, readable top to bottom.
 
-``run_ppo`` is the algorithm box: each round numbers the steps of DESIGN.md §2 and times each as
+``run_ppo`` is the algorithm box: each round numbers the steps of docs/design.md §2 and times each as
 a named phase. Setup lives in the ``build_*`` helpers above it; the loop never branches on
 infrastructure: it talks to a ``Workers`` object, in-process or Ray.
 """

@@ -1,4 +1,4 @@
-"""Pure PPO math over tensors: no config objects, no devices, no Ray (STYLE.md)."""
+"""Pure PPO math over tensors: no config objects, no devices, no Ray (docs/design.md)."""
 
 from rlhf_ray.algo.advantages import (
     compute_gae,

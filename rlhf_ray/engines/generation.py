@@ -1,7 +1,7 @@
 """Sampling responses with the KV-cached Hugging Face ``generate``.
 
 Prompts arrive left-padded; ``generate`` derives positions from the mask itself, so no position
-ids are passed (DESIGN.md §4). Each row is sampled with its own generator (``RowSampler``), from
+ids are passed. Each row is sampled with its own generator (``RowSampler``), from
 the distribution the learner's log-probs use (``algo.sampling``). Every response is sampled up to ``max_new_tokens``, then truncated
 after its first EOS; the returned tensors always have exactly ``max_new_tokens`` columns so that
 shards from different workers concatenate.

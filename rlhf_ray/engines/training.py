@@ -116,7 +116,7 @@ class TorchEngine:
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: int, backend: str
 ) -> None:
-    """Join the learner group's process group (all five variables must be set, PLATFORM.md)."""
+    """Join the learner group's process group (all five variables must be set, or DeepSpeed tries MPI)."""
     import deepspeed
 
     os.environ.update(
