@@ -142,6 +142,15 @@ class RewardConfig(ScorerConfig):
         "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
         "statistics, or 'none'. 'auto': running for a reward model, none for a function.",
     )
+    append_eos: bool = Field(
+        True,
+        description="A reward model reads every response as a finished reply, as "
+        "`rlhf-ray train-rm` trained it (prompt + reply + EOS): a response that "
+        "rollout.max_new_tokens cut before it sampled EOS is scored with the reward model's EOS "
+        "appended (to what the model reads, not to the sample). false: read it at its last "
+        "sampled token, where such a model was never trained. missing_eos_penalty still "
+        "applies. No effect on a reward function.",
+    )
     clip: float | None = Field(
         None, gt=0, description="Clip the shaped scores (after the penalty) to [-clip, clip]."
     )

@@ -96,3 +96,32 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(dirs):
             float(model.sequence_scores(torch.tensor([r]), torch.ones(1, len(r)))) for r in rows
         ]
     assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def _rollout(tok, prompt: str, response: list[int], width: int) -> Rollout:
+    """A one-row rollout of ``response`` in ``width`` columns (pad after it)."""
+    ids, mask = tok.encode_batch_left_padded([prompt], 16)
+    resp_ids = torch.full((1, width), tok.pad_id)
+    resp_mask = torch.zeros(1, width, dtype=torch.long)
+    resp_ids[0, : len(response)], resp_mask[0, : len(response)] = torch.tensor(response), 1
+    return Rollout(ids, mask, torch.arange(1), resp_ids, resp_mask,
+                   torch.tensor([response[-1] == tok.eos_id]), torch.zeros(1, width),
+                   torch.zeros(1, dtype=torch.long), [prompt], [tok.decode(response)])  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["bpe_policy", "bytes_policy"])  # token ids / text
+def test_a_response_cut_before_eos_is_scored_as_a_finished_reply(dirs, policy):
+    """train-rm reads every reply at its EOS; so does the reward actor, for a response that
+    max_new_tokens cut as for one that ended (reward.append_eos=false: at its last token)."""
+    overrides = [f"policy.model.path={dirs[policy]}", f"reward.model.path={dirs['rm']}"]
+    on, off = (load_config(None, [*overrides, f"reward.append_eos={x}"]) for x in (True, False))
+    tok = build_tokenizer(policy_tokenizer(on))
+    scorer, as_cut = (RewardScorer(c.reward, policy_tokenizer(c)) for c in (on, off))
+    assert (scorer.text_tokenizer is None) == (policy == "bpe_policy")
+    for prompt, text in [("Hi there.", "hello world"), ("Say something:", "ABC 123!!")]:
+        reply = tok.encode(text)
+        cut = _rollout(tok, prompt, reply, len(reply))  # every column used, no EOS
+        ended = _rollout(tok, prompt, [*reply, tok.eos_id], len(reply) + 4)
+        assert not cut.has_eos.any() and ended.has_eos.all()
+        torch.testing.assert_close(scorer.score(cut), scorer.score(ended))
+        assert abs(float(as_cut.score(cut) - scorer.score(ended))) > 1e-4  # read elsewhere

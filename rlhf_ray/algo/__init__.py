@@ -35,7 +35,7 @@ from rlhf_ray.algo.losses import (
     value_loss,
 )
 from rlhf_ray.algo.normalize import RunningMoments, standardize
-from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo.response import append_eos, apply_missing_eos_penalty, truncate_after_eos
 from rlhf_ray.algo.sampling import (
     entropy_of_scores,
     gumbel_noise,
@@ -51,6 +51,7 @@ __all__ = [
     "FixedKLController",
     "aggregate_loss",
     "aggregation_weight",
+    "append_eos",
     "apply_missing_eos_penalty",
     "bradley_terry_loss",
     "compute_gae",

@@ -1,5 +1,6 @@
 """Post-processing of sampled responses (Huang et al. 2022, "The N Implementation Details of RLHF
-with PPO"): sample to max_new_tokens, cut after the first EOS, optionally mark down no-EOS rows."""
+with PPO"): sample to max_new_tokens, cut after the first EOS, optionally mark down no-EOS rows,
+and close the rows that have none before a reward model reads them."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def apply_missing_eos_penalty(
     if penalty is None:
         return scores
     return torch.where(has_eos, scores, scores - penalty)
+
+
+def append_eos(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor, eos_id: int,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Prompt + response rows ``(B, T)`` (responses right-padded after their EOS) with one more
+    column: EOS after each row that has none (``has_eos`` False: its response filled all its
+    columns), padding after the others. Returns ``(input_ids, attention_mask)``, ``(B, T + 1)``.
+
+    A reward model trained on finished replies (prompt + reply + EOS) is read at an EOS this
+    way, even for a response cut at ``max_new_tokens`` (OpenRLHF writes that EOS in place).
+    """
+    missing = ~has_eos.to(torch.bool)
+    column = torch.where(missing, eos_id, pad_id).to(input_ids.dtype)
+    ids = torch.cat([input_ids, column[:, None]], dim=1)
+    mask = torch.cat([attention_mask, missing[:, None].to(attention_mask.dtype)], dim=1)
+    return ids, mask

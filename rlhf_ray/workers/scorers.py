@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.algo import append_eos
 from rlhf_ray.config import reward_tokenizer
 from rlhf_ray.models import (
     ScalarHeadModel,
@@ -60,8 +61,10 @@ class RewardScorer:
 
     A reward model whose directory holds its own tokenizer, different from the policy's (another
     model family), reads the rollout as text: prompt + response encoded with the reward model's
-    tokenizer, plus its EOS where the response ended with one, keeping the last tokens that fit
-    its positions. With the policy's tokenizer it reads the rollout's token ids directly.
+    tokenizer, then its EOS, keeping the last tokens that fit its positions. With the policy's
+    tokenizer it reads the rollout's token ids directly. Either way a response cut before it
+    sampled EOS is read with EOS appended (``reward.append_eos``, ``algo.append_eos``), so the
+    score is read where train-rm taught the model to give one.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class RewardScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.name = reward_cfg.function
+        self.append_eos = reward_cfg.append_eos
         self.chunk_size = chunk_size
         self.device = default_device()
         self.fn: RewardFn | None = None
@@ -87,9 +91,10 @@ class RewardScorer:
             tok = build_tokenizer(reward_tokenizer(reward_cfg, tokenizer_cfg))
             self.model = build_scalar_model(reward_cfg.model, tok, self.device)
             self.model.requires_grad_(False)
+            self.eos_id, self.pad_id = tok.eos_id, tok.pad_id
+            self.max_length = max_positions(self.model.config)
             if not same_tokenizer(tok, policy_tok):
                 self.text_tokenizer = tok
-                self.max_length = max_positions(self.model.config)
 
     def ping(self) -> str:
         return "reward"
@@ -100,12 +105,21 @@ class RewardScorer:
         tok = self.text_tokenizer
         assert tok is not None
         rows = [
-            tok.encode(prompt + response) + ([tok.eos_id] if eos else [])
+            tok.encode(prompt + response) + ([tok.eos_id] if eos or self.append_eos else [])
             for prompt, response, eos in zip(
                 rollout.prompts, rollout.responses, rollout.has_eos.tolist(), strict=True
             )
         ]
         return left_pad(rows, tok.pad_id, self.max_length)
+
+    def token_input(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of the rollout's own ids (the policy's tokenizer),
+        with EOS appended to the rows cut before it when ``append_eos``."""
+        if not self.append_eos:
+            return rollout.input_ids, rollout.attention_mask
+        ids, mask = append_eos(rollout.input_ids, rollout.attention_mask, rollout.has_eos,
+                               self.eos_id, self.pad_id)  # fmt: skip
+        return ids[:, -self.max_length :], mask[:, -self.max_length :]  # the last that fit
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -115,12 +129,8 @@ class RewardScorer:
         model = self.model
         assert model is not None
         if self.text_tokenizer is None:
-            return in_chunks(
-                rollout,
-                self.chunk_size,
-                self.device,
-                lambda part: model.sequence_scores(part.input_ids, part.attention_mask),
-            )
+            return in_chunks(rollout, self.chunk_size, self.device,
+                             lambda part: model.sequence_scores(*self.token_input(part)))  # fmt: skip
         ids, mask = self.encode_text(rollout)
         return torch.cat([
             model.sequence_scores(ids[i : i + self.chunk_size].to(self.device),

@@ -1,6 +1,6 @@
 import torch
 
-from rlhf_ray.algo import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo import append_eos, apply_missing_eos_penalty, truncate_after_eos
 
 EOS, PAD = 2, 0
 
@@ -31,3 +31,11 @@ def test_missing_eos_penalty_is_subtracted_from_rows_without_eos_only():
         apply_missing_eos_penalty(scores, has_eos, 1.0), torch.tensor([0.5, 0.5, -0.3, -3.0])
     )
     assert apply_missing_eos_penalty(scores, has_eos, None) is scores
+
+
+def test_append_eos_closes_only_the_rows_cut_before_eos():
+    ids = torch.tensor([[0, 9, 5, 2, 0], [9, 8, 5, 6, 7]])  # prompt (2 columns) + response (3)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    got_ids, got_mask = append_eos(ids, mask, torch.tensor([True, False]), EOS, PAD)
+    torch.testing.assert_close(got_ids, torch.tensor([[0, 9, 5, 2, 0, 0], [9, 8, 5, 6, 7, 2]]))
+    torch.testing.assert_close(got_mask, torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]))
