@@ -47,19 +47,57 @@ def save_reward_model(directory: Path, tok: Tokenizer, init_seed: int = 0) -> Pa
     return directory
 
 
-def _reply(rng: random.Random, lower_fraction: float) -> str:
-    n = rng.randint(4, 16)
-    return "".join(rng.choice(LOWER if rng.random() < lower_fraction else JUNK) for _ in range(n))
+# the bytes of LOWER, and every other byte: a byte-level policy's vocabulary, split by the property
+LOWER_BYTES = LOWER.encode()
+OTHER_BYTES = bytes(b for b in range(256) if b not in LOWER_BYTES)
 
 
-def lowercase_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """A learnable preference set: ``prompt``/``chosen``/``rejected`` rows over the bundled
-    prompts whose chosen reply has the larger fraction of lowercase letters and spaces (the rest
-    is upper case, digits, punctuation, U+FFFD: what a random byte-level policy emits)."""
+def policy_like_bytes(rng: random.Random, lower_p: float, min_bytes: int = 0) -> bytes:
+    """What a byte-level policy emits in 16 tokens when it picks a byte of LOWER with probability
+    ``lower_p`` and any other byte otherwise (``min_bytes`` to 16 bytes)."""
+    return bytes(rng.choice(LOWER_BYTES if rng.random() < lower_p else OTHER_BYTES)
+                 for _ in range(rng.randint(min_bytes, 16)))  # fmt: skip
+
+
+def as_text(data: bytes) -> str:
+    """Bytes as the byte-level tokenizer decodes them: UTF-8 with replacement (so mostly
+    U+FFFD, control characters and punctuation for a random policy)."""
+    return data.decode("utf-8", errors="replace")
+
+
+def lowercase_count(text: str) -> int:
+    """The letters and spaces of LOWER in ``text``: what ``lowercase_pairs`` prefers more of."""
+    return sum(c in LOWER for c in text)
+
+
+def _with_more_lowercase(rng: random.Random, data: bytes, max_edits: int) -> bytes:
+    """``data`` with 1 to ``max_edits`` of its bytes outside LOWER turned into LOWER ones."""
+    out = bytearray(data)
+    others = [i for i, b in enumerate(out) if b not in LOWER_BYTES]
+    for i in rng.sample(others, min(rng.randint(1, max_edits), len(others))):
+        out[i] = rng.choice(LOWER_BYTES)
+    return bytes(out)
+
+
+def lowercase_pairs(n: int, seed: int = 0, max_edits: int = 4) -> list[dict[str, str]]:
+    """A learnable preference set that a tiny random byte-level policy can climb: ``prompt``/
+    ``chosen``/``rejected`` rows over the bundled prompts whose chosen reply has more lowercase
+    letters and spaces (LOWER). Replies are written the way such a policy writes
+    (``policy_like_bytes``, each with a random share of LOWER). Half the pairs are two such
+    replies (any lengths, the empty one included); in the other half the chosen reply is the
+    rejected one with 1 to ``max_edits`` bytes turned into LOWER, so that nothing else tells them
+    apart: the reward model learns what each letter is worth, at any share, including the
+    share of a random policy. Pairs with as many letters on both sides are not used."""
     rng, prompts = random.Random(seed), load_prompts()
-    rows = []
-    for _ in range(n):
-        low, high = sorted(rng.sample([i / 10 for i in range(11)], 2))
-        rows.append({"prompt": rng.choice(prompts), "chosen": _reply(rng, high),
-                     "rejected": _reply(rng, low)})  # fmt: skip
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        a = policy_like_bytes(rng, rng.random())
+        if rng.random() < 0.5:
+            b = policy_like_bytes(rng, rng.random())
+        else:
+            b = _with_more_lowercase(rng, a, max_edits)
+        ta, tb = as_text(a), as_text(b)
+        if lowercase_count(ta) != lowercase_count(tb):
+            chosen, rejected = (ta, tb) if lowercase_count(ta) > lowercase_count(tb) else (tb, ta)
+            rows.append({"prompt": rng.choice(prompts), "chosen": chosen, "rejected": rejected})
     return rows

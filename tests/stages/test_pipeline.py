@@ -6,7 +6,7 @@ against that reward model -> eval.
    eval runs on Ray (tiktoken) and in process (hf).
 2. On a learnable preference set (the chosen reply has more lowercase letters), a reward model
    trained by train-rm on its own BPE tokenizer teaches a byte-level policy through text, and the
-   tuned policy beats its starting point in eval.json.
+   tuned policy beats its starting point in eval.json, by writing more lowercase letters.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from statistics import mean
 
 import pytest
 from conftest import HH_RLHF
-from model_dirs import bpe_tokenizer, lowercase_pairs, save_policy
+from model_dirs import bpe_tokenizer, lowercase_count, lowercase_pairs, save_policy
 from transformers import AutoConfig
 
 from rlhf_ray.cli import main
@@ -32,6 +32,7 @@ from rlhf_ray.tokenization import (
     same_tokenizer,
     write_tiktoken_bpe,
 )
+from rlhf_ray.workers.evaluation import MODELS
 
 pytestmark = pytest.mark.slow
 
@@ -140,21 +141,17 @@ def learnable(tmp_path_factory):
         "optim.lr=2e-3",
         "tokenizer.kind=hf", f"tokenizer.name_or_path={tmp / 'bpe'}", "logging.progress=false")  # fmt: skip
     rm = tmp / "rm/reward_model"
+    # 64 samples a round: with 16 the updates were mostly noise (even the exact lowercase reward
+    # barely rose in 15 rounds); with 64 it rises from round 8 or so
     cli("ppo", "--in-process", "--run-dir", tmp / "ppo", *PPO, f"policy.model.path={policy}",
         f"reward.model.path={rm}", "data.chat_template=true", "train.rounds=15",
-        "rollout.batch_size=16", "ppo.minibatch_size=8")  # fmt: skip
+        "rollout.batch_size=64", "ppo.minibatch_size=32")  # fmt: skip
     cli("eval", "--in-process", "--run-dir", tmp / "eval", "--policy", tmp / "ppo/policy",
         "--baseline", policy, "--reward-model", rm, "data.chat_template=true",
         "eval.num_prompts=64", "logging.progress=false")  # fmt: skip
     return tmp
 
 
-@pytest.mark.xfail(
-    reason="issue 7 must-show 4 is open: PPO against the trained reward model raises its "
-    "training reward (-3.29 -> -2.88 over 30 rounds) but eval's win rate stays near 0.49 "
-    "(policy -2.93 vs baseline -3.02); see the closing note",
-    strict=False,
-)
 def test_ppo_against_a_trained_reward_model_beats_its_baseline(learnable):
     rm_rows = read_metrics(learnable / "rm/metrics.jsonl")
     accuracy = [r["eval/accuracy"] for r in rm_rows if r.get("eval/accuracy") is not None]
@@ -167,3 +164,9 @@ def test_ppo_against_a_trained_reward_model_beats_its_baseline(learnable):
     assert mean(rewards[-3:]) > mean(rewards[:3])  # a BPE reward model taught a byte policy
     assert report["policy/reward_mean"] > report["baseline/reward_mean"]
     assert report["win_rate"] > 0.5
+    # by what the preference rewards, not a blind spot of the reward model
+    samples = [json.loads(line) for line in (learnable / "eval/samples.jsonl").open()]
+    letters = {m: mean(lowercase_count(r[f"{m}/response"]) for r in samples) for m in MODELS}
+    print(f"lowercase letters per reply: policy {letters['policy']:.2f}, "
+          f"baseline {letters['baseline']:.2f}")  # fmt: skip
+    assert letters["policy"] > letters["baseline"]
