@@ -52,11 +52,11 @@ LOWER_BYTES = LOWER.encode()
 OTHER_BYTES = bytes(b for b in range(256) if b not in LOWER_BYTES)
 
 
-def policy_like_bytes(rng: random.Random, lower_p: float, min_bytes: int = 0) -> bytes:
-    """What a byte-level policy emits in 16 tokens when it picks a byte of LOWER with probability
-    ``lower_p`` and any other byte otherwise (``min_bytes`` to 16 bytes)."""
+def policy_like_bytes(rng: random.Random, lower_p: float) -> bytes:
+    """What a byte-level policy emits in up to 16 tokens (0 to 16 bytes) when it picks a byte
+    of LOWER with probability ``lower_p`` and any other byte otherwise."""
     return bytes(rng.choice(LOWER_BYTES if rng.random() < lower_p else OTHER_BYTES)
-                 for _ in range(rng.randint(min_bytes, 16)))  # fmt: skip
+                 for _ in range(rng.randint(0, 16)))  # fmt: skip
 
 
 def as_text(data: bytes) -> str:
