@@ -1,10 +1,11 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
 Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
-one call fails); the weight sync waits for the learners' gather, then for the pool's load.
-Learner groups live in placement groups; every actor and group is named, in the run's namespace
-(``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
-``reward``, ``rollout-0`` ...
+one call fails). The weight sync streams buckets (``sync.bucket_mb``): the learner ranks gather
+bucket k+1 while the rollout workers load bucket k, so no process holds more than about two
+buckets beyond its model. Learner groups live in placement groups; every actor and group is
+named, in the run's namespace (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``,
+``value-0``, ``reference-0``, ``reward-0``, ``rollout-0`` ...
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config, value_init_spec
+from rlhf_ray.config import Config, optimizer_steps, value_init_spec
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
+from rlhf_ray.workers.sync import stream_buckets
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -189,8 +191,10 @@ class LearnerGroup:
 class RolloutPool:
     """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
 
-    The pool remembers the latest weights it was sent, so a worker that joins (a resize, or the
-    replacement of a dead one) receives them before it generates. Ids are never reused.
+    The pool keeps the object refs of every bucket of the latest weights it was sent (in the
+    object store, not in any process), so a worker that joins (a resize, or the replacement of
+    a dead one, also in the middle of a sync) receives all of them before it generates. Ids
+    are never reused.
     """
 
     def __init__(self, cfg: Config):
@@ -198,7 +202,9 @@ class RolloutPool:
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
-        self._weights: tuple[Any, int] | None = None  # (object ref, version)
+        self._version = -1
+        self._count = 0  # buckets of `_version`
+        self._buckets: list[Any] = []  # object refs of the buckets received so far
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -215,8 +221,8 @@ class RolloutPool:
         new = dict(self._spawn() for _ in range(n))
         try:
             _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            if self._weights is not None:
-                ray.get([w.set_weights.remote(*self._weights) for w in new.values()])
+            ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
+                     for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
         except BaseException:
             _kill(list(new.values()))
             raise
@@ -229,14 +235,26 @@ class RolloutPool:
         _kill(extra)
 
     def load(self, weights_ref: Any, version: int) -> None:
-        """Every worker takes these weights; one that died is replaced (and so gets them)."""
-        self._weights = (weights_ref, version)
-        refs = [w.set_weights.remote(weights_ref, version) for w in self.workers]
-        for index, ref in enumerate(refs):
+        """Every worker takes these (whole) weights; one that died is replaced."""
+        self.begin(version, 1)
+        self.load_bucket(weights_ref, 0)
+
+    def begin(self, version: int, count: int) -> None:
+        """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
+        self._version, self._count, self._buckets = version, count, []
+
+    def load_bucket(self, bucket_ref: Any, index: int) -> None:
+        """Every worker loads bucket ``index``; one that died is replaced (the replacement
+        gets every bucket received so far, this one included)."""
+        assert index == len(self._buckets), "buckets arrive in order"
+        self._buckets.append(bucket_ref)
+        args = (bucket_ref, self._version, index, self._count)
+        refs = [w.load_bucket.remote(*args) for w in self.workers]
+        for index_w, ref in enumerate(refs):
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError:
-                self._replace(index, "while loading weights")
+                self._replace(index_w, "while loading weights")
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
@@ -305,32 +323,36 @@ class RayWorkers:
         self.policy = LearnerGroup(
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
-            temperature=cfg.rollout.temperature, seed=seed,
+            temperature=cfg.rollout.temperature, seed=seed, total_steps=optimizer_steps(cfg),
         )  # fmt: skip
         self._cleanup.append(self.policy.kill)
         self.value = LearnerGroup(
             "value", ValueLearner, cfg.value, timeout, dist_timeout,
             value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
-            model_spec=value_init_spec(cfg),
+            model_spec=value_init_spec(cfg), total_steps=optimizer_steps(cfg),
         )  # fmt: skip
         self._cleanup.append(self.value.kill)
         ref, rew = cfg.reference, cfg.reward
         # The scorers are frozen and their calls pure, and a restart rebuilds the same model
         # (the reference from the policy's own deterministic spec), so Ray may restart them and
         # retry the interrupted call.
-        self.reference = _actor(
-            ReferenceScorer, "reference", ref.num_cpus, ref.num_gpus,
-            ref.model or cfg.policy.model, tok, cfg.rollout.temperature, restarts=3,
-        )  # fmt: skip
-        self._cleanup.append(lambda: _kill([self.reference]))
-        self.reward = _actor(
-            RewardScorer, "reward", rew.num_cpus, rew.num_gpus, rew, tok,
-            search_path=[os.getcwd()], restarts=3,
-        )  # fmt: skip
-        self._cleanup.append(lambda: _kill([self.reward]))
+        self.references = [
+            _actor(ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
+                   ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+                   chunk_size=ref.score_micro_batch_size, restarts=3)
+            for i in range(ref.num_replicas)
+        ]  # fmt: skip
+        self._cleanup.append(lambda: _kill(self.references))
+        self.rewards = [
+            _actor(RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
+                   search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3)
+            for i in range(rew.num_replicas)
+        ]  # fmt: skip
+        self._cleanup.append(lambda: _kill(self.rewards))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
-        others = {**self.policy.handles, **self.value.handles, "reference": self.reference,
-                  "reward": self.reward}  # fmt: skip
+        others = {**self.policy.handles, **self.value.handles,
+                  **{f"reference-{i}": a for i, a in enumerate(self.references)},
+                  **{f"reward-{i}": a for i, a in enumerate(self.rewards)}}  # fmt: skip
         _wait_ready(others, timeout)
         counts = _get_all(self.policy.start() + self.value.start())
         self.param_counts = {
@@ -340,16 +362,34 @@ class RayWorkers:
         for role, per_rank in self.param_counts.items():
             held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
             print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
-        if ref.model is None:
-            weights = self.policy.call("full_weights")
-            _get_all(weights + [self.reference.set_weights.remote(weights[0])])
+        bucket_mb = cfg.sync.bucket_mb
+        self._num_buckets = ray.get(self.policy.actors[0].num_weight_buckets.remote(bucket_mb))
+        if ref.model is None:  # the reference starts as a copy of the policy, bucket by bucket
+            stream_buckets(
+                self._num_buckets,
+                self._gather_bucket,
+                lambda bucket, k: _get_all([r.load_bucket.remote(bucket) for r in self.references]),
+            )
+
+    def _gather_bucket(self, index: int) -> Any:
+        """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
+        returns a handle whose ``wait`` gives rank 0's ref (the bucket, left in the store)."""
+        refs = self.policy.call("weight_bucket", index, self.cfg.sync.bucket_mb)
+
+        def wait() -> Any:
+            _get_all(refs[1:])  # the other ranks return None; fail fast if one died
+            ray.wait(refs[:1], fetch_local=False)
+            return refs[0]
+
+        return wait
 
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
-        weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
-        _get_all(weights)
-        self.pool.load(weights[0], version)
+        """Stream the policy's weights to every rollout worker as ``version``, one bucket at a
+        time: the gather of bucket k+1 overlaps the workers' loading of bucket k."""
+        self.pool.begin(version, self._num_buckets)
+        stream_buckets(self._num_buckets, self._gather_bucket, self.pool.load_bucket)
 
     def scale_rollout(self, num_workers: int) -> None:
         current = len(self.pool.workers)
@@ -371,19 +411,25 @@ class RayWorkers:
         return Rollout.concat(self.pool.generate(prompts, round_index, version))
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """All four scorings at once; each scorer role's replicas split the rows."""
         ref = ray.put(rollout)
-        n_pol = self.cfg.policy.num_ranks
+        n_pol, n_val = self.cfg.policy.num_ranks, self.cfg.value.num_ranks
+        ref_parts = [rollout.select(rows) for rows in split_rows(len(rollout), len(self.references))]
+        rew_parts = [rollout.select(rows) for rows in split_rows(len(rollout), len(self.rewards))]
         refs = (
-            [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
+            [a.logprobs.remote(part) for a, part in zip(self.references, ref_parts, strict=True)]
+            + [a.score.remote(part) for a, part in zip(self.rewards, rew_parts, strict=True)]
             + self.policy.call("logprobs", ref)
             + self.value.call("values", ref)
         )
-        ref_logprobs, scores, *ranks = _get_all(refs)
+        out = _get_all(refs)
+        n_ref, n_rew = len(ref_parts), len(rew_parts)
+        ranks = out[n_ref + n_rew :]
         return {
-            "ref_logprobs": ref_logprobs,
-            "scores": scores,
+            "ref_logprobs": torch.cat(out[:n_ref]),
+            "scores": torch.cat(out[n_ref : n_ref + n_rew]),
             "old_logprobs": torch.cat(ranks[:n_pol]),
-            "values": torch.cat(ranks[n_pol:]),
+            "values": torch.cat(ranks[n_pol : n_pol + n_val]),
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:

@@ -5,6 +5,10 @@ Every rank receives the whole round's batch and derives its rows from a permutat
 of rows whatever the number of ranks, and each rank's loss is rescaled so that the gradient
 averaged over ranks equals the gradient of the token-mean loss over the global minibatch. So 1
 rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same optimizer steps (up to float rounding).
+
+A rank's share of a minibatch may run as several micro-batches (``ppo.micro_batch_size``):
+each micro-batch's token-mean loss is weighted by its tokens over the global minibatch's, so
+the accumulated gradient is the same as one pass over the whole share.
 """
 
 from __future__ import annotations
@@ -18,14 +22,26 @@ import torch
 
 from rlhf_ray.algo import masked_mean, policy_loss, value_loss
 from rlhf_ray.engines.generation import greedy_continuation
-from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
+from rlhf_ray.engines.training import (
+    DeepSpeedEngine,
+    TorchEngine,
+    deepspeed_config,
+    init_distributed,
+    zero3_construction,
+)
 from rlhf_ray.models import (
     build_causal_lm,
     build_scalar_model,
     default_device,
     response_logprobs,
 )
-from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
+from rlhf_ray.models.weights import (
+    NumpyWeights,
+    full_nbytes,
+    plan_buckets,
+    state_dict_to_numpy,
+    weight_tensors,
+)
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
 from rlhf_ray.workers.interface import in_chunks
@@ -46,6 +62,7 @@ class _Rank:
         seed: int,
         num_threads: int | None,
         micro_batch: int | None = None,
+        total_steps: int | None = None,
     ):
         """``micro_batch``: rows per rank per step (default: the PPO minibatch's share); the
         stages of ``workers.stage_learners`` pass it and no ``ppo_cfg``."""
@@ -53,9 +70,15 @@ class _Rank:
             torch.set_num_threads(num_threads)
         self.cfg, self.ppo = role_cfg, ppo_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.micro_batch = micro_batch or ppo_cfg.minibatch_size // world_size
+        # this rank's rows of a minibatch, run as micro-batches of `ppo.micro_batch_size` rows
+        share = micro_batch or ppo_cfg.minibatch_size // world_size
+        self.micro_batch = getattr(ppo_cfg, "micro_batch_size", None) or share
+        self.accumulation = share // self.micro_batch
+        self.score_batch = getattr(role_cfg, "score_micro_batch_size", share)
+        self.total_steps = total_steps
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
+        self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
 
     def init_process_group(
         self, master_addr: str, master_port: int, timeout_s: int, backend: str = "gloo"
@@ -63,22 +86,39 @@ class _Rank:
         init_distributed(self.rank, self.world_size, master_addr, master_port, timeout_s, backend)
 
     def setup(self) -> tuple[int, int]:
-        """Build the model and engine; returns (parameters held here, parameters in all)."""
+        """Build the model and engine; returns (parameters held here, parameters in all).
+
+        Under ZeRO-3 the model is partitioned while it is built (``zero3_construction``)."""
         self.device = default_device()
-        module = self._build().to(self.device)
-        module.train()
-        if self.cfg.engine == "torch":
-            self.engine = TorchEngine(module, self.cfg.optim)
-        else:
-            self.engine = DeepSpeedEngine(
-                module,
-                self.cfg.optim,
-                self.cfg.zero_stage,
-                self.micro_batch,
-                self.cfg.model.dtype,
-                self.cfg.offload_optimizer,
-            )
+        cfg = self.cfg
+        if cfg.engine == "torch":
+            module = self._build().to(self.device)
+            self._prepare(module)
+            self.engine = TorchEngine(module, cfg.optim, self.accumulation, self.total_steps)
+            return self.engine.local_param_count()
+        import torch.distributed as dist
+
+        config = deepspeed_config(
+            cfg.zero_stage, self.micro_batch, dist.get_world_size(), cfg.optim.grad_clip,
+            cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
+            getattr(cfg, "offload_params", False),
+        )  # fmt: skip
+        with zero3_construction(config, enabled=cfg.zero_stage == 3):
+            module = self._build()
+        if cfg.zero_stage != 3:
+            module = module.to(self.device)
+        self._prepare(module)
+        self.engine = DeepSpeedEngine(
+            module, cfg.optim, cfg.zero_stage, self.micro_batch, cfg.model.dtype,
+            cfg.offload_optimizer, total_steps=self.total_steps, config=config,
+        )  # fmt: skip
         return self.engine.local_param_count()
+
+    def _prepare(self, module: torch.nn.Module) -> None:
+        module.train()
+        if getattr(self.cfg, "gradient_checkpointing", False):
+            hf = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property
     def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
@@ -100,18 +140,57 @@ class _Rank:
             for start in range(0, n, size):
                 rows = perm[start : start + size]
                 mine = rows[self.my_rows(size)]
-                mb = batch.select(mine).to(self.device)
-                loss, stats = loss_fn(mb)
-                # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
-                local = float(mb.response_mask.sum())
                 total = float(batch.response_mask[rows].sum())
-                self.engine.backward(loss * local * self.world_size / total)
-                self.engine.step()
-                sums["loss"] += float(loss.detach())
-                for k, v in stats.items():
-                    sums[k] += float(v)
+                for first in range(0, len(mine), self.micro_batch):
+                    mb = batch.select(mine[first : first + self.micro_batch]).to(self.device)
+                    loss, stats = loss_fn(mb)
+                    # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
+                    # and that micro-batches' grads add up
+                    local = float(mb.response_mask.sum())
+                    self.engine.backward(loss * local * self.world_size / total)
+                    stepped = self.engine.step()
+                    last = first + self.micro_batch >= len(mine)
+                    if stepped != last:
+                        raise RuntimeError(
+                            "engine and learner disagree on the accumulation boundary "
+                            f"(micro-batch ending at row {first + self.micro_batch} of "
+                            f"{len(mine)}, optimizer stepped: {stepped})"
+                        )
+                    sums["loss"] += float(loss.detach()) / self.accumulation
+                    for k, v in stats.items():
+                        sums[k] += float(v) / self.accumulation
                 steps += 1
         return {k: v / steps for k, v in sums.items()}
+
+    def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
+        if self._buckets is None or self._buckets[0] != bucket_mb:
+            tensors = list(weight_tensors(self.module).items())
+            sizes = [full_nbytes(t) for _, t in tensors]
+            groups = plan_buckets(sizes, int(bucket_mb * 2**20))
+            self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups])
+        return self._buckets[1]
+
+    def num_weight_buckets(self, bucket_mb: float) -> int:
+        """How many buckets of about ``bucket_mb`` MB the weights travel in."""
+        return len(self._bucket_names(bucket_mb))
+
+    def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
+        """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
+        bucket ``index`` as numpy arrays, the others None."""
+        assert self.engine is not None, "call setup() first"
+        tensors = weight_tensors(self.module)
+        names = self._bucket_names(bucket_mb)[index]
+        params = [tensors[n] for n in names if isinstance(tensors[n], torch.nn.Parameter)]
+        with self.engine.gathered(params):  # type: ignore[arg-type]
+            if self.rank != 0:
+                return None
+            zero3 = getattr(self.engine, "zero_stage", 0) == 3
+            # ZeRO-3 frees the gathered data on exit: copy it out; otherwise the arrays view
+            # the live parameters and Ray copies them into the object store on return
+            bucket = {n: tensors[n].detach() for n in names}
+            if zero3 or self.device.type != "cpu":
+                bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
+            return state_dict_to_numpy(bucket)
 
     def full_weights(self) -> NumpyWeights | None:
         """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
@@ -153,7 +232,9 @@ class PolicyLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        total_steps: int | None = None,
     ):
+        """``total_steps``: optimizer steps of the run (what the LR schedule spans)."""
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(
             policy_cfg,
@@ -163,6 +244,7 @@ class PolicyLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            total_steps=total_steps,
         )
         self.tokenizer = tok
         self.temperature = temperature
@@ -176,7 +258,7 @@ class PolicyLearner(_Rank):
             return response_logprobs(self.module, part.input_ids, part.attention_mask,
                                      part.prompt_len, self.temperature)[0]  # fmt: skip
 
-        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
+        return in_chunks(mine, self.score_batch, self.device, forward) * mine.response_mask
 
     @torch.no_grad()
     def greedy(
@@ -208,6 +290,7 @@ class PolicyLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["policy_loss"] = stats.pop("loss")
+        stats["policy_lr"] = self.engine.lr()  # type: ignore[union-attr]  # the next step's
         return stats
 
 
@@ -224,9 +307,10 @@ class ValueLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        total_steps: int | None = None,
     ):
         """``model_spec``: the initial weights (default ``value_cfg.model``; see
-        ``config.value_init_spec``)."""
+        ``config.value_init_spec``); ``total_steps``: optimizer steps of the run."""
         tok = build_tokenizer(tokenizer_cfg)
         spec = model_spec or value_cfg.model
         super().__init__(
@@ -237,6 +321,7 @@ class ValueLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            total_steps=total_steps,
         )
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
@@ -250,7 +335,7 @@ class ValueLearner(_Rank):
         def forward(part: Rollout) -> torch.Tensor:
             return self._values(part.input_ids, part.attention_mask, part.prompt_len)
 
-        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
+        return in_chunks(mine, self.score_batch, self.device, forward) * mine.response_mask
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):
@@ -261,4 +346,5 @@ class ValueLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["value_loss"] = stats.pop("loss")
+        stats["value_lr"] = self.engine.lr()  # type: ignore[union-attr]
         return stats

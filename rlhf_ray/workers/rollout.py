@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
 from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_numpy
-from rlhf_ray.models.weights import NumpyWeights
+from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import StaleWeightsError
@@ -36,11 +36,25 @@ class RolloutGenerator:
             rollout_cfg.top_p,
         )
         self.version = -1  # no weights received yet
+        self._loading: tuple[int, set[int]] | None = None  # (version, buckets received)
 
     def set_weights(self, weights: NumpyWeights, version: int) -> int:
         self.model.load_state_dict(state_dict_from_numpy(weights))
         self.version = version
         return version
+
+    def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
+        """Bucket ``index`` of ``count`` of weights ``version``, loaded tensor by tensor. The
+        worker holds a mix of versions until every bucket arrived: meanwhile its version is
+        -1 and it refuses to generate. Returns the version it holds now."""
+        if self._loading is None or self._loading[0] != version:
+            self._loading = (version, set())
+            self.version = -1
+        load_weights(self.model, bucket)
+        self._loading[1].add(index)
+        if len(self._loading[1]) == count:
+            self.version, self._loading = version, None
+        return self.version
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
         if self.version != expected_version:
