@@ -27,13 +27,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rlhf_ray.config import Config, ModelSpec, value_init_spec
 
 # DeepSpeed's communication buckets default to 5e8 elements (GBs of buffers); the learners set
 # them to this many elements (``engines.training.deepspeed_config``), and the estimate counts them
-BUCKET_ELEMENTS = 50_000_000
+BUCKET_ELEMENTS = 10_000_000
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_OVERHEAD_BYTES = 1.0 * GB  # CUDA context + caching-allocator slack, per GPU process
@@ -223,7 +223,7 @@ def read_model_config(spec: ModelSpec, tokenizer_cfg) -> tuple[dict[str, Any] | 
             from rlhf_ray.models.build import preset_config
             from rlhf_ray.tokenization import build_tokenizer
 
-            config = preset_config(spec, build_tokenizer(tokenizer_cfg))
+            config = preset_config(cast(Any, spec), build_tokenizer(tokenizer_cfg))
         except Exception as exc:  # e.g. a hub tokenizer with no network
             return None, f"preset {spec.preset} (tokenizer not loadable: {exc})"
         return config.to_dict(), f"preset {spec.preset}"
@@ -270,7 +270,7 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         )  # fmt: skip
         out[role] = Estimate(parts, source)
     ref_spec = cfg.reference.model or cfg.policy.model
-    scorers = [("reference", cfg.reference, ref_spec, True)]
+    scorers: list[tuple[str, Any, ModelSpec, bool]] = [("reference", cfg.reference, ref_spec, True)]
     if cfg.reward.model is not None:
         scorers.append(("reward", cfg.reward, cfg.reward.model, False))
     else:

@@ -58,7 +58,7 @@ def test_learner_memory_by_hand():
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
     bucket = 388 * 4  # the whole toy model fits one gather/reduce bucket
-    assert 388 < BUCKET_ELEMENTS
+    assert BUCKET_ELEMENTS > 388
     assert parts["params"] == 388 * 4 / 2 + bucket  # own half + the gathered bucket
     assert parts["grads"] == 388 * 4 / 2 + bucket
     assert parts["optimizer"] == (8 * 388 + 4 * 388) / 2  # Adam m, v + fp32 master, halved

@@ -28,10 +28,10 @@ from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
-from rlhf_ray.workers.sync import stream_buckets
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
+from rlhf_ray.workers.sync import stream_buckets
 
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
@@ -63,6 +63,44 @@ def cluster_nodes() -> list[Node]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+@ray.remote(num_cpus=0)
+def _gpu_memory_gb() -> float | None:
+    """The smallest GPU's memory on this node, from ``nvidia-smi`` (None if there is none)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        return min(float(x) for x in out.split()) * 2**20 / 1e9  # MiB -> GB
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cluster_nodes_with_gpu_memory(timeout_s: float = 60.0) -> list[Node]:
+    """``cluster_nodes`` plus what each GPU node reports of its GPUs' memory."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        cpus, gpus = n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)
+        memory = None
+        if gpus:
+            strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            try:
+                memory = ray.get(
+                    _gpu_memory_gb.options(scheduling_strategy=strategy).remote(),
+                    timeout=timeout_s,
+                )
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                memory = None
+        out.append(Node(cpus, gpus, memory))
+    return out
 
 
 def _threads(cpus: float) -> int:
@@ -365,11 +403,11 @@ class RayWorkers:
         bucket_mb = cfg.sync.bucket_mb
         self._num_buckets = ray.get(self.policy.actors[0].num_weight_buckets.remote(bucket_mb))
         if ref.model is None:  # the reference starts as a copy of the policy, bucket by bucket
-            stream_buckets(
-                self._num_buckets,
-                self._gather_bucket,
-                lambda bucket, k: _get_all([r.load_bucket.remote(bucket) for r in self.references]),
-            )
+
+            def load(bucket: Any, index: int) -> None:
+                _get_all([r.load_bucket.remote(bucket) for r in self.references])
+
+            stream_buckets(self._num_buckets, self._gather_bucket, load)
 
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
@@ -414,7 +452,9 @@ class RayWorkers:
         """All four scorings at once; each scorer role's replicas split the rows."""
         ref = ray.put(rollout)
         n_pol, n_val = self.cfg.policy.num_ranks, self.cfg.value.num_ranks
-        ref_parts = [rollout.select(rows) for rows in split_rows(len(rollout), len(self.references))]
+        ref_parts = [
+            rollout.select(rows) for rows in split_rows(len(rollout), len(self.references))
+        ]
         rew_parts = [rollout.select(rows) for rows in split_rows(len(rollout), len(self.rewards))]
         refs = (
             [a.logprobs.remote(part) for a, part in zip(self.references, ref_parts, strict=True)]

@@ -156,8 +156,6 @@ def init_distributed(
     )
 
 
-
-
 def deepspeed_config(
     zero_stage: int,
     micro_batch: int,

@@ -38,7 +38,8 @@ def state_dict_from_numpy(weights: NumpyWeights) -> dict[str, torch.Tensor]:
 def weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a sync moves: every parameter (a tied one once) and every persistent buffer."""
     persistent = set(module.state_dict().keys())
-    out: dict[str, torch.Tensor] = dict(module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    out.update(module.named_parameters())
     out.update((n, b) for n, b in module.named_buffers() if n in persistent)
     return out
 
@@ -65,7 +66,8 @@ def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
 def load_weights(module: torch.nn.Module, weights: NumpyWeights) -> None:
     """Copy ``weights`` (a bucket or the whole model) into ``module``'s tensors by name, one
     tensor at a time (no second full copy). Unknown names raise."""
-    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets: dict[str, torch.Tensor] = {}
+    targets.update(module.named_parameters(remove_duplicate=False))
     targets.update(module.named_buffers(remove_duplicate=False))
     missing = [name for name in weights if name not in targets]
     if missing:

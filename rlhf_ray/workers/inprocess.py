@@ -82,7 +82,7 @@ class InProcessWorkers:
     def scale_rollout(self, num_workers: int) -> None:
         while len(self.generators) > num_workers:
             self.generators.pop()
-        new = []
+        new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
             new.append(RolloutGenerator(self.cfg.policy.model, self.cfg.tokenizer,
                                         self.cfg.rollout, len(self.generators) + len(new)))  # fmt: skip

@@ -117,7 +117,7 @@ class _Rank:
     def _prepare(self, module: torch.nn.Module) -> None:
         module.train()
         if getattr(self.cfg, "gradient_checkpointing", False):
-            hf = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
+            hf: Any = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property
