@@ -118,7 +118,11 @@ class _Rank:
         module.train()
         if getattr(self.cfg, "gradient_checkpointing", False):
             hf: Any = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # reentrant checkpoints lose grads of frozen inputs
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
