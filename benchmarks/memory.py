@@ -3,7 +3,8 @@ beside `rlhf-ray plan`'s estimate.
 
 What it measures
     A GPT-2 style policy of ~100M fp32 parameters (preset gpt2-tiny, hidden 768, 14 layers,
-    12 heads, bytes tokenizer) as 2 DeepSpeed ranks (real ``PolicyLearner`` actors in a
+    12 heads, bytes tokenizer; saved to a temp dir and loaded from that path, as a real
+    checkpoint would be) as 2 DeepSpeed ranks (real ``PolicyLearner`` actors in a
     ``LearnerGroup`` on a private local Ray, gloo on CPU). For each ZeRO stage, every rank
     samples its own anonymous resident memory (``RssAnon``: private heap, not the shared object
     store) every 2 ms from after its process group is up (the baseline: interpreter, torch,
@@ -37,8 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -49,8 +52,8 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.distributed.runtime import LearnerGroup, RayWorkers, RolloutPool, _get_all
-from rlhf_ray.memory import ModelShape, learner_memory
-from rlhf_ray.models import preset_config
+from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
+from rlhf_ray.models import build_causal_lm
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch
 from rlhf_ray.workers.learners import PolicyLearner
@@ -102,11 +105,16 @@ def ppo_batch(vocab: int) -> PPOBatch:
     )  # fmt: skip
 
 
-def config(args: argparse.Namespace, stage: int):
+def preset(args: argparse.Namespace):
     return load_config(None, [
         "policy.model.preset=gpt2-tiny", f"policy.model.hidden_size={args.hidden}",
         f"policy.model.num_layers={args.layers}", f"policy.model.num_heads={args.heads}",
-        f"policy.zero_stage={stage}", "policy.num_ranks=2", "policy.num_cpus_per_rank=1",
+    ]).policy.model  # fmt: skip
+
+
+def config(args: argparse.Namespace, stage: int, path: str):
+    return load_config(None, [
+        f"policy.model.path={path}", f"policy.zero_stage={stage}", "policy.num_ranks=2", "policy.num_cpus_per_rank=1",
         f"rollout.batch_size={ROWS}", f"ppo.minibatch_size={ROWS}", "ppo.epochs=1",
         f"data.max_prompt_tokens={PROMPT}", f"rollout.max_new_tokens={RESPONSE}",
         "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5",
@@ -115,8 +123,9 @@ def config(args: argparse.Namespace, stage: int):
 
 
 def estimate(cfg) -> tuple[float, int]:
-    tok = build_tokenizer(cfg.tokenizer)
-    shape = ModelShape.from_config(preset_config(cfg.policy.model, tok).to_dict())
+    config_json, _ = read_model_config(cfg.policy.model, cfg.tokenizer)
+    assert config_json is not None
+    shape = ModelShape.from_config(config_json)
     parts = learner_memory(
         shape, lm_head=True, dtype="float32", ranks=2, zero_stage=cfg.policy.zero_stage,
         engine="deepspeed", offload_optimizer=False, offload_params=False,
@@ -194,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     _common.banner("memory: ZeRO-1/2/3 peak per rank and a streamed weight sync")
     result: dict = {"load_avg": round(load, 2), "bucket_mb": args.bucket_mb}
     rows = []
+    model_dir = tempfile.mkdtemp(prefix="mem-bench-")
+    spec = preset(args)
+    build_causal_lm(spec, build_tokenizer(load_config().tokenizer)).save_pretrained(model_dir)
     with _common.local_ray(2):
         for stage in (1, 2, 3):
-            cfg = config(args, stage)
+            cfg = config(args, stage, model_dir)
             est, params = estimate(cfg)
             vocab = build_tokenizer(cfg.tokenizer).vocab_size
             peak = measure_training(cfg, vocab)
@@ -210,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
         result["model_mb"] = round(result["params"] * 4 / MB, 1)
-        result.update(measure_sync(config(args, 3), args.repeats))
+        result.update(measure_sync(config(args, 3, model_dir), args.repeats))
+    shutil.rmtree(model_dir, ignore_errors=True)
     print()
     print(_common.table(["stage (2 ranks)", "peak MB/rank", "plan MB/rank", "error"], rows))
     print(f"ZeRO-3 / ZeRO-1 peak: {result['zero3_over_zero1']:.2f}")

@@ -76,6 +76,9 @@ class _Rank:
         self.accumulation = share // self.micro_batch
         self.score_batch = getattr(role_cfg, "score_micro_batch_size", share)
         self.total_steps = total_steps
+        # a checkpoint is loaded straight into ZeRO-3 partitions; a preset's seeded random
+        # init is only reproduced by a plain build (transformers' ZeRO-3 init differs)
+        self.model_path = getattr(getattr(role_cfg, "model", None), "path", None)
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
@@ -88,7 +91,9 @@ class _Rank:
     def setup(self) -> tuple[int, int]:
         """Build the model and engine; returns (parameters held here, parameters in all).
 
-        Under ZeRO-3 the model is partitioned while it is built (``zero3_construction``)."""
+        Under ZeRO-3 a model loaded from a path is partitioned while it is loaded
+        (``zero3_construction``): no rank ever holds all of it. A preset (tiny, random) is
+        built whole, then partitioned."""
         self.device = default_device()
         cfg = self.cfg
         if cfg.engine == "torch":
@@ -103,9 +108,10 @@ class _Rank:
             cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
             getattr(cfg, "offload_params", False),
         )  # fmt: skip
-        with zero3_construction(config, enabled=cfg.zero_stage == 3):
+        zero_init = cfg.zero_stage == 3 and self.model_path is not None
+        with zero3_construction(config, enabled=zero_init):
             module = self._build()
-        if cfg.zero_stage != 3:
+        if not zero_init:
             module = module.to(self.device)
         self._prepare(module)
         self.engine = DeepSpeedEngine(
@@ -327,6 +333,7 @@ class ValueLearner(_Rank):
             num_threads,
             total_steps=total_steps,
         )
+        self.model_path = spec.path
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         # the value of the state before response token t sits at position prompt_len - 1 + t

@@ -119,3 +119,30 @@ def test_gradient_checkpointing_gives_the_same_gradient(role):
     plain = grads_of(role, engine)
     checkpointed = grads_of(role, engine, f"{role}.gradient_checkpointing=true")
     assert_same(plain, checkpointed)
+
+
+def test_zero3_loads_a_checkpoint_into_partitions(tmp_path):
+    """Under ZeRO-3 a model from a path is loaded inside deepspeed.zero.Init (through
+    transformers' DeepSpeed integration): its parameters are partitions from the start, and
+    they hold the checkpoint's weights."""
+    from rlhf_ray.models import build_causal_lm
+    from rlhf_ray.tokenization import build_tokenizer
+
+    base = load_config(None, [])
+    saved = build_causal_lm(base.policy.model, build_tokenizer(base.tokenizer))
+    saved.save_pretrained(tmp_path / "model")
+    cfg = load_config(
+        None, ["policy.num_ranks=1", "policy.zero_stage=3", f"policy.model.path={tmp_path}/model"]
+    )
+    learner = PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    learner.init_process_group("127.0.0.1", port, 60)
+    learner.setup()
+    assert all(hasattr(p, "ds_id") for p in learner.module.parameters())
+    built = learner.full_weights()
+    assert built is not None
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(built[name][0]), tensor, rtol=0, atol=0)
