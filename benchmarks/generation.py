@@ -1,8 +1,8 @@
 """Benchmark: sampling throughput of ``rlhf_ray.engines.generation.sample_responses`` on CPU.
 
 What it measures
-    New tokens per second of the rollout sampler (Hugging Face ``generate`` with a KV cache,
-    ``output_logits=True``, then EOS truncation and sampler logprobs) for:
+    New tokens per second of the rollout sampler (Hugging Face ``generate`` with a KV cache and
+    the per-row ``RowSampler``, then EOS truncation and sampler logprobs) for:
 
     - ``tiny``:  the embedded default policy (gpt2-tiny, hidden 64, 2 layers, 4 heads);
     - ``h256``:  gpt2-tiny hidden 256, 6 layers, 8 heads (the "~10M" shape; with the built-in
@@ -18,7 +18,7 @@ What it measures
     first EOS (what ``rollout/tokens_per_s`` reports in a run); ``slot tok/s`` counts
     batch x decoding steps, what the model actually computed (the sampler keeps going until
     every row has hit EOS or ``max_new_tokens``; ``min_new_tokens`` is 0, and with random
-    weights EOS is rare, so the two are close). PLATFORM.md's reference for a 10M-parameter
+    weights EOS is rare, so the two are close). The reference measured earlier for a 10M-parameter
     GPT-2, batch 16, 32 new tokens: HF ``generate`` 630-740 tokens/s, a hand KV-cache loop
     860-970.
 
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_call(model, ids, mask, params, tok, seed: int) -> dict[str, float]:
     start = time.perf_counter()
-    out = sample_responses(model, ids, mask, params, tok.eos_id, tok.pad_id, seed=seed)
+    seeds = [seed * 1000 + i for i in range(len(ids))]  # one generator per row, as in a run
+    out = sample_responses(model, ids, mask, params, tok.eos_id, tok.pad_id, seeds)
     seconds = time.perf_counter() - start
     lengths = out["response_mask"].sum(-1)
     all_done = bool(out["has_eos"].all())
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  tok/row: mean valid response tokens per row; tok/s columns use the median call, "
         "'best' the fastest one.\n"
-        "  PLATFORM.md (10M GPT-2, batch 16, 32 new): HF generate 630-740 tok/s, hand KV-cache "
+        "  earlier measurement (10M GPT-2, batch 16, 32 new): HF generate 630-740 tok/s, hand KV-cache "
         "loop 860-970.\n"
         "  With 2 threads on 2 cores, any other busy process stalls OpenMP's thread team: "
         "a 2-thread cell far slower than its 1-thread twin means contention, not the sampler."

@@ -8,6 +8,7 @@ paragraph naming the offending field, which the CLI prints without a traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -162,47 +163,83 @@ class ReferenceConfig(ScorerConfig):
     model: ModelSpec | None = Field(None, description="Null: the initial policy's weights.")
 
 
+DEFAULT_REWARD_FUNCTION = "rlhf_ray.rewards:lowercase_fraction"
+
+
 class RewardConfig(ScorerConfig):
     """Where the scalar score of a response comes from: a function or a reward model."""
 
     function: str | None = Field(
-        "rlhf_ray.rewards:lowercase_fraction",
-        description="'package.module:callable' called as fn(prompts, responses) -> list[float].",
+        None,
+        description="'package.module:callable' called as fn(prompts, responses) -> list[float]. "
+        f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` is given, else the model.",
     )
     model: ModelSpec | None = Field(
-        None, description="Reward model (sequence-classification checkpoint); excludes function."
+        None,
+        description="Reward model (sequence-classification checkpoint, e.g. RUN/reward_model of "
+        "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
+        "tokenizer is fed the rollout text encoded with that tokenizer.",
     )
-    normalize: bool = Field(False, description="Standardise scores over each round's batch.")
-    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+    normalize: Literal["auto", "running", "batch", "model", "none"] = Field(
+        "auto",
+        description="Standardise scores with: 'running' mean/std of every score so far (kept in "
+        "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
+        "statistics, or 'none'. 'auto': running for a reward model, none for a function.",
+    )
+    clip: float | None = Field(
+        None, gt=0, description="Clip the shaped scores (after the penalty) to [-clip, clip]."
+    )
     missing_eos_penalty: float | None = Field(
-        None, description="Score given to a response that never emits EOS (null: off)."
+        None,
+        ge=0,
+        description="Subtracted from the (normalised) score of a response that never emits EOS, "
+        "as TRL does: score - penalty, so a penalty of 1 costs one standard deviation when "
+        "scores are normalised (null: off).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_function(cls, data: Any) -> Any:
+        """An unset `function` means the built-in one only when no `model` is given."""
+        if isinstance(data, dict) and "function" not in data and data.get("model") is None:
+            return {**data, "function": DEFAULT_REWARD_FUNCTION}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
         if (self.function is None) == (self.model is None):
-            raise ValueError("set exactly one of `function` and `model`")
+            raise ValueError(
+                "set exactly one of `function` and `model` (set function=null to use the model)"
+            )
+        if self.normalize == "model" and (self.model is None or self.model.path is None):
+            raise ValueError(
+                "normalize 'model' reads the statistics stored with a saved reward model: "
+                "set model.path, or use normalize 'running'"
+            )
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")
         return self
 
 
 class TokenizerConfig(_Section):
-    """The tokenizer shared by every role."""
+    """The tokenizer of the policy (shared by the policy, reference, critic and rollout roles;
+    a reward model directory with its own tokenizer uses that one)."""
 
-    kind: Literal["bytes", "tiktoken", "hf"] = Field(
-        "bytes",
-        description="'bytes': built-in offline byte-level encoding; 'tiktoken': an encoding name "
-        "or local .tiktoken file; 'hf': a Hugging Face tokenizer path or hub id.",
+    kind: Literal["auto", "bytes", "tiktoken", "hf"] = Field(
+        "auto",
+        description="'auto': the policy model directory's own tokenizer if it holds one "
+        "(e.g. RUN/model of `rlhf-ray sft`), else 'bytes'; 'bytes': built-in offline byte-level "
+        "encoding; 'tiktoken': an encoding name or local .tiktoken file; 'hf': a Hugging Face "
+        "tokenizer path or hub id.",
     )
     name_or_path: str | None = Field(None, description="Encoding name, file or HF path.")
 
     @model_validator(mode="after")
     def _needs_name(self) -> TokenizerConfig:
-        if self.kind != "bytes" and not self.name_or_path:
+        if self.kind in ("tiktoken", "hf") and not self.name_or_path:
             raise ValueError(f"kind {self.kind!r} needs `name_or_path`")
-        if self.kind == "bytes" and self.name_or_path:
-            raise ValueError("kind 'bytes' is built in and takes no `name_or_path`")
+        if self.kind in ("bytes", "auto") and self.name_or_path:
+            raise ValueError(f"kind {self.kind!r} takes no `name_or_path`")
         return self
 
 
@@ -221,17 +258,42 @@ class DataConfig(_Section):
     split: str = Field("train", description="Dataset split for hub datasets.")
     max_prompt_tokens: int = Field(48, gt=0, description="Prompts keep their last N tokens.")
     chat_template: bool = Field(False, description="Wrap each prompt with the chat template.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed row (not JSON, not UTF-8, prompt missing or empty): 'error' "
+        "stops before any actor starts, naming file and line; 'skip' drops it and counts it "
+        "(`data/skipped_rows`).",
+    )
 
 
 class RolloutConfig(_Section):
     """Sampling and the rollout generator pool."""
 
     batch_size: int = Field(32, gt=0, description="Prompts per round.")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Responses sampled per prompt (n): a round has batch_size * n samples, "
+        "each prompt's n samples in consecutive rows (a group, for grpo/rloo baselines).",
+    )
     num_workers: int = Field(2, ge=1, description="Rollout generator actors.")
     max_new_tokens: int = Field(16, gt=0, description="Tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also in logprobs).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Top-k sampling (0: off). The sampler records, and the policy's old and new "
+        "log-probs and entropy use, this filtered distribution; the reference does not.",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
+    micro_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Rows generated together (one `generate` call). The round's rows are cut "
+        "into micro-batches counted from its first row and dealt whole to the workers, so a "
+        "row is computed beside the same rows, and sampled identically, whatever "
+        "rollout.num_workers is.",
+    )
     num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
     num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")
 
@@ -250,13 +312,47 @@ class PPOConfig(_Section):
     adaptive_kl: bool = Field(False, description="Adapt beta towards `kl_target`.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL target (nats per sequence).")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon (samples).")
+    kl_in_loss: Literal["k3", "k2"] | None = Field(
+        None,
+        description="Add KL(policy || reference) to the policy loss with this estimator, "
+        "weighted by kl_loss_coef (GRPO's way); null: off. Excludes a nonzero kl_coef.",
+    )
+    kl_loss_coef: float = Field(0.001, ge=0, description="Weight of the KL loss (kl_in_loss).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean",
+        description="How per-token policy losses become one loss: mean over all tokens, mean "
+        "over sequences of per-sequence token means (GRPO) or of token sums (Dr. GRPO).",
+    )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over valid tokens.")
+    whiten_advantages: bool = Field(
+        True, description="Whiten GAE advantages over valid tokens (estimator gae only)."
+    )
+    critic_warmup_rounds: int = Field(
+        0,
+        ge=0,
+        description="For the first N rounds only the value model is updated, not the policy "
+        "(metric `ppo/critic_warmup` is 1 then): the usual remedy when the critic starts from "
+        "a reward model or a fresh head.",
+    )
     micro_batch_size: int | None = Field(
         None,
         gt=0,
         description="Rows per forward/backward on one rank; gradients accumulate over a "
         "rank's share of a minibatch (null: the whole share at once, no accumulation).",
+    )
+
+
+class AlgoConfig(_Section):
+    """The advantage estimator: PPO with a critic, or a critic-free one."""
+
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae",
+        description="'gae': PPO with a learned critic; critic-free: 'grpo' (group mean, "
+        "optionally std), 'rloo' (leave-one-out group mean), 'reinforce_pp' (REINFORCE++: "
+        "returns normalised over the global batch). grpo/rloo need samples_per_prompt >= 2.",
+    )
+    grpo_norm_std: bool = Field(
+        True, description="grpo: also divide by the group's reward std (Dr. GRPO: false)."
     )
 
 
@@ -266,16 +362,23 @@ class TrainConfig(_Section):
     rounds: int = Field(30, gt=0, description="PPO rounds (generate, score, update, sync).")
     seed: int = Field(0, description="Seed of prompt order, sampling and minibatch shuffles.")
     dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
-
-
-class SyncConfig(_Section):
-    """How the policy's weights reach the rollout workers after each update."""
-
-    bucket_mb: float = Field(
-        256.0,
+    phase_timeout_s: float = Field(
+        600.0,
         gt=0,
-        description="Weights move in buckets of about this many MB: gathered, sent and loaded "
-        "one bucket at a time (a tensor larger than a bucket travels alone).",
+        description="Longest wait for any actor call of a phase. A rollout, reference or reward "
+        "actor past it is replaced and its work redone; a learner past it is treated as lost.",
+    )
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        description="Times the learner groups are rebuilt from the last checkpoint after a rank "
+        "dies or hangs (`train/learner_restarts`); needs checkpoint.every.",
+    )
+    max_bad_steps: int = Field(
+        3,
+        gt=0,
+        description="Non-finite losses skipped in a row (`ppo/skipped_steps`) before the run "
+        "stops with an error.",
     )
 
 
@@ -287,10 +390,53 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """What a run reports."""
+    """What a run reports. JSONL (``metrics.jsonl``) is always written; the other sinks are
+    optional extras (``pip install 'rlhf-ray[tensorboard]'`` / ``'rlhf-ray[wandb]'``), and a run
+    with a sink switched on whose package is missing stops before anything starts."""
 
-    progress: bool = Field(True, description="One line of progress per round on stdout.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard scalars if installed.")
+    progress: bool = Field(
+        True,
+        description="Show progress: a live display on a terminal, otherwise one plain line "
+        "per round (CI, `ray job logs`).",
+    )
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars to RUN/tb.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases.")
+    wandb_project: str = Field("rlhf_ray", min_length=1, description="W&B project name.")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto",
+        description="'auto': online when W&B credentials are set and its server is reachable, "
+        "else offline (files under the W&B dir, `wandb sync` them later).",
+    )
+    wandb_dir: str | None = Field(
+        None, description="Where W&B writes its files (null: the run dir, so RUN/wandb/)."
+    )
+    dump_rollouts_every: int = Field(
+        0,
+        ge=0,
+        description="Every K rounds (round % K == 0) write RUN/rollouts/round_XXXXXX.jsonl "
+        "(one row per sample) and the round's PPO batch (.safetensors, for `rlhf-ray replay`); "
+        "0: off.",
+    )
+
+
+class SyncConfig(_Section):
+    """How the policy's weights reach the rollout workers after each update, and the check
+    that they arrived intact."""
+
+    bucket_mb: float = Field(
+        256.0,
+        gt=0,
+        description="Weights move in buckets of about this many MB: gathered, sent and loaded "
+        "one bucket at a time (a tensor larger than a bucket travels alone).",
+    )
+
+    max_logprob_diff: float = Field(
+        1e-2,
+        gt=0,
+        description="After each sync one rollout worker and the policy learner score a fixed "
+        "probe sequence; the run stops if their log-probs differ by more than this "
+        "(logged as sync/logprob_max_abs_diff).",
+    )
 
 
 class NodeSpec(_Section):
@@ -324,6 +470,16 @@ class ClusterConfig(_Section):
     actor_start_timeout_s: float = Field(
         180.0, gt=0, description="Give up (clearly) if actors stay pending this long."
     )
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each learner rank also requests, to pin the learner "
+        "groups to nodes that offer them (e.g. {learner_node: 0.01}).",
+    )
+    spread: bool = Field(
+        True,
+        description="Spread rollout workers and scorers over the cluster's nodes (Ray SPREAD "
+        "scheduling), so that losing one node loses few of them.",
+    )
 
 
 class Config(_Section):
@@ -337,39 +493,104 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Prompt data.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO update.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage estimator.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Outer loop.")
-    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync.")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync checks.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> Config:
-        batch, mini = self.rollout.batch_size, self.ppo.minibatch_size
-        if batch % mini:
+        batch, mini, n = (
+            self.rollout.batch_size,
+            self.ppo.minibatch_size,
+            self.rollout.samples_per_prompt,
+        )
+        if (batch * n) % mini:
             raise ValueError(
-                f"ppo.minibatch_size ({mini}) must divide rollout.batch_size ({batch})"
+                f"ppo.minibatch_size ({mini}) must divide the samples of a round, "
+                f"rollout.batch_size * rollout.samples_per_prompt ({batch} * {n})"
             )
-        for name, ranks in (("policy", self.policy.num_ranks), ("value", self.value.num_ranks)):
-            if mini % ranks:
+        learners = (("policy", self.policy), ("value", self.value))[: 1 + has_critic(self)]
+        for name, role in learners:
+            if mini % role.num_ranks:
                 raise ValueError(
-                    f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks ({ranks})"
+                    f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks "
+                    f"({role.num_ranks})"
                 )
-        micro = self.ppo.micro_batch_size
-        for name, ranks in (("policy", self.policy.num_ranks), ("value", self.value.num_ranks)):
-            if micro is not None and (mini // ranks) % micro:
+            micro = self.ppo.micro_batch_size
+            if micro is not None and (mini // role.num_ranks) % micro:
                 raise ValueError(
                     f"ppo.micro_batch_size ({micro}) must divide each {name} rank's share of a "
-                    f"minibatch (ppo.minibatch_size / {name}.num_ranks = {mini // ranks})"
+                    f"minibatch (ppo.minibatch_size / {name}.num_ranks = {mini // role.num_ranks})"
                 )
-        for name, role in (("policy", self.policy), ("value", self.value)):
             if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
-        if self.value.init_from_reward and self.reward.model is None:
+        if has_critic(self) and self.value.init_from_reward and self.reward.model is None:
             raise ValueError("value.init_from_reward needs reward.model")
         return self
+
+    @model_validator(mode="after")
+    def _estimator(self) -> Config:
+        estimator, n = self.algo.estimator, self.rollout.samples_per_prompt
+        if estimator in ("grpo", "rloo") and n < 2:
+            raise ValueError(
+                f"algo.estimator {estimator} compares the samples of a prompt: set "
+                f"rollout.samples_per_prompt to 2 or more (got {n})"
+            )
+        if self.ppo.kl_in_loss is not None and self.ppo.kl_coef > 0:
+            raise ValueError(
+                f"ppo.kl_in_loss ({self.ppo.kl_in_loss}) and ppo.kl_coef ({self.ppo.kl_coef:g}) "
+                "would add the same KL penalty twice, in the loss and in the reward: set "
+                "ppo.kl_coef=0 to keep it in the loss, or ppo.kl_in_loss=null to keep it in "
+                "the reward"
+            )
+        if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
+            raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
+        return self
+
+
+def has_critic(cfg: Config) -> bool:
+    """Whether the run has a value group: only the ``gae`` estimator learns a critic."""
+    return cfg.algo.estimator == "gae"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:
+    """The tokenizer a model comes with: a local directory's saved Hugging Face tokenizer, or
+    (a path that is not local: a hub id) the hub repo's; None for a directory without one."""
+    if model_path is None:
+        return None
+    path = os.path.expanduser(model_path)
+    if not os.path.exists(path) or any(
+        os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES
+    ):
+        return TokenizerConfig(kind="hf", name_or_path=path)
+    return None
+
+
+def resolve_tokenizer(tok: TokenizerConfig, model_path: str | None) -> TokenizerConfig:
+    """``tok`` itself unless its kind is 'auto'; then the tokenizer the model at ``model_path``
+    comes with, else the built-in bytes."""
+    if tok.kind != "auto":
+        return tok
+    return model_tokenizer(model_path) or TokenizerConfig(kind="bytes")
+
+
+def policy_tokenizer(cfg: Config) -> TokenizerConfig:
+    """The policy's tokenizer, resolved (see ``TokenizerConfig.kind``)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.policy.model.path)
+
+
+def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> TokenizerConfig:
+    """The reward model's own tokenizer when it comes with one, else the policy's."""
+    own = model_tokenizer(reward.model.path) if reward.model is not None else None
+    return own or policy_tok
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -397,7 +618,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:

@@ -1,6 +1,6 @@
 """The PPO loop, readable top to bottom.
 
-``run_ppo`` is the algorithm box: each round numbers the steps of DESIGN.md §2 and times each as
+``run_ppo`` is the algorithm box: each round numbers the steps of docs/design.md §2 and times each as
 a named phase. Setup lives in the ``build_*`` helpers above it; the loop never branches on
 infrastructure: it talks to a ``Workers`` object, in-process or Ray.
 """
@@ -18,12 +18,15 @@ import torch
 from rlhf_ray.algo import (
     AdaptiveKLController,
     FixedKLController,
-    apply_missing_eos_penalty,
     compute_gae,
     explained_variance,
+    grpo_advantages,
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_rewards,
 )
 from rlhf_ray.checkpoint import (
     check_resumable,
@@ -32,14 +35,17 @@ from rlhf_ray.checkpoint import (
     save_model_dirs,
     truncate_metrics,
 )
-from rlhf_ray.config import Config, PPOConfig, RewardConfig, to_yaml
+from rlhf_ray.config import AlgoConfig, Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
-from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
+from rlhf_ray.data.preference import render_transcript
+from rlhf_ray.data.prompts import load_prompt_set
 from rlhf_ray.data.sampler import PromptSampler
-from rlhf_ray.metrics import MetricsLog, PhaseTimer
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
-from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import StaleWeightsError, Workers
+from rlhf_ray.metrics import PhaseTimer, open_metrics_log
+from rlhf_ray.reward_shaping import ScoreShaper
+from rlhf_ray.rollout_dump import dump_due, dump_round
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
+from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
@@ -55,15 +61,29 @@ def new_run_dir(root: str | Path = "runs", prefix: str = "ppo") -> Path:
     raise RuntimeError(f"could not find a free run directory under {root}")
 
 
-def build_prompts(cfg: Config, tokenizer: Tokenizer) -> list[str]:
+class PromptTexts(list[str]):
+    """The prompt texts; ``skipped`` lists the bad rows dropped (``data.on_bad_row: skip``)."""
+
+    skipped: list[str] = []
+
+
+def build_prompts(cfg: Config, tokenizer: Tokenizer) -> PromptTexts:
     """The prompt texts, with the chat template applied if configured."""
     data = cfg.data
+    loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format,
+                             data.on_bad_row)  # fmt: skip
     if data.chat_template:
-        conversations = load_prompt_conversations(
-            data.prompts, field=data.prompt_field, split=data.split, fmt=data.format
-        )
-        return [tokenizer.apply_chat(conv) for conv in conversations]
-    return load_prompts(data.prompts, field=data.prompt_field, split=data.split, fmt=data.format)
+        texts = PromptTexts(tokenizer.apply_chat(conv) for conv in loaded.conversations)
+    elif loaded.format == "plain":
+        texts = PromptTexts(conv[0]["content"] for conv in loaded.conversations)
+    else:
+        texts = PromptTexts(render_transcript(conv, add_generation_prompt=True)
+                            for conv in loaded.conversations)  # fmt: skip
+    texts.skipped = loaded.skipped
+    if loaded.skipped:
+        print(f"[rlhf_ray] skipped {len(loaded.skipped)} bad data rows (data.on_bad_row: skip), "
+              f"first: {loaded.skipped[0]}", flush=True)  # fmt: skip
+    return texts
 
 
 def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLController:
@@ -72,22 +92,41 @@ def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLControl
     return FixedKLController(ppo.kl_coef)
 
 
+def expand_groups(index: list[int], samples_per_prompt: int) -> list[int]:
+    """The round's rows: each prompt index repeated n times in a row (group g: [g*n, (g+1)*n))."""
+    return [i for i in index for _ in range(samples_per_prompt)]
+
+
 def tokenize_prompts(
-    tokenizer: Tokenizer, prompts: list[str], index: list[int], max_tokens: int
-) -> PromptBatch:
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    index: list[int],
+    max_tokens: int,
+    template_start: str | None = None,
+) -> tuple[PromptBatch, int]:
+    """The round's rows, encoded as the tokenizer does by default (BOS for Llama), each with
+    its sample index (seeds its sampling); and how many prompts were cut to ``max_tokens``."""
     texts = [prompts[i] for i in index]
-    ids, mask = tokenizer.encode_batch_left_padded(texts, max_tokens)
-    return PromptBatch(ids, mask, torch.tensor(index, dtype=torch.long), texts)
+    ids, mask, truncated = encode_prompts(tokenizer, texts, max_tokens, template_start)
+    prompt_index = torch.tensor(index, dtype=torch.long)
+    return PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index)), truncated
 
 
-def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward: RewardConfig) -> torch.Tensor:
-    """Missing-EOS penalty, then optional batch normalisation and clipping of raw scores."""
-    scores = apply_missing_eos_penalty(scores, has_eos, reward.missing_eos_penalty)
-    if reward.normalize and len(scores) > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-    if reward.clip is not None:
-        scores = scores.clamp(-reward.clip, reward.clip)
-    return scores
+def critic_free_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, algo: AlgoConfig, group_size: int, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) of a critic-free estimator from KL-penalised token rewards:
+    grpo/rloo compare each sample's total reward with its group's, reinforce_pp whitens
+    per-token returns over the batch."""
+    if algo.estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, mask, gamma)
+    totals = sequence_rewards(rewards, mask)
+    returns = totals[:, None] * mask.to(totals.dtype)
+    if algo.estimator == "grpo":
+        return grpo_advantages(totals, mask, group_size, algo.grpo_norm_std), returns
+    if algo.estimator == "rloo":
+        return rloo_advantages(totals, mask, group_size), returns
+    raise ValueError(f"{algo.estimator!r} is not a critic-free estimator")
 
 
 def compute_advantages(
@@ -95,36 +134,50 @@ def compute_advantages(
     scored: dict[str, torch.Tensor],
     kl_coef: float,
     ppo: PPOConfig,
-    reward: RewardConfig,
+    algo: AlgoConfig | None = None,
+    group_size: int = 1,
 ) -> tuple[PPOBatch, dict[str, float]]:
-    """Step 3: per-token KL-penalised rewards, GAE, whitening (pure tensor math)."""
+    """Step 3: per-token KL-penalised rewards, then GAE and whitening (``algo.estimator`` gae,
+    the default) or a critic-free estimator over groups of ``group_size`` rows (pure math).
+    ``scored["scores"]`` are the shaped scores (``ScoreShaper``)."""
+    algo = algo or AlgoConfig()
     mask = rollout.response_mask
-    scores = shape_scores(scored["scores"], rollout.has_eos, reward)
+    scores = scored["scores"]
     rewards, kl = kl_penalized_rewards(
         scores, scored["old_logprobs"], scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
     )
-    advantages, returns = compute_gae(rewards, scored["values"], mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    stats: dict[str, float] = {}
+    if algo.estimator == "gae":
+        values = scored["values"]
+        advantages, returns = compute_gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        stats["ppo/explained_variance"] = explained_variance(values, returns, mask)
+    else:
+        values = torch.zeros_like(rewards)
+        advantages, returns = critic_free_advantages(rewards, mask, algo, group_size, ppo.gamma)
     batch = PPOBatch(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         response_mask=mask,
         old_logprobs=scored["old_logprobs"],
-        old_values=scored["values"],
+        old_values=values,
         advantages=advantages,
         returns=returns,
+        ref_logprobs=scored["ref_logprobs"],
         prompt_len=rollout.prompt_len,
     )
-    stats = {
+    stats |= {
         "ppo/kl": float(kl.sum(-1).mean()),
         "ppo/kl_coef": kl_coef,
         "ppo/return_mean": float(masked_mean(returns, mask)),
-        "ppo/explained_variance": explained_variance(scored["values"], returns, mask),
         "rollout/score_mean": float(scores.mean()),
         "rollout/logprob_gap": float(
             masked_mean((rollout.sampler_logprobs - scored["old_logprobs"]).abs(), mask)
         ),
+        "rollout/outside_filter_tokens": int(scored["outside_filter"].sum())
+        if "outside_filter" in scored
+        else 0,
     }
     return batch, stats
 
@@ -142,7 +195,8 @@ def rollout_stats(rollout: Rollout, raw_scores: torch.Tensor, seconds: float) ->
 
 
 def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
-    """Refuse a round whose samples are stale, or not exactly one per requested prompt."""
+    """Refuse a round whose samples are stale, or not exactly one per requested prompt row
+    (``index``: a prompt index per row, n rows per prompt with samples_per_prompt n)."""
     stale = (rollout.weight_version != version).nonzero().flatten().tolist()
     if stale:
         raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
@@ -169,6 +223,7 @@ def resume_from_checkpoint(
     run_dir: Path,
     sampler: PromptSampler,
     kl_ctl: FixedKLController | AdaptiveKLController,
+    shaper: ScoreShaper | None = None,
 ) -> int:
     """Restore the newest complete checkpoint of ``run_dir``; returns the round to start at."""
     checkpoint = latest_checkpoint(run_dir)
@@ -181,6 +236,8 @@ def resume_from_checkpoint(
     workers.load_state(checkpoint)
     sampler.load_state_dict(state["sampler"])
     kl_ctl.load_state_dict(state["kl_ctl"])
+    if shaper is not None and "score_shaper" in state:
+        shaper.load_state_dict(state["score_shaper"])
     truncate_metrics(run_dir / "metrics.jsonl", state["round"])
     print(f"[rlhf_ray] resumed from {checkpoint}", flush=True)
     return state["round"] + 1
@@ -190,19 +247,20 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times
     (from the newest checkpoint of ``run_dir`` on, if ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    tokenizer = build_tokenizer(policy_tokenizer(cfg))
     prompts = build_prompts(cfg, tokenizer)
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)
-    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl) if resume else 0
+    shaper = ScoreShaper(cfg.reward)  # normalise, missing-EOS penalty, clip
+    template_start = chat_template_start(tokenizer) if cfg.data.chat_template else None
+    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl, shaper) if resume else 0
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log = MetricsLog(
-        run_dir / "metrics.jsonl",
-        cfg.logging.progress,
-        tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None,
+    log = open_metrics_log(
+        run_dir, cfg.logging, cfg.train.rounds, start, cfg.model_dump(mode="json")
     )
     timer = PhaseTimer()
     workers.sync(version=start)  # rollout workers start from the learner's weights
+    check_sync(workers, cfg.sync, start)
 
     for round_index in range(start, cfg.train.rounds):
         version = round_index  # weights after `round_index` updates
@@ -211,24 +269,27 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 0. scale: apply a requested rollout pool size (`rlhf-ray scale RUN --rollout-workers N`)
         workers.scale_rollout(requested_rollout_workers(run_dir, cfg.rollout.num_workers))
 
-        # 1. generate: split the prompt batch over the rollout pool
+        # 1. generate: n samples per prompt (a group of rows each), split over the rollout pool
         with timer.phase("generate"):
-            index = sampler.next_batch()
-            batch = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            index = expand_groups(sampler.next_batch(), cfg.rollout.samples_per_prompt)
+            batch, truncated = tokenize_prompts(
+                tokenizer, prompts, index, cfg.data.max_prompt_tokens, template_start
+            )
             rollout = workers.generate(batch, round_index, version)
             check_rollout(rollout, version, index)
 
-        # 2. score: reference logprobs, old logprobs, values and rewards, in parallel
+        # 2. score: reference logprobs, old logprobs, values (with a critic) and rewards
         with timer.phase("score"):
             scored = workers.score(rollout)
 
-        # 3. advantage: KL-penalised per-token rewards, GAE, whitening (on the driver)
+        # 3. advantage: KL-penalised per-token rewards, then the estimator (on the driver)
         with timer.phase("advantage"):
+            shaped = {**scored, "scores": shaper(scored["scores"], rollout.has_eos)}
             ppo_batch, adv_stats = compute_advantages(
-                rollout, scored, kl_ctl.value, cfg.ppo, cfg.reward
+                rollout, shaped, kl_ctl.value, cfg.ppo, cfg.algo, cfg.rollout.samples_per_prompt
             )
 
-        # 4. update: PPO epochs x minibatches on the policy and value learners
+        # 4. update: PPO epochs x minibatches on the policy (and value) learners
         with timer.phase("update"):
             train_stats = workers.update(ppo_batch, round_index)
         kl_ctl.update(adv_stats["ppo/kl"], len(rollout))
@@ -236,6 +297,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 5. sync: the new policy weights go to every rollout worker, versioned
         with timer.phase("sync"):
             workers.sync(version=version + 1)
+            sync_stats = check_sync(workers, cfg.sync, version + 1)  # probe: worker == learner
 
         # 6. log / checkpoint
         times = timer.pop()
@@ -244,15 +306,26 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             "weights/version": version,
             **rollout_stats(rollout, scored["scores"], times["time/generate"]),
             **adv_stats,
+            **shaper.stats(),
+            "data/truncated_prompts": truncated,
+            "ppo/critic_warmup": float(round_index < cfg.ppo.critic_warmup_rounds),
             **{f"ppo/{k}": v for k, v in train_stats.items()},
+            "ppo/skipped_steps": sum(
+                v for k, v in train_stats.items() if k.endswith("skipped_steps")
+            ),
+            **sync_stats,
             **workers.info(),
+            "data/skipped_rows": len(prompts.skipped),
             **times,
             "time/round": time.perf_counter() - started,
         }
         log.write(row)
+        if dump_due(cfg.logging.dump_rollouts_every, round_index):  # RUN/rollouts/, for replay
+            dump_round(run_dir, round_index, rollout, scored, ppo_batch, shaped["scores"],
+                       adv_stats["ppo/kl_coef"], cfg.ppo.kl_estimator)  # fmt: skip
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
             state = {"round": round_index, "kl_ctl": kl_ctl.state_dict(),
-                     "sampler": sampler.state_dict()}  # fmt: skip
+                     "sampler": sampler.state_dict(), "score_shaper": shaper.state_dict()}  # fmt: skip
             save_checkpoint(workers, tokenizer, cfg, run_dir, state)
 
     save_model_dirs(workers, tokenizer, run_dir)

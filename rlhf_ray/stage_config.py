@@ -1,4 +1,5 @@
-"""Typed configs of the stages around PPO: ``rlhf-ray sft`` and ``rlhf-ray train-rm``.
+"""Typed configs of the stages around PPO: ``rlhf-ray sft``, ``rlhf-ray train-rm`` and
+``rlhf-ray eval``.
 
 Same rules as ``rlhf_ray.config`` (frozen pydantic, ``extra="forbid"``, a description on every
 field, cross-field checks raise) and the same sections where they mean the same thing: the
@@ -19,13 +20,18 @@ from pydantic import Field, ValidationError, model_validator
 
 from rlhf_ray.config import (
     ClusterConfig,
+    DataConfig,
     LoggingConfig,
     ModelSpec,
     OptimSpec,
     PolicyConfig,
+    RewardConfig,
+    RolloutConfig,
+    ScorerConfig,
     TokenizerConfig,
     _Section,
     load_schema,
+    resolve_tokenizer,
 )
 from rlhf_ray.data.sources import BUILTIN_HH_RLHF
 
@@ -183,7 +189,7 @@ def stage_tokenizer(cfg: _StageConfig) -> TokenizerConfig:
         local = Path(path).expanduser()
         if not local.exists() or any((local / f).is_file() for f in TOKENIZER_FILES):
             return TokenizerConfig(kind="hf", name_or_path=path)
-    return TokenizerConfig()
+    return TokenizerConfig(kind="bytes")
 
 
 def load_sft_config(
@@ -196,3 +202,65 @@ def load_rm_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> RewardModelConfig:
     return load_schema(RewardModelConfig, path, overrides)
+
+
+class EvalSettings(_Section):
+    """What is compared and reported."""
+
+    num_prompts: int | None = Field(
+        64, gt=0, description="Evaluate the first N prompts of `data.prompts` (null: all)."
+    )
+    seed: int = Field(
+        0, description="Sampling seed; both policies sample each prompt with the same seed."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token estimator summed into `kl_to_baseline` (see algo.kl)."
+    )
+    table_rows: int = Field(8, ge=0, description="Sample rows shown in eval.md.")
+    phase_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for a generation or scoring call (on Ray)."
+    )
+
+
+class EvalConfig(_Section):
+    """``rlhf-ray eval``: a tuned policy against its baseline on held-out prompts, scored by the
+    reward. Both generate with the rollout pool; ``rollout.batch_size`` prompts per step."""
+
+    policy: ModelSpec = Field(
+        default_factory=ModelSpec, description="The tuned policy (`--policy DIR`: policy.path)."
+    )
+    baseline: ModelSpec = Field(
+        default_factory=ModelSpec,
+        description="What it is compared with, e.g. the SFT model (`--baseline DIR`).",
+    )
+    reward: RewardConfig = Field(
+        default_factory=RewardConfig,
+        description="The judge (`--reward-model DIR`: reward.model.path).",
+    )
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig,
+        description="The policies' tokenizer ('auto': the policy directory's own).",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Held-out prompts.")
+    rollout: RolloutConfig = Field(
+        default_factory=lambda: RolloutConfig(num_workers=1),
+        description="Sampling, and the rollout pool of EACH policy (num_workers generators).",
+    )
+    scorer: ScorerConfig = Field(
+        default_factory=ScorerConfig,
+        description="Resources of each log-prob scorer (one for the policy, one for the baseline).",
+    )
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Comparison.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
+
+
+def eval_tokenizer(cfg: EvalConfig) -> TokenizerConfig:
+    """The tokenizer of both policies, resolved (``tokenizer``, else the policy directory's)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.policy.path)
+
+
+def load_eval_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> EvalConfig:
+    return load_schema(EvalConfig, path, overrides)

@@ -9,6 +9,10 @@ Conventions shared by every implementation:
   and its ``vocab_size`` grows by one.
 - Batches are padded on the LEFT to the longest row (at most ``max_length``); a row longer than
   ``max_length`` keeps its LAST tokens, the ones next to the response.
+- PPO prompts go through ``encode_prompts``: as the tokenizer encodes by default (Hugging Face
+  ``add_special_tokens=True``: BOS for Llama, nothing for GPT-2; never a second BOS after a chat
+  template that wrote one), truncated on the left but keeping BOS and the template's start.
+  Responses never get a BOS.
 - The default chat format is the HH-RLHF transcript (``rlhf_ray.data.preference.
   render_transcript``): ``"\\n\\nSystem: ...\\n\\nHuman: ...\\n\\nAssistant: ..."`` and, as the
   generation prompt, a final ``"\\n\\nAssistant:"``. ``DEFAULT_CHAT_TEMPLATE`` is the same
@@ -46,7 +50,10 @@ __all__ = [
     "Tokenizer",
     "TokenizerSpec",
     "build_tokenizer",
+    "same_tokenizer",
     "byte_level_encoding",
+    "chat_template_start",
+    "encode_prompts",
     "left_pad",
     "write_tiktoken_bpe",
 ]
@@ -78,6 +85,9 @@ class Tokenizer(Protocol):
     pad_id: int
     eos_id: int
     bos_id: int | None
+    prefix_ids: list[int]
+    """Special tokens the tokenizer puts before a text by default (Hugging Face
+    ``add_special_tokens=True``): BOS for Llama-style tokenizers, none for GPT-2-style ones."""
     vocab_size: int
     """Rows the model's embedding needs: every id this tokenizer can produce, specials included."""
 
@@ -129,6 +139,59 @@ def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
 
 
+def _added_prefix(tok: PreTrainedTokenizerBase) -> list[int]:
+    """The ids ``add_special_tokens=True`` puts before a text (a trailing EOS some tokenizers
+    add is left out: a prompt is continued by its response)."""
+    plain = tok.encode("a", add_special_tokens=False)
+    full = tok.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def chat_template_start(tokenizer: Tokenizer) -> str:
+    """The text a chat-formatted prompt starts with before the first user message's content
+    (trailing whitespace dropped, since it tokenizes together with what follows)."""
+    sentinel = "\x00rlhf_ray\x00"
+    text = tokenizer.apply_chat(
+        [{"role": "user", "content": sentinel}], add_generation_prompt=False
+    )
+    return text.split(sentinel)[0].rstrip()
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, texts: list[str], max_length: int, template_start: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompts as the tokenizer encodes them by default, left-padded: ``(input_ids,
+    attention_mask, number of prompts truncated)``.
+
+    Each prompt gets the tokenizer's ``prefix_ids`` (BOS for Llama-style tokenizers), unless
+    its text already starts with them (a chat template that writes BOS): never twice. A prompt
+    longer than ``max_length`` keeps its head (that prefix, then ``template_start`` if the
+    prompt starts with it) and the last tokens that fit after it, the ones next to the
+    response.
+    """
+    prefix = list(tokenizer.prefix_ids)
+    start_ids = tokenizer.encode(template_start) if template_start else []
+    if prefix and start_ids[: len(prefix)] == prefix:  # the template writes BOS itself
+        start_ids = start_ids[len(prefix) :]
+    rows, truncated = [], 0
+    for text in texts:
+        body = tokenizer.encode(text)
+        ids = body if body[: len(prefix)] == prefix else prefix + body
+        if len(ids) > max_length:
+            truncated += 1
+            head = len(prefix) if ids[: len(prefix)] == prefix else 0
+            if start_ids and ids[head : head + len(start_ids)] == start_ids:
+                head += len(start_ids)
+            head = head if head < max_length else 0
+            ids = ids[:head] + ids[len(ids) - (max_length - head) :]
+        rows.append(ids)
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_id, max_length)
+    return input_ids, attention_mask, truncated
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
@@ -156,6 +219,7 @@ class HFTokenizer:
         self.pad_id: int = tok.pad_token_id
         self.eos_id: int = tok.eos_token_id
         self.bos_id: int | None = tok.bos_token_id
+        self.prefix_ids: list[int] = _added_prefix(tok)
         self.vocab_size: int = len(tok)
 
     @classmethod
@@ -257,6 +321,7 @@ class TiktokenTokenizer:
         self.eos_id: int = specials[eos_token]
         self.pad_id: int = specials[pad_token]
         self.bos_id: int | None = None
+        self.prefix_ids: list[int] = []
         self.vocab_size: int = encoding.n_vocab
         self._special_ids = frozenset(specials.values())
 
@@ -366,16 +431,22 @@ class TokenizerSpec(Protocol):
     """The attributes of ``rlhf_ray.config.TokenizerConfig`` that ``build_tokenizer`` reads."""
 
     @property
-    def kind(self) -> Literal["bytes", "tiktoken", "hf"]: ...
+    def kind(self) -> Literal["auto", "bytes", "tiktoken", "hf"]: ...
 
     @property
     def name_or_path(self) -> str | None: ...
 
 
-def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
+def build_tokenizer(cfg: TokenizerSpec, model_path: str | None = None) -> Tokenizer:
     """``kind="bytes"``: the built-in byte-level tiktoken encoding (``name_or_path`` unset).
     ``kind="tiktoken"``: a ``.tiktoken`` file path, else an encoding name for
-    ``tiktoken.get_encoding``. ``kind="hf"``: a directory or Hub id for ``AutoTokenizer``."""
+    ``tiktoken.get_encoding``. ``kind="hf"``: a directory or Hub id for ``AutoTokenizer``.
+    ``kind="auto"``: the tokenizer the model at ``model_path`` comes with, else the bytes
+    (``rlhf_ray.config.resolve_tokenizer``)."""
+    if cfg.kind == "auto":
+        from rlhf_ray.config import TokenizerConfig, resolve_tokenizer
+
+        cfg = resolve_tokenizer(TokenizerConfig(kind="auto"), model_path)
     kind, name = cfg.kind, cfg.name_or_path
     if kind == "bytes":
         if name is not None:
@@ -385,7 +456,9 @@ def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
             )
         return TiktokenTokenizer.byte_level()
     if kind not in ("tiktoken", "hf"):
-        raise ValueError(f"tokenizer.kind must be 'bytes', 'tiktoken' or 'hf', got {kind!r}")
+        raise ValueError(
+            f"tokenizer.kind must be 'auto', 'bytes', 'tiktoken' or 'hf', got {kind!r}"
+        )
     if not name:
         what = (
             "an encoding name or .tiktoken file" if kind == "tiktoken" else "a directory or Hub id"
@@ -397,3 +470,19 @@ def build_tokenizer(cfg: TokenizerSpec) -> Tokenizer:
     if name.endswith(".tiktoken") or os.path.sep in name or os.path.isfile(path):
         return TiktokenTokenizer.from_file(path)
     return TiktokenTokenizer.from_name(name)
+
+
+_PROBES = (
+    "Hello, world! 123 ...",
+    "\n\nHuman: Wie geht's? \u00e9\u00e8 \u4f60\u597d \U0001f600\n\nAssistant:",
+    f"tabs\tand  spaces {EOS_TOKEN}",
+)
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether token ids mean the same to both: same vocabulary size, EOS and pad ids, and the
+    same ids for probe texts (ASCII, accents, CJK, emoji, whitespace, EOS text). A tokenizer
+    saved from another (``Tokenizer.save``) compares equal to it."""
+    if (a.vocab_size, a.eos_id, a.pad_id) != (b.vocab_size, b.eos_id, b.pad_id):
+        return False
+    return all(a.encode(text) == b.encode(text) for text in _PROBES)

@@ -6,7 +6,7 @@ tokens (exactly ``rollout.max_new_tokens``, pad after the first EOS).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import torch
@@ -65,6 +65,22 @@ class Rows:
         return cls(**values)
 
 
+def occurrences(prompt_index: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` occurrence number of each row's prompt index among the rows before it: 0 for
+    the first row with prompt index p, 1 for the second, ... (``[7, 3, 7, 7] -> [0, 0, 1, 2]``).
+    With ``prompt_index`` it names a sample of the round whatever the rows' split."""
+    seen: dict[int, int] = {}
+    out = []
+    for p in prompt_index.tolist():
+        out.append(seen.get(p, 0))
+        seen[p] = out[-1] + 1
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _no_rows() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
 @dataclass
 class PromptBatch(Rows):
     """A round's prompts, tokenized on the driver."""
@@ -73,6 +89,13 @@ class PromptBatch(Rows):
     prompt_mask: torch.Tensor  # (B, P)
     prompt_index: torch.Tensor  # (B,) position of each prompt in the dataset
     prompts: list[str]
+    # (B,) occurrence number of the row's prompt index in the round (``occurrences``); with
+    # prompt_index and (seed, round) it seeds the row's sampling. Default: from prompt_index.
+    sample_index: torch.Tensor = field(default_factory=_no_rows)
+
+    def __post_init__(self) -> None:
+        if len(self.sample_index) != len(self.prompt_index):
+            self.sample_index = occurrences(self.prompt_index)
 
 
 @dataclass
@@ -89,6 +112,14 @@ class Rollout(Rows):
     weight_version: torch.Tensor  # (B,) weight version the sample was generated with
     prompts: list[str]
     responses: list[str]
+    sample_index: torch.Tensor = field(default_factory=_no_rows)  # (B,) as in PromptBatch
+    worker_id: torch.Tensor = field(default_factory=_no_rows)  # (B,) the rollout worker's id
+
+    def __post_init__(self) -> None:
+        if len(self.sample_index) != len(self.prompt_index):
+            self.sample_index = occurrences(self.prompt_index)
+        if len(self.worker_id) != len(self.prompt_index):  # not told: unknown (-1)
+            self.worker_id = torch.full_like(self.prompt_index, -1)
 
     @property
     def prompt_len(self) -> int:
@@ -111,9 +142,10 @@ class PPOBatch(Rows):
     attention_mask: torch.Tensor  # (B, P + R)
     response_mask: torch.Tensor  # (B, R)
     old_logprobs: torch.Tensor  # (B, R)
-    old_values: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R), zeros without a critic
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R), for ppo.kl_in_loss
     prompt_len: int
 
 

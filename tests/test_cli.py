@@ -147,7 +147,8 @@ def test_in_process_debug_run_writes_a_run_dir(tmp_path):
         "policy.num_ranks=1", "value.engine=torch", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("round ") == 2 and f"run dir: {run_dir.resolve()}" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(progress) == 2 and f"run dir: {run_dir.resolve()}" in proc.stdout
     assert (run_dir / "policy" / "config.json").exists()
 
 

@@ -83,7 +83,8 @@ def test_override_values_are_parsed_as_yaml_scalars():
             "policy.optim.weight_decay=1e-2",  # float written in e-notation
             "logging.progress=false",  # bool
             "reward.clip=null",  # null
-            "reward.missing_eos_penalty=-1.0",  # negative float
+            "reward.missing_eos_penalty=1.5",  # float
+            "train.seed=-3",  # negative int
             "policy.model.hidden_size=32",  # nested three levels deep
         ],
     )
@@ -92,7 +93,8 @@ def test_override_values_are_parsed_as_yaml_scalars():
     assert cfg.policy.optim.weight_decay == pytest.approx(1e-2)
     assert cfg.logging.progress is False
     assert cfg.reward.clip is None
-    assert cfg.reward.missing_eos_penalty == -1.0
+    assert cfg.reward.missing_eos_penalty == 1.5
+    assert cfg.train.seed == -3
     assert cfg.policy.model.hidden_size == 32
 
 
@@ -170,10 +172,17 @@ def test_minibatch_must_be_divisible_by_value_ranks():
     assert "value.num_ranks" in msg
 
 
+def test_reward_model_replaces_the_default_function():
+    cfg = load_config(None, ["reward.model.path=/models/rm"])
+    assert cfg.reward.function is None and cfg.reward.model.path == "/models/rm"
+    assert load_config().reward.function == "rlhf_ray.rewards:lowercase_fraction"
+
+
 def test_reward_function_and_model_are_exclusive():
-    msg = _error(None, ["reward.model.path=/models/rm"])
+    msg = _error(None, ["reward.model.path=/models/rm", "reward.function=my.mod:fn"])
     assert "`reward`" in msg
-    assert "function" in msg and "model" in msg
+    assert "function" in msg and "model" in msg and "function=null" in msg
+    assert "set exactly one" in _error(None, ["reward.function=null"])
 
 
 def test_reward_model_alone_is_accepted():
@@ -296,3 +305,50 @@ def test_ranks_of_one_group_cannot_share_a_gpu():
     msg = _error(None, ["policy.num_gpus_per_rank=0.5"])  # 2 ranks by default
     assert "policy" in msg and "num_gpus_per_rank" in msg
     assert load_config(None, ["policy.num_gpus_per_rank=0.5", "policy.num_ranks=1"])
+
+
+# -- estimators and group sampling ---------------------------------------------------------------
+
+GRPO = ["algo.estimator=grpo", "rollout.samples_per_prompt=4"]
+
+
+def test_minibatch_divides_the_samples_of_a_round_not_the_prompts():
+    # 6 prompts x 4 samples = 24 rows: a minibatch of 8 fits though 8 does not divide 6
+    cfg = load_config(None, [*GRPO, "rollout.batch_size=6", "ppo.minibatch_size=8"])
+    assert (cfg.rollout.batch_size, cfg.rollout.samples_per_prompt) == (6, 4)
+    msg = _error(None, [*GRPO, "rollout.batch_size=6", "ppo.minibatch_size=16"])
+    assert "rollout.samples_per_prompt" in msg and "ppo.minibatch_size (16)" in msg
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_estimators_need_two_samples_per_prompt(estimator):
+    msg = _error(None, [f"algo.estimator={estimator}"])
+    assert "rollout.samples_per_prompt" in msg and estimator in msg
+
+
+def test_reinforce_pp_and_gae_accept_one_sample_per_prompt():
+    assert load_config(None, ["algo.estimator=reinforce_pp"]).rollout.samples_per_prompt == 1
+    assert load_config(None, ["rollout.samples_per_prompt=2"]).algo.estimator == "gae"
+
+
+def test_kl_in_both_reward_and_loss_is_refused():
+    msg = _error(None, [*GRPO, "ppo.kl_in_loss=k3", "ppo.kl_coef=0.05"])
+    assert "ppo.kl_in_loss" in msg and "ppo.kl_coef" in msg and "twice" in msg
+    cfg = load_config(None, [*GRPO, "ppo.kl_in_loss=k2", "ppo.kl_coef=0"])
+    assert cfg.ppo.kl_in_loss == "k2"
+    assert "ppo.kl_in_loss" in _error(None, ["ppo.kl_in_loss=k1", "ppo.kl_coef=0"])
+
+
+def test_critic_free_runs_ignore_the_value_group_settings():
+    # value.num_ranks 3 would not divide minibatch 8, but there is no value group to split
+    cfg = load_config(None, [*GRPO, "value.num_ranks=3", "ppo.minibatch_size=8"])
+    assert cfg.value.num_ranks == 3
+    assert "value.num_ranks" in _error(None, ["value.num_ranks=3", "ppo.minibatch_size=8"])
+
+
+def test_loss_aggregation_choices():
+    assert load_config().ppo.loss_agg == "token_mean"
+    assert (
+        load_config(None, ["ppo.loss_agg=seq_mean_token_sum"]).ppo.loss_agg == "seq_mean_token_sum"
+    )
+    assert "ppo.loss_agg" in _error(None, ["ppo.loss_agg=token_sum"])

@@ -10,8 +10,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ray.config import RewardConfig, load_config
-from rlhf_ray.driver import check_rollout, new_run_dir, run_ppo, shape_scores
+from rlhf_ray.config import load_config
+from rlhf_ray.driver import check_rollout, new_run_dir, run_ppo
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.inprocess import InProcessWorkers
@@ -72,6 +72,7 @@ def _rollout(versions: list[int], index: list[int]) -> Rollout:
         weight_version=torch.tensor(versions),
         prompts=["p"] * n,
         responses=["r"] * n,
+        worker_id=torch.zeros(n, dtype=torch.long),
     )
 
 
@@ -84,16 +85,6 @@ def test_round_refuses_stale_missing_or_duplicated_samples():
         check_rollout(_rollout([4, 4], [0, 1]), 4, [0, 1, 2])
     with pytest.raises(RuntimeError, match="lost or duplicated"):
         check_rollout(_rollout([4, 4], [1, 1]), 4, [0, 1])
-
-
-def test_score_shaping_penalises_missing_eos_then_normalises_and_clips():
-    scores = torch.tensor([1.0, 2.0, 3.0])
-    has_eos = torch.tensor([True, False, True])
-    reward = RewardConfig(missing_eos_penalty=-1.0)
-    assert shape_scores(scores, has_eos, reward).tolist() == [1.0, -1.0, 3.0]
-    reward = RewardConfig(normalize=True, clip=0.5)
-    out = shape_scores(scores, has_eos, reward)  # standardised: -1, 0, 1, then clipped
-    assert out.tolist() == pytest.approx([-0.5, 0.0, 0.5])
 
 
 def test_prompts_split_over_workers_cover_every_row_once():

@@ -76,7 +76,9 @@ def test_default_run(tmp_path):
     print(f"default run: reward_mean first 5 rounds {first:.3f}, last 5 rounds {last:.3f}")
     assert last > first + 0.1
     assert all(math.isfinite(r["ppo/kl"]) for r in rows)
-    assert proc.stdout.count("round ") >= 30 and f"run dir: {run_dir.resolve()}" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(progress) == 30 and f"run dir: {run_dir.resolve()}" in proc.stdout
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-6 for r in rows)  # Ray workers == learners
     assert "policy parameters held per rank (rank 0:" in proc.stdout
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     tok = AutoTokenizer.from_pretrained(run_dir / "policy")

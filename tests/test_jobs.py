@@ -21,7 +21,7 @@ import yaml
 from rlhf_ray.cli import build_parser
 from rlhf_ray.config import Config, load_config
 from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
-from rlhf_ray.stage_config import load_rm_config, load_sft_config
+from rlhf_ray.stage_config import load_eval_config, load_rm_config, load_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -32,8 +32,8 @@ def _is_runtime_env(path: Path) -> bool:
 
 
 # stage jobs (rlhf-ray sft / train-rm) are named after their stage; the rest are PPO jobs
-STAGE_LOADERS = {"sft": load_sft_config, "train-rm": load_rm_config}
-STAGE_PREFIXES = {"sft_": "sft", "rm_": "train-rm"}
+STAGE_LOADERS = {"sft": load_sft_config, "train-rm": load_rm_config, "eval": load_eval_config}
+STAGE_PREFIXES = {"sft_": "sft", "rm_": "train-rm", "eval_": "eval"}
 
 
 def _stage_of(path: Path) -> str | None:
@@ -73,6 +73,7 @@ def _plan(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_documented_jobs_exist():
     names = {p.name for p in CONFIGS} | {p.name for p in RUNTIME_ENVS}
     assert {"debug_cpu.yaml", *GPU_JOBS, "runtime_env.yaml", "runtime_env_cpu.yaml"} <= names
+    assert set(ESTIMATOR_JOBS) <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -86,6 +87,15 @@ def test_stage_jobs_exist_and_load_with_their_stage():
     assert {"sft_hh.yaml", "rm_hh.yaml", "sft_1b_hh.yaml", "rm_1b_hh.yaml"} <= names
     for path in STAGE_CONFIGS:
         STAGE_LOADERS[_stage_of(path)](path)
+
+
+def test_eval_jobs_judge_the_stage_outputs():
+    cpu, gpu = load_eval_config(JOBS / "eval_hh.yaml"), load_eval_config(JOBS / "eval_1b_hh.yaml")
+    assert (cpu.policy.path, cpu.baseline.path, cpu.reward.model.path) == (
+        "/tmp/rlhf-runs/ppo-hh/policy", "/tmp/rlhf-runs/sft-hh/model",
+        "/tmp/rlhf-runs/rm-hh/reward_model")  # fmt: skip
+    assert cpu.rollout.num_gpus_per_worker == 0 and gpu.rollout.num_gpus_per_worker == 1
+    assert gpu.reward.model.path == _load("ppo_1b_hh.yaml").reward.model.path
 
 
 def test_1b_jobs_chain_the_stage_outputs():
@@ -125,6 +135,38 @@ def test_debug_cpu_job_fits_two_cores_without_downloads():
     from rlhf_ray.rewards import load_reward_function
 
     assert callable(load_reward_function(cfg.reward.function))
+
+
+ESTIMATOR_JOBS = {"grpo_cpu.yaml": "grpo", "rloo_cpu.yaml": "rloo",
+                  "reinforce_pp_cpu.yaml": "reinforce_pp"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "estimator"), ESTIMATOR_JOBS.items())
+def test_estimator_jobs_run_the_cpu_system_without_a_critic(name: str, estimator: str):
+    cfg, debug = _load(name), _load("debug_cpu.yaml")
+    assert cfg.algo.estimator == estimator and cfg.rollout.samples_per_prompt == 4
+    plan = resource_plan(cfg)
+    assert [r.role for r in plan] == ["policy", "reference", "reward", "rollout"]
+    assert sum(r.total_cpus for r in plan) <= 2 and sum(r.total_gpus for r in plan) == 0
+    # the debug job's system otherwise: same policy group, pool and no-download sources
+    assert cfg.policy.model_copy(update={"optim": debug.policy.optim}) == debug.policy
+    assert cfg.rollout.num_workers == debug.rollout.num_workers
+    assert (
+        cfg.reward == debug.reward and cfg.data == debug.data and cfg.tokenizer == debug.tokenizer
+    )
+    assert (cfg.rollout.batch_size * 4) % cfg.ppo.minibatch_size == 0 and cfg.train.rounds <= 20
+    # KL in exactly one place: grpo in the loss, the others in the reward
+    assert (cfg.ppo.kl_in_loss is not None) == (estimator == "grpo")
+    assert (cfg.ppo.kl_coef > 0) == (estimator != "grpo")
+
+
+def test_plan_of_a_critic_free_job_shows_no_value_group():
+    result = _plan("--config", "jobs/grpo_cpu.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "no value group: algo.estimator grpo is critic-free" in result.stdout
+    assert not any(line.startswith("value") for line in result.stdout.splitlines())
+    debug = _plan("--config", "jobs/debug_cpu.yaml")
+    assert any(line.startswith("value") for line in debug.stdout.splitlines())
 
 
 @pytest.mark.parametrize("name", GPU_JOBS)
@@ -297,7 +339,9 @@ def test_documented_submit_commands_are_valid(args: list[str]):
     if parsed.command in STAGE_LOADERS:
         stage = STAGE_LOADERS[parsed.command](ROOT / parsed.config, parsed.overrides)
         assert parsed.run_dir is not None and parsed.run_dir.is_absolute()
-        cpu_job = stage.learner.num_gpus_per_rank == 0
+        gpus = stage.rollout.num_gpus_per_worker if parsed.command == "eval" else (
+            stage.learner.num_gpus_per_rank)  # fmt: skip
+        cpu_job = gpus == 0
         expected = "runtime_env_cpu.yaml" if cpu_job else "runtime_env.yaml"
         assert Path(params["runtime_env"]).name == expected
         return

@@ -53,9 +53,9 @@ def test_learner_role_is_the_policy_section_the_machinery_reads():
 
 
 def test_tokenizer_comes_from_the_model_dir_unless_set(tmp_path):
-    assert stage_tokenizer(SFTConfig()) == TokenizerConfig()
+    assert stage_tokenizer(SFTConfig()) == TokenizerConfig(kind="bytes")
     (tmp_path / "tokenizer.json").write_text("{}")
     cfg = load_rm_config(None, [f"model.path={tmp_path}"])
     assert stage_tokenizer(cfg) == TokenizerConfig(kind="hf", name_or_path=str(tmp_path))
     cfg = load_rm_config(None, [f"model.path={tmp_path}", "tokenizer.kind=bytes"])
-    assert stage_tokenizer(cfg) == TokenizerConfig()
+    assert stage_tokenizer(cfg) == TokenizerConfig(kind="bytes")

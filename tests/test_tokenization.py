@@ -290,3 +290,82 @@ def test_hf_missing_directory_is_a_clear_error(tmp_path):
         build_tokenizer(Spec("hf"))
     with pytest.raises(ValueError, match="could not load a Hugging Face tokenizer"):
         build_tokenizer(Spec("hf", str(tmp_path / "nowhere")))
+
+
+# --------------------------------------------------------------------------- PPO prompts: BOS
+
+
+def llama_style(tmp_path: Path, chat_template: str | None = None) -> HFTokenizer:
+    """A saved, reloaded HF tokenizer that adds BOS like Llama's (a post-processor)."""
+    from tokenizers.processors import TemplateProcessing
+
+    backend = train_backend()
+    backend.add_special_tokens(["<s>", "</s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", chat_template=chat_template)  # fmt: skip
+    tokenizer.save_pretrained(str(tmp_path / "llama_tok"))
+    return HFTokenizer.from_pretrained(str(tmp_path / "llama_tok"))
+
+
+def test_llama_style_prompts_start_with_exactly_one_bos(tmp_path):
+    from rlhf_ray.tokenization import encode_prompts
+
+    tok = llama_style(tmp_path)
+    assert tok.prefix_ids == [tok.bos_id]
+    texts = ["Hello, world!", "the thing", "<s>already has one"]
+    ids, mask, truncated = encode_prompts(tok, texts, max_length=64)
+    assert truncated == 0
+    for row, text in enumerate(texts):
+        real = ids[row, mask[row].bool()].tolist()
+        assert real[0] == tok.bos_id and real.count(tok.bos_id) == 1, text
+        assert real[1:] == tok.encode(text.removeprefix("<s>"))
+    # what transformers itself gives with add_special_tokens=True, where no BOS was written
+    assert ids[0, mask[0].bool()].tolist() == tok.tokenizer.encode(texts[0])
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path):
+    from rlhf_ray.tokenization import chat_template_start, encode_prompts
+
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+    tok = llama_style(tmp_path, template)
+    text = tok.apply_chat([{"role": "user", "content": "the thing is that things think"}])
+    assert text.startswith("<s><|user|>")
+    start = chat_template_start(tok)
+    assert start == "<s><|user|>"
+    ids, mask, _ = encode_prompts(tok, [text], max_length=64, template_start=start)
+    real = ids[0, mask[0].bool()].tolist()
+    assert real.count(tok.bos_id) == 1 and real[0] == tok.bos_id
+    # truncated: BOS and the template's start stay, then the prompt's last tokens
+    head = tok.encode(start)
+    short, short_mask, truncated = encode_prompts(tok, [text], max_length=len(head) + 4,
+                                                  template_start=start)  # fmt: skip
+    assert truncated == 1
+    assert short[0].tolist() == head + real[-4:] and short_mask.all()
+
+
+def test_gpt2_style_prompts_get_no_bos_and_truncation_keeps_the_end(hf_dir):
+    from rlhf_ray.tokenization import encode_prompts
+
+    for tok in (HFTokenizer.from_pretrained(str(hf_dir)), TiktokenTokenizer.byte_level()):
+        assert tok.prefix_ids == []
+        text = "The quick brown fox jumps over the lazy dog."
+        ids, mask, truncated = encode_prompts(tok, [text, "the"], max_length=5)
+        assert truncated == 1
+        assert ids[0].tolist() == tok.encode(text)[-5:]
+        assert ids[1, mask[1].bool()].tolist() == tok.encode("the")
+
+
+def test_llama_style_truncation_keeps_bos(tmp_path):
+    from rlhf_ray.tokenization import encode_prompts
+
+    tok = llama_style(tmp_path)
+    text = "The quick brown fox jumps over the lazy dog."
+    ids, mask, truncated = encode_prompts(tok, [text, "the"], max_length=5)
+    assert truncated == 1
+    assert ids[0].tolist() == [tok.bos_id, *tok.encode(text)[-4:]]
+    assert ids[1, mask[1].bool()].tolist() == [tok.bos_id, *tok.encode("the")]

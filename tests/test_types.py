@@ -24,6 +24,7 @@ def make_rollout(offset: int = 0, rows: int = B) -> Rollout:
         weight_version=torch.full((rows,), 7),
         prompts=[f"p{i}" for i in n.tolist()],
         responses=[f"r{i}" for i in n.tolist()],
+        worker_id=n % 2,
     )
 
 
@@ -121,6 +122,7 @@ def _ppo_batch(rows: int, prompt_len: int) -> PPOBatch:
         old_values=t,
         advantages=t,
         returns=t,
+        ref_logprobs=t,
         prompt_len=prompt_len,
     )
 

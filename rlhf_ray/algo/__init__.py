@@ -1,4 +1,4 @@
-"""Pure PPO math over tensors: no config objects, no devices, no Ray (STYLE.md)."""
+"""Pure PPO math over tensors: no config objects, no devices, no Ray (docs/design.md)."""
 
 from rlhf_ray.algo.advantages import (
     compute_gae,
@@ -8,29 +8,78 @@ from rlhf_ray.algo.advantages import (
     masked_var,
     masked_whiten,
 )
-from rlhf_ray.algo.kl import AdaptiveKLController, FixedKLController, estimate_kl, kl_k1, kl_k3
-from rlhf_ray.algo.losses import entropy_from_logits, masked_entropy, policy_loss, value_loss
+from rlhf_ray.algo.comparison import sequence_kl, win_rate
+from rlhf_ray.algo.estimators import (
+    discounted_returns,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_rewards,
+)
+from rlhf_ray.algo.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    estimate_kl,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+)
+from rlhf_ray.algo.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    aggregation_weight,
+    entropy_from_logits,
+    kl_loss,
+    masked_entropy,
+    policy_loss,
+    value_loss,
+)
+from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import apply_missing_eos_penalty, truncate_after_eos
+from rlhf_ray.algo.sampling import (
+    entropy_of_scores,
+    gumbel_noise,
+    label_logprobs,
+    process_logits,
+)
 from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
+    "RunningMoments",
     "FixedKLController",
+    "aggregate_loss",
+    "aggregation_weight",
     "apply_missing_eos_penalty",
     "bradley_terry_loss",
     "compute_gae",
+    "discounted_returns",
     "entropy_from_logits",
     "estimate_kl",
     "explained_variance",
+    "grpo_advantages",
     "kl_k1",
+    "kl_k2",
     "kl_k3",
+    "kl_loss",
     "kl_penalized_rewards",
     "masked_entropy",
     "masked_mean",
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "sequence_kl",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "sequence_rewards",
     "sft_loss",
     "truncate_after_eos",
     "value_loss",
+    "win_rate",
+    "entropy_of_scores",
+    "gumbel_noise",
+    "label_logprobs",
+    "process_logits",
+    "standardize",
 ]

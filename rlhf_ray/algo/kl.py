@@ -1,7 +1,7 @@
 """Per-token KL estimators and the KL-coefficient (beta) controllers.
 
 Estimators follow Schulman, "Approximating KL Divergence" (2020), for samples drawn from the
-policy: with r = ref_logprobs - logprobs, k1 = -r and k3 = (exp(r) - 1) - r.
+policy: with r = ref_logprobs - logprobs, k1 = -r, k2 = r^2 / 2 and k3 = (exp(r) - 1) - r.
 """
 
 from __future__ import annotations
@@ -14,17 +14,24 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = (log pi(a) - log pi_ref(a))^2 / 2; biased, low variance, >= 0. Shapes `(B, T)`.
+
+    As a loss its gradient is that of the reverse KL (the estimator GRPO-style KL losses use)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = (exp(r) - 1) - r, r = ref_logprobs - logprobs; unbiased and >= 0. Shapes `(B, T)`."""
     log_ratio = ref_logprobs - logprobs
     return torch.expm1(log_ratio) - log_ratio
 
 
-_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def estimate_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate `(B, T)` by name ("k1" or "k3"); ValueError on any other name."""
+    """Per-token KL estimate `(B, T)` by name ("k1", "k2" or "k3"); ValueError on any other name."""
     if estimator not in _ESTIMATORS:
         raise ValueError(
             f"unknown KL estimator {estimator!r}; expected one of {sorted(_ESTIMATORS)}"

@@ -1,7 +1,21 @@
-"""PPO losses (Schulman et al. 2017) over response tokens, averaged over valid tokens.
+"""PPO losses (Schulman et al. 2017) over response tokens, and how per-token losses are aggregated.
 
 Inputs are `(B, T)` aligned to response tokens with `mask` 1 at valid ones. Stats are detached
 0-dim tensors (no device sync per minibatch; the caller converts with `float`).
+
+Loss aggregation (`ppo.loss_agg`; Liu et al. 2025 "Dr. GRPO", Yu et al. 2025 "DAPO"), for per-token
+losses l_it of B rows with L_i valid tokens each:
+- `token_mean`: sum_i sum_t l_it / sum_i L_i. Every token weighs the same, so long responses weigh
+  more than short ones (DAPO's choice; PPO's usual one).
+- `seq_mean_token_mean`: (1/B) sum_i (sum_t l_it / L_i). Every sequence weighs the same, so a
+  token of a short response weighs more than one of a long response (the original GRPO): this
+  biases towards short correct and long wrong answers, which Dr. GRPO points out.
+- `seq_mean_token_sum`: (1/B) sum_i sum_t l_it. Every token weighs the same within and across
+  sequences, normalised by the row count rather than the token count (Dr. GRPO's unbiased
+  aggregation without its constant length divisor).
+`aggregation_weight` gives the denominator's count (tokens or rows): a learner rank scales its
+local loss by weight_local * ranks / weight_global, so that the gradient averaged over ranks is
+that of the loss over the global minibatch, for every aggregation.
 """
 
 from __future__ import annotations
@@ -9,6 +23,40 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algo.advantages import masked_mean
+from rlhf_ray.algo.kl import estimate_kl
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Per-token `losses` `(B, T)` -> a 0-dim loss by `agg` (see the module docstring)."""
+    m = mask.to(losses.dtype)
+    if agg == "token_mean":
+        return (losses * m).sum() / m.sum()
+    if agg == "seq_mean_token_mean":
+        return ((losses * m).sum(1) / m.sum(1)).mean()
+    if agg == "seq_mean_token_sum":
+        return (losses * m).sum(1).mean()
+    raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGREGATIONS}")
+
+
+def aggregation_weight(mask: torch.Tensor, agg: str) -> float:
+    """What `aggregate_loss(., mask, agg)` divides by: valid tokens (`token_mean`) or rows."""
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGREGATIONS}")
+    return float(mask.sum()) if agg == "token_mean" else float(mask.shape[0])
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str,
+    agg: str = "token_mean",
+) -> torch.Tensor:
+    """KL(pi || pi_ref) as a loss term (GRPO's way, instead of a reward penalty): the per-token
+    `estimator` ("k2" or "k3") of the current `logprobs`, aggregated by `agg`. `(B, T)` -> 0-dim."""
+    return aggregate_loss(estimate_kl(logprobs, ref_logprobs, estimator), mask, agg)
 
 
 def policy_loss(
@@ -17,18 +65,20 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    agg: str = "token_mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, PPO eq. 7 negated: mean of max(-A * rho, -A * clip(rho, 1-eps, 1+eps)).
+    """Clipped surrogate, PPO eq. 7 negated: max(-A * rho, -A * clip(rho, 1-eps, 1+eps)) per
+    token, aggregated by `agg` (default: the mean over valid tokens).
 
-    All inputs `(B, T)`. Stats: `clipfrac` (share of valid tokens where the clipped term is the
-    active one, so they get no gradient), `approx_kl` (k2 estimator, mean of 0.5 * log(rho)^2),
-    `ratio_mean`.
+    All inputs `(B, T)`. Stats, token means whatever `agg`: `clipfrac` (share of valid tokens
+    where the clipped term is the active one, so they get no gradient), `approx_kl` (k2
+    estimator, mean of 0.5 * log(rho)^2), `ratio_mean`.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    loss = aggregate_loss(torch.max(pg_losses, pg_losses_clipped), mask, agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask),

@@ -1,5 +1,5 @@
 """Post-processing of sampled responses (Huang et al. 2022, "The N Implementation Details of RLHF
-with PPO"): sample to max_new_tokens, cut after the first EOS, optionally penalize no-EOS rows."""
+with PPO"): sample to max_new_tokens, cut after the first EOS, optionally mark down no-EOS rows."""
 
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ def truncate_after_eos(
 def apply_missing_eos_penalty(
     scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None
 ) -> torch.Tensor:
-    """Replace the score `(B,)` of each response with no EOS by `penalty`; None leaves scores as is.
+    """Subtract `penalty` from the score `(B,)` of each response with no EOS (as TRL's
+    `missing_eos_penalty` does); None leaves scores as is.
 
-    The reward model never sees such a response end, so its score is not trusted.
+    The reward model never sees such a response end, so it is marked down by a fixed amount
+    rather than replaced: the ranking among unfinished responses is kept.
     """
     if penalty is None:
         return scores
-    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+    return torch.where(has_eos, scores, scores - penalty)

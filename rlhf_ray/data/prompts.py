@@ -12,12 +12,15 @@ Two views of the same rows:
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
 from rlhf_ray.data.preference import hh_pair, render_transcript
 from rlhf_ray.data.sources import BUILTIN_PROMPTS, load_table, select_columns
 
-__all__ = ["BUILTIN_PROMPTS", "load_prompt_conversations", "load_prompts"]
+__all__ = ["BUILTIN_PROMPTS", "PromptSet", "load_prompt_conversations", "load_prompt_set",
+           "load_prompts"]  # fmt: skip
 
 PromptFormat = Literal["auto", "plain", "hh"]
 
@@ -58,29 +61,61 @@ def load_prompts(
     return [render_transcript(c, add_generation_prompt=True) for c in conversations]
 
 
-def _load(source: str, field: str, split: str, fmt: str) -> tuple[str, list[list[dict[str, str]]]]:
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts as conversations, the format they were read as, and the rows skipped."""
+
+    format: str
+    conversations: list[list[dict[str, str]]]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    """``"<file>, line N: problem"`` for each bad row dropped under ``on_bad_row="skip"``."""
+
+
+def load_prompt_set(
+    source: str = BUILTIN_PROMPTS,
+    field: str = "prompt",
+    split: str = "train",
+    fmt: str = "auto",
+    on_bad_row: str = "error",
+) -> PromptSet:
+    """Like ``load_prompt_conversations``; a bad row (unreadable line, prompt missing, empty or
+    not a string, an HH pair without a shared prefix) raises ValueError naming the file, the
+    line and the field, or with ``on_bad_row="skip"`` is dropped and listed in ``skipped``."""
     if fmt not in ("auto", "plain", "hh"):
         raise ValueError(f"fmt must be 'auto', 'plain' or 'hh', got {fmt!r}")
-    table, where = load_table(source, split=split)
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    skip = on_bad_row == "skip"
+    table, where = load_table(source, split=split, skip_bad_lines=skip)
     columns = set(table.column_names)
     if fmt == "auto":
         fmt = "hh" if {"chosen", "rejected"} <= columns and field not in columns else "plain"
     needed = ["chosen", "rejected"] if fmt == "hh" else [field]
     data = select_columns(table, where, needed, "set the prompt field or fmt")
     conversations = []
+    skipped = list(where.skipped)
     for i in range(table.num_rows):
-        if fmt == "hh":
-            try:
-                pair = hh_pair(data["chosen"][i], data["rejected"][i], system=None)
-            except ValueError as e:
+        try:
+            conversations.append(_conversation(data, i, fmt, field))
+        except ValueError as e:
+            if not skip:
                 raise ValueError(f"{where.describe(i)}: {e}") from None
-            conversations.append(pair.prompt)
-            continue
-        value = data[field][i]
-        if not isinstance(value, str) or not value.strip():
-            problem = "missing" if value is None else f"empty or not a string ({value!r:.40})"
-            raise ValueError(f"{where.describe(i)}: field {field!r} is {problem}")
-        conversations.append([{"role": "user", "content": value.strip()}])
+            skipped.append(f"{where.describe(i)}: {e}")
     if not conversations:
-        raise ValueError(f"{where.source}: no prompts")
-    return fmt, conversations
+        raise ValueError(f"{where.source}: no prompts ({len(skipped)} bad rows skipped)")
+    return PromptSet(fmt, conversations, skipped)
+
+
+def _conversation(data: dict[str, list], i: int, fmt: str, field: str) -> list[dict[str, str]]:
+    if fmt == "hh":
+        return hh_pair(data["chosen"][i], data["rejected"][i], system=None).prompt
+    value = data[field][i]
+    if not isinstance(value, str) or not value.strip():
+        problem = "missing" if value is None else f"empty or not a string ({value!r:.40})"
+        raise ValueError(f"field {field!r} is {problem}")
+    return [{"role": "user", "content": value.strip()}]
+
+
+def _load(source: str, field: str, split: str, fmt: str) -> tuple[str, list[list[dict[str, str]]]]:
+    loaded = load_prompt_set(source, field, split, fmt)
+    return loaded.format, loaded.conversations

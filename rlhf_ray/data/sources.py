@@ -15,12 +15,19 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["BUILTIN_HH_RLHF", "BUILTIN_PROMPTS", "RowLocator", "load_table"]
+__all__ = [
+    "BUILTIN_HH_RLHF",
+    "BUILTIN_PROMPTS",
+    "JsonRows",
+    "RowLocator",
+    "load_table",
+    "read_json_lines",
+]
 
 BUILTIN_PROMPTS = "builtin"
 """Source name of the prompts bundled with the package (``rlhf_ray/data/prompts.jsonl``)."""
@@ -49,9 +56,15 @@ class RowLocator:
     source: str
     json_lines: bool = False
     """True when rows are lines of a JSON-lines file (blank lines are skipped by the reader)."""
+    lines: tuple[int, ...] | None = None
+    """The line of each row, when rows were read line by line (some lines skipped)."""
+    skipped: tuple[str, ...] = ()
+    """``"<source>, line N: problem"`` for each unreadable line that was skipped."""
 
     def describe(self, index: int) -> str:
         """``"<source>, line N"`` for JSON-lines files, else ``"<source>, row N"`` (1-based)."""
+        if self.lines is not None and index < len(self.lines):
+            return f"{self.source}, line {self.lines[index]}"
         if self.json_lines:
             line = _nth_nonblank_line(self.source, index)
             if line is not None:
@@ -81,18 +94,63 @@ def _nth_nonblank_line(path: str, index: int) -> int | None:
     return None
 
 
-def _first_bad_json_line(path: str) -> tuple[int, str] | None:
+class JsonRows:
+    """Rows of a JSON-lines file read line by line (the fallback when the ``datasets`` reader
+    fails): just what the loaders use of a ``datasets.Dataset``. Values keep their JSON types."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = sorted({key for row in rows for key in row})
+        self.num_rows = len(rows)
+
+    def __getitem__(self, column: str) -> list:
+        return [row.get(column) for row in self.rows]
+
+
+Table: TypeAlias = "datasets.Dataset | JsonRows"
+"""What ``load_table`` returns: a Dataset, or rows read line by line."""
+
+
+def read_json_lines(path: str) -> tuple[list[dict], list[int], list[str]]:
+    """Every non-blank line of a (gzipped) JSON-lines file: the rows that are JSON objects, the
+    line of each, and ``"<path>, line N: problem"`` for each line that is not valid UTF-8,
+    not JSON or not an object."""
+    opener = gzip.open if path.endswith(".gz") else open
+    rows: list[dict] = []
+    lines: list[int] = []
+    bad: list[str] = []
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"{path}, line {lineno}: not valid UTF-8 (byte {e.start + 1})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:
+                bad.append(f"{path}, line {lineno}: invalid JSON ({e})")
+                continue
+            if not isinstance(row, dict):
+                bad.append(f"{path}, line {lineno}: a JSON {type(row).__name__}, not an object")
+                continue
+            rows.append(row)
+            lines.append(lineno)
+    return rows, lines, bad
+
+
+def _load_json_lines(path: str, skip_bad_lines: bool) -> tuple[JsonRows, RowLocator]:
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as e:
-                        return lineno, str(e)
-    except (OSError, UnicodeDecodeError) as e:
-        return 0, str(e)
-    return None
+        rows, lines, bad = read_json_lines(path)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    if bad and not skip_bad_lines:
+        more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+        raise ValueError(bad[0] + more)
+    return JsonRows(rows), RowLocator(path, json_lines=True, lines=tuple(lines),
+                                      skipped=tuple(bad))  # fmt: skip
 
 
 def _load_builtin(name: str = BUILTIN_PROMPTS) -> tuple[datasets.Dataset, RowLocator]:
@@ -106,21 +164,29 @@ def _load_builtin(name: str = BUILTIN_PROMPTS) -> tuple[datasets.Dataset, RowLoc
     )
 
 
-def _load_file(path: str) -> tuple[datasets.Dataset, RowLocator]:
+def _load_file(path: str, skip_bad_lines: bool = False) -> tuple[Table, RowLocator]:
     import datasets
 
     suffix = _suffix(path)
     builder = _BUILDERS[suffix]
-    json_lines = suffix in (".jsonl", ".jsonl.gz")
+    if suffix in (".jsonl", ".jsonl.gz"):
+        # checked line by line first: the arrow reader accepts some invalid UTF-8 silently and
+        # names no line when it fails
+        rows, where = _load_json_lines(path, skip_bad_lines)
+        if where.skipped:
+            return rows, where
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a bar per file read is noise on the console
     try:
         table = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # the builders raise many types; name the file in every case
-        if builder == "json":
-            bad = _first_bad_json_line(path) if json_lines else None
-            if bad is not None:
-                raise ValueError(f"{path}, line {bad[0]}: invalid JSON ({bad[1]})") from e
+        if builder == "json" and suffix.startswith(".jsonl"):
+            return rows, where  # valid JSON objects the arrow reader cannot type: keep them
         raise ValueError(f"could not read {path} as {builder}: {type(e).__name__}: {e}") from e
-    return table, RowLocator(path, json_lines=json_lines)
+    finally:
+        if not quiet:
+            datasets.utils.enable_progress_bars()
+    return table, RowLocator(path, json_lines=builder == "json" and suffix.startswith(".jsonl"))
 
 
 def _load_directory(path: str, split: str) -> tuple[datasets.Dataset, RowLocator]:
@@ -151,12 +217,25 @@ def _load_hub(source: str, split: str) -> tuple[datasets.Dataset, RowLocator]:
     return table, RowLocator(f"{source} [{split}]")
 
 
-def load_table(source: str, split: str = "train") -> tuple[datasets.Dataset, RowLocator]:
+def load_table(
+    source: str, split: str = "train", skip_bad_lines: bool = False
+) -> tuple[Table, RowLocator]:
     """Open ``source`` (see module docstring) as a Dataset plus a locator for error messages.
 
     ``split`` applies to Hub datasets and DatasetDict directories; a single file is one split.
-    Raises FileNotFoundError for a path-like source that does not exist, ValueError otherwise.
+    A JSON-lines line that is not UTF-8, JSON or an object raises ValueError naming file and
+    line, or with ``skip_bad_lines`` is dropped and listed in ``RowLocator.skipped``.
+    Raises FileNotFoundError for a path-like source that does not exist, ValueError otherwise
+    (also for a source without rows).
     """
+    table, where = _open(source, split, skip_bad_lines)
+    if table.num_rows == 0:
+        skipped = f" ({len(where.skipped)} unreadable lines skipped)" if where.skipped else ""
+        raise ValueError(f"{where.source}: no rows, the data is empty{skipped}")
+    return table, where
+
+
+def _open(source: str, split: str, skip_bad_lines: bool) -> tuple[Table, RowLocator]:
     if source in _BUILTIN_FILES:
         return _load_builtin(source)
     path = os.path.expanduser(source)
@@ -168,14 +247,14 @@ def load_table(source: str, split: str = "train") -> tuple[datasets.Dataset, Row
             raise ValueError(
                 f"{path}: unsupported file type (expected one of {', '.join(sorted(_BUILDERS))})"
             )
-        return _load_file(path)
+        return _load_file(path, skip_bad_lines)
     if looks_local:
         raise FileNotFoundError(f"data file not found: {path}")
     return _load_hub(source, split)
 
 
 def select_columns(
-    table: datasets.Dataset, where: RowLocator, needed: list[str], hint: str
+    table: Table, where: RowLocator, needed: list[str], hint: str
 ) -> dict[str, list]:
     """The ``needed`` columns of ``table`` as lists; a missing one raises ValueError naming the
     source, what is missing, the columns there are, and ``hint`` (what the user can set)."""

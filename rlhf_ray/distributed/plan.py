@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, has_critic
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class Node:
 
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
+    """The actors of a run; no value group for a critic-free estimator (``algo.estimator``)."""
+    value = cfg.value
+    critic = [RolePlan("value", value.num_ranks, value.num_cpus_per_rank, value.num_gpus_per_rank,
+                       True)] if has_critic(cfg) else []  # fmt: skip
     return [
         RolePlan(
             "policy",
@@ -47,13 +51,7 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
             cfg.policy.num_gpus_per_rank,
             True,
         ),
-        RolePlan(
-            "value",
-            cfg.value.num_ranks,
-            cfg.value.num_cpus_per_rank,
-            cfg.value.num_gpus_per_rank,
-            True,
-        ),
+        *critic,
         RolePlan("reference", 1, cfg.reference.num_cpus, cfg.reference.num_gpus, False),
         RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, False),
         RolePlan(
@@ -190,6 +188,8 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     nodes, where = visible_nodes(cfg, address)
     memory = role_memory(cfg)
     print(format_plan(plan, nodes, memory))
+    if not has_critic(cfg):
+        print(f"no value group: algo.estimator {cfg.algo.estimator} is critic-free.")
     gpu_gb = gpu_memory_gb(nodes)
     unknown = [f"{role} ({why})" for role, why in memory.items() if isinstance(why, str)]
     if unknown:

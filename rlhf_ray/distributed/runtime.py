@@ -1,11 +1,18 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
 Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
-one call fails). The weight sync streams buckets (``sync.bucket_mb``): the learner ranks gather
-bucket k+1 while the rollout workers load bucket k, so no process holds more than about two
-buckets beyond its model. Learner groups live in placement groups; every actor and group is
-named, in the run's namespace (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``,
-``value-0``, ``reference-0``, ``reward-0``, ``rollout-0`` ...
+one call fails, and waits at most ``train.phase_timeout_s``). The weight sync streams buckets
+(``sync.bucket_mb``): the learner ranks gather bucket k+1 while the rollout workers load bucket
+k, so no process holds more than about two buckets beyond its model. A rollout worker or scorer
+that dies or does not answer in time is replaced and its work redone; a learner rank that does
+is reported as a ``LearnerLostError`` naming it and the phase, and ``restart_learners`` rebuilds
+both groups. Rollout workers and scorers are spread over the nodes (``cluster.spread``); the
+reference and reward scorers run as ``num_replicas`` data-parallel replicas that split each
+batch. Learner groups live in placement groups; every actor and group is named, in the run's
+namespace (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``,
+``reference-0``, ``reward-0``, ``rollout-0`` ... A critic-free estimator (``algo.estimator``
+other than gae) starts no value group: no ``value-*`` actor, placement group, checkpoint or
+resume state.
 """
 
 from __future__ import annotations
@@ -22,12 +29,26 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.config import Config, optimizer_steps, value_init_spec
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    TokenizerConfig,
+    has_critic,
+    optimizer_steps,
+    policy_tokenizer,
+    value_init_spec,
+)
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import StageConfig
+from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import mean_stats, shard_seed, split_rows
+from rlhf_ray.workers.interface import (
+    LearnerLostError,
+    mean_stats,
+    round_seed,
+    shard_rows,
+    split_rows,
+)
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -36,7 +57,7 @@ from rlhf_ray.workers.sync import stream_buckets
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
 
-def connect(cfg: Config | StageConfig, address: str | None = None) -> str:
+def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -104,7 +125,7 @@ def cluster_nodes_with_gpu_memory(timeout_s: float = 60.0) -> list[Node]:
 
 
 def _threads(cpus: float) -> int:
-    """Never more torch threads than the actor's CPU share (PLATFORM.md: 5x slower otherwise)."""
+    """Never more torch threads than the actor's CPU share (measured: 2 actors x 2 threads on 2 cores ran ~5x slower)."""
     return max(1, int(cpus))
 
 
@@ -124,7 +145,7 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             try:
                 ray.get(h.ping.remote(), timeout=1)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                break
+                break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
             time.sleep(0.1)
 
 
@@ -141,14 +162,73 @@ def _check_namespace_free() -> None:
     )
 
 
-def _get_all(refs: list[Any]) -> list[Any]:
+class PhaseTimeoutError(UserError):
+    """Some actors of a phase did not answer within ``train.phase_timeout_s``."""
+
+
+def _is_learner(name: str) -> bool:
+    return name.startswith(("policy-", "value-"))
+
+
+def _get_all(
+    refs: list[Any],
+    names: list[str] | None = None,
+    phase: str = "",
+    timeout_s: float | None = None,
+    on_timeout: Callable[[list[str]], bool] | None = None,
+    resubmit: Callable[[str], Any] | None = None,
+) -> list[Any]:
     """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
-    learner rank would otherwise be waited on until the collective timeout."""
+    learner rank would otherwise be waited on until the collective timeout.
+
+    Waits at most ``timeout_s`` (between answers of a late actor's restarts): past it,
+    ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
+    late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
+    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase; the call of
+    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref."""
+    refs = list(refs)
+    label = dict(zip(refs, names or [""] * len(refs), strict=True))
+    slot = {r: i for i, r in enumerate(refs)}
     pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            late = [label[r] for r in pending]
+            if on_timeout is not None and on_timeout(late):
+                deadline = time.monotonic() + (timeout_s or 0.0)
+                continue
+            _raise_late(late, phase, timeout_s)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError:  # also ActorUnavailableError (a lost node)
+            name = label[ready[0]]
+            if _is_learner(name):
+                raise LearnerLostError(f"learner {name} died during {phase}") from None
+            again = resubmit(name) if resubmit is not None else None
+            if again is None:
+                raise
+            refs[slot[ready[0]]] = again
+            label[again], slot[again] = name, slot[ready[0]]
+            pending.append(again)
     return ray.get(refs)
+
+
+def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
+    """A scorer replica's call on its rows: the reference's log-probs or the reward's scores."""
+    if name.startswith("reference-"):
+        return scorer.logprobs.remote(rows_ref)
+    return scorer.score.remote(rows_ref)
+
+
+def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
+    named = ", ".join(n or "an actor" for n in late)
+    message = (f"{named} did not answer within train.phase_timeout_s={timeout_s:g}s "
+               f"during {phase}")  # fmt: skip
+    if any(_is_learner(n) for n in late):
+        raise LearnerLostError(message)
+    raise PhaseTimeoutError(message)
 
 
 def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
@@ -191,10 +271,11 @@ class LearnerGroup:
     """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
 
     def __init__(
-        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int, **kwargs: Any
-    ):
+        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
+        resources: dict[str, float] | None = None, **kwargs: Any,
+    ):  # fmt: skip
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
         self.pg = placement_group([bundle] * n, strategy="PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
@@ -208,22 +289,27 @@ class LearnerGroup:
             for rank in range(n)
         ]  # fmt: skip
         self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
+        self.names = list(self.handles)
         self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
+        self._alive = True
 
     def start(self) -> list[Any]:
         """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend))
+        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+                 self.names, "rendezvous")  # fmt: skip
         return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
     def kill(self) -> None:
-        _kill(self.actors)
-        remove_placement_group(self.pg)
+        if self._alive:
+            self._alive = False
+            _kill(self.actors)
+            remove_placement_group(self.pg)
 
 
 class RolloutPool:
@@ -235,8 +321,26 @@ class RolloutPool:
     are never reused.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(
+        self,
+        cfg: Config | EvalConfig,
+        model_spec: ModelSpec | None = None,
+        tokenizer_cfg: TokenizerConfig | None = None,
+        prefix: str = "rollout",
+        seed: int | None = None,
+    ):
+        """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
+        pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
         self.cfg = cfg
+        if model_spec is None or tokenizer_cfg is None or seed is None:
+            assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
+            model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
+            seed = cfg.train.seed
+        self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
+        self.prefix = prefix
+        self.timeout_s = (
+            cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
+        )
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
@@ -246,10 +350,11 @@ class RolloutPool:
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
-        name = f"rollout-{self._next_id}"
+        name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
-            self.cfg.policy.model, self.cfg.tokenizer, r, worker_id=self._next_id,
+            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
+            strategy=_spread(self.cfg),
         )  # fmt: skip
         self._next_id += 1
         return name, handle
@@ -282,45 +387,59 @@ class RolloutPool:
         self._version, self._count, self._buckets = version, count, []
 
     def load_bucket(self, bucket_ref: Any, index: int) -> None:
-        """Every worker loads bucket ``index``; one that died is replaced (the replacement
-        gets every bucket received so far, this one included)."""
+        """Every worker loads bucket ``index``; one that died or is late is replaced (the
+        replacement gets every bucket received so far, this one included)."""
         assert index == len(self._buckets), "buckets arrive in order"
         self._buckets.append(bucket_ref)
         args = (bucket_ref, self._version, index, self._count)
         refs = [w.load_bucket.remote(*args) for w in self.workers]
-        for index_w, ref in enumerate(refs):
+        deadline = time.monotonic() + self.timeout_s
+        for worker, ref in enumerate(refs):
             try:
-                ray.get(ref)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.RayActorError:
-                self._replace(index_w, "while loading weights")
+                self._replace(worker, "died while loading weights")
+            except ray.exceptions.GetTimeoutError:
+                self._replace(worker, "did not load weights within train.phase_timeout_s")
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
         its shard redone with the same seed: no prompt is lost or sampled twice."""
-        parts = split_rows(len(prompts), len(self.workers))
-        seeds = [shard_seed(self.cfg.train.seed, round_index, i) for i in range(len(parts))]
+        parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
+        seeds = [round_seed(self.seed, round_index)] * len(parts)  # rows seed by index
         pending = {
             self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
             for i, rows in enumerate(parts)
         }
         done: dict[int, Rollout] = {}
+
+        def redo(shard: int, why: str) -> None:
+            self._replace(shard, f"{why}; its shard is redone")
+            work = prompts.select(parts[shard])
+            pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:  # the late ones are treated as dead: replaced, their shards redone
+                for shard in [pending.pop(ref) for ref in list(pending)]:
+                    redo(shard, "did not answer within train.phase_timeout_s")
+                deadline = time.monotonic() + self.timeout_s
+                continue
             shard = pending.pop(ready[0])
             try:
                 done[shard] = ray.get(ready[0])
             except ray.exceptions.RayActorError:
-                self._replace(shard, "while generating; its shard is redone")
-                work = prompts.select(parts[shard])
-                pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+                redo(shard, "died while generating")
         return [done[i] for i in range(len(parts))]
 
-    def _replace(self, index: int, when: str) -> None:
-        """A fresh worker, holding the current weights, takes the place of a dead one."""
+    def _replace(self, index: int, why: str) -> None:
+        """A fresh worker, holding the current weights, takes the place of a lost one."""
         if self.restarts >= 10 * len(self.workers):
-            raise RuntimeError(f"rollout workers keep dying ({self.restarts} replaced)")
+            raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         self.restarts += 1
-        print(f"[rlhf_ray] rollout worker {index} died {when}; replacing it", flush=True)
+        print(f"[rlhf_ray] rollout worker {index} {why}; replacing it", flush=True)
         _kill([self.workers.pop(index)])
         self.grow(1)
         self.workers.insert(index, self.workers.pop())
@@ -328,6 +447,11 @@ class RolloutPool:
     def kill(self) -> None:
         _kill(self.workers)
         self.workers.clear()
+
+
+def _spread(cfg: Config | EvalConfig) -> str | None:
+    """Rollout workers and scorers spread over nodes: a lost node takes few of them."""
+    return "SPREAD" if cfg.cluster.spread else None
 
 
 class RayWorkers:
@@ -347,6 +471,8 @@ class RayWorkers:
             )
         _check_namespace_free()
         self.pool = RolloutPool(cfg)
+        self.learner_restarts = 0
+        self.scorer_restarts = 0
         self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:
             self._start(cfg)
@@ -354,72 +480,148 @@ class RayWorkers:
             self.close()  # leave nothing pending or half-started behind
             raise
 
-    def _start(self, cfg: Config) -> None:
+    def _make_learners(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
-        tok, ppo, seed = cfg.tokenizer, cfg.ppo, cfg.train.seed
+        tok, ppo, seed, bad = (
+            policy_tokenizer(cfg),
+            cfg.ppo,
+            cfg.train.seed,
+            cfg.train.max_bad_steps,
+        )
+        pinned = cfg.cluster.learner_resources
         self.policy = LearnerGroup(
-            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout,
+            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
-            temperature=cfg.rollout.temperature, seed=seed, total_steps=optimizer_steps(cfg),
+            temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=optimizer_steps(cfg),
         )  # fmt: skip
-        self._cleanup.append(self.policy.kill)
-        self.value = LearnerGroup(
-            "value", ValueLearner, cfg.value, timeout, dist_timeout,
-            value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
-            model_spec=value_init_spec(cfg), total_steps=optimizer_steps(cfg),
-        )  # fmt: skip
-        self._cleanup.append(self.value.kill)
+        self.value: LearnerGroup | None = None
+        if has_critic(cfg):  # a critic-free estimator has no value group
+            self.value = LearnerGroup(
+                "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
+                value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
+                model_spec=value_init_spec(cfg), max_bad_steps=bad,
+                total_steps=optimizer_steps(cfg),
+            )  # fmt: skip
+        self.learners = [g for g in (self.policy, self.value) if g is not None]
+
+    def _start_learners(self) -> None:
+        """Rendezvous and build the engines of every learner group (their actors must be
+        alive)."""
+        counts = _get_all([r for g in self.learners for r in g.start()],
+                          [n for g in self.learners for n in g.names], "setup")  # fmt: skip
+        self.param_counts = {}
+        for group in self.learners:
+            self.param_counts[group.role] = counts[: group.cfg.num_ranks]
+            counts = counts[group.cfg.num_ranks :]
+        for role, per_rank in self.param_counts.items():
+            held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
+            print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
+
+    def _start(self, cfg: Config) -> None:
+        timeout = cfg.cluster.actor_start_timeout_s
+        tok = policy_tokenizer(cfg)
+        self._cleanup.append(self._kill_learners)
+        self._make_learners(cfg)
         ref, rew = cfg.reference, cfg.reward
         # The scorers are frozen and their calls pure, and a restart rebuilds the same model
         # (the reference from the policy's own deterministic spec), so Ray may restart them and
         # retry the interrupted call.
-        self.references = [
-            _actor(ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
-                   ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
-                   chunk_size=ref.score_micro_batch_size, restarts=3)
-            for i in range(ref.num_replicas)
-        ]  # fmt: skip
-        self._cleanup.append(lambda: _kill(self.references))
-        self.rewards = [
-            _actor(RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
-                   search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3)
-            for i in range(rew.num_replicas)
-        ]  # fmt: skip
-        self._cleanup.append(lambda: _kill(self.rewards))
+        self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
+        self._cleanup.append(lambda: _kill(list(self.scorers.values())))
+        for i in range(ref.num_replicas):
+            self.scorers[f"reference-{i}"] = _actor(
+                ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
+                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=_spread(cfg),
+            )  # fmt: skip
+        for i in range(rew.num_replicas):
+            self.scorers[f"reward-{i}"] = _actor(
+                RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
+                search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
+                strategy=_spread(cfg),
+            )  # fmt: skip
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
-        others = {**self.policy.handles, **self.value.handles,
-                  **{f"reference-{i}": a for i, a in enumerate(self.references)},
-                  **{f"reward-{i}": a for i, a in enumerate(self.rewards)}}  # fmt: skip
+        others = dict(self.scorers)
+        for group in self.learners:
+            others.update(group.handles)
         _wait_ready(others, timeout)
-        counts = _get_all(self.policy.start() + self.value.start())
-        self.param_counts = {
-            "policy": counts[: cfg.policy.num_ranks],
-            "value": counts[cfg.policy.num_ranks :],
-        }
-        for role, per_rank in self.param_counts.items():
-            held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(per_rank))
-            print(f"[rlhf_ray] {role} parameters held per rank ({held})", flush=True)
-        bucket_mb = cfg.sync.bucket_mb
-        self._num_buckets = ray.get(self.policy.actors[0].num_weight_buckets.remote(bucket_mb))
+        self._start_learners()
+        counts = self.policy.call("num_weight_buckets", cfg.sync.bucket_mb)
+        self._num_buckets = self._learners("sync", counts)[0]
         if ref.model is None:  # the reference starts as a copy of the policy, bucket by bucket
+            references = [h for n, h in self.scorers.items() if n.startswith("reference-")]
 
             def load(bucket: Any, index: int) -> None:
-                _get_all([r.load_bucket.remote(bucket) for r in self.references])
+                _get_all([r.load_bucket.remote(bucket) for r in references])
 
             stream_buckets(self._num_buckets, self._gather_bucket, load)
 
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
-        returns a handle whose ``wait`` gives rank 0's ref (the bucket, left in the store)."""
+        returns a handle whose ``wait`` gives rank 0's ref: the bucket stays in the object
+        store, the driver never fetches it."""
         refs = self.policy.call("weight_bucket", index, self.cfg.sync.bucket_mb)
+        timeout = self.cfg.train.phase_timeout_s
 
         def wait() -> Any:
-            _get_all(refs[1:])  # the other ranks return None; fail fast if one died
-            ray.wait(refs[:1], fetch_local=False)
+            _get_all(refs[1:], self.policy.names[1:], "sync", timeout)  # they return None
+            ready, _ = ray.wait(refs[:1], fetch_local=False, timeout=timeout)
+            # rank 0's answer is left unfetched: a cheap call tells whether rank 0 is alive
+            _get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
+                     timeout)  # fmt: skip
+            if not ready:
+                _raise_late(self.policy.names[:1], "sync", timeout)
             return refs[0]
 
         return wait
+
+    def _kill_learners(self) -> None:
+        for role in ("value", "policy"):
+            group = getattr(self, role, None)
+            if group is not None:
+                group.kill()
+
+    def restart_learners(self) -> None:
+        """Kill both learner groups and start them again (fresh weights: the caller restores
+        a checkpoint). Rollout workers and scorers keep running."""
+        self.learner_restarts += 1
+        print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
+        self._kill_learners()
+        self._make_learners(self.cfg)
+        _wait_ready({n: h for g in self.learners for n, h in g.handles.items()},
+                    self.cfg.cluster.actor_start_timeout_s)  # fmt: skip
+        self._start_learners()
+
+    def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
+        """Wait for one call per learner rank (policy ranks first, then any value ranks)."""
+        names = [n for g in self.learners for n in g.names][: len(refs)]
+        return _get_all(refs, names, phase, self.cfg.train.phase_timeout_s)
+
+    def _restart_late_scorers(self, late: list[str]) -> bool:
+        """Past the phase timeout: a late scorer is killed and Ray restarts it and retries its
+        call (frozen and pure, see ``_start``); a late learner cannot be helped here."""
+        handles = self.scorers
+        if not late or any(n not in handles for n in late) or self.scorer_restarts >= 3:
+            return False
+        for name in late:
+            print(f"[rlhf_ray] {name} did not answer within train.phase_timeout_s; restarting "
+                  "it and retrying its call", flush=True)  # fmt: skip
+            self.scorer_restarts += 1
+            ray.kill(handles[name], no_restart=False)
+        return True
+
+    def _retry_scorer(self, name: str, parts: dict[str, Any]) -> Any:
+        """The call of a scorer that died or became unreachable (its node was lost) beyond
+        Ray's own retries, on its rows ``parts[name]``: sent again once Ray has restarted it;
+        None when it keeps failing."""
+        if self.scorer_restarts >= 10:
+            return None
+        self.scorer_restarts += 1
+        print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
+        time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
+        return _score_call(self.scorers[name], name, parts[name])
 
     # -- Workers ------------------------------------------------------------------------------
 
@@ -451,56 +653,70 @@ class RayWorkers:
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """All four scorings at once; each scorer role's replicas split the rows."""
         ref = ray.put(rollout)
-        n_pol, n_val = self.cfg.policy.num_ranks, self.cfg.value.num_ranks
-        ref_parts = [
-            rollout.select(rows) for rows in split_rows(len(rollout), len(self.references))
-        ]
-        rew_parts = [rollout.select(rows) for rows in split_rows(len(rollout), len(self.rewards))]
+        n_pol = self.cfg.policy.num_ranks
+        parts: dict[str, Any] = {}  # each scorer's rows, in the object store
+        for role in ("reference", "reward"):
+            names = [n for n in self.scorers if n.startswith(f"{role}-")]
+            for name, rows in zip(names, split_rows(len(rollout), len(names)), strict=True):
+                parts[name] = ray.put(rollout.select(rows))
         refs = (
-            [a.logprobs.remote(part) for a, part in zip(self.references, ref_parts, strict=True)]
-            + [a.score.remote(part) for a, part in zip(self.rewards, rew_parts, strict=True)]
-            + self.policy.call("logprobs", ref)
-            + self.value.call("values", ref)
+            [_score_call(self.scorers[n], n, parts[n]) for n in self.scorers]
+            + self.policy.call("old_logprobs", ref)
+            + (self.value.call("values", ref) if self.value else [])
         )
-        out = _get_all(refs)
-        n_ref, n_rew = len(ref_parts), len(rew_parts)
-        ranks = out[n_ref + n_rew :]
+        names = [*self.scorers, *(n for g in self.learners for n in g.names)]
+        out = _get_all(
+            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
+            lambda name: self._retry_scorer(name, parts),
+        )  # fmt: skip
+        n_ref = sum(n.startswith("reference-") for n in self.scorers)
+        ranks = out[len(self.scorers) :]
         return {
             "ref_logprobs": torch.cat(out[:n_ref]),
-            "scores": torch.cat(out[n_ref : n_ref + n_rew]),
-            "old_logprobs": torch.cat(ranks[:n_pol]),
-            "values": torch.cat(ranks[n_pol : n_pol + n_val]),
+            "scores": torch.cat(out[n_ref : len(self.scorers)]),
+            **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
+            **({"values": torch.cat(ranks[n_pol:])} if self.value else {}),
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         ref = ray.put(batch)
-        n_pol = self.cfg.policy.num_ranks
-        stats = _get_all(
-            self.policy.call("train", ref, round_index) + self.value.call("train", ref, round_index)
+        stats = self._learners(
+            "update", [r for g in self.learners for r in g.call("train", ref, round_index)]
         )
-        return {**mean_stats(stats[:n_pol]), **mean_stats(stats[n_pol:])}
+        merged: dict[str, float] = {}
+        for group in self.learners:
+            merged |= mean_stats(stats[: group.cfg.num_ranks])
+            stats = stats[group.cfg.num_ranks :]
+        return merged
+
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        worker = self.pool.workers[version % len(self.pool.workers)]
+        refs = self.policy.call("probe_logprobs") + [worker.probe_logprobs.remote(),
+                                                     worker.ping.remote()]  # fmt: skip
+        learner, *_, sampled, worker_id = _get_all(refs)
+        return float((learner - sampled).abs().max()), worker_id
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.pool.workers),
-                "rollout/worker_restarts": self.pool.restarts}  # fmt: skip
+                "rollout/worker_restarts": self.pool.restarts,
+                "train/learner_restarts": self.learner_restarts,
+                "train/scorer_restarts": self.scorer_restarts}  # fmt: skip
 
     def save(self, directory: Path) -> None:
-        _get_all(
-            self.policy.call("save", str(directory / "policy"))
-            + self.value.call("save", str(directory / "value"))
-        )
+        self._on_learners("save", directory)
 
     def save_state(self, directory: Path) -> None:
-        _get_all(
-            self.policy.call("save_state", str(directory / "policy_state"))
-            + self.value.call("save_state", str(directory / "value_state"))
-        )
+        self._on_learners("save_state", directory, "_state")
 
     def load_state(self, directory: Path) -> None:
-        _get_all(
-            self.policy.call("load_state", str(directory / "policy_state"))
-            + self.value.call("load_state", str(directory / "value_state"))
-        )
+        self._on_learners("load_state", directory, "_state")
+
+    def _on_learners(self, method: str, directory: Path, suffix: str = "") -> None:
+        """``method(directory/<role><suffix>)`` on every rank of every learner group."""
+        refs = [
+            r for g in self.learners for r in g.call(method, str(directory / (g.role + suffix)))
+        ]
+        self._learners(method, refs)
 
     def close(self) -> None:
         while self._cleanup:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,16 +90,20 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> bool:
-        """End of a micro-batch; the optimizer steps at each accumulation boundary."""
+    def step(self) -> bool | None:
+        """End of a micro-batch. At an accumulation boundary: clip, and step unless the
+        gradient norm is not finite; returns whether the step was applied. Between boundaries:
+        None."""
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
-            return False
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return True
+        return applied
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -122,24 +127,51 @@ class TorchEngine:
         return n, n
 
     def save_state(self, directory: str) -> None:
-        """Weights and optimizer state, for an exact resume."""
+        """Weights and optimizer state, for an exact resume: tensors as safetensors, the rest
+        as JSON (never a pickle)."""
+        from safetensors.torch import save_file
+
         Path(directory).mkdir(parents=True, exist_ok=True)
-        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}  # fmt: skip
-        torch.save(state, Path(directory) / "torch_engine.pt")
+        optim = self.optimizer.state_dict()
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, per_param in optim["state"].items():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        # tied weights share storage, which safetensors refuses: store each one as its own copy
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                  str(Path(directory) / "torch_engine.safetensors"))  # fmt: skip
+        meta = {"param_groups": optim["param_groups"], "scalars": scalars,
+                "scheduler": self.scheduler.state_dict()}  # fmt: skip
+        (Path(directory) / "torch_engine.json").write_text(json.dumps(meta))
 
     def load_state(self, directory: str) -> None:
-        state = torch.load(Path(directory) / "torch_engine.pt", weights_only=True)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(directory) / "torch_engine.safetensors"))
+        meta = json.loads((Path(directory) / "torch_engine.json").read_text())
+        module = {k.removeprefix("module."): v for k, v in tensors.items()
+                  if k.startswith("module.")}  # fmt: skip
+        self.module.load_state_dict(module)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, values in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if "scheduler" in meta:
+            self.scheduler.load_state_dict(meta["scheduler"])
 
 
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: int, backend: str
 ) -> None:
-    """Join the learner group's process group (all five variables must be set, PLATFORM.md)."""
+    """Join the learner group's process group (all five variables must be set, or DeepSpeed tries MPI)."""
     import deepspeed
 
     os.environ.update(
@@ -263,11 +295,14 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the caller scales micro-batch losses
 
-    def step(self) -> bool:
-        """End of a micro-batch; DeepSpeed reduces and steps at its accumulation boundary."""
+    def step(self) -> bool | None:
+        """End of a micro-batch; DeepSpeed reduces and steps at its accumulation boundary.
+        There it returns whether the step was applied (DeepSpeed skips one whose gradient norm
+        is not finite under ZeRO-1/2, agreed over ranks, as it does an fp16 overflow); between
+        boundaries None."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        return boundary
+        return bool(self.engine.was_step_applied()) if boundary else None
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -6,6 +6,7 @@ from rlhf_ray.models.build import (
     build_scalar_model,
     default_device,
     disable_dropout,
+    max_positions,
     preset_config,
 )
 from rlhf_ray.models.logprobs import (
@@ -24,6 +25,7 @@ __all__ = [
     "default_device",
     "disable_dropout",
     "last_token_index",
+    "max_positions",
     "logprobs_from_logits",
     "position_ids_from_mask",
     "preset_config",

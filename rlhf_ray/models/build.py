@@ -22,6 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
 
@@ -86,6 +87,15 @@ def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
     raise ValueError(f"unknown model preset {spec.preset!r}")
 
 
+def max_positions(config: PretrainedConfig, default: int = 1024) -> int:
+    """The longest sequence a model's position embeddings cover (``default`` if unbounded)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
 def default_device() -> torch.device:
     """The GPU Ray assigned to this actor (``CUDA_VISIBLE_DEVICES``), else the CPU."""
     return (
@@ -127,6 +137,7 @@ def build_causal_lm(
 ) -> PreTrainedModel:
     """The policy architecture with weights from ``spec.path`` or a seeded random preset."""
     if spec.path is not None:
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_DTYPES[spec.dtype])
     else:
         with torch.random.fork_rng(devices=[]):
@@ -191,12 +202,15 @@ def build_scalar_model(
     """A value/reward model from ``spec.path`` (a sequence-classification or causal-LM
     checkpoint: the head is new in the latter case) or a seeded random preset."""
     if spec.path is not None:
+        hf_logging.disable_progress_bar()
         config = AutoConfig.from_pretrained(spec.path)
         config.num_labels = 1
         config.pad_token_id = tok.pad_id
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.path, config=config, dtype=_DTYPES[spec.dtype]
-        )
+        with torch.random.fork_rng(devices=[]):  # a new head: the same on every rank and run
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.path, config=config, dtype=_DTYPES[spec.dtype]
+            )
     else:
         config = preset_config(spec, tok)
         config.num_labels = 1

@@ -1,17 +1,22 @@
 """Token log-probabilities of responses under a causal LM, for left-padded prompts.
 
 transformers does not derive positions from the attention mask in a plain forward, so every
-scoring forward passes ``position_ids = cumsum(mask) - 1`` (PLATFORM.md); ``generate`` does this
+scoring forward passes ``position_ids = cumsum(mask) - 1`` (measured: logits moved by up to 0.61 without it); ``generate`` does this
 itself. Logits are divided by the sampling temperature before the softmax, in every logprob
-computation (policy, old, reference), as the sampler did.
+computation (policy, old, reference), as the sampler did; the policy's (old and new) also take
+the sampler's top-k / top-p (``algo.sampling``), the reference's do not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from rlhf_ray.algo import entropy_from_logits
+from rlhf_ray.algo import entropy_of_scores, label_logprobs, process_logits
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,31 @@ def logprobs_from_logits(
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def _hidden_and_head(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Last hidden states ``(B, T, H)`` and the function from hidden states to logits.
+
+    The LM head is applied later, a chunk of tokens at a time, so the ``(B, T, V)`` logits never
+    exist at once. A model whose logits are more than ``lm_head(hidden)`` (soft-capping, a logit
+    scale) takes the plain forward instead."""
+    position_ids = position_ids_from_mask(attention_mask)
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plain = head is None or any(
+        getattr(config, key, None) not in (None, 1.0)
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    if plain:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False)  # fmt: skip
+        return out.logits, lambda x: x
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)  # fmt: skip
+    assert head is not None
+    return out.last_hidden_state, head
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -41,19 +71,46 @@ def response_logprobs(
     prompt_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    chunk_tokens: int = 1024,
+    entropy_grad: bool = True,
+    outside: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``(B, R)`` of the response tokens ``input_ids[:, prompt_len:]``.
+    """Log-probs ``(B, R)`` of the response tokens ``input_ids[:, prompt_len:]`` under the
+    processed distribution (temperature, top-k, top-p: ``algo.process_logits``).
 
     The logits at position ``t`` predict token ``t + 1``, so the response's logits are
-    ``[prompt_len - 1, T - 1)``. Returns the per-token entropy ``(B, R)`` too if asked.
+    ``[prompt_len - 1, T - 1)``. They are computed ``chunk_tokens`` tokens at a time from the
+    hidden states, so no full ``(B, R, V)`` float32 tensor exists; with gradients on, each chunk
+    is recomputed in the backward pass (activation checkpointing) rather than kept.
+    Returns the per-token entropy ``(B, R)`` of the processed distribution too if asked
+    (``with_entropy``; it carries a graph only when gradients are on and ``entropy_grad``, so a
+    zero entropy coefficient costs no backward through it). ``outside``, if given,
+    receives a ``(B, R)`` bool tensor: labels that fell outside the filtered set.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    logits = out.logits[:, prompt_len - 1 : -1].float() / temperature
-    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return logprobs, entropy
+    hidden, head = _hidden_and_head(model, input_ids, attention_mask)
+    B, R = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    flat = hidden[:, prompt_len - 1 : -1].reshape(B * R, -1)
+    labels = input_ids[:, prompt_len:].reshape(B * R)
+
+    def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scaled = head(h).float() / temperature
+        processed = process_logits(scaled, 1.0, top_k, top_p)
+        logp, out = label_logprobs(scaled, processed, y)
+        if not with_entropy:
+            return logp, out
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            return logp, out, entropy_of_scores(processed)
+
+    results = []
+    for i in range(0, B * R, chunk_tokens):
+        h, y = flat[i : i + chunk_tokens], labels[i : i + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            results.append(checkpoint(chunk, h, y, use_reentrant=False))
+        else:
+            results.append(chunk(h, y))
+    columns = [torch.cat(parts).reshape(B, R) for parts in zip(*results, strict=True)]
+    if outside is not None:
+        outside.append(columns[1].detach())
+    return columns[0], (columns[2] if with_entropy else None)

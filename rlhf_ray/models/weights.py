@@ -1,6 +1,6 @@
 """Full weights as numpy arrays for the object store.
 
-Shipping numpy arrays through ``ray.put`` is ~4x faster than torch tensors (PLATFORM.md);
+Shipping numpy arrays through ``ray.put`` is ~4x faster than torch tensors (measured on a ~100M GPT-2);
 bfloat16, which numpy lacks, travels as an int16 view and is viewed back on arrival.
 """
 

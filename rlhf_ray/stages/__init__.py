@@ -1,5 +1,6 @@
 """The stages around PPO, each a readable top-to-bottom function like ``driver.run_ppo``:
-``run_sft`` (``rlhf-ray sft``) and ``run_train_rm`` (``rlhf-ray train-rm``)."""
+``run_sft`` (``rlhf-ray sft``) and ``run_train_rm`` (``rlhf-ray train-rm``);
+``stages.evaluate.run_eval`` (``rlhf-ray eval``)."""
 
 from rlhf_ray.stages.common import StageResult
 from rlhf_ray.stages.reward_model import rm_role, run_train_rm

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from rlhf_ray.config import LoggingConfig, to_yaml
 from rlhf_ray.data.stage_data import held_out_split
 from rlhf_ray.errors import UserError
-from rlhf_ray.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.metrics import MetricsLog, PhaseTimer, open_metrics_log
 from rlhf_ray.stage_config import StageTrainConfig, _StageConfig, _StageData
 from rlhf_ray.workers.interface import StageWorkers
 
@@ -39,13 +39,9 @@ def start_run(cfg: _StageConfig, run_dir: Path) -> tuple[MetricsLog, PhaseTimer]
 
 
 def stage_log(run_dir: Path, logging: LoggingConfig) -> MetricsLog:
-    return MetricsLog(
-        run_dir / "metrics.jsonl",
-        logging.progress,
-        tensorboard_dir=run_dir / "tb" if logging.tensorboard else None,
-        format_row=format_stage_row,
-        step_key="step",
-    )
+    """``metrics.jsonl`` and the sinks ``logging`` switches on (TensorBoard, W&B)."""
+    return open_metrics_log(run_dir, logging, total=0, step_key="step",
+                            format_row=format_stage_row)  # fmt: skip
 
 
 _SHOWN = (
@@ -106,7 +102,7 @@ def train_epochs(
             f"{num_train} training examples do not fill one batch of train.batch_size "
             f"{train.batch_size}: lower it or give more data"
         )
-    step, row = 0, {}
+    step, row = 0, dict[str, Any]()
     for epoch in range(train.epochs):
         for i in range(steps):
             # 2. train: one optimizer step on the step's global minibatch (all ranks)

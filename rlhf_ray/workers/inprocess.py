@@ -2,7 +2,8 @@
 
 The same worker classes the Ray runtime wraps, with one rank per learner group. The split of
 prompts over ``rollout.num_workers`` generators and the sampling seeds are those of the Ray
-runtime, so a run here is the distributed run without the distribution.
+runtime, so a run here is the distributed run without the distribution. A critic-free estimator
+(``algo.estimator`` other than gae) has no value learner.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import optimizer_steps, value_init_spec
+from rlhf_ray.config import has_critic, optimizer_steps, policy_tokenizer, value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
-from rlhf_ray.workers.interface import shard_seed, split_rows
+from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -29,24 +30,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
+    """The policy learner and the value learner (None without a critic), one rank each, set up
+    in this process (also what ``rlhf-ray replay`` trains)."""
+    tok = policy_tokenizer(cfg)
+    bad = cfg.train.max_bad_steps
+    steps = optimizer_steps(cfg)
+    policy = PolicyLearner(
+        cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
+        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=steps,
+    )  # fmt: skip
+    value = (
+        ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
+                     max_bad_steps=bad, total_steps=steps)
+        if has_critic(cfg) else None
+    )  # fmt: skip
+    if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # one process can hold one process group: both learners share a world of size 1
+        policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
+    policy.setup()
+    if value:
+        value.setup()
+    return policy, value
+
+
 class InProcessWorkers:
     def __init__(self, cfg):
         self.cfg = cfg
-        tok = cfg.tokenizer
-        steps = optimizer_steps(cfg)
-        self.policy = PolicyLearner(
-            cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-            total_steps=steps,
-        )  # fmt: skip
-        self.value = ValueLearner(
-            cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed, total_steps=steps
-        )
-        if "deepspeed" in (cfg.policy.engine, cfg.value.engine):
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            # one process can hold one process group: both learners share a world of size 1
-            self.policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
-        self.policy.setup()
-        self.value.setup()
+        tok = policy_tokenizer(cfg)
+        self.policy, self.value = build_learners(cfg)
         ref_spec = cfg.reference.model or cfg.policy.model
         self.reference = ReferenceScorer(
             ref_spec, tok, cfg.rollout.temperature, chunk_size=cfg.reference.score_micro_batch_size
@@ -84,7 +97,7 @@ class InProcessWorkers:
             self.generators.pop()
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
-            new.append(RolloutGenerator(self.cfg.policy.model, self.cfg.tokenizer,
+            new.append(RolloutGenerator(self.cfg.policy.model, policy_tokenizer(self.cfg),
                                         self.cfg.rollout, len(self.generators) + len(new)))  # fmt: skip
         if new:  # the policy still holds the weights of the last sync: stream them again
             self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
@@ -92,41 +105,49 @@ class InProcessWorkers:
             self.generators.extend(new)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
-        parts = split_rows(len(prompts), len(self.generators))
+        parts = shard_rows(len(prompts), len(self.generators), self.cfg.rollout.micro_batch_size)
+        seed = round_seed(self.cfg.train.seed, round_index)
         return Rollout.concat(
             [
-                gen.generate(
-                    prompts.select(rows), shard_seed(self.cfg.train.seed, round_index, i), version
-                )
-                for i, (gen, rows) in enumerate(zip(self.generators, parts, strict=False))
+                gen.generate(prompts.select(rows), seed, version)
+                for gen, rows in zip(self.generators, parts, strict=False)
             ]
         )
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         return {
             "ref_logprobs": self.reference.logprobs(rollout),
-            "old_logprobs": self.policy.logprobs(rollout),
-            "values": self.value.values(rollout),
+            **self.policy.old_logprobs(rollout),
+            **({"values": self.value.values(rollout)} if self.value else {}),
             "scores": self.reward.score(rollout),
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
-        return {**self.policy.train(batch, round_index), **self.value.train(batch, round_index)}
+        value_stats = self.value.train(batch, round_index) if self.value else {}
+        return {**self.policy.train(batch, round_index), **value_stats}
+
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        gen = self.generators[version % len(self.generators)]
+        diff = (self.policy.probe_logprobs() - gen.probe_logprobs()).abs().max()
+        return float(diff), gen.worker_id
 
     def info(self) -> dict[str, float]:
         return {"rollout/num_workers": len(self.generators)}
 
     def save(self, directory: Path) -> None:
         self.policy.save(str(directory / "policy"))
-        self.value.save(str(directory / "value"))
+        if self.value:
+            self.value.save(str(directory / "value"))
 
     def save_state(self, directory: Path) -> None:
         self.policy.save_state(str(directory / "policy_state"))
-        self.value.save_state(str(directory / "value_state"))
+        if self.value:
+            self.value.save_state(str(directory / "value_state"))
 
     def load_state(self, directory: Path) -> None:
         self.policy.load_state(str(directory / "policy_state"))
-        self.value.load_state(str(directory / "value_state"))
+        if self.value:
+            self.value.load_state(str(directory / "value_state"))
 
     def close(self) -> None:
         self.generators.clear()

@@ -3,22 +3,45 @@
 ``run_ppo`` talks only to ``Workers``. Two implementations satisfy it: ``InProcessWorkers``
 (plain objects, one process: tests and debugging) and ``rlhf_ray.distributed.RayWorkers``
 (the same classes as Ray actors). Helpers here are shared by both so that they split work and
-seed sampling identically.
+seed sampling identically: a round's rows are dealt to workers in whole chunks
+(``shard_rows``) and each row is seeded by (seed, round, prompt index, sample index)
+(``row_seeds``), so the samples do not depend on the pool size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
+
+# The sync check's probe: a fixed text whose log-probs a rollout worker and the policy learner
+# must agree on after every weight sync (any tokenizer encodes it to a few dozen tokens).
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789, ok?"
 
 
 class StaleWeightsError(RuntimeError):
     """A rollout worker produced samples with weights other than the round's version."""
+
+
+class LearnerLostError(RuntimeError):
+    """A learner rank died or did not answer within ``train.phase_timeout_s``: its group cannot
+    go on (its peers wait in collectives), so the groups are rebuilt from a checkpoint."""
+
+
+class SyncCheckError(UserError, RuntimeError):
+    """A rollout worker's log-probs on the probe differ from the learner's after a sync."""
+
+
+def probe_batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, T)`` ids and mask of ``PROBE_TEXT``; score its tokens after the first."""
+    ids = torch.tensor([tokenizer.encode(PROBE_TEXT)], dtype=torch.long)
+    return ids, torch.ones_like(ids)
 
 
 class Workers(Protocol):
@@ -32,16 +55,23 @@ class Workers(Protocol):
         """Split ``prompts`` over the rollout pool; every sample carries ``version``."""
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R) and raw ``scores`` (B,)."""
+        """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R; only with a critic), raw
+        ``scores`` (B,) and ``outside_filter`` (B, R) bool: sampled tokens outside the policy's
+        top-k / top-p set."""
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
-        """PPO epochs on the policy and value learners; returns averaged stats."""
+        """PPO epochs on the policy (and, with a critic, value) learners; averaged stats."""
+
+    def probe_sync(self, version: int) -> tuple[float, int]:
+        """After a sync to ``version``: the max abs difference between the policy learner's and
+        one rollout worker's log-probs of the probe sequence, and that worker's id (the worker
+        checked rotates with the version)."""
 
     def info(self) -> dict[str, float]:
         """Per-round facts about the actor graph (e.g. ``rollout/num_workers``)."""
 
     def save(self, directory: Path) -> None:
-        """Write ``policy/`` and ``value/`` (HF format) under ``directory``."""
+        """Write ``policy/`` and, with a critic, ``value/`` (HF format) under ``directory``."""
 
     def save_state(self, directory: Path) -> None:
         """Write the learners' training state (weights and optimizers) for an exact resume."""
@@ -69,9 +99,29 @@ def split_rows(num_rows: int, num_parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def shard_seed(seed: int, round_index: int, shard: int) -> int:
-    """Sampling seed of one shard of one round: identical in-process and on Ray."""
-    return (seed * 1_000_003 + round_index * 10_007 + shard) % (2**31)
+def shard_rows(num_rows: int, num_workers: int, chunk_rows: int) -> list[slice]:
+    """Contiguous shards of ``range(num_rows)``, one per worker (fewer if there are fewer
+    chunks), made of whole chunks of ``chunk_rows`` rows counted from row 0 of the round.
+
+    A worker generates its shard chunk by chunk, so each row is computed in the same chunk,
+    beside the same rows, whatever the number of workers: the floats, and so the samples, do
+    not depend on the pool size."""
+    chunks = split_rows(-(-num_rows // chunk_rows), num_workers) if num_rows else []
+    return [slice(c.start * chunk_rows, min(c.stop * chunk_rows, num_rows)) for c in chunks]
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of one round (rows derive theirs with ``row_seeds``)."""
+    return (seed * 1_000_003 + round_index * 10_007) % (2**31)
+
+
+def row_seeds(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> list[int]:
+    """One sampling seed per row from (round seed, prompt index, sample index) only: never
+    from the shard or the worker, so a row draws the same sample on any pool size."""
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}/{p}/{s}".encode(), digest_size=8).digest()) >> 1
+        for p, s in zip(prompt_index.tolist(), sample_index.tolist(), strict=True)
+    ]
 
 
 def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -100,3 +150,18 @@ class StageWorkers(Protocol):
 
     def close(self) -> None:
         """Release the learners."""
+
+
+def check_sync(workers: Workers, sync_cfg, version: int) -> dict[str, float]:
+    """The sync check after a sync to ``version``: ``sync/logprob_max_abs_diff``, or a
+    ``SyncCheckError`` above ``sync_cfg.max_logprob_diff``."""
+    diff, worker = workers.probe_sync(version)
+    if not diff <= sync_cfg.max_logprob_diff:  # NaN fails too
+        raise SyncCheckError(
+            f"weight sync check failed after the sync to v{version}: rollout worker {worker} and "
+            f"the policy learner give log-probs of the probe sequence that differ by up to "
+            f"{diff:.3g} (> sync.max_logprob_diff {sync_cfg.max_logprob_diff:g}), so the worker "
+            "does not sample from the weights the learner trains. Check that both build the same "
+            "model (dtype, architecture) and that the sync loaded every tensor."
+        )
+    return {"sync/logprob_max_abs_diff": diff}

@@ -3,12 +3,9 @@
 Every rank receives the whole round's batch and derives its rows from a permutation seeded by
 (seed, round, epoch), identical on every rank. Minibatch ``k`` of an epoch is the same global set
 of rows whatever the number of ranks, and each rank's loss is rescaled so that the gradient
-averaged over ranks equals the gradient of the token-mean loss over the global minibatch. So 1
-rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same optimizer steps (up to float rounding).
-
-A rank's share of a minibatch may run as several micro-batches (``ppo.micro_batch_size``):
-each micro-batch's token-mean loss is weighted by its tokens over the global minibatch's, so
-the accumulated gradient is the same as one pass over the whole share.
+averaged over ranks equals the gradient of the loss over the global minibatch (token mean, or
+the per-sequence means of ``ppo.loss_agg``). So 1 rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same
+optimizer steps (up to float rounding).
 """
 
 from __future__ import annotations
@@ -20,7 +17,14 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.algo import masked_mean, policy_loss, value_loss
+from rlhf_ray.algo import (
+    aggregate_loss,
+    aggregation_weight,
+    kl_loss,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
 from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.engines.training import (
     DeepSpeedEngine,
@@ -29,6 +33,7 @@ from rlhf_ray.engines.training import (
     init_distributed,
     zero3_construction,
 )
+from rlhf_ray.errors import UserError
 from rlhf_ray.models import (
     build_causal_lm,
     build_scalar_model,
@@ -44,9 +49,13 @@ from rlhf_ray.models.weights import (
 )
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
-from rlhf_ray.workers.interface import in_chunks
+from rlhf_ray.workers.interface import in_chunks, probe_batch
 
 LossFn = Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class NonFiniteLossError(UserError):
+    """``train.max_bad_steps`` updates in a row had a non-finite loss or gradient."""
 
 
 class _Rank:
@@ -62,6 +71,7 @@ class _Rank:
         seed: int,
         num_threads: int | None,
         micro_batch: int | None = None,
+        max_bad_steps: int = 3,
         total_steps: int | None = None,
     ):
         """``micro_batch``: rows per rank per step (default: the PPO minibatch's share); the
@@ -79,6 +89,9 @@ class _Rank:
         # a checkpoint is loaded straight into ZeRO-3 partitions; a preset's seeded random
         # init is only reproduced by a plain build (transformers' ZeRO-3 init differs)
         self.model_path = getattr(getattr(role_cfg, "model", None), "path", None)
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
+        self.loss_agg = "token_mean"  # how loss_fn aggregates its per-token losses
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
@@ -149,28 +162,76 @@ class _Rank:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, size):
                 rows = perm[start : start + size]
-                mine = rows[self.my_rows(size)]
-                total = float(batch.response_mask[rows].sum())
-                for first in range(0, len(mine), self.micro_batch):
-                    mb = batch.select(mine[first : first + self.micro_batch]).to(self.device)
-                    loss, stats = loss_fn(mb)
-                    # token-mean over the GLOBAL minibatch, given that ranks' grads are averaged
-                    # and that micro-batches' grads add up
-                    local = float(mb.response_mask.sum())
-                    self.engine.backward(loss * local * self.world_size / total)
-                    stepped = self.engine.step()
-                    last = first + self.micro_batch >= len(mine)
-                    if stepped != last:
-                        raise RuntimeError(
-                            "engine and learner disagree on the accumulation boundary "
-                            f"(micro-batch ending at row {first + self.micro_batch} of "
-                            f"{len(mine)}, optimizer stepped: {stepped})"
-                        )
-                    sums["loss"] += float(loss.detach()) / self.accumulation
-                    for k, v in stats.items():
-                        sums[k] += float(v) / self.accumulation
-                steps += 1
-        return {k: v / steps for k, v in sums.items()}
+                if self._minibatch(batch, rows, loss_fn, sums):
+                    self.bad_in_row = 0
+                    steps += 1
+                else:
+                    self._bad_step(round_index)
+        skipped = self.ppo.epochs * -(-n // size) - steps
+        out = {k: v / steps for k, v in sums.items()} if steps else {"loss": float("nan")}
+        return {**out, "skipped_steps": float(skipped)}
+
+    def _minibatch(
+        self, batch: PPOBatch, rows: torch.Tensor, loss_fn: LossFn, sums: dict[str, float]
+    ) -> bool:
+        """One optimizer step on the global minibatch ``rows``: this rank's share, as
+        ``accumulation`` micro-batches. Adds the step's mean stats to ``sums`` and returns True,
+        or returns False when the update is not clean: a micro-batch's loss is non-finite on some
+        rank (agreed by one all-reduce, so every rank does the same), or the engine skipped the
+        step for a non-finite gradient.
+
+        A non-finite micro-batch is left out of the gradient. With one micro-batch per step that
+        skips the whole update; with several, the engine still steps (ZeRO's accumulation
+        boundary stays aligned on every rank) on the other micro-batches' gradients."""
+        assert self.engine is not None
+        mine = rows[self.my_rows(len(rows))]
+        # each micro-batch's loss is weighted by its share of the GLOBAL minibatch's (token or
+        # sequence) count: ranks' grads are averaged and micro-batches' grads add up
+        total = aggregation_weight(batch.response_mask[rows], self.loss_agg)
+        clean, applied, micro = True, None, dict[str, float]()
+        for first in range(0, len(mine), self.micro_batch):
+            mb = batch.select(mine[first : first + self.micro_batch]).to(self.device)
+            loss, stats = loss_fn(mb)
+            if not self._finite_everywhere(loss):
+                clean = False
+                if self.accumulation == 1:
+                    return False
+            else:
+                local = aggregation_weight(mb.response_mask, self.loss_agg)
+                self.engine.backward(loss * local * self.world_size / total)
+                for k, v in {"loss": loss, **stats}.items():
+                    micro[k] = (
+                        micro.get(k, 0.0) + float(torch.as_tensor(v).detach()) / self.accumulation
+                    )
+            applied = self.engine.step()
+            last = first + self.micro_batch >= len(mine)
+            if (applied is not None) != last:
+                raise RuntimeError(
+                    "engine and learner disagree on the accumulation boundary (micro-batch "
+                    f"ending at row {first + self.micro_batch} of {len(mine)}, engine at a "
+                    f"boundary: {applied is not None})"
+                )
+        if not (clean and applied):
+            return False
+        for key, value in micro.items():
+            sums[key] += value
+        return True
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one all-reduce: all ranks decide alike)."""
+        assert self.engine is not None
+        bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+        return self.engine.all_reduce_sum(bad) == 0.0
+
+    def _bad_step(self, round_index: int) -> None:
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: {self.bad_in_row} updates in a row had a non-finite "
+                f"loss or gradient (round {round_index}; train.max_bad_steps="
+                f"{self.max_bad_steps}); the run stops rather than train on them. Lower the "
+                "learning rate, check the rewards, or resume from the last checkpoint."
+            )
 
     def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
         if self._buckets is None or self._buckets[0] != bucket_mb:
@@ -242,9 +303,14 @@ class PolicyLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        max_bad_steps: int = 3,
+        top_k: int = 0,
+        top_p: float = 1.0,
         total_steps: int | None = None,
     ):
-        """``total_steps``: optimizer steps of the run (what the LR schedule spans)."""
+        """``temperature``, ``top_k``, ``top_p``: the sampler's (``rollout.*``); the policy's
+        log-probs and entropy are those of the distribution the rollout samples from.
+        ``total_steps``: optimizer steps of the run (what the LR schedule spans)."""
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(
             policy_cfg,
@@ -254,21 +320,30 @@ class PolicyLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            max_bad_steps=max_bad_steps,
             total_steps=total_steps,
         )
         self.tokenizer = tok
-        self.temperature = temperature
+        self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
+                                         "top_p": top_p}  # fmt: skip
+        self.loss_agg = ppo_cfg.loss_agg
 
     @torch.no_grad()
-    def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """Old log-probs of this rank's rows (recomputed here, not taken from the sampler)."""
+    def old_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Old log-probs ``(B, R)`` of this rank's rows (recomputed here, not taken from the
+        sampler), and ``outside_filter (B, R)``: response tokens that lie outside this policy's
+        top-k / top-p set although the sampler drew them (float differences at the edge)."""
         mine = rollout.select(self.my_rows(len(rollout)))
 
         def forward(part: Rollout) -> torch.Tensor:
-            return response_logprobs(self.module, part.input_ids, part.attention_mask,
-                                     part.prompt_len, self.temperature)[0]  # fmt: skip
+            outside: list[torch.Tensor] = []
+            logprobs, _ = response_logprobs(self.module, part.input_ids, part.attention_mask,
+                                            part.prompt_len, **self.sampling, outside=outside)  # fmt: skip
+            return torch.stack([logprobs, outside[0].float()], -1)
 
-        return in_chunks(mine, self.score_batch, self.device, forward) * mine.response_mask
+        both = in_chunks(mine, self.score_batch, self.device, forward)
+        mask = mine.response_mask
+        return {"old_logprobs": both[..., 0] * mask, "outside_filter": (both[..., 1] * mask) > 0}
 
     @torch.no_grad()
     def greedy(
@@ -280,27 +355,48 @@ class PolicyLearner(_Rank):
             return greedy_continuation(self.module, prompt_ids, prompt_mask, max_new_tokens,
                                        self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
 
+    @torch.no_grad()
+    def probe_logprobs(self) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of the sync probe (collective under ZeRO-3: call on all ranks)."""
+        ids, mask = probe_batch(self.tokenizer)
+        out = response_logprobs(self.module, ids.to(self.device), mask.to(self.device), 1,
+                                self.sampling["temperature"])[0]  # fmt: skip
+        return out[0].cpu()
+
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        """PPO epochs; none in the first ``ppo.critic_warmup_rounds`` rounds (the critic
+        learns alone then), which return no stats."""
+        if round_index < self.ppo.critic_warmup_rounds:
+            return {}
+
         def loss_fn(mb: PPOBatch):
             logprobs, entropy = response_logprobs(
                 self.module,
                 mb.input_ids,
                 mb.attention_mask,
                 mb.prompt_len,
-                self.temperature,
+                **self.sampling,
                 with_entropy=True,
+                entropy_grad=self.ppo.entropy_coef > 0,
             )
+            mask, agg = mb.response_mask, self.loss_agg
             loss, stats = policy_loss(
-                logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, self.ppo.clip_eps
+                logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps, agg
             )
             assert entropy is not None
-            ent = masked_mean(entropy, mb.response_mask)
-            stats = {**stats, "entropy": ent.detach()}
-            return loss - self.ppo.entropy_coef * ent, stats
+            stats["entropy"] = masked_mean(entropy.detach(), mask)
+            if self.ppo.entropy_coef > 0:
+                loss = loss - self.ppo.entropy_coef * aggregate_loss(entropy, mask, agg)
+            if self.ppo.kl_in_loss is not None:
+                kl = kl_loss(logprobs, mb.ref_logprobs, mask, self.ppo.kl_in_loss, agg)
+                loss = loss + self.ppo.kl_loss_coef * kl
+                stats["kl_loss"] = kl.detach()
+            return loss, stats
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["policy_loss"] = stats.pop("loss")
         stats["policy_lr"] = self.engine.lr()  # type: ignore[union-attr]  # the next step's
+        stats["policy_skipped_steps"] = stats.pop("skipped_steps")
         return stats
 
 
@@ -317,6 +413,7 @@ class ValueLearner(_Rank):
         world_size: int = 1,
         seed: int = 0,
         num_threads: int | None = None,
+        max_bad_steps: int = 3,
         total_steps: int | None = None,
     ):
         """``model_spec``: the initial weights (default ``value_cfg.model``; see
@@ -331,6 +428,7 @@ class ValueLearner(_Rank):
             world_size,
             seed,
             num_threads,
+            max_bad_steps=max_bad_steps,
             total_steps=total_steps,
         )
         self.model_path = spec.path
@@ -358,4 +456,5 @@ class ValueLearner(_Rank):
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["value_loss"] = stats.pop("loss")
         stats["value_lr"] = self.engine.lr()  # type: ignore[union-attr]
+        stats["value_skipped_steps"] = stats.pop("skipped_steps")
         return stats

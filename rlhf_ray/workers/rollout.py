@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
-from rlhf_ray.models import build_causal_lm, default_device, state_dict_from_numpy
+from rlhf_ray.models import (
+    build_causal_lm,
+    default_device,
+    response_logprobs,
+    state_dict_from_numpy,
+)
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.interface import StaleWeightsError
+from rlhf_ray.workers.interface import StaleWeightsError, probe_batch, row_seeds
 
 
 class RolloutGenerator:
@@ -35,6 +40,7 @@ class RolloutGenerator:
             rollout_cfg.top_k,
             rollout_cfg.top_p,
         )
+        self.micro_batch_size = rollout_cfg.micro_batch_size
         self.version = -1  # no weights received yet
         self._loading: tuple[int, set[int]] | None = None  # (version, buckets received)
 
@@ -57,6 +63,8 @@ class RolloutGenerator:
         return self.version
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
+        """Sample ``prompts`` (whole micro-batches of the round, see ``shard_rows``), each row
+        seeded by (``seed``: the round's, its prompt index, its sample index)."""
         if self.version != expected_version:
             raise StaleWeightsError(
                 f"rollout worker {self.worker_id} holds weights v{self.version}, "
@@ -70,7 +78,8 @@ class RolloutGenerator:
             self.params,
             self.tokenizer.eos_id,
             self.tokenizer.pad_id,
-            seed,
+            row_seeds(seed, prompts.prompt_index, prompts.sample_index),
+            self.micro_batch_size,
         )
         out = {k: v.cpu() for k, v in out.items()}
         responses = [
@@ -82,6 +91,7 @@ class RolloutGenerator:
             prompt_ids=prompts.prompt_ids,
             prompt_mask=prompts.prompt_mask,
             prompt_index=prompts.prompt_index,
+            sample_index=prompts.sample_index,
             response_ids=out["response_ids"],
             response_mask=out["response_mask"],
             has_eos=out["has_eos"],
@@ -89,6 +99,7 @@ class RolloutGenerator:
             weight_version=torch.full((n,), self.version, dtype=torch.long),
             prompts=list(prompts.prompts),
             responses=responses,
+            worker_id=torch.full((n,), self.worker_id, dtype=torch.long),
         )
 
     def greedy(
@@ -97,6 +108,14 @@ class RolloutGenerator:
         """Greedy continuation (parity checks between workers and learners)."""
         return greedy_continuation(self.model, prompt_ids, prompt_mask, max_new_tokens,
                                    self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
+
+    @torch.no_grad()
+    def probe_logprobs(self) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of the sync probe under the weights this worker holds."""
+        ids, mask = probe_batch(self.tokenizer)
+        out = response_logprobs(self.model, ids.to(self.device), mask.to(self.device), 1,
+                                self.params.temperature)[0]  # fmt: skip
+        return out[0].cpu()
 
     def ping(self) -> int:
         return self.worker_id

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.config import reward_tokenizer
 from rlhf_ray.models import (
     ScalarHeadModel,
     build_causal_lm,
     build_scalar_model,
     default_device,
+    max_positions,
     response_logprobs,
     state_dict_from_numpy,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
-from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, left_pad, same_tokenizer
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
 
@@ -58,7 +60,13 @@ class ReferenceScorer:
 
 
 class RewardScorer:
-    """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function."""
+    """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function.
+
+    A reward model whose directory holds its own tokenizer, different from the policy's (another
+    model family), reads the rollout as text: prompt + response encoded with the reward model's
+    tokenizer, plus its EOS where the response ended with one, keeping the last tokens that fit
+    its positions. With the policy's tokenizer it reads the rollout's token ids directly.
+    """
 
     def __init__(
         self,
@@ -75,15 +83,33 @@ class RewardScorer:
         self.device = default_device()
         self.fn: RewardFn | None = None
         self.model: ScalarHeadModel | None = None
+        self.text_tokenizer: Tokenizer | None = None  # set when the model reads text
         if reward_cfg.function is not None:
             self.fn = load_reward_function(reward_cfg.function, search_path or [])
         else:
-            tok = build_tokenizer(tokenizer_cfg)
+            policy_tok = build_tokenizer(tokenizer_cfg)
+            tok = build_tokenizer(reward_tokenizer(reward_cfg, tokenizer_cfg))
             self.model = build_scalar_model(reward_cfg.model, tok, self.device)
             self.model.requires_grad_(False)
+            if not same_tokenizer(tok, policy_tok):
+                self.text_tokenizer = tok
+                self.max_length = max_positions(self.model.config)
 
     def ping(self) -> str:
         return "reward"
+
+    def encode_text(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of prompt + response text in the reward model's
+        tokenizer, left-padded (``text_tokenizer`` must be set)."""
+        tok = self.text_tokenizer
+        assert tok is not None
+        rows = [
+            tok.encode(prompt + response) + ([tok.eos_id] if eos else [])
+            for prompt, response, eos in zip(
+                rollout.prompts, rollout.responses, rollout.has_eos.tolist(), strict=True
+            )
+        ]
+        return left_pad(rows, tok.pad_id, self.max_length)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -92,9 +118,16 @@ class RewardScorer:
             return torch.tensor(scores, dtype=torch.float32)
         model = self.model
         assert model is not None
-        return in_chunks(
-            rollout,
-            self.chunk_size,
-            self.device,
-            lambda part: model.sequence_scores(part.input_ids, part.attention_mask),
-        )
+        if self.text_tokenizer is None:
+            return in_chunks(
+                rollout,
+                self.chunk_size,
+                self.device,
+                lambda part: model.sequence_scores(part.input_ids, part.attention_mask),
+            )
+        ids, mask = self.encode_text(rollout)
+        return torch.cat([
+            model.sequence_scores(ids[i : i + self.chunk_size].to(self.device),
+                                  mask[i : i + self.chunk_size].to(self.device)).cpu()
+            for i in range(0, len(ids), self.chunk_size)
+        ])  # fmt: skip

@@ -74,9 +74,17 @@ class _StageRank(_Rank):
         mb = self.data["train"].select(rows[self.my_rows(len(rows))]).to(self.device)
         loss, stats = self.loss(mb)
         weight = self.units(mb) * self.world_size / self.units(self.data["train"].select(rows))
-        self.engine.backward(loss * weight)
-        self.engine.step()
-        return {k: float(v) * weight for k, v in {"loss": loss.detach(), **stats}.items()}
+        # a non-finite loss (on any rank) or gradient skips the step everywhere, as in PPO
+        applied = self._finite_everywhere(loss)
+        if applied:
+            self.engine.backward(loss * weight)
+            applied = bool(self.engine.step())  # one micro-batch per step: always a boundary
+        if applied:
+            self.bad_in_row = 0
+        else:
+            self._bad_step(epoch)
+        out = {k: float(v) * weight for k, v in {"loss": loss.detach(), **stats}.items()}
+        return {**out, "skipped_steps": 0.0 if applied else 1.0}
 
     def save(self, directory: str) -> None:
         """Collective; rank 0 writes the model in Hugging Face format (no progress bar)."""

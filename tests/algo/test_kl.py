@@ -28,8 +28,10 @@ def test_estimate_kl_dispatch():
     a, b = torch.tensor([[-1.0]]), torch.tensor([[-2.0]])
     torch.testing.assert_close(estimate_kl(a, b, "k1"), kl_k1(a, b))
     torch.testing.assert_close(estimate_kl(a, b, "k3"), kl_k3(a, b))
-    with pytest.raises(ValueError, match="k2"):
-        estimate_kl(a, b, "k2")
+    # k2 = (log p - log q)^2 / 2 = (−1 − (−2))^2 / 2 = 0.5
+    torch.testing.assert_close(estimate_kl(a, b, "k2"), torch.tensor([[0.5]]))
+    with pytest.raises(ValueError, match="k4"):
+        estimate_kl(a, b, "k4")
 
 
 def test_fixed_controller_never_moves():

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algo import entropy_from_logits, masked_entropy, policy_loss, value_loss
+from rlhf_ray.algo import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    aggregation_weight,
+    entropy_from_logits,
+    kl_loss,
+    masked_entropy,
+    policy_loss,
+    value_loss,
+)
 
 
 def test_policy_loss_hand_example_with_clipping():
@@ -65,3 +74,75 @@ def test_masked_entropy_averages_valid_tokens():
     mask = torch.tensor([[1, 1, 0]])
     # (ln 4 + 0) / 2 = 0.693147; the third (uniform) token is masked out
     assert masked_entropy(logits, mask).item() == pytest.approx(math.log(4) / 2, abs=1e-6)
+
+
+# -- loss aggregation and the KL loss -----------------------------------------------------------
+
+# per-token losses of two rows with 3 and 1 valid tokens; padded positions hold garbage (9)
+AGG_LOSSES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+AGG_MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [
+        ("token_mean", (1 + 2 + 3 + 4) / 4),  # every token weighs 1/4
+        ("seq_mean_token_mean", (6 / 3 + 4 / 1) / 2),  # every sequence weighs 1/2
+        ("seq_mean_token_sum", (6 + 4) / 2),  # token sums, averaged over sequences
+    ],
+)
+def test_aggregations_by_hand(agg, expected):
+    assert float(aggregate_loss(AGG_LOSSES, AGG_MASK, agg)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGREGATIONS)
+def test_rank_rescaling_gives_the_global_minibatch_loss_for_every_aggregation(agg):
+    """What a learner rank does: loss_local * w_local * ranks / w_global, averaged over ranks,
+    equals the loss over the whole minibatch (so any rank count takes the same step)."""
+    torch.manual_seed(0)
+    losses = torch.randn(8, 5)
+    mask = (torch.arange(5)[None, :] < torch.randint(1, 6, (8, 1))).long()  # ragged
+    world = 4
+    total = aggregation_weight(mask, agg)
+    per_rank = [
+        aggregate_loss(losses[r::world], mask[r::world], agg)
+        * aggregation_weight(mask[r::world], agg)
+        * world
+        / total
+        for r in range(world)
+    ]
+    torch.testing.assert_close(sum(per_rank) / world, aggregate_loss(losses, mask, agg))
+
+
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="token_sum"):
+        aggregate_loss(AGG_LOSSES, AGG_MASK, "token_sum")
+
+
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [
+        ("token_mean", -5 / 4),
+        ("seq_mean_token_mean", -(1 + 2) / 2),
+        ("seq_mean_token_sum", -(3 + 2) / 2),
+    ],
+)
+def test_policy_loss_aggregates_by_hand(agg, expected):
+    # ratio 1 everywhere: per-token loss is -A
+    lp = torch.zeros(2, 3)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [2.0, 7.0, 7.0]])
+    loss, stats = policy_loss(lp, lp, adv, AGG_MASK, clip_eps=0.2, agg=agg)
+    assert float(loss) == pytest.approx(expected)
+    assert float(stats["ratio_mean"]) == pytest.approx(1.0)
+
+
+def test_kl_loss_k3_and_k2_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # r = ref - logp = (-1, 0): k3 = exp(r) - 1 - r = (e^-1, 0); k2 = (logp - ref)^2 / 2 = (0.5, 0)
+    assert float(kl_loss(logprobs, ref, mask, "k3").detach()) == pytest.approx(math.exp(-1) / 2)
+    k2 = kl_loss(logprobs, ref, mask, "k2")
+    assert float(k2.detach()) == pytest.approx(0.25)
+    k2.backward()  # d/dlogp of mean (logp - ref)^2 / 2 = (logp - ref) / 2 on valid tokens
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.5, 0.0, 0.0]]))

@@ -24,10 +24,10 @@ def test_truncate_after_eos_middle_start_end_absent():
     assert has_eos.tolist() == [True, True, True, False]
 
 
-def test_missing_eos_penalty_replaces_only_rows_without_eos():
-    scores = torch.tensor([0.5, 1.5, -0.3])
-    has_eos = torch.tensor([True, False, True])
+def test_missing_eos_penalty_is_subtracted_from_rows_without_eos_only():
+    scores = torch.tensor([0.5, 1.5, -0.3, -2.0])
+    has_eos = torch.tensor([True, False, True, False])
     torch.testing.assert_close(
-        apply_missing_eos_penalty(scores, has_eos, -1.0), torch.tensor([0.5, -1.0, -0.3])
+        apply_missing_eos_penalty(scores, has_eos, 1.0), torch.tensor([0.5, 0.5, -0.3, -3.0])
     )
     assert apply_missing_eos_penalty(scores, has_eos, None) is scores

@@ -5,6 +5,7 @@ authentication made explicit), the CPU debug job and a ``train-rm`` stage submit
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from conftest import REPO, wait_no_processes_under
 
+from rlhf_ray.cli import main
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.models import read_score_stats
 
@@ -73,6 +75,9 @@ def head_node():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # the job agent's HTTP port defaults to 52365, which any other Ray on this machine
+            # (a test's local cluster that is still shutting down) may hold
+            f"--dashboard-agent-listen-port={_free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
@@ -97,14 +102,21 @@ def head_node():
 
 
 def _ray(args: list[str], env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run the ``ray`` CLI. A submission the head refuses because its job agent is not up yet
+    (it starts a few seconds after the dashboard answers) is tried again, for up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
@@ -141,8 +153,19 @@ def test_cpu_debug_job_through_ray_job_submit(head_node, tmp_path):
     logs = _ray(["job", "logs", "--address", address, job], env).stdout
     progress = [line for line in logs.splitlines() if line.startswith("round ")]
     assert len(progress) == rounds, logs[-3000:]
-    assert f"run dir: {run_dir}" in logs
-    assert len(read_metrics(run_dir / "metrics.jsonl")) == rounds
+    # not a terminal: one plain line per round with the reward, KL, phase times and ETA
+    line = re.compile(
+        rf"round +(\d+)/{rounds} \| reward [+-]\d\.\d{{4}} \| kl [+-]\d+\.\d{{4}} \| workers 2 "
+        r"\| generate [\d.]+s score [\d.]+s advantage [\d.]+s update [\d.]+s sync [\d.]+s "
+        r"\| [\d.]+s( \| eta \w+)?$"
+    )
+    assert [int(line.match(p).group(1)) for p in progress] == list(range(rounds)), progress
+    assert all(" | eta " in p for p in progress[1:])
+    assert "== ppo finished ==" in logs and f"run dir: {run_dir}" in logs
+    assert f"next: rlhf-ray plot {run_dir}" in logs
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert len(rows) == rounds
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-6 for r in rows)  # Ray workers == learners
     assert (run_dir / "policy" / "config.json").exists()
     assert (run_dir / "config.yaml").exists()
 
@@ -169,8 +192,11 @@ def test_train_rm_stage_through_ray_job_submit(head_node, tmp_path):
     assert "succeeded" in (status.stdout + status.stderr).lower()
     logs = _ray(["job", "logs", "--address", address, job], env).stdout
     assert "rm parameters held per rank (rank 0:" in logs and "rank 1:" in logs  # 2 ranks
-    assert f"run dir: {run_dir}" in logs
+    assert "== train-rm finished ==" in logs and f"run dir: {run_dir}" in logs
+    assert f"next: rlhf-ray plot {run_dir}" in logs
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert "final/eval_accuracy" in rows[-1]
     assert read_score_stats(run_dir / "reward_model") is not None
+    assert main(["plot", str(run_dir)]) == 0  # loss and accuracy against steps
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {"loss.png", "accuracy.png"}

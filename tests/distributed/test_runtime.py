@@ -16,7 +16,7 @@ from rlhf_ray.metrics import read_metrics
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.inprocess import InProcessWorkers
-from rlhf_ray.workers.interface import StaleWeightsError
+from rlhf_ray.workers.interface import StaleWeightsError, check_sync
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 
 pytestmark = pytest.mark.ray
@@ -90,6 +90,8 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
             )
             for out in sampled:
                 assert torch.equal(out, learner[0])
+            # the sync check (a ZeRO-3 collective on the learners): worker == learner exactly
+            assert check_sync(workers, cfg.sync, version) == {"sync/logprob_max_abs_diff": 0.0}
             rollout = workers.generate(batch, version, version)
             assert rollout.weight_version.tolist() == [version] * 8
             if version == 0:  # replicas split the rows; one local scorer scores them all
@@ -101,7 +103,7 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
             with pytest.raises(StaleWeightsError):
                 workers.generate(batch, version, version + 1)
             ppo_batch, _ = compute_advantages(
-                rollout, workers.score(rollout), kl_ctl.value, cfg.ppo, cfg.reward
+                rollout, workers.score(rollout), kl_ctl.value, cfg.ppo
             )
             workers.update(ppo_batch, version)
     finally:

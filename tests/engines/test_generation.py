@@ -62,8 +62,11 @@ def model(request, tok):
     return build(tok, request.param)
 
 
-def sample(model, tok, prompts, seed=0, greedy=False, **params):
+def sample(model, tok, prompts, seed=0, greedy=False, seeds=None, **params):
+    """Row ``i`` seeded by ``seed * 1000 + i`` (or ``seeds[i]``), greedy if asked."""
     ids, mask = prompts
+    if seeds is None:
+        seeds = [seed * 1000 + i for i in range(len(ids))]
     return sample_responses(
         model,
         ids,
@@ -71,8 +74,7 @@ def sample(model, tok, prompts, seed=0, greedy=False, **params):
         SamplingParams(**{"max_new_tokens": R, **params}),
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
-        seed=seed,
-        greedy=greedy,
+        seeds=None if greedy else seeds,
     )
 
 
@@ -158,10 +160,49 @@ def test_sampler_logprobs_match_the_learner(model, tok, prompts, params):
     attention_mask = torch.cat([prompt_mask, out["response_mask"]], 1)
     with torch.no_grad():
         learner, _ = response_logprobs(
-            model, input_ids, attention_mask, prompt_ids.shape[1], params["temperature"]
+            model, input_ids, attention_mask, prompt_ids.shape[1], **params
         )
     valid = out["response_mask"].bool()
-    torch.testing.assert_close(out["sampler_logprobs"][valid], learner[valid], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["sampler_logprobs"][valid], learner[valid], rtol=0, atol=1e-5)
+
+
+def test_a_rows_sample_depends_on_its_seed_not_on_its_batch_mates(model, tok, prompts):
+    """Per-row generators: rows 2-5 sampled in the whole batch, or alone in another order
+    beside other rows, draw the same tokens with the same log-probs."""
+    ids, mask = prompts
+    seeds = [101, 102, 103, 104, 105, 106, 107, 108]
+    whole = sample(model, tok, prompts, seeds=seeds, top_k=20)
+    order = [5, 3, 2, 4]
+    part = sample(model, tok, (ids[order], mask[order]), seeds=[seeds[i] for i in order], top_k=20)
+    assert whole["response_ids"][order].tolist() == part["response_ids"].tolist()
+    torch.testing.assert_close(
+        whole["sampler_logprobs"][order], part["sampler_logprobs"], rtol=0, atol=1e-5
+    )
+    chunked = sample_responses(model, ids, mask, SamplingParams(R, top_k=20), tok.eos_id,
+                               tok.pad_id, seeds, chunk_rows=3)  # fmt: skip
+    assert torch.equal(chunked["response_ids"], whole["response_ids"])
+
+
+def test_samples_follow_the_processed_distribution(tok):
+    """4000 rows of one prompt, one token each: only the top-3 tokens appear (top_k=3), at the
+    frequencies of the renormalised top-3 probabilities at temperature 0.8."""
+    model = build(tok, "gpt2-tiny", eos_logit=0.0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(25.0)  # a peaked first-token distribution
+    ids = torch.tensor([tok.encode("Hello")] * 4000)
+    out = sample(model, tok, (ids, torch.ones_like(ids)), seed=7, max_new_tokens=1,
+                 temperature=0.8, top_k=3)  # fmt: skip
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1]).logits[0, -1] / 0.8
+    top = torch.topk(logits, 3)
+    expected = torch.softmax(top.values, -1)
+    drawn = out["response_ids"][:, 0]
+    assert set(drawn.tolist()) <= set(top.indices.tolist())
+    freq = torch.stack([(drawn == t).float().mean() for t in top.indices])
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.03)  # ~4 sigma at n=4000
+    torch.testing.assert_close(out["sampler_logprobs"][:, 0].exp(),
+                               expected[(drawn[:, None] == top.indices).float().argmax(-1)],
+                               rtol=0, atol=1e-5)  # fmt: skip
 
 
 def test_temperature_changes_sampler_logprobs(model, tok, prompts):

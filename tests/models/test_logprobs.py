@@ -166,3 +166,65 @@ def test_entropy_is_that_of_the_temperature_scaled_distribution(model, batch):
     expected = -(logp.exp() * logp).sum(-1)
     assert entropy.shape == expected.shape
     torch.testing.assert_close(entropy, expected, rtol=1e-5, atol=1e-5)
+
+
+def _full_logits(model, input_ids, attention_mask, prompt_len):
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+    return out.logits[:, prompt_len - 1 : -1].float()
+
+
+def test_filtered_logprobs_and_entropy_follow_the_processed_distribution(model, batch):
+    """top_k=2: each token's log-prob is taken among its row's 2 best tokens, the entropy is at
+    most log 2; a label outside those 2 is counted and gets a finite log-prob."""
+    input_ids, attention_mask, prompt_len, _ = batch
+    input_ids = input_ids.clone()
+    with torch.no_grad():  # make each row's first response token its best one
+        first = _full_logits(model, input_ids, attention_mask, prompt_len)[:, 0].argmax(-1)
+    input_ids[:, prompt_len] = first
+    outside: list[torch.Tensor] = []
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(model, input_ids, attention_mask, prompt_len,
+                                              0.7, with_entropy=True, top_k=2, outside=outside)  # fmt: skip
+        logits = _full_logits(model, input_ids, attention_mask, prompt_len) / 0.7
+    top2 = torch.topk(logits, 2).indices
+    labels = input_ids[:, prompt_len:]
+    inside = (top2 == labels[..., None]).any(-1)
+    assert torch.equal(outside[0], ~inside) and inside.any() and (~inside).any()
+    kept = logits.gather(-1, top2)
+    expected = torch.log_softmax(kept, -1)[..., 0]  # where the label is the best token
+    best = top2[..., 0] == labels
+    torch.testing.assert_close(logprobs[best], expected[best], rtol=0, atol=1e-5)
+    assert torch.isfinite(logprobs).all()
+    assert entropy is not None and (entropy <= math.log(2) + 1e-6).all()
+
+
+@pytest.mark.parametrize("top", [dict(), dict(top_k=20, top_p=0.9)], ids=["plain", "filtered"])
+def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(model, batch, top):
+    """Three tokens per chunk (activation-checkpointed) against one chunk for everything."""
+    input_ids, attention_mask, prompt_len, mask = batch
+    results = []
+    for chunk in (3, 10_000):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, input_ids, attention_mask, prompt_len, 0.8,
+                                              with_entropy=True, chunk_tokens=chunk, **top)  # fmt: skip
+        ((logprobs * mask).sum() + (entropy * mask).sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_a, lp_b, rtol=1e-6, atol=1e-6)  # matmul shapes differ
+    torch.testing.assert_close(ent_a, ent_b, rtol=1e-6, atol=1e-6)
+    assert len(g_a) == len(g_b) > 0
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model.zero_grad()
+
+
+def test_entropy_carries_no_graph_when_its_coefficient_is_zero(model, batch):
+    input_ids, attention_mask, prompt_len, _ = batch
+    logprobs, entropy = response_logprobs(model, input_ids, attention_mask, prompt_len,
+                                          with_entropy=True, entropy_grad=False)  # fmt: skip
+    assert logprobs.requires_grad and entropy is not None and not entropy.requires_grad
+    _, with_graph = response_logprobs(model, input_ids, attention_mask, prompt_len,
+                                      with_entropy=True)  # fmt: skip
+    assert with_graph is not None and with_graph.requires_grad

@@ -60,6 +60,7 @@ def ppo_batch(vocab: int) -> PPOBatch:
         old_values=torch.randn(ROWS, RESPONSE, generator=g),
         advantages=torch.randn(ROWS, RESPONSE, generator=g),
         returns=torch.randn(ROWS, RESPONSE, generator=g),
+        ref_logprobs=-torch.rand(ROWS, RESPONSE, generator=g) - 5.0,
         prompt_len=PROMPT,
     )
 
@@ -100,6 +101,15 @@ def test_four_micro_batches_give_the_gradient_of_one(role):
     engine = f"{role}.engine=torch"
     whole = grads_of(role, engine)
     accumulated = grads_of(role, engine, "ppo.micro_batch_size=2")
+    assert_same(whole, accumulated)
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "seq_mean_token_sum"])
+def test_micro_batches_are_exact_for_per_sequence_aggregation(agg):
+    """Sequence-weighted losses (GRPO, Dr. GRPO) with a KL term accumulate exactly too."""
+    extra = (f"ppo.loss_agg={agg}", "ppo.kl_coef=0", "ppo.kl_in_loss=k3", "ppo.entropy_coef=0.01")
+    whole = grads_of("policy", "policy.engine=torch", *extra)
+    accumulated = grads_of("policy", "policy.engine=torch", "ppo.micro_batch_size=2", *extra)
     assert_same(whole, accumulated)
 
 

@@ -1,0 +1,75 @@
+"""The distribution the rollout samples from, shared by the sampler and the learner.
+
+PPO's ratio ``pi_new / pi_old`` must be taken against the distribution that produced the
+samples. With top-k / top-p that is the *processed* distribution, so the sampler's recorded
+log-probs, the learner's old and new log-probs and the entropy all go through
+``process_logits`` (temperature, then top-k, then top-p: transformers' own warpers, in the order
+``generate`` applies them). The reference policy stays temperature-only, so the KL of a token
+outside the reference's top-k stays finite.
+
+A token can be sampled from outside the learner's filtered set when float differences move it
+across the top-k / top-p edge; ``label_logprobs`` then keeps that token in the set (so the
+log-prob is finite) and reports it, so the run can count it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+
+def process_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """``logits (N, V)`` -> float32 processed scores ``(N, V)``: divided by ``temperature``,
+    then every token outside the ``top_k`` largest and outside the smallest set whose
+    probability reaches ``top_p`` set to ``-inf`` (0 / 1.0: that filter is off)."""
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)  # type: ignore[arg-type]
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)  # type: ignore[arg-type]
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)  # type: ignore[arg-type]
+    return scores
+
+
+def label_logprobs(
+    scaled: torch.Tensor, processed: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) under the processed distribution, and whether the label was outside it.
+
+    ``scaled (N, V)``: temperature-scaled logits; ``processed (N, V)``: the same after top-k /
+    top-p (``-inf`` outside the set); ``labels (N,)``. A label outside the set is put back in
+    with its scaled logit before the softmax, so its log-prob is finite.
+    Returns ``(logprobs (N,), outside (N,) bool)``.
+    """
+    index = labels.unsqueeze(-1)
+    outside = torch.isinf(processed.gather(-1, index)).squeeze(-1)
+    if bool(outside.any()):
+        processed = processed.scatter(-1, index, scaled.gather(-1, index))
+    logprobs = torch.log_softmax(processed, dim=-1).gather(-1, index).squeeze(-1)
+    return logprobs, outside
+
+
+def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Entropy ``(...)`` of ``softmax(scores (..., V))``; ``-inf`` scores (filtered tokens)
+    contribute 0: H = -sum_{p > 0} p log p."""
+    logp = torch.log_softmax(scores, dim=-1)
+    # zero the log of filtered tokens BEFORE the product: 0 * -inf would make NaN gradients
+    logp_kept = torch.where(torch.isinf(scores), torch.zeros_like(logp), logp)
+    return -(logp.exp() * logp_kept).sum(-1)
+
+
+def gumbel_noise(
+    generators: list[torch.Generator], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """``(N, vocab)`` standard Gumbel noise, row ``i`` drawn from ``generators[i]`` only.
+
+    ``argmax(log p + g)`` is a sample of ``p`` (the Gumbel-max trick), so each row's sample
+    depends on its own generator and not on which rows share its batch."""
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.stack(
+        [torch.rand(vocab, generator=g, device=device, dtype=torch.float32) for g in generators]
+    )
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))

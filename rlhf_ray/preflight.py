@@ -1,0 +1,221 @@
+"""Checks of everything cheap, on the driver, before any actor starts.
+
+Starting a cluster's actors can take many minutes; a typo in a data path should not cost them.
+Each check raises a ``UserError`` whose message names the setting, the file, the line and the
+field, so the CLI prints one paragraph and exits non-zero within seconds. ``preflight_ppo`` runs
+them all for ``rlhf-ray ppo``; other stages call the pieces they need (``check_model``,
+``check_tokenizer``, ``check_prompts``, ``check_reward``, ``check_resume``; ``rlhf-ray eval``:
+``check_eval_models``). Tokenizers are checked as resolved: an unset (``auto``) tokenizer is the
+one saved in the policy's model directory, and a reward model may bring its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf_ray.checkpoint import check_resumable, expected_parts, is_complete
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    RewardConfig,
+    TokenizerConfig,
+    has_critic,
+    model_tokenizer,
+    policy_tokenizer,
+    reward_tokenizer,
+)
+from rlhf_ray.errors import UserError
+from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, same_tokenizer
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def check_model(setting: str, spec: ModelSpec | None) -> None:
+    """A model ``path`` is a directory with a ``config.json`` (or, if it is shaped like a Hub id
+    and no such directory exists, a Hub model the loader can resolve)."""
+    if spec is None or spec.path is None:
+        return  # a preset: built from its config, nothing to find
+    path = os.path.expanduser(spec.path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(
+                f"{setting}.path {spec.path}: the directory has no config.json, so it is not a "
+                "Hugging Face model directory (save one with save_pretrained)"
+            )
+        return
+    if _looks_local(path):
+        raise UserError(f"{setting}.path {spec.path}: no such model directory")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # offline, unknown id, ...: many types
+        raise UserError(
+            f"{setting}.path {spec.path!r} is not a local directory, and loading it as a "
+            f"Hugging Face Hub model failed ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def check_tokenizer(tokenizer: TokenizerConfig) -> Tokenizer:
+    """The tokenizer builds (its file or directory exists and loads)."""
+    try:
+        return build_tokenizer(tokenizer)
+    except Exception as exc:  # tiktoken, tokenizers and transformers raise many types
+        raise UserError(
+            f"tokenizer ({tokenizer.kind} {tokenizer.name_or_path!r}) could not be built: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+
+
+def check_reward(reward: RewardConfig, search_path: Sequence[str]) -> None:
+    """``reward.function`` imports and can be called as ``fn(prompts, responses)``; a
+    ``reward.model`` path exists."""
+    check_model("reward.model", reward.model)
+    if reward.function is None:
+        return
+    from rlhf_ray.rewards import load_reward_function
+
+    try:
+        fn = load_reward_function(reward.function, search_path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:  # the module itself fails to import (SyntaxError, NameError ...)
+        raise UserError(
+            f"reward.function {reward.function!r}: importing its module failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        inspect.signature(fn).bind(["prompt"], ["response"])
+    except TypeError as exc:
+        raise UserError(
+            f"reward.function {reward.function!r} cannot be called as fn(prompts, responses): {exc}"
+        ) from None
+    except ValueError:  # no signature (a builtin): it will be called as is
+        pass
+
+
+def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
+    """The prompt data is readable, non-empty, decodable and has its field; returns the number
+    of prompts. Bad rows fail here naming file and line (or are counted, ``on_bad_row: skip``)."""
+    from rlhf_ray.driver import build_prompts
+
+    try:
+        return len(build_prompts(cfg, tokenizer))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.prompts: {exc}") from None
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """The checkpoint ``--resume`` would continue from is complete and ``cfg`` may resume it."""
+    found = sorted((run_dir / "checkpoints").glob("round_*"))
+    if not found:
+        return  # the run starts over from round 0
+    newest = found[-1]
+    if not is_complete(newest):
+        missing = [p for p in expected_parts(newest) if not (newest / p).exists()]
+        raise UserError(
+            f"cannot resume: checkpoint {newest} is incomplete (missing {', '.join(missing)}); "
+            "it was not written by a finished save. Remove it to resume from an older one."
+        )
+    for role in ("policy", "value")[: 1 + has_critic(cfg)]:
+        engine = getattr(cfg, role).engine
+        state = newest / f"{role}_state"
+        needed = ["torch_engine.safetensors", "torch_engine.json"] if engine == "torch" else []
+        if engine == "deepspeed" and not any(state.iterdir()):
+            needed = ["DeepSpeed state"]
+        missing = [n for n in needed if not (state / n).exists()]
+        if missing:
+            raise UserError(
+                f"cannot resume: {state} lacks {', '.join(missing)} for {role}.engine "
+                f"{engine!r} (a checkpoint of another engine or version)"
+            )
+    check_resumable(newest, cfg)
+
+
+def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: Sequence[str]):
+    """Every check of a PPO run, cheapest first; raises the first ``UserError``."""
+    for setting, spec in (("policy.model", cfg.policy.model), ("value.model", cfg.value.model),
+                          ("reference.model", cfg.reference.model)):  # fmt: skip
+        if setting != "value.model" or has_critic(cfg):  # no critic: value.* is unused
+            check_model(setting, spec)
+    tokenizer = check_tokenizer(policy_tokenizer(cfg))
+    check_reward(cfg.reward, search_path)
+    check_model_tokenizers(cfg)
+    check_prompts(cfg, tokenizer)
+    if resume and run_dir is not None:
+        check_resume(cfg, run_dir)
+
+
+def check_data_file(setting: str, path: str, split: str, skip_bad_rows: bool) -> None:
+    """A data source opens, is not empty and (JSON lines) every line is a UTF-8 JSON object,
+    unless bad rows are to be skipped."""
+    from rlhf_ray.data.sources import load_table
+
+    try:
+        load_table(path, split=split, skip_bad_lines=skip_bad_rows)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{setting}: {exc}") from None
+
+
+def preflight_stage(cfg: Any) -> None:
+    """The checks of ``rlhf-ray sft`` / ``train-rm`` (a ``stage_config`` config): the model and
+    tokenizer paths, and the data files."""
+    check_model("model", cfg.model)
+    if cfg.tokenizer is not None:
+        check_tokenizer(cfg.tokenizer)
+    data = cfg.data
+    check_data_file("data.path", data.path, data.split, data.skip_bad_rows)
+    if data.eval_path is not None:
+        check_data_file("data.eval_path", data.eval_path, data.split, data.skip_bad_rows)
+
+
+def load_tokenizer(tok: TokenizerConfig, what: str) -> Tokenizer:
+    """``build_tokenizer`` with its failure turned into a ``UserError`` naming ``what``."""
+    try:
+        return build_tokenizer(tok)
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def check_model_tokenizers(cfg: Config) -> None:
+    """The policy's and the reward model's tokenizers load, and a critic initialised from the
+    reward model (``value.init_from_reward``) reads the policy's token ids."""
+    policy_tok_cfg = policy_tokenizer(cfg)
+    policy_tok = load_tokenizer(policy_tok_cfg, "the policy's tokenizer")
+    if cfg.reward.model is None:
+        return
+    reward_tok = load_tokenizer(
+        reward_tokenizer(cfg.reward, policy_tok_cfg), "the reward model's tokenizer"
+    )
+    if cfg.value.init_from_reward and not same_tokenizer(policy_tok, reward_tok):
+        raise UserError(
+            f"value.init_from_reward: the reward model {cfg.reward.model.path} has a tokenizer "
+            "other than the policy's, and the critic reads the policy's token ids; start the "
+            "critic from its own value.model, or use a reward model trained on the policy's "
+            "tokenizer"
+        )
+
+
+def check_eval_models(cfg: EvalConfig) -> None:
+    """Both policies read the same token ids (the KL compares them token by token), and the
+    reward's tokenizer loads."""
+    tok_cfg = eval_tokenizer(cfg)
+    tok = load_tokenizer(tok_cfg, "the policy's tokenizer")
+    own = model_tokenizer(cfg.baseline.path)
+    if own is not None and cfg.tokenizer.kind == "auto":
+        baseline_tok = load_tokenizer(own, "the baseline's tokenizer")
+        if not same_tokenizer(tok, baseline_tok):
+            raise UserError(
+                f"the baseline {cfg.baseline.path} has a tokenizer other than the policy's "
+                f"({tok_cfg.name_or_path or tok_cfg.kind}); eval compares the two token by "
+                "token: give both the same tokenizer"
+            )
+    if cfg.reward.model is not None:
+        load_tokenizer(reward_tokenizer(cfg.reward, tok_cfg), "the reward model's tokenizer")

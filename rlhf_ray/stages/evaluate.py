@@ -1,0 +1,210 @@
+"""``rlhf-ray eval``: a tuned policy against its baseline, judged by the reward.
+
+``run_eval`` reads top to bottom: for each batch of held-out prompts, (1) both policies sample a
+response to every prompt, with the same seed per prompt, (2) the reward scores every response
+and both models score the POLICY's responses (log-probs), (3) the per-prompt comparison is
+logged; then (4) the summary goes to ``eval.json`` and ``eval.md``, every sample to
+``samples.jsonl``. Definitions:
+
+- ``policy/reward_mean``, ``baseline/reward_mean``: mean raw score (no normalisation, clipping or
+  missing-EOS penalty) of each model's responses;
+- ``win_rate``: fraction of prompts where the policy's score is above the baseline's on the same
+  prompt, a tie counting half (``algo.win_rate``); ``tie_rate`` is the fraction of ties;
+- ``kl_to_baseline``: mean over the policy's samples of the summed per-token KL estimate
+  ``eval.kl_estimator`` (k1: log pi - log pi_baseline) at the sampling temperature: an estimate
+  of KL(policy || baseline) per response, in nats; 0 when policy == baseline;
+- ``*/response_length``: mean response tokens (up to and including EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_ray.algo import sequence_kl, win_rate
+from rlhf_ray.config import to_yaml
+from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
+from rlhf_ray.driver import check_rollout, tokenize_prompts
+from rlhf_ray.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
+
+# --------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> list[str]:
+    """The first ``eval.num_prompts`` prompt texts (chat template applied if configured)."""
+    data = cfg.data
+    if data.chat_template:
+        conversations = load_prompt_conversations(
+            data.prompts, field=data.prompt_field, split=data.split, fmt=data.format
+        )
+        prompts = [tokenizer.apply_chat(conv) for conv in conversations]
+    else:
+        prompts = load_prompts(data.prompts, field=data.prompt_field, split=data.split,
+                               fmt=data.format)  # fmt: skip
+    return prompts[: cfg.eval.num_prompts]
+
+
+def compare(
+    samples: dict[str, Any], scored: dict[str, torch.Tensor], estimator: str
+) -> list[dict[str, Any]]:
+    """One row per prompt: both responses, both scores, the policy sample's KL to the baseline."""
+    mine = samples["policy"]
+    kl = sequence_kl(scored["policy/logprobs"], scored["baseline/logprobs"], mine.response_mask,
+                     estimator)  # fmt: skip
+    rows = []
+    for i in range(len(mine)):
+        row: dict[str, Any] = {"prompt_index": int(mine.prompt_index[i]), "prompt": mine.prompts[i]}
+        for m in MODELS:
+            row[f"{m}/response"] = samples[m].responses[i]
+            row[f"{m}/score"] = float(scored[f"{m}/scores"][i])
+            row[f"{m}/length"] = int(samples[m].response_mask[i].sum())
+            row[f"{m}/eos"] = bool(samples[m].has_eos[i])
+        row["kl_to_baseline"] = float(kl[i])
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The headline figures of a list of ``compare`` rows (see the module docstring)."""
+    out: dict[str, float] = {"num_prompts": len(rows)}
+    scores = {m: torch.tensor([r[f"{m}/score"] for r in rows]) for m in MODELS}
+    for m in MODELS:
+        out[f"{m}/reward_mean"] = float(scores[m].mean())
+        out[f"{m}/reward_std"] = float(scores[m].std()) if len(rows) > 1 else 0.0
+        out[f"{m}/response_length"] = sum(r[f"{m}/length"] for r in rows) / len(rows)
+        out[f"{m}/eos_rate"] = sum(r[f"{m}/eos"] for r in rows) / len(rows)
+    out["win_rate"] = win_rate(scores["policy"], scores["baseline"])
+    out["tie_rate"] = float((scores["policy"] == scores["baseline"]).float().mean())
+    out["reward_margin"] = float((scores["policy"] - scores["baseline"]).mean())
+    out["kl_to_baseline"] = sum(r["kl_to_baseline"] for r in rows) / len(rows)
+    return out
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎")
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def eval_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], table_rows: int) -> str:
+    """``eval.md``: the figures, then a sample table (prompt, both responses, both scores)."""
+    lines = [
+        "# Evaluation: policy vs baseline",
+        "",
+        f"- policy: `{summary['policy']}`",
+        f"- baseline: `{summary['baseline']}`",
+        f"- reward: `{summary['reward']}`",
+        f"- prompts: {summary['num_prompts']} (`{summary['prompts']}`)",
+        "",
+        "| figure | policy | baseline |",
+        "|---|---|---|",
+    ]
+    for name in ("reward_mean", "reward_std", "response_length", "eos_rate"):
+        lines.append(f"| {name} | {summary[f'policy/{name}']:.4f} | "
+                     f"{summary[f'baseline/{name}']:.4f} |")  # fmt: skip
+    lines += [
+        "",
+        f"- win_rate: **{summary['win_rate']:.4f}** (policy score above the baseline's on the "
+        f"same prompt; ties count half; tie_rate {summary['tie_rate']:.4f})",
+        f"- reward_margin (policy - baseline, mean): {summary['reward_margin']:+.4f}",
+        f"- kl_to_baseline: {summary['kl_to_baseline']:.4f} nats per response "
+        f"({summary['kl_estimator']} estimate on the policy's samples)",
+        "",
+        f"## Samples (first {min(table_rows, len(rows))})",
+        "",
+        "| # | prompt | policy response | policy score | baseline response | baseline score |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows[:table_rows]:
+        lines.append(
+            f"| {r['prompt_index']} | {_cell(r['prompt'])} | {_cell(r['policy/response'])} | "
+            f"{r['policy/score']:+.4f} | {_cell(r['baseline/response'])} | "
+            f"{r['baseline/score']:+.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_eval_progress(row: dict[str, Any]) -> str:
+    return (
+        f"eval step {row['step']:>3} | prompts {row['num_prompts']:>4} "
+        f"| policy {row['policy/reward_mean']:+.4f} | baseline {row['baseline/reward_mean']:+.4f} "
+        f"| win {row['win_rate']:.3f} | kl {row['kl_to_baseline']:+.4f} | {row['time/step']:.1f}s"
+    )
+
+
+def _source(spec: Any) -> str:
+    return spec.path or f"{spec.preset} preset (init_seed {spec.init_seed})"
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, Any]:
+    """Generate -> score -> compare over the held-out prompts, then write the report.
+    Returns the summary (what ``eval.json`` holds)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = build_tokenizer(eval_tokenizer(cfg))
+    prompts = eval_prompts(cfg, tokenizer)
+    log = MetricsLog(
+        run_dir / "metrics.jsonl",
+        cfg.logging.progress,
+        tensorboard_dir=run_dir / "tb" if cfg.logging.tensorboard else None,
+        format_row=format_eval_progress,
+        step_key="step",
+    )
+    timer = PhaseTimer()
+    rows: list[dict[str, Any]] = []
+    size = cfg.rollout.batch_size
+
+    for step, start in enumerate(range(0, len(prompts), size)):
+        started = time.perf_counter()
+        index = list(range(start, min(start + size, len(prompts))))
+
+        # 1. generate: both policies sample every prompt, with the same seed per prompt
+        with timer.phase("generate"):
+            batch, _ = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            samples = workers.generate(batch, step)
+            for rollout in samples.values():
+                check_rollout(rollout, LOADED, index)
+
+        # 2. score: rewards of both; log-probs of the policy's samples under both models
+        with timer.phase("score"):
+            scored = workers.score(samples)
+
+        # 3. compare: per-prompt rows, the step's figures logged
+        step_rows = compare(samples, scored, cfg.eval.kl_estimator)
+        rows += step_rows
+        log.write({"step": step, **summarize(step_rows), **timer.pop(),
+                   "time/step": time.perf_counter() - started})  # fmt: skip
+
+    # 4. report: eval.json (figures), eval.md (figures + sample table), samples.jsonl (all)
+    summary: dict[str, Any] = {
+        **summarize(rows),
+        "kl_estimator": cfg.eval.kl_estimator,
+        "win_rate_ties": "count half",
+        "policy": _source(cfg.policy),
+        "baseline": _source(cfg.baseline),
+        "reward": cfg.reward.function or _source(cfg.reward.model),
+        "prompts": cfg.data.prompts,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "eval.md").write_text(eval_markdown(summary, rows, cfg.eval.table_rows))
+    with (run_dir / "samples.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    log.close()
+    print(
+        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
+        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f}, "
+        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
+        flush=True,
+    )
+    return summary

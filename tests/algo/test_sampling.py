@@ -1,0 +1,78 @@
+"""The processed distribution (temperature, top-k, top-p) the sampler and the learner share, on
+a 4-token vocabulary with probabilities 0.1, 0.2, 0.3, 0.4 worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_ray.algo import entropy_of_scores, gumbel_noise, label_logprobs, process_logits
+
+LOGITS = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+NEG = float("-inf")
+
+
+def probs(scores: torch.Tensor) -> list[float]:
+    return torch.softmax(scores, -1)[0].tolist()
+
+
+def test_top_k_keeps_the_k_best_and_renormalises():
+    out = process_logits(LOGITS, top_k=2)
+    assert out[0, :2].tolist() == [NEG, NEG]
+    torch.testing.assert_close(torch.tensor(probs(out)), torch.tensor([0, 0, 3 / 7, 4 / 7]))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # ascending cumulative mass 0.1, 0.3, 0.6, 1.0: top_p=0.6 drops mass <= 0.4 (0.1 and 0.2)
+    torch.testing.assert_close(
+        torch.tensor(probs(process_logits(LOGITS, top_p=0.6))), torch.tensor([0, 0, 3 / 7, 4 / 7])
+    )
+    # top_p=0.75 drops mass <= 0.25: only 0.1
+    torch.testing.assert_close(
+        torch.tensor(probs(process_logits(LOGITS, top_p=0.75))),
+        torch.tensor([0, 2 / 9, 3 / 9, 4 / 9]),
+    )
+
+
+def test_temperature_comes_before_the_filters():
+    # at temperature 2 the probabilities are sqrt(p) / sum: 0.316, 0.447, 0.548, 0.632 (/1.943),
+    # i.e. 0.163, 0.230, 0.282, 0.325; ascending cumulative 0.163, 0.393, ...: top_p=0.7 drops
+    # mass <= 0.3, so only the first token (it would drop two at temperature 1).
+    root = torch.tensor([0.1, 0.2, 0.3, 0.4]).sqrt()
+    out = process_logits(LOGITS, temperature=2.0, top_p=0.7)
+    expected = torch.cat([torch.zeros(1), root[1:] / root[1:].sum()])
+    torch.testing.assert_close(torch.tensor(probs(out)), expected)
+    torch.testing.assert_close(out[0, 1:], LOGITS[0, 1:] / 2)
+
+
+def test_label_outside_the_set_is_counted_and_kept_finite():
+    scaled = LOGITS
+    processed = process_logits(LOGITS, top_k=2)
+    logprobs, outside = label_logprobs(
+        scaled.expand(2, 4), processed.expand(2, 4), torch.tensor([3, 0])
+    )
+    # token 3 inside: 0.4 / 0.7; token 0 outside: put back, 0.1 / (0.1 + 0.3 + 0.4)
+    torch.testing.assert_close(logprobs, torch.tensor([math.log(4 / 7), math.log(1 / 8)]))
+    assert outside.tolist() == [False, True]
+
+
+def test_entropy_ignores_filtered_tokens_and_has_finite_gradients():
+    scores = process_logits(LOGITS, top_k=2).requires_grad_()
+    entropy = entropy_of_scores(scores)
+    expected = -(3 / 7 * math.log(3 / 7) + 4 / 7 * math.log(4 / 7))
+    torch.testing.assert_close(entropy, torch.tensor([expected]))
+    assert entropy.item() <= math.log(2)
+    entropy.sum().backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+    assert scores.grad[0, :2].tolist() == [0.0, 0.0]
+
+
+def test_gumbel_rows_depend_on_their_own_generator_only():
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    pair = gumbel_noise([gen(1), gen(2)], 5, torch.device("cpu"))
+    alone = gumbel_noise([gen(2)], 5, torch.device("cpu"))
+    assert torch.equal(pair[1], alone[0]) and not torch.equal(pair[0], pair[1])
+    assert torch.isfinite(pair).all()

@@ -1,0 +1,85 @@
+"""``rlhf-ray eval`` on saved tiny models: the report files and their figures, a policy compared
+with itself (KL 0, every prompt a tie), and the figures recomputed by hand from the samples."""
+
+from __future__ import annotations
+
+import json
+from statistics import mean
+
+import pytest
+import yaml
+from model_dirs import save_policy
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import ModelSpec
+from rlhf_ray.models import build_scalar_model
+from rlhf_ray.stage_config import EvalConfig, load_eval_config
+from rlhf_ray.stages.evaluate import run_eval
+from rlhf_ray.tokenization import TiktokenTokenizer
+from rlhf_ray.workers.evaluation import InProcessEvalWorkers
+
+KEYS = ("policy/reward_mean", "baseline/reward_mean", "win_rate", "kl_to_baseline",
+        "policy/response_length", "baseline/response_length", "num_prompts")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_models")
+    tok = TiktokenTokenizer.byte_level()
+    rm = root / "rm"
+    build_scalar_model(ModelSpec(init_seed=3), tok).save_pretrained(str(rm))
+    tok.save(rm)
+    return {"policy": save_policy(root / "policy", tok, 1),
+            "baseline": save_policy(root / "baseline", tok, 2), "rm": rm}  # fmt: skip
+
+
+def test_eval_writes_the_report(models, tmp_path, capsys):
+    run_dir = tmp_path / "eval"
+    code = main(["eval", "--in-process", "--run-dir", str(run_dir),
+                 "--policy", str(models["policy"]), "--baseline", str(models["baseline"]),
+                 "--reward-model", str(models["rm"]), "eval.num_prompts=12",
+                 "rollout.batch_size=5", "rollout.max_new_tokens=8"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "eval step   2" in out and "win rate" in out
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert all(k in report for k in KEYS) and report["num_prompts"] == 12
+    assert report["reward"] == str(models["rm"]) and report["win_rate_ties"] == "count half"
+    assert report["policy/response_length"] <= 8
+
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt_index"] for s in samples] == list(range(12))
+    wins = [(s["policy/score"] > s["baseline/score"]) + 0.5 * (s["policy/score"] == s["baseline/score"])
+            for s in samples]  # fmt: skip
+    assert report["win_rate"] == pytest.approx(mean(wins))
+    assert report["policy/reward_mean"] == pytest.approx(mean(s["policy/score"] for s in samples))
+    assert report["kl_to_baseline"] == pytest.approx(mean(s["kl_to_baseline"] for s in samples))
+    assert report["kl_to_baseline"] > 0  # two different random models
+
+    md = (run_dir / "eval.md").read_text()
+    assert "| reward_mean |" in md and f"**{report['win_rate']:.4f}**" in md
+    assert "| # | prompt | policy response | policy score |" in md
+    assert md.count("\n| ") >= 4 + 8  # the figure rows and the 8 sample rows (eval.table_rows)
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1, 2] and all("time/generate" in s for s in steps)
+    assert EvalConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def test_a_policy_against_itself_ties_everywhere_with_zero_kl(models, tmp_path):
+    cfg = load_eval_config(None, [f"policy.path={models['policy']}",
+                                  f"baseline.path={models['policy']}",
+                                  f"reward.model.path={models['rm']}", "eval.num_prompts=6",
+                                  "rollout.max_new_tokens=8", "logging.progress=false"])  # fmt: skip
+    report = run_eval(cfg, InProcessEvalWorkers(cfg), tmp_path)
+    assert report["kl_to_baseline"] == 0.0
+    assert report["win_rate"] == 0.5 and report["tie_rate"] == 1.0
+    assert report["policy/reward_mean"] == report["baseline/reward_mean"]
+
+
+def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
+    from model_dirs import bpe_tokenizer
+
+    other = save_policy(tmp_path / "bpe_policy", bpe_tokenizer(tmp_path / "bpe"))
+    code = main(["eval", "--in-process", "--policy", str(models["policy"]),
+                 "--baseline", str(other)])  # fmt: skip
+    assert code == 2
