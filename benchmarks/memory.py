@@ -101,7 +101,8 @@ def ppo_batch(vocab: int) -> PPOBatch:
         response_mask=torch.ones(ROWS, RESPONSE, dtype=torch.long),
         old_logprobs=-torch.rand(ROWS, RESPONSE, generator=g) - 5,
         old_values=torch.zeros(ROWS, RESPONSE), advantages=torch.randn(ROWS, RESPONSE, generator=g),
-        returns=torch.zeros(ROWS, RESPONSE), prompt_len=PROMPT,
+        returns=torch.zeros(ROWS, RESPONSE), ref_logprobs=-torch.rand(ROWS, RESPONSE) - 5,
+        prompt_len=PROMPT,
     )  # fmt: skip
 
 

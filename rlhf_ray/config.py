@@ -595,7 +595,7 @@ def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> Token
 
 def optimizer_steps(cfg: Config) -> int:
     """Optimizer steps of the whole run (what an LR schedule spans unless `decay_steps`)."""
-    rows = cfg.rollout.batch_size * getattr(cfg.rollout, "samples_per_prompt", 1)
+    rows = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
     return cfg.train.rounds * cfg.ppo.epochs * (rows // cfg.ppo.minibatch_size)
 
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from rlhf_ray.config import Config, ModelSpec, value_init_spec
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    has_critic,
+    policy_tokenizer,
+    reward_tokenizer,
+    value_init_spec,
+)
 
 # DeepSpeed's communication buckets default to 5e8 elements (GBs of buffers); the learners set
 # them to this many elements (``engines.training.deepspeed_config``), and the estimate counts them
@@ -252,11 +259,12 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
     out: dict[str, Estimate | str] = {}
     seq, resp = _seq_len(cfg), cfg.rollout.max_new_tokens
     micro = cfg.ppo.micro_batch_size
-    for role, role_cfg, spec, lm_head in (
-        ("policy", cfg.policy, cfg.policy.model, True),
-        ("value", cfg.value, value_init_spec(cfg), False),
-    ):
-        config, source = read_model_config(spec, cfg.tokenizer)
+    tok = policy_tokenizer(cfg)
+    learners = [("policy", cfg.policy, cfg.policy.model, True)]
+    if has_critic(cfg):  # a critic-free estimator has no value group
+        learners.append(("value", cfg.value, value_init_spec(cfg), False))
+    for role, role_cfg, spec, lm_head in learners:
+        config, source = read_model_config(spec, tok)
         if config is None:
             out[role] = source
             continue
@@ -270,13 +278,16 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         )  # fmt: skip
         out[role] = Estimate(parts, source)
     ref_spec = cfg.reference.model or cfg.policy.model
-    scorers: list[tuple[str, Any, ModelSpec, bool]] = [("reference", cfg.reference, ref_spec, True)]
+    scorers: list[tuple[str, Any, ModelSpec, bool, Any]] = [
+        ("reference", cfg.reference, ref_spec, True, tok)
+    ]
     if cfg.reward.model is not None:
-        scorers.append(("reward", cfg.reward, cfg.reward.model, False))
+        scorers.append(("reward", cfg.reward, cfg.reward.model, False,
+                        reward_tokenizer(cfg.reward, tok)))  # fmt: skip
     else:
         out["reward"] = Estimate({}, f"function {cfg.reward.function}")
-    for role, sc, spec, lm_head in scorers:
-        config, source = read_model_config(spec, cfg.tokenizer)
+    for role, sc, spec, lm_head, sc_tok in scorers:
+        config, source = read_model_config(spec, sc_tok)
         if config is None:
             out[role] = source
             continue
@@ -285,12 +296,14 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             rows=sc.score_micro_batch_size, seq_len=seq, on_gpu=sc.num_gpus > 0,
         )  # fmt: skip
         out[role] = Estimate(parts, source)
-    config, source = read_model_config(cfg.policy.model, cfg.tokenizer)
+    config, source = read_model_config(cfg.policy.model, tok)
     if config is None:
         out["rollout"] = source
     else:
         r = cfg.rollout
-        rows = math.ceil(r.batch_size * getattr(r, "samples_per_prompt", 1) / r.num_workers)
+        # a worker generates its rows in micro-batches of rollout.micro_batch_size
+        rows = min(math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers),
+                   r.micro_batch_size)  # fmt: skip
         parts = rollout_memory(
             ModelShape.from_config(config), dtype=cfg.policy.model.dtype, rows=rows,
             seq_len=seq, on_gpu=r.num_gpus_per_worker > 0,

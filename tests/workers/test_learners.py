@@ -65,6 +65,15 @@ def ppo_batch(vocab: int) -> PPOBatch:
     )
 
 
+def join_world_of_one(learner) -> None:
+    """A DeepSpeed learner in this process: a gloo world of one rank on a free port."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    learner.init_process_group("127.0.0.1", port, 60)
+
+
 def grads_of(role: str, *overrides: str) -> list[torch.Tensor]:
     """The gradient of one PPO minibatch (the whole batch) on one rank."""
     cfg = load_config(
@@ -77,11 +86,7 @@ def grads_of(role: str, *overrides: str) -> list[torch.Tensor]:
     else:
         learner = ValueLearner(cfg.value, cfg.ppo, cfg.tokenizer)
     if "deepspeed" in overrides[0]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        learner.init_process_group("127.0.0.1", port, 60)
+        join_world_of_one(learner)
     learner.setup()
     SEEN.clear()
     learner.train(ppo_batch(learner.module.config.vocab_size), 0)
@@ -145,11 +150,7 @@ def test_zero3_loads_a_checkpoint_into_partitions(tmp_path):
         None, ["policy.num_ranks=1", "policy.zero_stage=3", f"policy.model.path={tmp_path}/model"]
     )
     learner = PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    learner.init_process_group("127.0.0.1", port, 60)
+    join_world_of_one(learner)
     learner.setup()
     assert all(hasattr(p, "ds_id") for p in learner.module.parameters())
     built = learner.full_weights()
