@@ -60,13 +60,34 @@ class ModelSpec(_Section):
 
 
 class OptimSpec(_Section):
-    """AdamW settings of a trainable model."""
+    """AdamW settings of a trainable model, and its learning-rate schedule.
 
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    Defaults follow the PPO implementation-detail studies (OpenAI's lm-human-preferences, as
+    re-read by Huang et al.): Adam with eps 1e-5 and betas (0.9, 0.999), no weight decay.
+    """
+
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 as in the PPO studies).")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="After warmup: keep `lr`, or decay it linearly / by a cosine to "
+        "`min_lr_ratio * lr` at the last optimizer step.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Optimizer steps of linear warmup from lr/warmup_steps up to lr."
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate of a decay, as a fraction of `lr`."
+    )
+    decay_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Optimizer steps the schedule spans (null: every optimizer step of the "
+        "run, train.rounds x ppo.epochs x minibatches per round).",
+    )
 
 
 class PolicyConfig(_Section):
@@ -83,11 +104,30 @@ class PolicyConfig(_Section):
     num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank (fractions colocate).")
     num_cpus_per_rank: float = Field(0.25, gt=0, description="CPUs per rank.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
+    offload_params: bool = Field(
+        False, description="ZeRO-3 parameter offload to CPU memory (zero_stage 3 only)."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them (less memory, ~30% more compute).",
+    )
+    score_micro_batch_size: int = Field(
+        16, gt=0, description="Rows per forward when this learner scores a round (no grad)."
+    )
 
     @model_validator(mode="after")
     def _engine_ranks(self) -> PolicyConfig:
         if self.engine == "torch" and self.num_ranks != 1:
             raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
+        if self.engine == "torch" and self.model.dtype != "float32":
+            raise ValueError(
+                f"engine 'torch' with model.dtype {self.model.dtype} would run AdamW on "
+                "half-precision weights with no fp32 master copy (small updates round away); "
+                "use model.dtype float32, or engine deepspeed (fp32 master weights)"
+            )
+        if self.offload_params and (self.engine != "deepspeed" or self.zero_stage != 3):
+            raise ValueError("offload_params needs engine deepspeed with zero_stage 3")
         if self.num_ranks > 1 and 0 < self.num_gpus_per_rank < 1:
             raise ValueError(
                 f"num_gpus_per_rank {self.num_gpus_per_rank:g} < 1 with {self.num_ranks} ranks "
@@ -107,10 +147,14 @@ class ValueConfig(PolicyConfig):
 
 
 class ScorerConfig(_Section):
-    """Resources of a frozen scoring actor."""
+    """Resources of a frozen scoring role: data-parallel replicas that split each batch."""
 
-    num_gpus: float = Field(0.0, ge=0, description="GPUs for this actor.")
-    num_cpus: float = Field(0.25, gt=0, description="CPUs for this actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for each replica.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs for each replica.")
+    num_replicas: int = Field(
+        1, ge=1, description="Data-parallel replicas (actors <role>-0, <role>-1, ...)."
+    )
+    score_micro_batch_size: int = Field(16, gt=0, description="Rows per scoring forward.")
 
 
 class ReferenceConfig(ScorerConfig):
@@ -299,6 +343,12 @@ class PPOConfig(_Section):
         "(metric `ppo/critic_warmup` is 1 then): the usual remedy when the critic starts from "
         "a reward model or a fresh head.",
     )
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per forward/backward on one rank; gradients accumulate over a "
+        "rank's share of a minibatch (null: the whole share at once, no accumulation).",
+    )
 
 
 class AlgoConfig(_Section):
@@ -379,7 +429,15 @@ class LoggingConfig(_Section):
 
 
 class SyncConfig(_Section):
-    """The weight sync from the policy learners to the rollout workers."""
+    """How the policy's weights reach the rollout workers after each update, and the check
+    that they arrived intact."""
+
+    bucket_mb: float = Field(
+        256.0,
+        gt=0,
+        description="Weights move in buckets of about this many MB: gathered, sent and loaded "
+        "one bucket at a time (a tensor larger than a bucket travels alone).",
+    )
 
     max_logprob_diff: float = Field(
         1e-2,
@@ -396,6 +454,9 @@ class NodeSpec(_Section):
     cpus: float = Field(..., ge=0, description="CPUs per node.")
     gpus: float = Field(0.0, ge=0, description="GPUs per node.")
     count: int = Field(1, ge=1, description="Nodes of this kind.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of each GPU in GB (null: the memory check is skipped)."
+    )
 
 
 class ClusterConfig(_Section):
@@ -469,6 +530,12 @@ class Config(_Section):
                     f"ppo.minibatch_size ({mini}) must be divisible by {name}.num_ranks "
                     f"({role.num_ranks})"
                 )
+            micro = self.ppo.micro_batch_size
+            if micro is not None and (mini // role.num_ranks) % micro:
+                raise ValueError(
+                    f"ppo.micro_batch_size ({micro}) must divide each {name} rank's share of a "
+                    f"minibatch (ppo.minibatch_size / {name}.num_ranks = {mini // role.num_ranks})"
+                )
             if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
         if has_critic(self) and self.value.init_from_reward and self.reward.model is None:
@@ -533,6 +600,12 @@ def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> Token
     """The reward model's own tokenizer when it comes with one, else the policy's."""
     own = model_tokenizer(reward.model.path) if reward.model is not None else None
     return own or policy_tok
+
+
+def optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps of the whole run (what an LR schedule spans unless `decay_steps`)."""
+    rows = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    return cfg.train.rounds * cfg.ppo.epochs * (rows // cfg.ppo.minibatch_size)
 
 
 def value_init_spec(cfg: Config) -> ModelSpec:

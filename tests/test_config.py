@@ -281,7 +281,7 @@ def test_every_setting_has_a_description():
 def test_to_yaml_is_plain_yaml_of_every_section():
     data = yaml.safe_load(to_yaml(Config()))
     assert set(data) == set(Config.model_fields)
-    assert data["policy"]["optim"]["betas"] == [0.9, 0.95]
+    assert data["policy"]["optim"]["betas"] == [0.9, 0.999]
 
 
 def test_float16_policy_needs_gpus():

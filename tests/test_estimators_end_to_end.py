@@ -194,8 +194,8 @@ def test_grpo_on_ray_starts_no_critic_and_a_dead_worker_loses_no_sample(
     assert {
         "policy-0",
         "policy-1",
-        "reference",
-        "reward",
+        "reference-0",
+        "reward-0",
         "rollout-0",
         "rollout-1",
     } <= workers.actors

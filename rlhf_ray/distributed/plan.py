@@ -2,7 +2,9 @@
 
 Ray leaves actors whose resources no node can provide PENDING forever (a learner rank left
 pending deadlocks the rendezvous of the others), so every run checks the plan first and fails
-within seconds, naming the shortfall.
+within seconds, naming the shortfall. ``rlhf-ray plan`` also estimates each role's memory per
+device from its model's ``config.json`` (``rlhf_ray.memory``) and refuses a role that cannot
+fit its GPUs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RolePlan:
 class Node:
     cpus: float
     gpus: float
+    gpu_memory_gb: float | None = None  # memory of each of its GPUs, if known
 
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
@@ -103,14 +106,27 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
     return problems
 
 
-def format_plan(plan: list[RolePlan], nodes: list[Node]) -> str:
+def format_plan(plan: list[RolePlan], nodes: list[Node], memory: dict | None = None) -> str:
+    """The placement table; with ``memory`` (``rlhf_ray.memory.role_memory``) a column of the
+    estimated GB per device (params+grads+optimizer / activations+KV cache)."""
+    mem_head = f" {'GB/device':>9} {'(states/acts)':>13}" if memory else ""
     lines = [
         f"{'role':<10} {'actors':>6} {'CPUs each':>10} {'GPUs each':>10} {'CPUs':>6} {'GPUs':>6}"
+        + mem_head
     ]
     for r in plan:
+        mem = ""
+        if memory:
+            est = memory.get(r.role)
+            if est is None or isinstance(est, str):
+                mem = f" {'?':>9} {'':>13}"
+            else:
+                states = sum(est.parts.get(k, 0.0) for k in ("params", "grads", "optimizer"))
+                split = f"{states / 1e9:.2f}/{(est.total - states) / 1e9:.2f}"
+                mem = f" {est.total / 1e9:>9.2f} {split:>13}"
         lines.append(
             f"{r.role:<10} {r.actors:>6} {_fmt(r.cpus):>10} {_fmt(r.gpus):>10} "
-            f"{_fmt(r.total_cpus):>6} {_fmt(r.total_gpus):>6}"
+            f"{_fmt(r.total_cpus):>6} {_fmt(r.total_gpus):>6}" + mem
         )
     lines.append(
         f"{'total':<10} {sum(r.actors for r in plan):>6} {'':>10} {'':>10} "
@@ -133,32 +149,55 @@ def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
     if address:
         import ray
 
-        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes
+        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes_with_gpu_memory
 
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
         try:
-            return cluster_nodes(), f"Ray cluster at {address}"
+            return cluster_nodes_with_gpu_memory(), f"Ray cluster at {address}"
         finally:
             ray.shutdown()
     if cfg.cluster.nodes:
-        nodes = [Node(n.cpus, n.gpus) for n in cfg.cluster.nodes for _ in range(n.count)]
+        nodes = [Node(n.cpus, n.gpus, n.gpu_memory_gb) for n in cfg.cluster.nodes
+                 for _ in range(n.count)]  # fmt: skip
         return nodes, "cluster.nodes of the config"
     import torch
 
     cpus = cfg.cluster.num_cpus or float(os.cpu_count() or 1)
-    return [Node(cpus, float(torch.cuda.device_count()))], "this machine (local Ray)"
+    gpus = torch.cuda.device_count()
+    gpu_gb = (
+        min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 1e9
+        if gpus
+        else None
+    )
+    return [Node(cpus, float(gpus), gpu_gb)], "this machine (local Ray)"
+
+
+def gpu_memory_gb(nodes: list[Node]) -> float | None:
+    """The smallest known GPU memory among GPU nodes (roles may land on any of them)."""
+    known = [n.gpu_memory_gb for n in nodes if n.gpus > 0 and n.gpu_memory_gb]
+    return min(known) if known else None
 
 
 def check_plan(cfg: Config, address: str | None = None) -> int:
     """Print the placement table; exit status 1 (with the shortfall) if it cannot fit."""
     import sys
 
+    from rlhf_ray.memory import memory_problems, role_memory
+
     plan = resource_plan(cfg)
     nodes, where = visible_nodes(cfg, address)
-    print(format_plan(plan, nodes))
+    memory = role_memory(cfg)
+    print(format_plan(plan, nodes, memory))
     if not has_critic(cfg):
         print(f"no value group: algo.estimator {cfg.algo.estimator} is critic-free.")
-    problems = shortfalls(plan, nodes)
+    gpu_gb = gpu_memory_gb(nodes)
+    unknown = [f"{role} ({why})" for role, why in memory.items() if isinstance(why, str)]
+    if unknown:
+        print("memory not estimated for: " + "; ".join(unknown))
+    if gpu_gb is None and any(r.gpus > 0 for r in plan):
+        print("GPU memory unknown (set cluster.nodes[].gpu_memory_gb): memory not checked")
+    per_actor = {r.role: r.gpus for r in plan}
+    problems = shortfalls(plan, nodes) + memory_problems(memory, per_actor, gpu_gb)
     if problems:
         print(f"rlhf-ray plan: does not fit {where}: " + "; ".join(problems) + ".", file=sys.stderr)
         return 1

@@ -1,15 +1,18 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
 Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
-one call fails, and waits at most ``train.phase_timeout_s``); the weight sync waits for the
-learners' gather, then for the pool's load. A rollout worker or scorer that dies or does not
-answer in time is replaced and its work redone; a learner rank that does is reported as a
-``LearnerLostError`` naming it and the phase, and ``restart_learners`` rebuilds both groups.
-Rollout workers and scorers are spread over the nodes (``cluster.spread``).
-Learner groups live in placement groups; every actor and group is named, in the run's namespace
-(``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``, ``reference``,
-``reward``, ``rollout-0`` ... A critic-free estimator (``algo.estimator`` other than gae) starts
-no value group: no ``value-*`` actor, placement group, checkpoint or resume state.
+one call fails, and waits at most ``train.phase_timeout_s``). The weight sync streams buckets
+(``sync.bucket_mb``): the learner ranks gather bucket k+1 while the rollout workers load bucket
+k, so no process holds more than about two buckets beyond its model. A rollout worker or scorer
+that dies or does not answer in time is replaced and its work redone; a learner rank that does
+is reported as a ``LearnerLostError`` naming it and the phase, and ``restart_learners`` rebuilds
+both groups. Rollout workers and scorers are spread over the nodes (``cluster.spread``); the
+reference and reward scorers run as ``num_replicas`` data-parallel replicas that split each
+batch. Learner groups live in placement groups; every actor and group is named, in the run's
+namespace (``cluster.namespace``, default ``rlhf_ray``): ``policy-0``, ``value-0``,
+``reference-0``, ``reward-0``, ``rollout-0`` ... A critic-free estimator (``algo.estimator``
+other than gae) starts no value group: no ``value-*`` actor, placement group, checkpoint or
+resume state.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from rlhf_ray.config import (
     ModelSpec,
     TokenizerConfig,
     has_critic,
+    optimizer_steps,
     policy_tokenizer,
     value_init_spec,
 )
@@ -38,10 +42,17 @@ from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfal
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
-from rlhf_ray.workers.interface import LearnerLostError, mean_stats, round_seed, shard_rows
+from rlhf_ray.workers.interface import (
+    LearnerLostError,
+    mean_stats,
+    round_seed,
+    shard_rows,
+    split_rows,
+)
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
+from rlhf_ray.workers.sync import stream_buckets
 
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
@@ -73,6 +84,44 @@ def cluster_nodes() -> list[Node]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+@ray.remote(num_cpus=0)
+def _gpu_memory_gb() -> float | None:
+    """The smallest GPU's memory on this node, from ``nvidia-smi`` (None if there is none)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        return min(float(x) for x in out.split()) * 2**20 / 1e9  # MiB -> GB
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cluster_nodes_with_gpu_memory(timeout_s: float = 60.0) -> list[Node]:
+    """``cluster_nodes`` plus what each GPU node reports of its GPUs' memory."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        cpus, gpus = n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)
+        memory = None
+        if gpus:
+            strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            try:
+                memory = ray.get(
+                    _gpu_memory_gb.options(scheduling_strategy=strategy).remote(),
+                    timeout=timeout_s,
+                )
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                memory = None
+        out.append(Node(cpus, gpus, memory))
+    return out
 
 
 def _threads(cpus: float) -> int:
@@ -164,6 +213,13 @@ def _get_all(
             label[again], slot[again] = name, slot[ready[0]]
             pending.append(again)
     return ray.get(refs)
+
+
+def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
+    """A scorer replica's call on its rows: the reference's log-probs or the reward's scores."""
+    if name.startswith("reference-"):
+        return scorer.logprobs.remote(rows_ref)
+    return scorer.score.remote(rows_ref)
 
 
 def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
@@ -259,8 +315,10 @@ class LearnerGroup:
 class RolloutPool:
     """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
 
-    The pool remembers the latest weights it was sent, so a worker that joins (a resize, or the
-    replacement of a dead one) receives them before it generates. Ids are never reused.
+    The pool keeps the object refs of every bucket of the latest weights it was sent (in the
+    object store, not in any process), so a worker that joins (a resize, or the replacement of
+    a dead one, also in the middle of a sync) receives all of them before it generates. Ids
+    are never reused.
     """
 
     def __init__(
@@ -286,7 +344,9 @@ class RolloutPool:
         self.workers: list[Any] = []
         self.restarts = 0
         self._next_id = 0
-        self._weights: tuple[Any, int] | None = None  # (object ref, version)
+        self._version = -1
+        self._count = 0  # buckets of `_version`
+        self._buckets: list[Any] = []  # object refs of the buckets received so far
 
     def _spawn(self) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -304,8 +364,8 @@ class RolloutPool:
         new = dict(self._spawn() for _ in range(n))
         try:
             _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            if self._weights is not None:
-                ray.get([w.set_weights.remote(*self._weights) for w in new.values()])
+            ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
+                     for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
         except BaseException:
             _kill(list(new.values()))
             raise
@@ -318,17 +378,29 @@ class RolloutPool:
         _kill(extra)
 
     def load(self, weights_ref: Any, version: int) -> None:
-        """Every worker takes these weights; one that died is replaced (and so gets them)."""
-        self._weights = (weights_ref, version)
-        refs = [w.set_weights.remote(weights_ref, version) for w in self.workers]
+        """Every worker takes these (whole) weights; one that died is replaced."""
+        self.begin(version, 1)
+        self.load_bucket(weights_ref, 0)
+
+    def begin(self, version: int, count: int) -> None:
+        """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
+        self._version, self._count, self._buckets = version, count, []
+
+    def load_bucket(self, bucket_ref: Any, index: int) -> None:
+        """Every worker loads bucket ``index``; one that died or is late is replaced (the
+        replacement gets every bucket received so far, this one included)."""
+        assert index == len(self._buckets), "buckets arrive in order"
+        self._buckets.append(bucket_ref)
+        args = (bucket_ref, self._version, index, self._count)
+        refs = [w.load_bucket.remote(*args) for w in self.workers]
         deadline = time.monotonic() + self.timeout_s
-        for index, ref in enumerate(refs):
+        for worker, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.RayActorError:
-                self._replace(index, "died while loading weights")
+                self._replace(worker, "died while loading weights")
             except ray.exceptions.GetTimeoutError:
-                self._replace(index, "did not load weights within train.phase_timeout_s")
+                self._replace(worker, "did not load weights within train.phase_timeout_s")
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
         """One shard per worker. A worker that dies is replaced (with the current weights) and
@@ -422,7 +494,7 @@ class RayWorkers:
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
             temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
-            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=optimizer_steps(cfg),
         )  # fmt: skip
         self.value: LearnerGroup | None = None
         if has_critic(cfg):  # a critic-free estimator has no value group
@@ -430,6 +502,7 @@ class RayWorkers:
                 "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
                 value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
                 model_spec=value_init_spec(cfg), max_bad_steps=bad,
+                total_steps=optimizer_steps(cfg),
             )  # fmt: skip
         self.learners = [g for g in (self.policy, self.value) if g is not None]
 
@@ -455,26 +528,54 @@ class RayWorkers:
         # The scorers are frozen and their calls pure, and a restart rebuilds the same model
         # (the reference from the policy's own deterministic spec), so Ray may restart them and
         # retry the interrupted call.
-        self.reference = _actor(
-            ReferenceScorer, "reference", ref.num_cpus, ref.num_gpus,
-            ref.model or cfg.policy.model, tok, cfg.rollout.temperature, restarts=3,
-            strategy=_spread(cfg),
-        )  # fmt: skip
-        self._cleanup.append(lambda: _kill([self.reference]))
-        self.reward = _actor(
-            RewardScorer, "reward", rew.num_cpus, rew.num_gpus, rew, tok,
-            search_path=[os.getcwd()], restarts=3, strategy=_spread(cfg),
-        )  # fmt: skip
-        self._cleanup.append(lambda: _kill([self.reward]))
+        self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
+        self._cleanup.append(lambda: _kill(list(self.scorers.values())))
+        for i in range(ref.num_replicas):
+            self.scorers[f"reference-{i}"] = _actor(
+                ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
+                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=_spread(cfg),
+            )  # fmt: skip
+        for i in range(rew.num_replicas):
+            self.scorers[f"reward-{i}"] = _actor(
+                RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
+                search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
+                strategy=_spread(cfg),
+            )  # fmt: skip
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
-        others = {"reference": self.reference, "reward": self.reward}
+        others = dict(self.scorers)
         for group in self.learners:
             others.update(group.handles)
         _wait_ready(others, timeout)
         self._start_learners()
-        if ref.model is None:
-            weights = self.policy.call("full_weights")
-            _get_all(weights + [self.reference.set_weights.remote(weights[0])])
+        counts = self.policy.call("num_weight_buckets", cfg.sync.bucket_mb)
+        self._num_buckets = self._learners("sync", counts)[0]
+        if ref.model is None:  # the reference starts as a copy of the policy, bucket by bucket
+            references = [h for n, h in self.scorers.items() if n.startswith("reference-")]
+
+            def load(bucket: Any, index: int) -> None:
+                _get_all([r.load_bucket.remote(bucket) for r in references])
+
+            stream_buckets(self._num_buckets, self._gather_bucket, load)
+
+    def _gather_bucket(self, index: int) -> Any:
+        """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
+        returns a handle whose ``wait`` gives rank 0's ref: the bucket stays in the object
+        store, the driver never fetches it."""
+        refs = self.policy.call("weight_bucket", index, self.cfg.sync.bucket_mb)
+        timeout = self.cfg.train.phase_timeout_s
+
+        def wait() -> Any:
+            _get_all(refs[1:], self.policy.names[1:], "sync", timeout)  # they return None
+            ready, _ = ray.wait(refs[:1], fetch_local=False, timeout=timeout)
+            # rank 0's answer is left unfetched: a cheap call tells whether rank 0 is alive
+            _get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
+                     timeout)  # fmt: skip
+            if not ready:
+                _raise_late(self.policy.names[:1], "sync", timeout)
+            return refs[0]
+
+        return wait
 
     def _kill_learners(self) -> None:
         for role in ("value", "policy"):
@@ -501,7 +602,7 @@ class RayWorkers:
     def _restart_late_scorers(self, late: list[str]) -> bool:
         """Past the phase timeout: a late scorer is killed and Ray restarts it and retries its
         call (frozen and pure, see ``_start``); a late learner cannot be helped here."""
-        handles = {"reference": self.reference, "reward": self.reward}
+        handles = self.scorers
         if not late or any(n not in handles for n in late) or self.scorer_restarts >= 3:
             return False
         for name in late:
@@ -511,24 +612,24 @@ class RayWorkers:
             ray.kill(handles[name], no_restart=False)
         return True
 
-    def _retry_scorer(self, name: str, rollout_ref: Any) -> Any:
+    def _retry_scorer(self, name: str, parts: dict[str, Any]) -> Any:
         """The call of a scorer that died or became unreachable (its node was lost) beyond
-        Ray's own retries: sent again once Ray has restarted it; None when it keeps failing."""
+        Ray's own retries, on its rows ``parts[name]``: sent again once Ray has restarted it;
+        None when it keeps failing."""
         if self.scorer_restarts >= 10:
             return None
         self.scorer_restarts += 1
         print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
         time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
-        if name == "reference":
-            return self.reference.logprobs.remote(rollout_ref)
-        return self.reward.score.remote(rollout_ref)
+        return _score_call(self.scorers[name], name, parts[name])
 
     # -- Workers ------------------------------------------------------------------------------
 
     def sync(self, version: int) -> None:
-        weights = self.policy.call("full_weights")  # a collective on every rank (ZeRO-3)
-        self._learners("sync", weights)
-        self.pool.load(weights[0], version)
+        """Stream the policy's weights to every rollout worker as ``version``, one bucket at a
+        time: the gather of bucket k+1 overlaps the workers' loading of bucket k."""
+        self.pool.begin(version, self._num_buckets)
+        stream_buckets(self._num_buckets, self._gather_bucket, self.pool.load_bucket)
 
     def scale_rollout(self, num_workers: int) -> None:
         current = len(self.pool.workers)
@@ -550,21 +651,29 @@ class RayWorkers:
         return Rollout.concat(self.pool.generate(prompts, round_index, version))
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """All four scorings at once; each scorer role's replicas split the rows."""
         ref = ray.put(rollout)
         n_pol = self.cfg.policy.num_ranks
+        parts: dict[str, Any] = {}  # each scorer's rows, in the object store
+        for role in ("reference", "reward"):
+            names = [n for n in self.scorers if n.startswith(f"{role}-")]
+            for name, rows in zip(names, split_rows(len(rollout), len(names)), strict=True):
+                parts[name] = ray.put(rollout.select(rows))
         refs = (
-            [self.reference.logprobs.remote(ref), self.reward.score.remote(ref)]
+            [_score_call(self.scorers[n], n, parts[n]) for n in self.scorers]
             + self.policy.call("old_logprobs", ref)
             + (self.value.call("values", ref) if self.value else [])
         )
-        names = ["reference", "reward", *(n for g in self.learners for n in g.names)]
-        ref_logprobs, scores, *ranks = _get_all(
+        names = [*self.scorers, *(n for g in self.learners for n in g.names)]
+        out = _get_all(
             refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
-            lambda name: self._retry_scorer(name, ref),
+            lambda name: self._retry_scorer(name, parts),
         )  # fmt: skip
+        n_ref = sum(n.startswith("reference-") for n in self.scorers)
+        ranks = out[len(self.scorers) :]
         return {
-            "ref_logprobs": ref_logprobs,
-            "scores": scores,
+            "ref_logprobs": torch.cat(out[:n_ref]),
+            "scores": torch.cat(out[n_ref : len(self.scorers)]),
             **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
             **({"values": torch.cat(ranks[n_pol:])} if self.value else {}),
         }

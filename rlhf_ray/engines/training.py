@@ -3,6 +3,12 @@
 Both expose the same small surface so the learners do not branch on the engine: ``module``,
 ``backward``, ``step``, ``all_reduce_sum``, ``full_state_dict`` and ``local_param_count``.
 DeepSpeed is imported lazily: it is heavy and only learners need it.
+
+Gradient accumulation: the caller calls ``backward`` then ``step`` once per micro-batch; the
+optimizer steps (and ``step`` returns True) every ``accumulation`` micro-batches. Losses are
+never divided by the accumulation count here: the caller scales each micro-batch's loss so
+that the accumulated gradient is the one it wants (DeepSpeed's own 1/accumulation scaling is
+turned off). The learning rate follows ``algo.schedule.lr_multiplier`` per optimizer step.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from rlhf_ray.memory import BUCKET_ELEMENTS  # a small, known size the estimate counts
+
 
 class OptimSource(Protocol):
     lr: float
@@ -25,6 +33,28 @@ class OptimSource(Protocol):
     betas: tuple[float, float]
     eps: float
     grad_clip: float
+
+
+def _schedule(optim: OptimSource, total_steps: int | None):
+    """``step -> LR factor`` of ``optim``'s schedule (``decay_steps`` overrides the run's)."""
+    from rlhf_ray.algo.schedule import lr_multiplier
+
+    kind = getattr(optim, "lr_schedule", "constant")
+    warmup = getattr(optim, "warmup_steps", 0)
+    min_ratio = getattr(optim, "min_lr_ratio", 0.0)
+    total = getattr(optim, "decay_steps", None) or total_steps or 1
+
+    def factor(step: int) -> float:
+        return lr_multiplier(step, warmup, total, kind, min_ratio)
+
+    return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimSource, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of ``optim``, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(optim, total_steps))
 
 
 def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
@@ -43,28 +73,50 @@ class TorchEngine:
     rank = 0
     world_size = 1
 
-    def __init__(self, module: nn.Module, optim: OptimSource):
+    def __init__(
+        self,
+        module: nn.Module,
+        optim: OptimSource,
+        accumulation: int = 1,
+        total_steps: int | None = None,
+    ):
         self.module = module
         self.optimizer = make_adamw(module, optim)
+        self.scheduler = make_scheduler(self.optimizer, optim, total_steps)
         self.grad_clip = optim.grad_clip
+        self.accumulation = accumulation
+        self.micro_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> bool:
-        """Clip and step; a non-finite gradient norm skips the step. Returns whether applied."""
+    def step(self) -> bool | None:
+        """End of a micro-batch. At an accumulation boundary: clip, and step unless the
+        gradient norm is not finite; returns whether the step was applied. Between boundaries:
+        None."""
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return None
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         applied = bool(torch.isfinite(norm))
         if applied:
             self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return applied
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def all_reduce_sum(self, value: float) -> float:
         return value
 
     @contextlib.contextmanager
     def full_params(self) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
         yield
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -92,7 +144,8 @@ class TorchEngine:
         # tied weights share storage, which safetensors refuses: store each one as its own copy
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
                   str(Path(directory) / "torch_engine.safetensors"))  # fmt: skip
-        meta = {"param_groups": optim["param_groups"], "scalars": scalars}
+        meta = {"param_groups": optim["param_groups"], "scalars": scalars,
+                "scheduler": self.scheduler.state_dict()}  # fmt: skip
         (Path(directory) / "torch_engine.json").write_text(json.dumps(meta))
 
     def load_state(self, directory: str) -> None:
@@ -111,6 +164,8 @@ class TorchEngine:
         for index, values in meta["scalars"].items():
             state.setdefault(int(index), {}).update(values)
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if "scheduler" in meta:
+            self.scheduler.load_state_dict(meta["scheduler"])
 
 
 def init_distributed(
@@ -140,14 +195,24 @@ def deepspeed_config(
     grad_clip: float,
     dtype: str,
     offload_optimizer: bool,
+    accumulation: int = 1,
+    offload_params: bool = False,
 ) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": zero_stage}
+    zero: dict[str, Any] = {
+        "stage": zero_stage,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }
+    if zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = BUCKET_ELEMENTS
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
@@ -157,8 +222,32 @@ def deepspeed_config(
     }
 
 
+@contextlib.contextmanager
+def zero3_construction(config: dict[str, Any], enabled: bool = True) -> Iterator[None]:
+    """Models built inside are partitioned as they are built (``deepspeed.zero.Init``, through
+    transformers' DeepSpeed integration, which also makes ``from_pretrained`` load each shard
+    into the partitions): no rank ever holds the whole model. Model classes must be imported
+    before (PLATFORM.md); ``rlhf_ray.models.build`` imports them at module level."""
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
 class DeepSpeedEngine:
-    """A DeepSpeed engine around ``module`` (the process group must already exist)."""
+    """A DeepSpeed engine around ``module`` (the process group must already exist).
+
+    ``config``: a ready ``deepspeed_config(...)`` (the one a ZeRO-3 model was constructed
+    under); by default it is made from the other arguments.
+    """
 
     def __init__(
         self,
@@ -168,15 +257,21 @@ class DeepSpeedEngine:
         micro_batch: int,
         dtype: str,
         offload_optimizer: bool,
+        accumulation: int = 1,
+        offload_params: bool = False,
+        total_steps: int | None = None,
+        config: dict[str, Any] | None = None,
     ):
         import deepspeed
         import torch.distributed as dist
 
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = zero_stage
-        config = deepspeed_config(
-            zero_stage, micro_batch, self.world_size, optim.grad_clip, dtype, offload_optimizer
-        )
+        self.accumulation = accumulation
+        config = config or deepspeed_config(
+            zero_stage, micro_batch, self.world_size, optim.grad_clip, dtype, offload_optimizer,
+            accumulation, offload_params,
+        )  # fmt: skip
         optimizer = None if offload_optimizer else make_adamw(module, optim)
         if offload_optimizer:
             config["optimizer"] = {
@@ -188,19 +283,29 @@ class DeepSpeedEngine:
                     "weight_decay": optim.weight_decay,
                 },
             }
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config
+        factor = _schedule(optim, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.module = self.engine.module
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the caller scales micro-batch losses
 
-    def step(self) -> bool:
-        """Returns whether the step was applied: DeepSpeed skips one whose gradient norm is not
-        finite (ZeRO-1/2; agreed over ranks), as it does an fp16 overflow."""
+    def step(self) -> bool | None:
+        """End of a micro-batch; DeepSpeed reduces and steps at its accumulation boundary.
+        There it returns whether the step was applied (DeepSpeed skips one whose gradient norm
+        is not finite under ZeRO-1/2, agreed over ranks, as it does an fp16 overflow); between
+        boundaries None."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        return bool(getattr(self.engine, "_step_applied", True))
+        return bool(self.engine.was_step_applied()) if boundary else None
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
 
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist
@@ -220,6 +325,16 @@ class DeepSpeedEngine:
         ):
             yield
 
+    @contextlib.contextmanager
+    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Collective on all ranks: inside, ``params`` are whole (ZeRO-3), the rest not."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(
+            params, modifier_rank=None, enabled=self.zero_stage == 3
+        ):
+            yield
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""
         with self.full_params():
@@ -233,7 +348,7 @@ class DeepSpeedEngine:
 
     def load_state(self, directory: str) -> None:
         path, _ = self.engine.load_checkpoint(
-            directory, tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+            directory, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed training state under {directory}")

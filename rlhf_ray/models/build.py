@@ -126,7 +126,9 @@ def _finish(
         model.generation_config.pad_token_id = tok.pad_id
         model.generation_config.eos_token_id = tok.eos_id
     disable_dropout(model)
-    model.to(device=device, dtype=_DTYPES[spec.dtype])  # type: ignore[call-arg]  # in place
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        # (a ZeRO-3 model is partitioned already, on DeepSpeed's device and dtype)
+        model.to(device=device, dtype=_DTYPES[spec.dtype])  # type: ignore[call-arg]  # in place
     return model
 
 

@@ -29,3 +29,50 @@ def state_dict_from_numpy(weights: NumpyWeights) -> dict[str, torch.Tensor]:
         t = torch.from_numpy(np.array(array, copy=True))
         out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets: the weights move a bounded slice at a time (``sync.bucket_mb``)
+
+
+def weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a sync moves: every parameter (a tied one once) and every persistent buffer."""
+    persistent = set(module.state_dict().keys())
+    out: dict[str, torch.Tensor] = {}
+    out.update(module.named_parameters())
+    out.update((n, b) for n, b in module.named_buffers() if n in persistent)
+    return out
+
+
+def full_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of the whole tensor, also when ZeRO-3 holds only a partition of it here."""
+    return int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
+
+
+def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices of at most ``bucket_bytes`` each (a tensor larger
+    than a bucket travels alone): ``plan_buckets([3, 3, 5, 1], 6) == [[0, 1], [2, 3]]``."""
+    buckets: list[list[int]] = []
+    used = bucket_bytes  # forces a new bucket for the first tensor
+    for index, size in enumerate(sizes):
+        if used + size > bucket_bytes:
+            buckets.append([])
+            used = 0
+        buckets[-1].append(index)
+        used += size
+    return buckets
+
+
+def load_weights(module: torch.nn.Module, weights: NumpyWeights) -> None:
+    """Copy ``weights`` (a bucket or the whole model) into ``module``'s tensors by name, one
+    tensor at a time (no second full copy). Unknown names raise."""
+    targets: dict[str, torch.Tensor] = {}
+    targets.update(module.named_parameters(remove_duplicate=False))
+    targets.update(module.named_buffers(remove_duplicate=False))
+    missing = [name for name in weights if name not in targets]
+    if missing:
+        raise KeyError(f"weights for unknown tensors: {missing[:5]}")
+    with torch.no_grad():
+        for name, (array, dtype) in weights.items():
+            t = torch.from_numpy(np.array(array, copy=True))
+            targets[name].copy_(t.view(torch.bfloat16) if dtype == "bfloat16" else t)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import has_critic, policy_tokenizer, value_init_spec
+from rlhf_ray.config import has_critic, optimizer_steps, policy_tokenizer, value_init_spec
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
+from rlhf_ray.workers.sync import stream_buckets
 
 
 def _free_port() -> int:
@@ -34,13 +35,14 @@ def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     in this process (also what ``rlhf-ray replay`` trains)."""
     tok = policy_tokenizer(cfg)
     bad = cfg.train.max_bad_steps
+    steps = optimizer_steps(cfg)
     policy = PolicyLearner(
         cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=steps,
     )  # fmt: skip
     value = (
         ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
-                     max_bad_steps=bad)
+                     max_bad_steps=bad, total_steps=steps)
         if has_critic(cfg) else None
     )  # fmt: skip
     if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
@@ -59,32 +61,48 @@ class InProcessWorkers:
         tok = policy_tokenizer(cfg)
         self.policy, self.value = build_learners(cfg)
         ref_spec = cfg.reference.model or cfg.policy.model
-        self.reference = ReferenceScorer(ref_spec, tok, cfg.rollout.temperature)
-        self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])
+        self.reference = ReferenceScorer(
+            ref_spec, tok, cfg.rollout.temperature, chunk_size=cfg.reference.score_micro_batch_size
+        )
+        self.reward = RewardScorer(
+            cfg.reward, tok, search_path=[os.getcwd()],
+            chunk_size=cfg.reward.score_micro_batch_size,
+        )  # fmt: skip
         self.generators = [
             RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
             for i in range(cfg.rollout.num_workers)
         ]
+        self.version = -1
         if cfg.reference.model is None:
-            self.reference.set_weights(self.policy.full_weights())
+            self._stream(lambda bucket, k, n: self.reference.load_bucket(bucket))
+
+    def _stream(self, load) -> None:
+        """The policy's current weights, bucket by bucket, to ``load(bucket, k, count)``."""
+        mb = self.cfg.sync.bucket_mb
+        count = self.policy.num_weight_buckets(mb)
+        stream_buckets(
+            count,
+            lambda k: lambda: self.policy.weight_bucket(k, mb),
+            lambda bucket, k: load(bucket, k, count),
+        )
 
     def sync(self, version: int) -> None:
-        self.weights, self.version = self.policy.full_weights(), version
-        for gen in self.generators:
-            gen.set_weights(self.weights, version)
+        self.version = version
+        self._stream(
+            lambda bucket, k, n: [g.load_bucket(bucket, version, k, n) for g in self.generators]
+        )
 
     def scale_rollout(self, num_workers: int) -> None:
         while len(self.generators) > num_workers:
             self.generators.pop()
-        while len(self.generators) < num_workers:
-            gen = RolloutGenerator(
-                self.cfg.policy.model,
-                policy_tokenizer(self.cfg),
-                self.cfg.rollout,
-                len(self.generators),
-            )
-            gen.set_weights(self.weights, self.version)
-            self.generators.append(gen)
+        new: list[RolloutGenerator] = []
+        while len(self.generators) + len(new) < num_workers:
+            new.append(RolloutGenerator(self.cfg.policy.model, policy_tokenizer(self.cfg),
+                                        self.cfg.rollout, len(self.generators) + len(new)))  # fmt: skip
+        if new:  # the policy still holds the weights of the last sync: stream them again
+            self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
+                                               for g in new])  # fmt: skip
+            self.generators.extend(new)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
         parts = shard_rows(len(prompts), len(self.generators), self.cfg.rollout.micro_batch_size)

@@ -26,7 +26,13 @@ from rlhf_ray.algo import (
     value_loss,
 )
 from rlhf_ray.engines.generation import greedy_continuation
-from rlhf_ray.engines.training import DeepSpeedEngine, TorchEngine, init_distributed
+from rlhf_ray.engines.training import (
+    DeepSpeedEngine,
+    TorchEngine,
+    deepspeed_config,
+    init_distributed,
+    zero3_construction,
+)
 from rlhf_ray.errors import UserError
 from rlhf_ray.models import (
     build_causal_lm,
@@ -34,7 +40,13 @@ from rlhf_ray.models import (
     default_device,
     response_logprobs,
 )
-from rlhf_ray.models.weights import NumpyWeights, state_dict_to_numpy
+from rlhf_ray.models.weights import (
+    NumpyWeights,
+    full_nbytes,
+    plan_buckets,
+    state_dict_to_numpy,
+    weight_tensors,
+)
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PPOBatch, Rollout
 from rlhf_ray.workers.interface import in_chunks, probe_batch
@@ -60,6 +72,7 @@ class _Rank:
         num_threads: int | None,
         micro_batch: int | None = None,
         max_bad_steps: int = 3,
+        total_steps: int | None = None,
     ):
         """``micro_batch``: rows per rank per step (default: the PPO minibatch's share); the
         stages of ``workers.stage_learners`` pass it and no ``ppo_cfg``."""
@@ -67,12 +80,21 @@ class _Rank:
             torch.set_num_threads(num_threads)
         self.cfg, self.ppo = role_cfg, ppo_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.micro_batch = micro_batch or ppo_cfg.minibatch_size // world_size
+        # this rank's rows of a minibatch, run as micro-batches of `ppo.micro_batch_size` rows
+        share = micro_batch or ppo_cfg.minibatch_size // world_size
+        self.micro_batch = getattr(ppo_cfg, "micro_batch_size", None) or share
+        self.accumulation = share // self.micro_batch
+        self.score_batch = getattr(role_cfg, "score_micro_batch_size", share)
+        self.total_steps = total_steps
+        # a checkpoint is loaded straight into ZeRO-3 partitions; a preset's seeded random
+        # init is only reproduced by a plain build (transformers' ZeRO-3 init differs)
+        self.model_path = getattr(getattr(role_cfg, "model", None), "path", None)
         self.max_bad_steps = max_bad_steps
         self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
         self.loss_agg = "token_mean"  # how loss_fn aggregates its per-token losses
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
+        self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
 
     def init_process_group(
         self, master_addr: str, master_port: int, timeout_s: int, backend: str = "gloo"
@@ -80,22 +102,46 @@ class _Rank:
         init_distributed(self.rank, self.world_size, master_addr, master_port, timeout_s, backend)
 
     def setup(self) -> tuple[int, int]:
-        """Build the model and engine; returns (parameters held here, parameters in all)."""
+        """Build the model and engine; returns (parameters held here, parameters in all).
+
+        Under ZeRO-3 a model loaded from a path is partitioned while it is loaded
+        (``zero3_construction``): no rank ever holds all of it. A preset (tiny, random) is
+        built whole, then partitioned."""
         self.device = default_device()
-        module = self._build().to(self.device)
-        module.train()
-        if self.cfg.engine == "torch":
-            self.engine = TorchEngine(module, self.cfg.optim)
-        else:
-            self.engine = DeepSpeedEngine(
-                module,
-                self.cfg.optim,
-                self.cfg.zero_stage,
-                self.micro_batch,
-                self.cfg.model.dtype,
-                self.cfg.offload_optimizer,
-            )
+        cfg = self.cfg
+        if cfg.engine == "torch":
+            module = self._build().to(self.device)
+            self._prepare(module)
+            self.engine = TorchEngine(module, cfg.optim, self.accumulation, self.total_steps)
+            return self.engine.local_param_count()
+        import torch.distributed as dist
+
+        config = deepspeed_config(
+            cfg.zero_stage, self.micro_batch, dist.get_world_size(), cfg.optim.grad_clip,
+            cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
+            getattr(cfg, "offload_params", False),
+        )  # fmt: skip
+        zero_init = cfg.zero_stage == 3 and self.model_path is not None
+        with zero3_construction(config, enabled=zero_init):
+            module = self._build()
+        if not zero_init:
+            module = module.to(self.device)
+        self._prepare(module)
+        self.engine = DeepSpeedEngine(
+            module, cfg.optim, cfg.zero_stage, self.micro_batch, cfg.model.dtype,
+            cfg.offload_optimizer, total_steps=self.total_steps, config=config,
+        )  # fmt: skip
         return self.engine.local_param_count()
+
+    def _prepare(self, module: torch.nn.Module) -> None:
+        module.train()
+        if getattr(self.cfg, "gradient_checkpointing", False):
+            hf: Any = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
+            kwargs = {"use_reentrant": False}  # reentrant checkpoints lose grads of frozen inputs
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
@@ -116,27 +162,60 @@ class _Rank:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, size):
                 rows = perm[start : start + size]
-                mine = rows[self.my_rows(size)]
-                mb = batch.select(mine).to(self.device)
-                loss, stats = loss_fn(mb)
-                if not self._finite_everywhere(loss):  # every rank skips: ZeRO stays in step
+                if self._minibatch(batch, rows, loss_fn, sums):
+                    self.bad_in_row = 0
+                    steps += 1
+                else:
                     self._bad_step(round_index)
-                    continue
-                # the loss over the GLOBAL minibatch, given that ranks' grads are averaged
-                local = aggregation_weight(mb.response_mask, self.loss_agg)
-                total = aggregation_weight(batch.response_mask[rows], self.loss_agg)
-                self.engine.backward(loss * local * self.world_size / total)
-                if not self.engine.step():  # a non-finite gradient: the engine skipped it
-                    self._bad_step(round_index)
-                    continue
-                self.bad_in_row = 0
-                sums["loss"] += float(loss.detach())
-                for k, v in stats.items():
-                    sums[k] += float(v)
-                steps += 1
         skipped = self.ppo.epochs * -(-n // size) - steps
         out = {k: v / steps for k, v in sums.items()} if steps else {"loss": float("nan")}
         return {**out, "skipped_steps": float(skipped)}
+
+    def _minibatch(
+        self, batch: PPOBatch, rows: torch.Tensor, loss_fn: LossFn, sums: dict[str, float]
+    ) -> bool:
+        """One optimizer step on the global minibatch ``rows``: this rank's share, as
+        ``accumulation`` micro-batches. Adds the step's mean stats to ``sums`` and returns True,
+        or returns False when the update is not clean: a micro-batch's loss is non-finite on some
+        rank (agreed by one all-reduce, so every rank does the same), or the engine skipped the
+        step for a non-finite gradient.
+
+        A non-finite micro-batch is left out of the gradient. With one micro-batch per step that
+        skips the whole update; with several, the engine still steps (ZeRO's accumulation
+        boundary stays aligned on every rank) on the other micro-batches' gradients."""
+        assert self.engine is not None
+        mine = rows[self.my_rows(len(rows))]
+        # each micro-batch's loss is weighted by its share of the GLOBAL minibatch's (token or
+        # sequence) count: ranks' grads are averaged and micro-batches' grads add up
+        total = aggregation_weight(batch.response_mask[rows], self.loss_agg)
+        clean, applied, micro = True, None, dict[str, float]()
+        for first in range(0, len(mine), self.micro_batch):
+            mb = batch.select(mine[first : first + self.micro_batch]).to(self.device)
+            loss, stats = loss_fn(mb)
+            if not self._finite_everywhere(loss):
+                clean = False
+                if self.accumulation == 1:
+                    return False
+            else:
+                local = aggregation_weight(mb.response_mask, self.loss_agg)
+                self.engine.backward(loss * local * self.world_size / total)
+                for k, v in {"loss": loss, **stats}.items():
+                    micro[k] = (
+                        micro.get(k, 0.0) + float(torch.as_tensor(v).detach()) / self.accumulation
+                    )
+            applied = self.engine.step()
+            last = first + self.micro_batch >= len(mine)
+            if (applied is not None) != last:
+                raise RuntimeError(
+                    "engine and learner disagree on the accumulation boundary (micro-batch "
+                    f"ending at row {first + self.micro_batch} of {len(mine)}, engine at a "
+                    f"boundary: {applied is not None})"
+                )
+        if not (clean and applied):
+            return False
+        for key, value in micro.items():
+            sums[key] += value
+        return True
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (one all-reduce: all ranks decide alike)."""
@@ -153,6 +232,36 @@ class _Rank:
                 f"{self.max_bad_steps}); the run stops rather than train on them. Lower the "
                 "learning rate, check the rewards, or resume from the last checkpoint."
             )
+
+    def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
+        if self._buckets is None or self._buckets[0] != bucket_mb:
+            tensors = list(weight_tensors(self.module).items())
+            sizes = [full_nbytes(t) for _, t in tensors]
+            groups = plan_buckets(sizes, int(bucket_mb * 2**20))
+            self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups])
+        return self._buckets[1]
+
+    def num_weight_buckets(self, bucket_mb: float) -> int:
+        """How many buckets of about ``bucket_mb`` MB the weights travel in."""
+        return len(self._bucket_names(bucket_mb))
+
+    def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
+        """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
+        bucket ``index`` as numpy arrays, the others None."""
+        assert self.engine is not None, "call setup() first"
+        tensors = weight_tensors(self.module)
+        names = self._bucket_names(bucket_mb)[index]
+        params = [tensors[n] for n in names if isinstance(tensors[n], torch.nn.Parameter)]
+        with self.engine.gathered(params):  # type: ignore[arg-type]
+            if self.rank != 0:
+                return None
+            zero3 = getattr(self.engine, "zero_stage", 0) == 3
+            # ZeRO-3 frees the gathered data on exit: copy it out; otherwise the arrays view
+            # the live parameters and Ray copies them into the object store on return
+            bucket = {n: tensors[n].detach() for n in names}
+            if zero3 or self.device.type != "cpu":
+                bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
+            return state_dict_to_numpy(bucket)
 
     def full_weights(self) -> NumpyWeights | None:
         """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
@@ -197,9 +306,11 @@ class PolicyLearner(_Rank):
         max_bad_steps: int = 3,
         top_k: int = 0,
         top_p: float = 1.0,
+        total_steps: int | None = None,
     ):
         """``temperature``, ``top_k``, ``top_p``: the sampler's (``rollout.*``); the policy's
-        log-probs and entropy are those of the distribution the rollout samples from."""
+        log-probs and entropy are those of the distribution the rollout samples from.
+        ``total_steps``: optimizer steps of the run (what the LR schedule spans)."""
         tok = build_tokenizer(tokenizer_cfg)
         super().__init__(
             policy_cfg,
@@ -210,6 +321,7 @@ class PolicyLearner(_Rank):
             seed,
             num_threads,
             max_bad_steps=max_bad_steps,
+            total_steps=total_steps,
         )
         self.tokenizer = tok
         self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
@@ -229,7 +341,7 @@ class PolicyLearner(_Rank):
                                             part.prompt_len, **self.sampling, outside=outside)  # fmt: skip
             return torch.stack([logprobs, outside[0].float()], -1)
 
-        both = in_chunks(mine, self.micro_batch, self.device, forward)
+        both = in_chunks(mine, self.score_batch, self.device, forward)
         mask = mine.response_mask
         return {"old_logprobs": both[..., 0] * mask, "outside_filter": (both[..., 1] * mask) > 0}
 
@@ -283,6 +395,7 @@ class PolicyLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["policy_loss"] = stats.pop("loss")
+        stats["policy_lr"] = self.engine.lr()  # type: ignore[union-attr]  # the next step's
         stats["policy_skipped_steps"] = stats.pop("skipped_steps")
         return stats
 
@@ -301,9 +414,10 @@ class ValueLearner(_Rank):
         seed: int = 0,
         num_threads: int | None = None,
         max_bad_steps: int = 3,
+        total_steps: int | None = None,
     ):
         """``model_spec``: the initial weights (default ``value_cfg.model``; see
-        ``config.value_init_spec``)."""
+        ``config.value_init_spec``); ``total_steps``: optimizer steps of the run."""
         tok = build_tokenizer(tokenizer_cfg)
         spec = model_spec or value_cfg.model
         super().__init__(
@@ -315,7 +429,9 @@ class ValueLearner(_Rank):
             seed,
             num_threads,
             max_bad_steps=max_bad_steps,
+            total_steps=total_steps,
         )
+        self.model_path = spec.path
 
     def _values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         # the value of the state before response token t sits at position prompt_len - 1 + t
@@ -328,7 +444,7 @@ class ValueLearner(_Rank):
         def forward(part: Rollout) -> torch.Tensor:
             return self._values(part.input_ids, part.attention_mask, part.prompt_len)
 
-        return in_chunks(mine, self.micro_batch, self.device, forward) * mine.response_mask
+        return in_chunks(mine, self.score_batch, self.device, forward) * mine.response_mask
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         def loss_fn(mb: PPOBatch):
@@ -339,5 +455,6 @@ class ValueLearner(_Rank):
 
         stats = self.run_epochs(batch, round_index, loss_fn)
         stats["value_loss"] = stats.pop("loss")
+        stats["value_lr"] = self.engine.lr()  # type: ignore[union-attr]
         stats["value_skipped_steps"] = stats.pop("skipped_steps")
         return stats

@@ -11,7 +11,7 @@ from rlhf_ray.models import (
     response_logprobs,
     state_dict_from_numpy,
 )
-from rlhf_ray.models.weights import NumpyWeights
+from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import StaleWeightsError, probe_batch, row_seeds
@@ -42,11 +42,25 @@ class RolloutGenerator:
         )
         self.micro_batch_size = rollout_cfg.micro_batch_size
         self.version = -1  # no weights received yet
+        self._loading: tuple[int, set[int]] | None = None  # (version, buckets received)
 
     def set_weights(self, weights: NumpyWeights, version: int) -> int:
         self.model.load_state_dict(state_dict_from_numpy(weights))
         self.version = version
         return version
+
+    def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
+        """Bucket ``index`` of ``count`` of weights ``version``, loaded tensor by tensor. The
+        worker holds a mix of versions until every bucket arrived: meanwhile its version is
+        -1 and it refuses to generate. Returns the version it holds now."""
+        if self._loading is None or self._loading[0] != version:
+            self._loading = (version, set())
+            self.version = -1
+        load_weights(self.model, bucket)
+        self._loading[1].add(index)
+        if len(self._loading[1]) == count:
+            self.version, self._loading = version, None
+        return self.version
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
         """Sample ``prompts`` (whole micro-batches of the round, see ``shard_rows``), each row

@@ -15,7 +15,7 @@ from rlhf_ray.models import (
     response_logprobs,
     state_dict_from_numpy,
 )
-from rlhf_ray.models.weights import NumpyWeights
+from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, left_pad, same_tokenizer
 from rlhf_ray.types import Rollout
@@ -43,6 +43,10 @@ class ReferenceScorer:
 
     def set_weights(self, weights: NumpyWeights) -> None:
         self.model.load_state_dict(state_dict_from_numpy(weights))
+
+    def load_bucket(self, bucket: NumpyWeights) -> None:
+        """Part of the weights (a sync bucket), loaded tensor by tensor."""
+        load_weights(self.model, bucket)
 
     def ping(self) -> str:
         return "reference"

@@ -78,7 +78,7 @@ class _StageRank(_Rank):
         applied = self._finite_everywhere(loss)
         if applied:
             self.engine.backward(loss * weight)
-            applied = self.engine.step()
+            applied = bool(self.engine.step())  # one micro-batch per step: always a boundary
         if applied:
             self.bad_in_row = 0
         else:

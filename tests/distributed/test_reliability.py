@@ -90,7 +90,7 @@ def test_dead_rollout_worker_and_scorers_are_replaced_and_their_work_redone(ray_
                  "train.rounds=6", "logging.progress=false"]  # fmt: skip
     cfg = load_config(None, overrides)
     run_dir = tmp_path / "run"
-    deaths = [(2, "rollout-1"), (3, "reference"), (4, "reward")]
+    deaths = [(2, "rollout-1"), (3, "reference-0"), (4, "reward-0")]
     killed: list[str] = []
     _run_beside(cfg, run_dir, _kill_when, deaths, killed)
     rows = read_metrics(run_dir / "metrics.jsonl")

@@ -17,6 +17,7 @@ from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from rlhf_ray.workers.interface import StaleWeightsError, check_sync
+from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 
 pytestmark = pytest.mark.ray
 
@@ -69,7 +70,10 @@ def test_zero3_shards_and_matches_zero1_and_in_process(ray_cluster, tmp_path):
 
 
 def test_sync_parity_versions_and_stale_refusal(ray_cluster):
-    cfg = small_cfg("policy.zero_stage=3")
+    """Weights streamed in many small buckets from ZeRO-3 ranks reach every worker whole;
+    two scorer replicas per role score like one scorer."""
+    cfg = small_cfg("policy.zero_stage=3", "sync.bucket_mb=0.02", "reference.num_replicas=2",
+                    "reward.num_replicas=2")  # fmt: skip
     tok = build_tokenizer(cfg.tokenizer)
     prompts = build_prompts(cfg, tok)[:8]
     ids, mask = tok.encode_batch_left_padded(prompts, cfg.data.max_prompt_tokens)
@@ -90,6 +94,12 @@ def test_sync_parity_versions_and_stale_refusal(ray_cluster):
             assert check_sync(workers, cfg.sync, version) == {"sync/logprob_max_abs_diff": 0.0}
             rollout = workers.generate(batch, version, version)
             assert rollout.weight_version.tolist() == [version] * 8
+            if version == 0:  # replicas split the rows; one local scorer scores them all
+                scored = workers.score(rollout)
+                one_ref = ReferenceScorer(cfg.policy.model, cfg.tokenizer, 1.0)
+                one_reward = RewardScorer(cfg.reward, cfg.tokenizer)
+                torch.testing.assert_close(scored["ref_logprobs"], one_ref.logprobs(rollout))
+                torch.testing.assert_close(scored["scores"], one_reward.score(rollout))
             with pytest.raises(StaleWeightsError):
                 workers.generate(batch, version, version + 1)
             ppo_batch, _ = compute_advantages(
@@ -109,7 +119,7 @@ def test_rollout_pool_size_leaves_learners_alone(ray_cluster, tmp_path, num_work
     workers = RayWorkers(cfg)
     try:
         names = [f"rollout-{i}" for i in range(num_workers)]
-        names += ["policy-0", "policy-1", "value-0", "reference", "reward"]
+        names += ["policy-0", "policy-1", "value-0", "reference-0", "reward-0"]
         for name in names:  # operators find every actor by name
             assert ray.get(ray.get_actor(name, namespace="rlhf_ray").ping.remote()) is not None
         with pytest.raises(ValueError):

@@ -123,7 +123,7 @@ def test_score_statistics_are_those_of_the_train_scores(trained):
     assert len(config["id2label"]) == 1 and config["pad_token_id"] != config["eos_token_id"]
 
 
-def test_metrics_have_a_row_per_step_and_per_epoch_and_accuracy_rises(trained):
+def test_metrics_have_a_row_per_step_and_per_epoch_and_the_loss_falls(trained):
     result, _, _ = trained
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train/loss" in r]
@@ -131,7 +131,9 @@ def test_metrics_have_a_row_per_step_and_per_epoch_and_accuracy_rises(trained):
     assert [r["step"] for r in steps] == list(range(1, 13))  # 96 // 16 = 6 steps x 2 epochs
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all({"eval/loss", "eval/accuracy", "eval/margin"} <= set(r) for r in epochs)
-    assert epochs[-1]["eval/loss"] < epochs[0]["eval/loss"] < 0.7
+    # from about log 2 at the first step (a fresh head scores both sides alike) to well below
+    assert epochs[-1]["eval/loss"] < 0.5 < steps[0]["train/loss"]
+    assert epochs[-1]["eval/accuracy"] >= epochs[0]["eval/accuracy"] - 0.05
     assert (result.run_dir / "config.yaml").exists()
 
 

@@ -1,0 +1,241 @@
+"""Benchmark: peak memory of a learner rank under ZeRO-1/2/3, and of a streamed weight sync,
+beside `rlhf-ray plan`'s estimate.
+
+What it measures
+    A GPT-2 style policy of ~100M fp32 parameters (preset gpt2-tiny, hidden 768, 14 layers,
+    12 heads, bytes tokenizer; saved to a temp dir and loaded from that path, as a real
+    checkpoint would be) as 2 DeepSpeed ranks (real ``PolicyLearner`` actors in a
+    ``LearnerGroup`` on a private local Ray, gloo on CPU). For each ZeRO stage, every rank
+    samples its own anonymous resident memory (``RssAnon``: private heap, not the shared object
+    store) every 2 ms from after its process group is up (the baseline: interpreter, torch,
+    DeepSpeed) through model construction (ZeRO-3: under ``deepspeed.zero.Init``), engine set-up
+    and one PPO minibatch (forward, backward, Adam step). The figure is peak minus baseline,
+    the larger of the two ranks. Beside it: ``rlhf_ray.memory.learner_memory``'s per-rank
+    estimate for the same settings (model states + activations; the fixed GPU-process overhead
+    is left out on CPU).
+
+    Then the streamed sync, at ZeRO-3: 2 ``RolloutGenerator`` workers in a ``RolloutPool`` and
+    the runtime's own bucket streaming (``RayWorkers._gather_bucket`` + ``stream_buckets``),
+    with ``sync.bucket_mb`` (default 32). Reported: the sync's wall seconds (median of
+    ``--repeats``), rank 0's peak extra ``RssAnon`` during a sync, the bucket size and the
+    model size; and a check that a worker's greedy continuation equals the learner's.
+
+Output
+    A readable table, then ONE JSON line with the keys:
+    ``params`` (model parameters), ``zero{1,2,3}_peak_mb`` (measured, per rank),
+    ``zero{1,2,3}_estimate_mb`` (plan's estimate), ``zero{1,2,3}_estimate_error`` (estimate /
+    measured - 1), ``zero3_over_zero1`` (peak ratio), ``sync_s`` (median), ``sync_peak_extra_mb``
+    (sending rank), ``bucket_mb``, ``model_mb``, ``sync_parity`` (bool), ``load_avg`` (1-minute
+    load average at the start, from ``uptime``).
+
+How to run (from the repository root; needs ~8 GB of free memory and both cores)
+    python benchmarks/memory.py
+    python benchmarks/memory.py --layers 4 --bucket-mb 8      # a quicker, smaller model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import types
+
+import _common
+import ray
+import torch
+
+from rlhf_ray.config import load_config
+from rlhf_ray.distributed.runtime import LearnerGroup, RayWorkers, RolloutPool, _get_all
+from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
+from rlhf_ray.models import build_causal_lm
+from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.types import PPOBatch
+from rlhf_ray.workers.learners import PolicyLearner
+from rlhf_ray.workers.sync import stream_buckets
+
+MB = 2**20
+PROMPT, RESPONSE, ROWS = 16, 16, 4  # one minibatch of 4 rows: 2 per rank
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class MeasuredPolicy(PolicyLearner):
+    """A policy rank that also samples its own peak anonymous memory."""
+
+    def mem_start(self) -> int:
+        self._peak, self._stop = rss_anon(), threading.Event()
+        base = self._peak
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, rss_anon())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return base
+
+    def mem_stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self._peak, rss_anon())
+
+
+def ppo_batch(vocab: int) -> PPOBatch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (ROWS, PROMPT + RESPONSE), generator=g)
+    return PPOBatch(
+        input_ids=ids, attention_mask=torch.ones_like(ids),
+        response_mask=torch.ones(ROWS, RESPONSE, dtype=torch.long),
+        old_logprobs=-torch.rand(ROWS, RESPONSE, generator=g) - 5,
+        old_values=torch.zeros(ROWS, RESPONSE), advantages=torch.randn(ROWS, RESPONSE, generator=g),
+        returns=torch.zeros(ROWS, RESPONSE), ref_logprobs=-torch.rand(ROWS, RESPONSE) - 5,
+        prompt_len=PROMPT,
+    )  # fmt: skip
+
+
+def preset(args: argparse.Namespace):
+    return load_config(None, [
+        "policy.model.preset=gpt2-tiny", f"policy.model.hidden_size={args.hidden}",
+        f"policy.model.num_layers={args.layers}", f"policy.model.num_heads={args.heads}",
+    ]).policy.model  # fmt: skip
+
+
+def config(args: argparse.Namespace, stage: int, path: str):
+    return load_config(None, [
+        f"policy.model.path={path}", f"policy.zero_stage={stage}", "policy.num_ranks=2", "policy.num_cpus_per_rank=1",
+        f"rollout.batch_size={ROWS}", f"ppo.minibatch_size={ROWS}", "ppo.epochs=1",
+        f"data.max_prompt_tokens={PROMPT}", f"rollout.max_new_tokens={RESPONSE}",
+        "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5",
+        f"sync.bucket_mb={args.bucket_mb}", "cluster.actor_start_timeout_s=600",
+    ])  # fmt: skip
+
+
+def estimate(cfg) -> tuple[float, int]:
+    config_json, _ = read_model_config(cfg.policy.model, cfg.tokenizer)
+    assert config_json is not None
+    shape = ModelShape.from_config(config_json)
+    parts = learner_memory(
+        shape, lm_head=True, dtype="float32", ranks=2, zero_stage=cfg.policy.zero_stage,
+        engine="deepspeed", offload_optimizer=False, offload_params=False,
+        micro_batch=ROWS // 2, seq_len=PROMPT + RESPONSE, response_len=RESPONSE,
+        checkpointing=False, on_gpu=False,
+    )  # fmt: skip
+    return sum(parts.values()), shape.num_params()
+
+
+def start_group(cfg) -> LearnerGroup:
+    group = LearnerGroup(
+        "policy", MeasuredPolicy, cfg.policy, 600, 600, policy_cfg=cfg.policy, ppo_cfg=cfg.ppo,
+        tokenizer_cfg=cfg.tokenizer, temperature=1.0, seed=0,
+    )  # fmt: skip
+    strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(group.pg, 0)
+    from rlhf_ray.distributed.runtime import _rendezvous_address
+
+    addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
+    _get_all(group.call("init_process_group", addr, port, 600, "gloo"))
+    return group
+
+
+def measure_training(cfg, vocab: int) -> float:
+    """Peak RssAnon above the baseline, max over the 2 ranks, in bytes."""
+    group = start_group(cfg)
+    try:
+        base = _get_all(group.call("mem_start"))
+        _get_all(group.call("setup"))
+        _get_all(group.call("train", ppo_batch(vocab), 0))
+        peak = _get_all(group.call("mem_stop"))
+        return max(p - b for p, b in zip(peak, base, strict=True))
+    finally:
+        group.kill()
+
+
+def measure_sync(cfg, repeats: int) -> dict:
+    group = start_group(cfg)
+    pool = RolloutPool(cfg)
+    try:
+        _get_all(group.call("setup"))
+        pool.grow(2)
+        shim = types.SimpleNamespace(policy=group, cfg=cfg)
+        count = ray.get(group.actors[0].num_weight_buckets.remote(cfg.sync.bucket_mb))
+        times, peaks = [], []
+        for version in range(repeats + 1):
+            base = _get_all(group.call("mem_start"))[0]
+            start = time.perf_counter()
+            pool.begin(version, count)
+            stream_buckets(count, lambda k: RayWorkers._gather_bucket(shim, k), pool.load_bucket)
+            elapsed = time.perf_counter() - start
+            peak = _get_all(group.call("mem_stop"))[0]
+            if version:  # the first is a warm-up
+                times.append(elapsed)
+                peaks.append(peak - base)
+        probe = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+        learner = _get_all(group.call("greedy", *probe, 6))[0]
+        sampled = ray.get([w.greedy.remote(*probe, 6) for w in pool.workers])
+        parity = all(torch.equal(s, learner) for s in sampled)
+        return {"sync_s": statistics.median(times), "sync_peak_extra_mb": max(peaks) / MB,
+                "buckets": count, "sync_parity": parity}  # fmt: skip
+    finally:
+        pool.kill()
+        group.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=14)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--bucket-mb", type=float, default=32.0)
+    p.add_argument("--repeats", type=int, default=3, help="timed syncs (median shown)")
+    args = p.parse_args(argv)
+    load = os.getloadavg()[0]
+    _common.banner("memory: ZeRO-1/2/3 peak per rank and a streamed weight sync")
+    result: dict = {"load_avg": round(load, 2), "bucket_mb": args.bucket_mb}
+    rows = []
+    model_dir = tempfile.mkdtemp(prefix="mem-bench-")
+    spec = preset(args)
+    build_causal_lm(spec, build_tokenizer(load_config().tokenizer)).save_pretrained(model_dir)
+    with _common.local_ray(2):
+        for stage in (1, 2, 3):
+            cfg = config(args, stage, model_dir)
+            est, params = estimate(cfg)
+            vocab = build_tokenizer(cfg.tokenizer).vocab_size
+            peak = measure_training(cfg, vocab)
+            result["params"] = params
+            result[f"zero{stage}_peak_mb"] = round(peak / MB, 1)
+            result[f"zero{stage}_estimate_mb"] = round(est / MB, 1)
+            result[f"zero{stage}_estimate_error"] = round(est / peak - 1, 3)
+            rows.append((f"ZeRO-{stage}", peak / MB, est / MB, f"{100 * (est / peak - 1):+.0f}%"))
+            print(
+                f"ZeRO-{stage}: peak {peak / MB:,.0f} MB, estimate {est / MB:,.0f} MB", flush=True
+            )
+        result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
+        result["model_mb"] = round(result["params"] * 4 / MB, 1)
+        result.update(measure_sync(config(args, 3, model_dir), args.repeats))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    print()
+    print(_common.table(["stage (2 ranks)", "peak MB/rank", "plan MB/rank", "error"], rows))
+    print(f"ZeRO-3 / ZeRO-1 peak: {result['zero3_over_zero1']:.2f}")
+    print(
+        f"sync ({result['buckets']} buckets of <= {args.bucket_mb:g} MB, model "
+        f"{result['model_mb']:,.0f} MB, 2 workers): {result['sync_s']:.2f} s, sending rank's "
+        f"peak extra {result['sync_peak_extra_mb']:,.0f} MB, parity {result['sync_parity']}"
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
