@@ -357,3 +357,13 @@ def test_readme_tells_token_auth_users_what_to_set():
     text = (JOBS / "README.md").read_text()
     assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN" in text
     assert "--run-dir" in text and "shared" in text
+
+
+def test_scorer_replicas_are_planned_one_actor_each():
+    """`reference.num_replicas` / `reward.num_replicas` actors ask for their resources each, so
+    `plan` refuses a cluster they would not fit instead of leaving one pending."""
+    cfg = load_config(None, ["reference.num_replicas=3", "reward.num_replicas=2",
+                             "reward.num_gpus=1"])  # fmt: skip
+    plan = {r.role: r for r in resource_plan(cfg)}
+    assert (plan["reference"].actors, plan["reward"].actors) == (3, 2)
+    assert plan["reward"].total_gpus == 2

@@ -39,7 +39,8 @@ class Node:
 
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
-    """The actors of a run; no value group for a critic-free estimator (``algo.estimator``)."""
+    """The actors of a run (a scorer role: one per replica); no value group for a critic-free
+    estimator (``algo.estimator``)."""
     value = cfg.value
     critic = [RolePlan("value", value.num_ranks, value.num_cpus_per_rank, value.num_gpus_per_rank,
                        True)] if has_critic(cfg) else []  # fmt: skip
@@ -52,8 +53,10 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
             True,
         ),
         *critic,
-        RolePlan("reference", 1, cfg.reference.num_cpus, cfg.reference.num_gpus, False),
-        RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, False),
+        *(
+            RolePlan(role, sc.num_replicas, sc.num_cpus, sc.num_gpus, False)
+            for role, sc in (("reference", cfg.reference), ("reward", cfg.reward))
+        ),
         RolePlan(
             "rollout",
             cfg.rollout.num_workers,

@@ -1,5 +1,6 @@
-"""On Ray, the pool size does not change the run: 1 rollout worker, or 3 shrunk to 2 mid-run,
-give bit-identical rollouts (metrics) and final policy weights."""
+"""On Ray, the pool size does not change the run: 1 rollout worker, or a pool grown 1 -> 3 and
+shrunk 3 -> 2 mid-run, give bit-identical rollouts (metrics) and final policy weights, and no
+round loses a sample."""
 
 from __future__ import annotations
 
@@ -19,18 +20,20 @@ from rlhf_ray.metrics import read_metrics
 pytestmark = pytest.mark.ray
 
 OVERRIDES = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
-             "train.rounds=3", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2",
+             "train.rounds=5", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2",
              "rollout.max_new_tokens=8", "rollout.micro_batch_size=3", "rollout.top_k=20",
              "rollout.top_p=0.9", "logging.progress=false"]  # fmt: skip
 
 
-def _shrink_to_two_after_a_round(run_dir, stop):
-    while not stop.is_set():
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and path.read_text().strip():
-            request_rollout_workers(run_dir, 2)
-            return
-        time.sleep(0.01)
+def _grow_then_shrink(run_dir, stop):
+    """3 workers once a round is logged, 2 once three are (each applies at a round's start)."""
+    path = run_dir / "metrics.jsonl"
+    for rows, workers in ((1, 3), (3, 2)):
+        while not stop.is_set():
+            if path.exists() and len(path.read_text().splitlines()) >= rows:
+                request_rollout_workers(run_dir, workers)
+                break
+            time.sleep(0.01)
 
 
 def _run(run_dir, workers_first: int, during=None):
@@ -55,9 +58,16 @@ def _run(run_dir, workers_first: int, during=None):
 
 def test_one_worker_and_a_resized_pool_give_bit_identical_runs(ray_cluster, tmp_path):
     one = _run(tmp_path / "one", 1)
-    resized = _run(tmp_path / "resized", 3, _shrink_to_two_after_a_round)
+    resized = _run(tmp_path / "resized", 1, _grow_then_shrink)
     counts = [r["rollout/num_workers"] for r in resized]
-    assert counts[0] == 3 and counts[-1] == 2 and [r["rollout/num_workers"] for r in one] == [1] * 3
+    # 1 worker, then 3, then 2 until the end, each for at least one round
+    first3, first2 = counts.index(3), counts.index(2)
+    assert 1 <= first3 < first2
+    assert counts == [1] * first3 + [3] * (first2 - first3) + [2] * (len(counts) - first2)
+    assert [r["rollout/num_workers"] for r in one] == [1] * 5
+    # every round trained on every sample, with that round's weights
+    assert [r["rollout/num_samples"] for r in resized] == [8] * 5
+    assert [r["weights/version"] for r in resized] == list(range(5))
     keys = ["rollout/reward_mean", "rollout/response_length", "rollout/logprob_gap", "ppo/kl",
             "ppo/policy_loss", "ppo/value_loss", "ppo/entropy"]  # fmt: skip
     assert [[r[k] for k in keys] for r in resized] == [[r[k] for k in keys] for r in one]

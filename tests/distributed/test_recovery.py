@@ -1,6 +1,7 @@
-"""A hung (SIGSTOPped) rollout worker is replaced after ``train.phase_timeout_s`` and its shard redone; a
-policy rank SIGKILLed mid-run is recovered from the last checkpoint. Both runs end with every
-sample of every round and the same final policy (so equal to the uninterrupted run's)."""
+"""In one run: a hung (SIGSTOPped) rollout worker is replaced after ``train.phase_timeout_s``
+and its shard redone, then a policy rank SIGKILLed mid-run is recovered from the last
+checkpoint. The run ends with every sample of every round and the policy of the run never
+disturbed (in process, one rank)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from safetensors.torch import load_file
 from rlhf_ray.checkpoint import latest_checkpoint
 from rlhf_ray.config import load_config
 from rlhf_ray.distributed import RayWorkers
+from rlhf_ray.driver import run_ppo
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.recovery import run_ppo_recovering
+from rlhf_ray.workers.inprocess import InProcessWorkers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -69,13 +72,17 @@ def _run(run_dir, beside=None) -> None:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
-    _run(root / "hung", _signal_when("rollout-1", signal.SIGSTOP, rows=1))
-    _run(root / "killed", _signal_when("policy-1", signal.SIGKILL, rows=2))
+    hang = _signal_when("rollout-1", signal.SIGSTOP, rows=1)
+    kill = _signal_when("policy-1", signal.SIGKILL, rows=2)
+    _run(root / "disrupted", lambda run_dir, stop: (hang(run_dir, stop), kill(run_dir, stop)))
+    cfg = load_config(None, [*OVERRIDES, "policy.engine=torch", "policy.num_ranks=1",
+                             "value.engine=torch"])  # fmt: skip
+    run_ppo(cfg, InProcessWorkers(cfg), root / "undisturbed")
     return root
 
 
 def test_a_hung_rollout_worker_is_replaced_and_its_shard_redone(runs):
-    rows = read_metrics(runs / "hung" / "metrics.jsonl")
+    rows = read_metrics(runs / "disrupted" / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(ROUNDS))
     assert [r["rollout/num_samples"] for r in rows] == [8] * ROUNDS
     assert rows[0]["rollout/worker_restarts"] == 0 and rows[-1]["rollout/worker_restarts"] == 1
@@ -83,16 +90,21 @@ def test_a_hung_rollout_worker_is_replaced_and_its_shard_redone(runs):
 
 
 def test_a_killed_policy_rank_is_recovered_from_the_last_checkpoint(runs):
-    rows = read_metrics(runs / "killed" / "metrics.jsonl")
+    rows = read_metrics(runs / "disrupted" / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(ROUNDS))  # every round, once
-    assert [r["rollout/num_samples"] for r in rows] == [8] * ROUNDS
     assert rows[-1]["train/learner_restarts"] == 1
     assert rows[0]["train/learner_restarts"] == 0
 
 
-def test_the_recovered_run_ends_with_the_uninterrupted_policy(runs):
-    hung = load_file(runs / "hung" / "policy" / "model.safetensors")
-    killed = load_file(runs / "killed" / "policy" / "model.safetensors")
-    assert hung.keys() == killed.keys()
-    for name, value in hung.items():
-        torch.testing.assert_close(killed[name], value, atol=1e-6, rtol=0)
+def test_the_recovered_run_ends_with_the_undisturbed_policy(runs):
+    """Same samples and steps: equal up to float rounding (2 ZeRO ranks against 1 plain)."""
+    disrupted = load_file(runs / "disrupted" / "policy" / "model.safetensors")
+    undisturbed = load_file(runs / "undisturbed" / "policy" / "model.safetensors")
+    assert disrupted.keys() == undisturbed.keys()
+    for name, value in undisturbed.items():
+        torch.testing.assert_close(disrupted[name], value, atol=2e-5, rtol=1e-4)
+    rows, want = (read_metrics(runs / n / "metrics.jsonl") for n in ("disrupted", "undisturbed"))
+    for got, expected in zip(rows, want, strict=True):
+        assert got["rollout/reward_mean"] == pytest.approx(
+            expected["rollout/reward_mean"], abs=1e-6
+        )
