@@ -28,9 +28,17 @@ Output
     (sending rank), ``bucket_mb``, ``model_mb``, ``sync_parity`` (bool), ``load_avg`` (1-minute
     load average at the start, from ``uptime``).
 
+    Each stage also prints its ranks' peaks during set-up (model load, engine) and after one
+    training minibatch, both above the same baseline.
+
 How to run (from the repository root; needs ~8 GB of free memory and both cores)
     python benchmarks/memory.py
     python benchmarks/memory.py --layers 4 --bucket-mb 8      # a quicker, smaller model
+    python benchmarks/memory.py --stages 1,3 --no-sync         # only the ZeRO-1/3 peaks
+    python benchmarks/memory.py --stages "" --bucket-mb 128    # only the sync
+
+Measured on this project's 2-core CPU machine (gloo, fp32, ~100M parameters), see the README's
+"Memory and scale" for the figures and what they do and do not show.
 """
 
 from __future__ import annotations
@@ -113,9 +121,10 @@ def preset(args: argparse.Namespace):
     ]).policy.model  # fmt: skip
 
 
-def config(args: argparse.Namespace, stage: int, path: str):
+def config(args: argparse.Namespace, stage: int, path: str, cpus_per_rank: float = 1.0):
     return load_config(None, [
-        f"policy.model.path={path}", f"policy.zero_stage={stage}", "policy.num_ranks=2", "policy.num_cpus_per_rank=1",
+        f"policy.model.path={path}", f"policy.zero_stage={stage}", "policy.num_ranks=2",
+        f"policy.num_cpus_per_rank={cpus_per_rank}",
         f"rollout.batch_size={ROWS}", f"ppo.minibatch_size={ROWS}", "ppo.epochs=1",
         f"data.max_prompt_tokens={PROMPT}", f"rollout.max_new_tokens={RESPONSE}",
         "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5",
@@ -155,9 +164,17 @@ def measure_training(cfg, vocab: int) -> float:
     try:
         base = _get_all(group.call("mem_start"))
         _get_all(group.call("setup"))
+        setup = _get_all(group.call("mem_stop"))
+        _get_all(group.call("mem_start"))
         _get_all(group.call("train", ppo_batch(vocab), 0))
         peak = _get_all(group.call("mem_stop"))
-        return max(p - b for p, b in zip(peak, base, strict=True))
+        print(
+            "  setup peak",
+            [round((s - b) / MB) for s, b in zip(setup, base, strict=True)],
+            "train peak",
+            [round((p - b) / MB) for p, b in zip(peak, base, strict=True)],
+        )
+        return max(max(p, s) - b for p, s, b in zip(peak, setup, base, strict=True))
     finally:
         group.kill()
 
@@ -199,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--bucket-mb", type=float, default=32.0)
     p.add_argument("--repeats", type=int, default=3, help="timed syncs (median shown)")
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages to measure (1 and 3: ratio)")
+    p.add_argument("--no-sync", action="store_true", help="skip the sync measurement")
     args = p.parse_args(argv)
     load = os.getloadavg()[0]
     _common.banner("memory: ZeRO-1/2/3 peak per rank and a streamed weight sync")
@@ -208,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = preset(args)
     build_causal_lm(spec, build_tokenizer(load_config().tokenizer)).save_pretrained(model_dir)
     with _common.local_ray(2):
-        for stage in (1, 2, 3):
+        for stage in (int(s) for s in args.stages.split(",") if s):
             cfg = config(args, stage, model_dir)
             est, params = estimate(cfg)
             vocab = build_tokenizer(cfg.tokenizer).vocab_size
@@ -221,13 +240,20 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"ZeRO-{stage}: peak {peak / MB:,.0f} MB, estimate {est / MB:,.0f} MB", flush=True
             )
-        result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
-        result["model_mb"] = round(result["params"] * 4 / MB, 1)
-        result.update(measure_sync(config(args, 3, model_dir), args.repeats))
+        if "zero1_peak_mb" in result and "zero3_peak_mb" in result:
+            result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
+        result["model_mb"] = round(estimate(config(args, 3, model_dir))[1] * 4 / MB, 1)
+        if not args.no_sync:  # the learner ranks and the 2 workers share the 2 CPUs
+            result.update(measure_sync(config(args, 3, model_dir, 0.5), args.repeats))
     shutil.rmtree(model_dir, ignore_errors=True)
     print()
-    print(_common.table(["stage (2 ranks)", "peak MB/rank", "plan MB/rank", "error"], rows))
-    print(f"ZeRO-3 / ZeRO-1 peak: {result['zero3_over_zero1']:.2f}")
+    if rows:
+        print(_common.table(["stage (2 ranks)", "peak MB/rank", "plan MB/rank", "error"], rows))
+    if "zero3_over_zero1" in result:
+        print(f"ZeRO-3 / ZeRO-1 peak: {result['zero3_over_zero1']:.2f}")
+    if args.no_sync:
+        print(json.dumps(result))
+        return 0
     print(
         f"sync ({result['buckets']} buckets of <= {args.bucket_mb:g} MB, model "
         f"{result['model_mb']:,.0f} MB, 2 workers): {result['sync_s']:.2f} s, sending rank's "

@@ -203,8 +203,11 @@ def deepspeed_config(
         "reduce_bucket_size": BUCKET_ELEMENTS,
         "allgather_bucket_size": BUCKET_ELEMENTS,
     }
-    if zero_stage == 3:
+    if zero_stage == 3:  # gather at most about a bucket of parameters at a time
         zero["stage3_prefetch_bucket_size"] = BUCKET_ELEMENTS
+        zero["stage3_max_live_parameters"] = BUCKET_ELEMENTS
+        zero["stage3_max_reuse_distance"] = BUCKET_ELEMENTS
+        zero["sub_group_size"] = BUCKET_ELEMENTS  # the optimizer steps a sub-group at a time
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
