@@ -79,7 +79,7 @@ stage train-rm train-rm $MODE --run-dir "$OUT/rm" data.path="$TRAIN" \
 # shellcheck disable=SC2086
 stage ppo ppo $MODE --run-dir "$OUT/ppo" data.prompts="$TRAIN" \
     policy.model.path="$OUT/sft/model" reward.model.path="$OUT/rm/reward_model" \
-    value.init_from_reward=true train.rounds=10 rollout.batch_size=16 ppo.minibatch_size=8 \
+    value.init_from_reward=true train.rounds=15 rollout.batch_size=64 ppo.minibatch_size=32 \
     $ROLES ${PPO_ARGS:-}
 
 # 4. eval: the PPO policy against the SFT model on the held-out prompts, judged by the RM
