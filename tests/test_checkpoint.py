@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from crashing_workers import CrashAt
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.checkpoint import (
@@ -30,19 +31,6 @@ BASE = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch", "trai
         "logging.progress=false", "ppo.adaptive_kl=true"]  # fmt: skip
 COMPARED = ["round", "rollout/reward_mean", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss",
             "ppo/value_loss", "weights/version"]  # fmt: skip
-
-
-class CrashAt(InProcessWorkers):
-    """In-process workers whose update raises in round ``crash_round`` (a killed driver)."""
-
-    def __init__(self, cfg, crash_round: int):
-        super().__init__(cfg)
-        self.crash_round = crash_round
-
-    def update(self, batch, round_index):
-        if round_index == self.crash_round:
-            raise RuntimeError("simulated crash")
-        return super().update(batch, round_index)
 
 
 def _rows(path):

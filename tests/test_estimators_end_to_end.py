@@ -16,6 +16,7 @@ from statistics import mean
 
 import pytest
 import torch
+from crashing_workers import CrashAt
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.checkpoint import latest_checkpoint
@@ -82,19 +83,6 @@ def test_each_critic_free_estimator_raises_the_reward(estimator, grpo_run, tmp_p
     assert [r["rollout/num_samples"] for r in rows] == [SAMPLES] * ROUNDS
     assert not any("value" in key or "explained_variance" in key for r in rows for key in r)
     _no_critic_saved(run_dir)
-
-
-class CrashAt(InProcessWorkers):
-    """In-process workers whose update raises in round ``crash_round`` (a killed driver)."""
-
-    def __init__(self, cfg, crash_round: int):
-        super().__init__(cfg)
-        self.crash_round = crash_round
-
-    def update(self, batch, round_index):
-        if round_index == self.crash_round:
-            raise RuntimeError("simulated crash")
-        return super().update(batch, round_index)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

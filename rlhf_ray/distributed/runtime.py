@@ -377,11 +377,6 @@ class RolloutPool:
         del self.workers[n:]
         _kill(extra)
 
-    def load(self, weights_ref: Any, version: int) -> None:
-        """Every worker takes these (whole) weights; one that died is replaced."""
-        self.begin(version, 1)
-        self.load_bucket(weights_ref, 0)
-
     def begin(self, version: int, count: int) -> None:
         """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
         self._version, self._count, self._buckets = version, count, []

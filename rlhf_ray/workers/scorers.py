@@ -13,7 +13,6 @@ from rlhf_ray.models import (
     default_device,
     max_positions,
     response_logprobs,
-    state_dict_from_numpy,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
@@ -40,9 +39,6 @@ class ReferenceScorer:
         self.model.requires_grad_(False)
         self.temperature = temperature
         self.chunk_size = chunk_size
-
-    def set_weights(self, weights: NumpyWeights) -> None:
-        self.model.load_state_dict(state_dict_from_numpy(weights))
 
     def load_bucket(self, bucket: NumpyWeights) -> None:
         """Part of the weights (a sync bucket), loaded tensor by tensor."""
