@@ -115,10 +115,6 @@ class TorchEngine:
     def full_params(self) -> Iterator[None]:
         yield
 
-    @contextlib.contextmanager
-    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
-        yield
-
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
@@ -328,15 +324,33 @@ class DeepSpeedEngine:
         ):
             yield
 
-    @contextlib.contextmanager
-    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Collective on all ranks: inside, ``params`` are whole (ZeRO-3), the rest not."""
-        import deepspeed
+    def whole_on_rank0(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Collective on all ranks: rank 0 gets CPU tensors of these whole parameters (and
+        buffers), the others None. Under ZeRO-3 each rank sends only its partition to rank 0
+        (``torch.distributed.gather`` straight into the whole tensor's buffer), so no other
+        rank receives the model and rank 0 holds one copy of it, not a gathered parameter and a
+        copy. Only rank 0 needs the weights for a sync; an all-gather moves them N times."""
+        import torch.distributed as dist
 
-        with deepspeed.zero.GatheredParameters(
-            params, modifier_rank=None, enabled=self.zero_stage == 3
-        ):
-            yield
+        out: dict[str, torch.Tensor] | None = {} if self.rank == 0 else None
+        for name, tensor in named.items():
+            part = getattr(tensor, "ds_tensor", None)
+            if self.zero_stage != 3 or part is None:  # whole on every rank already
+                if out is not None:
+                    out[name] = tensor.detach().to("cpu", copy=True)
+                continue
+            # DeepSpeed's layout: rank r holds elements [r * n, (r + 1) * n) of the flattened,
+            # padded parameter (n = the partition size, the same on every rank)
+            part = part.detach().to(tensor.device)
+            if out is None:
+                dist.gather(part, dst=0)
+                continue
+            whole = torch.empty(part.numel() * self.world_size, dtype=part.dtype,
+                                device=part.device)  # fmt: skip
+            dist.gather(part, gather_list=list(whole.chunk(self.world_size)), dst=0)
+            zero3: Any = tensor  # DeepSpeed's attributes of a partitioned parameter
+            out[name] = whole[: zero3.ds_numel].view(zero3.ds_shape).to("cpu")
+        return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""

@@ -251,17 +251,17 @@ class _Rank:
         assert self.engine is not None, "call setup() first"
         tensors = weight_tensors(self.module)
         names = self._bucket_names(bucket_mb)[index]
-        params = [tensors[n] for n in names if isinstance(tensors[n], torch.nn.Parameter)]
-        with self.engine.gathered(params):  # type: ignore[arg-type]
-            if self.rank != 0:
-                return None
-            zero3 = getattr(self.engine, "zero_stage", 0) == 3
-            # ZeRO-3 frees the gathered data on exit: copy it out; otherwise the arrays view
-            # the live parameters and Ray copies them into the object store on return
-            bucket = {n: tensors[n].detach() for n in names}
-            if zero3 or self.device.type != "cpu":
-                bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
-            return state_dict_to_numpy(bucket)
+        if getattr(self.engine, "zero_stage", 0) == 3:  # the partitions are sent to rank 0
+            assert isinstance(self.engine, DeepSpeedEngine)
+            whole = self.engine.whole_on_rank0({n: tensors[n] for n in names})
+            return None if whole is None else state_dict_to_numpy(whole)
+        if self.rank != 0:
+            return None
+        # on CPU the arrays view the live parameters: Ray copies them into the object store
+        bucket = {n: tensors[n].detach() for n in names}
+        if self.device.type != "cpu":
+            bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
+        return state_dict_to_numpy(bucket)
 
     def full_weights(self) -> NumpyWeights | None:
         """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
