@@ -4,29 +4,37 @@ beside `rlhf-ray plan`'s estimate.
 What it measures
     A GPT-2 style policy of ~100M fp32 parameters (preset gpt2-tiny, hidden 768, 14 layers,
     12 heads, bytes tokenizer; saved to a temp dir and loaded from that path, as a real
-    checkpoint would be) as 2 DeepSpeed ranks (real ``PolicyLearner`` actors in a
-    ``LearnerGroup`` on a private local Ray, gloo on CPU). For each ZeRO stage, every rank
-    samples its own anonymous resident memory (``RssAnon``: private heap, not the shared object
-    store) every 2 ms from after its process group is up (the baseline: interpreter, torch,
-    DeepSpeed) through model construction (ZeRO-3: under ``deepspeed.zero.Init``), engine set-up
-    and one PPO minibatch (forward, backward, Adam step). The figure is peak minus baseline,
-    the larger of the two ranks. Beside it: ``rlhf_ray.memory.learner_memory``'s per-rank
-    estimate for the same settings (model states + activations; the fixed GPU-process overhead
-    is left out on CPU).
+    checkpoint would be) as ``--ranks`` DeepSpeed ranks (default 2; real ``PolicyLearner``
+    actors in a ``LearnerGroup`` on a private local Ray, gloo on CPU). For each ZeRO stage,
+    every rank samples its own anonymous resident memory (``RssAnon``: private heap, not the
+    shared object store) every 2 ms from after its process group is up (the baseline:
+    interpreter, torch, DeepSpeed) through model construction (ZeRO-3: under
+    ``deepspeed.zero.Init``), engine set-up and one PPO minibatch of 2 rows per rank (forward,
+    backward, Adam step). The figure is peak minus baseline, the largest over the ranks. Beside
+    it: ``rlhf_ray.memory.learner_memory``'s per-rank estimate for the same settings (model
+    states, the optimizer step's transients and activations; the fixed GPU-process overhead is
+    left out on CPU).
 
-    Then the streamed sync, at ZeRO-3: 2 ``RolloutGenerator`` workers in a ``RolloutPool`` and
-    the runtime's own bucket streaming (``RayWorkers._gather_bucket`` + ``stream_buckets``),
-    with ``sync.bucket_mb`` (default 32). Reported: the sync's wall seconds (median of
-    ``--repeats``), rank 0's peak extra ``RssAnon`` during a sync, the bucket size and the
-    model size; and a check that a worker's greedy continuation equals the learner's.
+    ``--malloc fixed`` (the default) starts the ranks with ``MALLOC_MMAP_THRESHOLD_=65536``:
+    glibc then hands every freed tensor of 64 KiB or more straight back, so ``RssAnon`` follows
+    the tensors alive (what ``torch.cuda.max_memory_allocated`` reports on a GPU). ``--malloc
+    glibc`` keeps glibc's adaptive default, under which freed blocks stay in the heap for reuse;
+    ZeRO-3's many gather/free cycles then leave hundreds of MB of it behind.
+
+    Then the streamed sync, at ZeRO-3, under glibc's default allocator (as a run has it): 2
+    ``RolloutGenerator`` workers in a ``RolloutPool`` and the runtime's own bucket streaming
+    (``RayWorkers._gather_bucket`` + ``stream_buckets``), with ``sync.bucket_mb`` (default 32).
+    Reported: the sync's wall seconds (median of ``--repeats``), rank 0's peak extra
+    ``RssAnon`` during a sync, the bucket size and the model size; and a check that a worker's
+    greedy continuation equals the learner's.
 
 Output
     A readable table, then ONE JSON line with the keys:
-    ``params`` (model parameters), ``zero{1,2,3}_peak_mb`` (measured, per rank),
-    ``zero{1,2,3}_estimate_mb`` (plan's estimate), ``zero{1,2,3}_estimate_error`` (estimate /
-    measured - 1), ``zero3_over_zero1`` (peak ratio), ``sync_s`` (median), ``sync_peak_extra_mb``
-    (sending rank), ``bucket_mb``, ``model_mb``, ``sync_parity`` (bool), ``load_avg`` (1-minute
-    load average at the start, from ``uptime``).
+    ``params`` (model parameters), ``ranks``, ``malloc``, ``zero{1,2,3}_peak_mb`` (measured, per
+    rank), ``zero{1,2,3}_estimate_mb`` (plan's estimate), ``zero{1,2,3}_estimate_error``
+    (estimate / measured - 1), ``zero3_over_zero1`` (peak ratio), ``sync_s`` (median),
+    ``sync_peak_extra_mb`` (sending rank), ``buckets``, ``bucket_mb``, ``model_mb``,
+    ``sync_parity`` (bool), ``load_avg`` (1-minute load average at the start).
 
     Each stage also prints its ranks' peaks during set-up (model load, engine) and after one
     training minibatch, both above the same baseline.
@@ -35,6 +43,8 @@ How to run (from the repository root; needs ~8 GB of free memory and both cores)
     python benchmarks/memory.py
     python benchmarks/memory.py --layers 4 --bucket-mb 8      # a quicker, smaller model
     python benchmarks/memory.py --stages 1,3 --no-sync         # only the ZeRO-1/3 peaks
+    python benchmarks/memory.py --ranks 4 --no-sync            # the peaks over 4 ranks
+    python benchmarks/memory.py --malloc glibc --no-sync       # under glibc's default allocator
     python benchmarks/memory.py --stages "" --bucket-mb 128    # only the sync
 
 Measured on this project's 2-core CPU machine (gloo, fp32, ~100M parameters), see the README's
@@ -44,6 +54,7 @@ Measured on this project's 2-core CPU machine (gloo, fp32, ~100M parameters), se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +64,7 @@ import tempfile
 import threading
 import time
 import types
+from collections.abc import Iterator
 
 import _common
 import ray
@@ -68,7 +80,7 @@ from rlhf_ray.workers.learners import PolicyLearner
 from rlhf_ray.workers.sync import stream_buckets
 
 MB = 2**20
-PROMPT, RESPONSE, ROWS = 16, 16, 4  # one minibatch of 4 rows: 2 per rank
+PROMPT, RESPONSE, ROWS_PER_RANK = 16, 16, 2  # one minibatch of 2 rows per rank
 
 
 def rss_anon() -> int:
@@ -101,15 +113,16 @@ class MeasuredPolicy(PolicyLearner):
         return max(self._peak, rss_anon())
 
 
-def ppo_batch(vocab: int) -> PPOBatch:
+def ppo_batch(vocab: int, ranks: int) -> PPOBatch:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (ROWS, PROMPT + RESPONSE), generator=g)
+    rows = ROWS_PER_RANK * ranks
+    ids = torch.randint(3, vocab, (rows, PROMPT + RESPONSE), generator=g)
     return PPOBatch(
         input_ids=ids, attention_mask=torch.ones_like(ids),
-        response_mask=torch.ones(ROWS, RESPONSE, dtype=torch.long),
-        old_logprobs=-torch.rand(ROWS, RESPONSE, generator=g) - 5,
-        old_values=torch.zeros(ROWS, RESPONSE), advantages=torch.randn(ROWS, RESPONSE, generator=g),
-        returns=torch.zeros(ROWS, RESPONSE), ref_logprobs=-torch.rand(ROWS, RESPONSE) - 5,
+        response_mask=torch.ones(rows, RESPONSE, dtype=torch.long),
+        old_logprobs=-torch.rand(rows, RESPONSE, generator=g) - 5,
+        old_values=torch.zeros(rows, RESPONSE), advantages=torch.randn(rows, RESPONSE, generator=g),
+        returns=torch.zeros(rows, RESPONSE), ref_logprobs=-torch.rand(rows, RESPONSE) - 5,
         prompt_len=PROMPT,
     )  # fmt: skip
 
@@ -123,9 +136,10 @@ def preset(args: argparse.Namespace):
 
 def config(args: argparse.Namespace, stage: int, path: str, cpus_per_rank: float = 1.0):
     return load_config(None, [
-        f"policy.model.path={path}", f"policy.zero_stage={stage}", "policy.num_ranks=2",
+        f"policy.model.path={path}", f"policy.zero_stage={stage}", f"policy.num_ranks={args.ranks}",
         f"policy.num_cpus_per_rank={cpus_per_rank}",
-        f"rollout.batch_size={ROWS}", f"ppo.minibatch_size={ROWS}", "ppo.epochs=1",
+        f"rollout.batch_size={ROWS_PER_RANK * args.ranks}",
+        f"ppo.minibatch_size={ROWS_PER_RANK * args.ranks}", "ppo.epochs=1",
         f"data.max_prompt_tokens={PROMPT}", f"rollout.max_new_tokens={RESPONSE}",
         "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5",
         f"sync.bucket_mb={args.bucket_mb}", "cluster.actor_start_timeout_s=600",
@@ -137,9 +151,10 @@ def estimate(cfg) -> tuple[float, int]:
     assert config_json is not None
     shape = ModelShape.from_config(config_json)
     parts = learner_memory(
-        shape, lm_head=True, dtype="float32", ranks=2, zero_stage=cfg.policy.zero_stage,
+        shape, lm_head=True, dtype="float32", ranks=cfg.policy.num_ranks,
+        zero_stage=cfg.policy.zero_stage,
         engine="deepspeed", offload_optimizer=False, offload_params=False,
-        micro_batch=ROWS // 2, seq_len=PROMPT + RESPONSE, response_len=RESPONSE,
+        micro_batch=ROWS_PER_RANK, seq_len=PROMPT + RESPONSE, response_len=RESPONSE,
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
     return sum(parts.values()), shape.num_params()
@@ -166,7 +181,7 @@ def measure_training(cfg, vocab: int) -> float:
         _get_all(group.call("setup"))
         setup = _get_all(group.call("mem_stop"))
         _get_all(group.call("mem_start"))
-        _get_all(group.call("train", ppo_batch(vocab), 0))
+        _get_all(group.call("train", ppo_batch(vocab, cfg.policy.num_ranks), 0))
         peak = _get_all(group.call("mem_stop"))
         print(
             "  setup peak",
@@ -209,6 +224,23 @@ def measure_sync(cfg, repeats: int) -> dict:
         group.kill()
 
 
+@contextlib.contextmanager
+def malloc_env(kind: str) -> Iterator[None]:
+    """``fixed``: Ray's processes started inside return every freed block of 64 KiB or more to
+    the system at once (glibc reads ``MALLOC_MMAP_THRESHOLD_`` when a process starts), so their
+    RssAnon follows the tensors alive, as ``torch.cuda.max_memory_allocated`` does on a GPU.
+    ``glibc``: its default, which raises the threshold as big blocks are freed and then keeps
+    freed memory for reuse: RssAnon shows the allocator's high-water mark."""
+    if kind == "glibc":
+        yield
+        return
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    try:
+        yield
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=768)
@@ -218,32 +250,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed syncs (median shown)")
     p.add_argument("--stages", default="1,2,3", help="ZeRO stages to measure (1 and 3: ratio)")
     p.add_argument("--no-sync", action="store_true", help="skip the sync measurement")
+    p.add_argument("--ranks", type=int, default=2, help="learner ranks (the issue's figure: 2)")
+    p.add_argument(
+        "--malloc", choices=("fixed", "glibc"), default="fixed",
+        help="fixed: the actors' glibc returns every freed block of 64 KiB or more at once, so "
+        "RssAnon follows the live tensors; glibc: its default adaptive threshold",
+    )  # fmt: skip
     args = p.parse_args(argv)
     load = os.getloadavg()[0]
     _common.banner("memory: ZeRO-1/2/3 peak per rank and a streamed weight sync")
-    result: dict = {"load_avg": round(load, 2), "bucket_mb": args.bucket_mb}
+    result: dict = {"load_avg": round(load, 2), "bucket_mb": args.bucket_mb,
+                    "ranks": args.ranks, "malloc": args.malloc}  # fmt: skip
     rows = []
     model_dir = tempfile.mkdtemp(prefix="mem-bench-")
     spec = preset(args)
     build_causal_lm(spec, build_tokenizer(load_config().tokenizer)).save_pretrained(model_dir)
-    with _common.local_ray(2):
-        for stage in (int(s) for s in args.stages.split(",") if s):
-            cfg = config(args, stage, model_dir)
-            est, params = estimate(cfg)
-            vocab = build_tokenizer(cfg.tokenizer).vocab_size
-            peak = measure_training(cfg, vocab)
-            result["params"] = params
-            result[f"zero{stage}_peak_mb"] = round(peak / MB, 1)
-            result[f"zero{stage}_estimate_mb"] = round(est / MB, 1)
-            result[f"zero{stage}_estimate_error"] = round(est / peak - 1, 3)
-            rows.append((f"ZeRO-{stage}", peak / MB, est / MB, f"{100 * (est / peak - 1):+.0f}%"))
-            print(
-                f"ZeRO-{stage}: peak {peak / MB:,.0f} MB, estimate {est / MB:,.0f} MB", flush=True
-            )
-        if "zero1_peak_mb" in result and "zero3_peak_mb" in result:
-            result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
-        result["model_mb"] = round(estimate(config(args, 3, model_dir))[1] * 4 / MB, 1)
-        if not args.no_sync:  # the learner ranks and the 2 workers share the 2 CPUs
+    stages = [int(s) for s in args.stages.split(",") if s]
+    if stages:
+        with malloc_env(args.malloc), _common.local_ray(max(2, args.ranks)):
+            for stage in stages:
+                cfg = config(args, stage, model_dir)
+                est, params = estimate(cfg)
+                vocab = build_tokenizer(cfg.tokenizer).vocab_size
+                peak = measure_training(cfg, vocab)
+                result["params"] = params
+                result[f"zero{stage}_peak_mb"] = round(peak / MB, 1)
+                result[f"zero{stage}_estimate_mb"] = round(est / MB, 1)
+                result[f"zero{stage}_estimate_error"] = round(est / peak - 1, 3)
+                error = f"{100 * (est / peak - 1):+.0f}%"
+                rows.append((f"ZeRO-{stage}", peak / MB, est / MB, error))
+                print(f"ZeRO-{stage}: peak {peak / MB:,.0f} MB, estimate {est / MB:,.0f} MB",
+                      flush=True)  # fmt: skip
+    if "zero1_peak_mb" in result and "zero3_peak_mb" in result:
+        result["zero3_over_zero1"] = round(result["zero3_peak_mb"] / result["zero1_peak_mb"], 3)
+    result["model_mb"] = round(estimate(config(args, 3, model_dir))[1] * 4 / MB, 1)
+    if not args.no_sync:  # the runtime's own allocator; ranks and 2 workers share the CPUs
+        with _common.local_ray(max(2, args.ranks)):
             result.update(measure_sync(config(args, 3, model_dir, 0.5), args.repeats))
     shutil.rmtree(model_dir, ignore_errors=True)
     print()

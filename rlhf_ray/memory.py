@@ -8,7 +8,9 @@ What is counted, per device (one learner rank, one scorer replica, one rollout w
 
 - parameters at the model dtype (ZeRO-3: 1/N of them plus the prefetch bucket; parameter
   offload: only that bucket);
-- gradients at the model dtype (ZeRO-2/3: 1/N of them plus the reduce bucket);
+- gradients at the model dtype (ZeRO-2/3: 1/N of them plus the reduce bucket), or, when it is
+  larger, what the optimizer step holds: the gradient partition cast to fp32 and AdamW's fp32
+  temporaries for the tensor it steps (ZeRO-1/2: the whole partition; ZeRO-3: a sub-group);
 - optimizer states: Adam's two fp32 moments, plus DeepSpeed's fp32 master copy (ZeRO >= 1, or
   half-precision weights); 1/N of them from ZeRO-1 on; none with optimizer offload;
 - activations kept for the backward of one micro-batch of ``prompt + response`` tokens
@@ -160,14 +162,38 @@ def learner_memory(
     checkpointing: bool,
     on_gpu: bool,
 ) -> dict[str, float]:
-    """Bytes on one learner rank's device while it trains."""
+    """Bytes on one learner rank's device at its peak while it trains.
+
+    ``grads`` is the larger of two moments: the end of the backward (the gradients this stage
+    keeps, plus the reduce bucket) and the optimizer step (the gradient partition flattened into
+    fp32 and AdamW's temporaries, one fp32 copy of the stepped tensor with torch's foreach
+    kernels on GPU, two with its single-tensor kernels on CPU). ZeRO-1/2 step their whole
+    partition as one flat tensor; ZeRO-3 steps a sub-group (a bucket) at a time, but keeps a
+    flat gradient partition all along."""
     p, wb = shape.num_params(lm_head), DTYPE_BYTES[dtype]
     deepspeed = engine == "deepspeed"
     bucket = min(p, BUCKET_ELEMENTS) * wb
     params = 0.0 if offload_params else p * wb / (ranks if zero_stage == 3 else 1)
     if deepspeed and zero_stage == 3:
         params += bucket  # the layer(s) gathered for the current forward/backward
-    grads = p * wb / (ranks if zero_stage >= 2 else 1) + (bucket if deepspeed else 0)
+    temporaries = 1 if on_gpu else 2  # fp32 copies AdamW makes of the tensor it steps
+    fp32_copy = 4 if wb < 4 else 0  # half-precision gradients are cast for the fp32 step
+    backward: float
+    step: float
+    if not deepspeed or zero_stage == 0:  # per-parameter AdamW: the embedding is the largest
+        backward = p * wb
+        step = p * wb + 4 * temporaries * shape.vocab * shape.hidden
+    elif zero_stage == 3:
+        kept = p * wb / ranks  # DeepSpeed's flat gradient partition
+        chunk = min(p / ranks, BUCKET_ELEMENTS)  # ``sub_group_size``
+        backward = kept + bucket
+        step = kept + chunk * (wb + fp32_copy + 4 * temporaries)
+    else:  # ZeRO-1 holds every gradient until the step, ZeRO-2 only its partition
+        backward = (p * wb if zero_stage <= 1 else p * wb / ranks) + bucket
+        step = p / ranks * (wb + fp32_copy + 4 * temporaries)
+    if offload_optimizer:  # the step runs on the host
+        step = 0.0
+    grads = max(backward, step)
     master = 4 * p if deepspeed and (zero_stage >= 1 or wb < 4) else 0
     optim = (8 * p + master) / (ranks if deepspeed and zero_stage >= 1 else 1)
     if offload_optimizer:
@@ -180,7 +206,7 @@ def learner_memory(
         acts = shape.layers * per_layer
     if lm_head:  # logits of every position, then fp32 logits / log-softmax of the responses
         acts += tokens * shape.vocab * wb + 2 * micro_batch * response_len * shape.vocab * 4
-    parts = {"params": params, "grads": grads, "optimizer": optim, "activations": acts}
+    parts = {"params": params, "grads": float(grads), "optimizer": optim, "activations": acts}
     if on_gpu:
         parts["overhead"] = GPU_OVERHEAD_BYTES
     return parts

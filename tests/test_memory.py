@@ -60,7 +60,9 @@ def test_learner_memory_by_hand():
     bucket = 388 * 4  # the whole toy model fits one gather/reduce bucket
     assert BUCKET_ELEMENTS > 388
     assert parts["params"] == 388 * 4 / 2 + bucket  # own half + the gathered bucket
-    assert parts["grads"] == 388 * 4 / 2 + bucket
+    # the larger of: the backward's partition + bucket (776 + 1552) and the step's partition +
+    # a sub-group (the whole half here) cast-free (fp32) with two fp32 AdamW temporaries on CPU
+    assert parts["grads"] == max(388 * 4 / 2 + bucket, 388 * 4 / 2 + 388 / 2 * (4 + 2 * 4))
     assert parts["optimizer"] == (8 * 388 + 4 * 388) / 2  # Adam m, v + fp32 master, halved
     # 10 tokens x (6h + 2kv + 4i = 60) x 4 B x 2 layers + logits 10 x 10 x 4 + 2 x 2x3x10 x 4
     assert parts["activations"] == 2 * 2400 + 400 + 480
@@ -71,6 +73,7 @@ def test_learner_memory_by_hand():
         checkpointing=True, on_gpu=True,
     )  # fmt: skip
     assert ckpt["params"] == bucket and ckpt["optimizer"] == 0
+    assert ckpt["grads"] == 388 * 4 / 2 + bucket  # the step runs on the host
     assert ckpt["activations"] == 2 * 10 * 4 * 4 + 2400 + 880  # layer inputs + one layer
     assert ckpt["overhead"] == 1e9
     zero1 = learner_memory(
@@ -78,13 +81,22 @@ def test_learner_memory_by_hand():
         offload_optimizer=False, offload_params=False, micro_batch=2, seq_len=5, response_len=3,
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
-    assert (zero1["params"], zero1["grads"]) == (388 * 4, 388 * 4 + bucket)
+    assert (zero1["params"], zero1["grads"]) == (388 * 4, 388 * 4 + bucket)  # all until the step
+    zero2_bf16_gpu = learner_memory(
+        TOY, lm_head=True, dtype="bfloat16", ranks=2, zero_stage=2, engine="deepspeed",
+        offload_optimizer=False, offload_params=False, micro_batch=2, seq_len=5, response_len=3,
+        checkpointing=False, on_gpu=True,
+    )  # fmt: skip
+    # the step: the bf16 partition (194 x 2 B), its fp32 cast and one foreach temporary (x 4 B)
+    assert zero2_bf16_gpu["grads"] == 194 * (2 + 4 + 4)
+    assert zero2_bf16_gpu["optimizer"] == (8 * 388 + 4 * 388) / 2
     torch_fp32 = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=1, zero_stage=0, engine="torch",
         offload_optimizer=False, offload_params=False, micro_batch=2, seq_len=5, response_len=3,
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
     assert torch_fp32["optimizer"] == 8 * 388  # no master copy, no partition
+    assert torch_fp32["grads"] == 388 * 4 + 2 * 4 * 10 * 4  # + AdamW's temporaries of the embedding
 
 
 def test_scorer_and_rollout_memory_by_hand():
