@@ -45,6 +45,7 @@ How to run (from the repository root; needs ~8 GB of free memory and both cores)
     python benchmarks/memory.py --stages 1,3 --no-sync         # only the ZeRO-1/3 peaks
     python benchmarks/memory.py --ranks 4 --no-sync            # the peaks over 4 ranks
     python benchmarks/memory.py --malloc glibc --no-sync       # under glibc's default allocator
+    python benchmarks/memory.py --dtype bfloat16 --no-sync     # bf16 weights, fp32 master
     python benchmarks/memory.py --stages "" --bucket-mb 128    # only the sync
 
 Measured on this project's 2-core CPU machine (gloo, fp32, ~100M parameters), see the README's
@@ -137,6 +138,7 @@ def preset(args: argparse.Namespace):
 def config(args: argparse.Namespace, stage: int, path: str, cpus_per_rank: float = 1.0):
     return load_config(None, [
         f"policy.model.path={path}", f"policy.zero_stage={stage}", f"policy.num_ranks={args.ranks}",
+        f"policy.model.dtype={args.dtype}",
         f"policy.num_cpus_per_rank={cpus_per_rank}",
         f"rollout.batch_size={ROWS_PER_RANK * args.ranks}",
         f"ppo.minibatch_size={ROWS_PER_RANK * args.ranks}", "ppo.epochs=1",
@@ -151,7 +153,7 @@ def estimate(cfg) -> tuple[float, int]:
     assert config_json is not None
     shape = ModelShape.from_config(config_json)
     parts = learner_memory(
-        shape, lm_head=True, dtype="float32", ranks=cfg.policy.num_ranks,
+        shape, lm_head=True, dtype=cfg.policy.model.dtype, ranks=cfg.policy.num_ranks,
         zero_stage=cfg.policy.zero_stage,
         engine="deepspeed", offload_optimizer=False, offload_params=False,
         micro_batch=ROWS_PER_RANK, seq_len=PROMPT + RESPONSE, response_len=RESPONSE,
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="1,2,3", help="ZeRO stages to measure (1 and 3: ratio)")
     p.add_argument("--no-sync", action="store_true", help="skip the sync measurement")
     p.add_argument("--ranks", type=int, default=2, help="learner ranks (the issue's figure: 2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the policy's weights (bfloat16: DeepSpeed's mixed precision)")  # fmt: skip
     p.add_argument(
         "--malloc", choices=("fixed", "glibc"), default="fixed",
         help="fixed: the actors' glibc returns every freed block of 64 KiB or more at once, so "
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     _common.banner("memory: ZeRO-1/2/3 peak per rank and a streamed weight sync")
     result: dict = {"load_avg": round(load, 2), "bucket_mb": args.bucket_mb,
-                    "ranks": args.ranks, "malloc": args.malloc}  # fmt: skip
+                    "ranks": args.ranks, "malloc": args.malloc, "dtype": args.dtype}  # fmt: skip
     rows = []
     model_dir = tempfile.mkdtemp(prefix="mem-bench-")
     spec = preset(args)
