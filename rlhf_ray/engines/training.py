@@ -353,11 +353,9 @@ class DeepSpeedEngine:
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective on all ranks; rank 0 gets the full (gathered) weights, others None."""
-        with self.full_params():
-            if self.rank != 0:
-                return None
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        """Collective on all ranks; rank 0 gets the full weights, others None."""
+        # keep_vars: ZeRO-3's parameters themselves (with their partitions), not empty tensors
+        return self.whole_on_rank0(self.module.state_dict(keep_vars=True))
 
     def save_state(self, directory: str) -> None:
         """Collective: weights and each rank's (ZeRO-partitioned) optimizer state."""

@@ -23,12 +23,14 @@ def state_dict_to_numpy(state: dict[str, torch.Tensor]) -> NumpyWeights:
     return out
 
 
+def _from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A writable tensor of one shipped array (object-store arrays are read-only)."""
+    t = torch.from_numpy(np.array(array, copy=True))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def state_dict_from_numpy(weights: NumpyWeights) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (array, dtype) in weights.items():
-        t = torch.from_numpy(np.array(array, copy=True))
-        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
-    return out
+    return {name: _from_numpy(array, dtype) for name, (array, dtype) in weights.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,5 +76,4 @@ def load_weights(module: torch.nn.Module, weights: NumpyWeights) -> None:
         raise KeyError(f"weights for unknown tensors: {missing[:5]}")
     with torch.no_grad():
         for name, (array, dtype) in weights.items():
-            t = torch.from_numpy(np.array(array, copy=True))
-            targets[name].copy_(t.view(torch.bfloat16) if dtype == "bfloat16" else t)
+            targets[name].copy_(_from_numpy(array, dtype))
