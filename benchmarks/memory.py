@@ -176,7 +176,7 @@ def start_group(cfg) -> LearnerGroup:
 
 
 def measure_training(cfg, vocab: int) -> float:
-    """Peak RssAnon above the baseline, max over the 2 ranks, in bytes."""
+    """Peak RssAnon above the baseline, the largest over the ranks, in bytes."""
     group = start_group(cfg)
     try:
         base = _get_all(group.call("mem_start"))

@@ -152,11 +152,11 @@ def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
     if address:
         import ray
 
-        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes_with_gpu_memory
+        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes
 
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
         try:
-            return cluster_nodes_with_gpu_memory(), f"Ray cluster at {address}"
+            return cluster_nodes(gpu_memory=True), f"Ray cluster at {address}"
         finally:
             ray.shutdown()
     if cfg.cluster.nodes:

@@ -78,14 +78,6 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def cluster_nodes() -> list[Node]:
-    return [
-        Node(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
-        for n in ray.nodes()
-        if n.get("Alive")
-    ]
-
-
 @ray.remote(num_cpus=0)
 def _gpu_memory_gb() -> float | None:
     """The smallest GPU's memory on this node, from ``nvidia-smi`` (None if there is none)."""
@@ -101,8 +93,9 @@ def _gpu_memory_gb() -> float | None:
         return None
 
 
-def cluster_nodes_with_gpu_memory(timeout_s: float = 60.0) -> list[Node]:
-    """``cluster_nodes`` plus what each GPU node reports of its GPUs' memory."""
+def cluster_nodes(gpu_memory: bool = False, timeout_s: float = 60.0) -> list[Node]:
+    """The live nodes' CPUs and GPUs; with ``gpu_memory``, also what each GPU node reports of
+    its GPUs' memory (one small task per GPU node, at most ``timeout_s`` each)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     out = []
@@ -111,7 +104,7 @@ def cluster_nodes_with_gpu_memory(timeout_s: float = 60.0) -> list[Node]:
             continue
         cpus, gpus = n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)
         memory = None
-        if gpus:
+        if gpu_memory and gpus:
             strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
             try:
                 memory = ray.get(
