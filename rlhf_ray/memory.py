@@ -141,9 +141,10 @@ class Estimate:
         return sum(self.parts.values())
 
     @property
-    def model_states(self) -> float:
-        """Everything but the fixed per-process overhead (what a CPU process measures)."""
-        return self.total - self.parts.get("overhead", 0.0)
+    def states(self) -> float:
+        """Parameters, gradients and optimizer states (the rest: activations, KV cache,
+        overhead)."""
+        return sum(self.parts.get(k, 0.0) for k in ("params", "grads", "optimizer"))
 
 
 def learner_memory(

@@ -124,8 +124,7 @@ def format_plan(plan: list[RolePlan], nodes: list[Node], memory: dict | None = N
             if est is None or isinstance(est, str):
                 mem = f" {'?':>9} {'':>13}"
             else:
-                states = sum(est.parts.get(k, 0.0) for k in ("params", "grads", "optimizer"))
-                split = f"{states / 1e9:.2f}/{(est.total - states) / 1e9:.2f}"
+                split = f"{est.states / 1e9:.2f}/{(est.total - est.states) / 1e9:.2f}"
                 mem = f" {est.total / 1e9:>9.2f} {split:>13}"
         lines.append(
             f"{r.role:<10} {r.actors:>6} {_fmt(r.cpus):>10} {_fmt(r.gpus):>10} "
