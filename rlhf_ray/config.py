@@ -291,8 +291,8 @@ class RolloutConfig(_Section):
     top_k: int = Field(
         0,
         ge=0,
-        description="Top-k sampling (0: off). The sampler records, and the policy's old and new "
-        "log-probs and entropy use, this filtered distribution; the reference does not.",
+        description="Top-k sampling (0: off). The sampler records, and the PPO ratio uses, "
+        "this filtered distribution; the KL, the reference and the entropy use the full one.",
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
     micro_batch_size: int = Field(
@@ -327,10 +327,13 @@ class PPOConfig(_Section):
         "weighted by kl_loss_coef (GRPO's way); null: off. Excludes a nonzero kl_coef.",
     )
     kl_loss_coef: float = Field(0.001, ge=0, description="Weight of the KL loss (kl_in_loss).")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+    loss_agg: Literal[
+        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+    ] = Field(
         "token_mean",
         description="How per-token policy losses become one loss: mean over all tokens, mean "
-        "over sequences of per-sequence token means (GRPO) or of token sums (Dr. GRPO).",
+        "over sequences of per-sequence token means (GRPO) or of token sums (Dr. GRPO), or "
+        "token sums over the constant rollout.max_new_tokens (Dr. GRPO's normaliser).",
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
     whiten_advantages: bool = Field(
@@ -348,6 +351,12 @@ class PPOConfig(_Section):
         gt=0,
         description="Rows per forward/backward on one rank; gradients accumulate over a "
         "rank's share of a minibatch (null: the whole share at once, no accumulation).",
+    )
+    dual_clip: float | None = Field(
+        None,
+        gt=1,
+        description="Dual-clip PPO: under a negative advantage the per-token loss is capped at "
+        "-A * c (veRL's clip_ratio_c; 3 is the usual value); null: off.",
     )
 
 

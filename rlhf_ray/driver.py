@@ -45,7 +45,7 @@ from rlhf_ray.reward_shaping import ScoreShaper
 from rlhf_ray.rollout_dump import dump_due, dump_round
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
-from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync
+from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync, kl_logprobs
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
@@ -144,7 +144,7 @@ def compute_advantages(
     mask = rollout.response_mask
     scores = scored["scores"]
     rewards, kl = kl_penalized_rewards(
-        scores, scored["old_logprobs"], scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
+        scores, kl_logprobs(scored), scored["ref_logprobs"], mask, kl_coef, ppo.kl_estimator
     )
     stats: dict[str, float] = {}
     if algo.estimator == "gae":

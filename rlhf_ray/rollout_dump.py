@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from rlhf_ray.algo import kl_penalized_rewards
 from rlhf_ray.types import PPOBatch, Rollout
+from rlhf_ray.workers.interface import kl_logprobs
 
 
 def dump_due(every: int, round_index: int) -> bool:
@@ -53,7 +54,7 @@ def sample_rows(
 ) -> list[dict[str, Any]]:
     """One JSON-ready dict per sample of the round."""
     mask = rollout.response_mask
-    rewards, kl = kl_penalized_rewards(shaped_scores, scored["old_logprobs"],
+    rewards, kl = kl_penalized_rewards(shaped_scores, kl_logprobs(scored),
                                        scored["ref_logprobs"], mask, kl_coef,
                                        kl_estimator)  # fmt: skip
     rows = []

@@ -2,11 +2,19 @@
 
 Estimators follow Schulman, "Approximating KL Divergence" (2020), for samples drawn from the
 policy: with r = ref_logprobs - logprobs, k1 = -r, k2 = r^2 / 2 and k3 = (exp(r) - 1) - r.
+k3 is clamped as veRL's ``kl_penalty`` clamps it (``core_algos.py``, "low_var_kl"): r to
+[-K3_LOG_RATIO_CLAMP, +K3_LOG_RATIO_CLAMP] before the exponential, k3 to [-K3_CLAMP, K3_CLAMP]
+after, so one token far outside the reference's support cannot overflow or dominate the loss.
 """
 
 from __future__ import annotations
 
 import torch
+
+K3_LOG_RATIO_CLAMP = 20.0
+"""|ref_logprobs - logprobs| is clamped to this before exp in k3 (veRL)."""
+K3_CLAMP = 10.0
+"""k3 is clamped to [-K3_CLAMP, K3_CLAMP] (veRL)."""
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -22,9 +30,12 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = (exp(r) - 1) - r, r = ref_logprobs - logprobs; unbiased and >= 0. Shapes `(B, T)`."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.expm1(log_ratio) - log_ratio
+    """k3 = (exp(r) - 1) - r, r = ref_logprobs - logprobs; unbiased and >= 0. Shapes `(B, T)`.
+
+    r is clamped to +-K3_LOG_RATIO_CLAMP and k3 to +-K3_CLAMP (see the module docstring); the
+    clamps bite only when the two log-probs differ by more than ~2.4 nats (k3 > 10)."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.expm1(log_ratio) - log_ratio).clamp(-K3_CLAMP, K3_CLAMP)
 
 
 _ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

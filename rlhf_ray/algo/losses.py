@@ -12,7 +12,12 @@ losses l_it of B rows with L_i valid tokens each:
   biases towards short correct and long wrong answers, which Dr. GRPO points out.
 - `seq_mean_token_sum`: (1/B) sum_i sum_t l_it. Every token weighs the same within and across
   sequences, normalised by the row count rather than the token count (Dr. GRPO's unbiased
-  aggregation without its constant length divisor).
+  aggregation without its constant length divisor). Its gradient is about the mean response
+  length times `token_mean`'s, so switching to it changes the effective learning rate.
+- `seq_mean_token_sum_norm`: (1/B) sum_i sum_t l_it / T, T the response width (`mask.shape[-1]`,
+  always `rollout.max_new_tokens` here): Dr. GRPO's constant normaliser (veRL's mode of the same
+  name, whose divisor is also `loss_mask.shape[-1]`). Same weighting as `seq_mean_token_sum`,
+  on the scale of `token_mean` when responses fill the width.
 `aggregation_weight` gives the denominator's count (tokens or rows): a learner rank scales its
 local loss by weight_local * ranks / weight_global, so that the gradient averaged over ranks is
 that of the loss over the global minibatch, for every aggregation.
@@ -25,7 +30,16 @@ import torch
 from rlhf_ray.algo.advantages import masked_mean
 from rlhf_ray.algo.kl import estimate_kl
 
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+LOSS_AGGREGATIONS = (
+    "token_mean",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+)
+
+LOG_RATIO_CLAMP = 20.0
+"""log(pi / pi_old) is clamped to +-this before exp in the policy loss (veRL's `negative_approx_kl`
+clamp), so a token whose log-prob moved far cannot overflow the ratio to inf."""
 
 
 def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
@@ -37,6 +51,8 @@ def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.
         return ((losses * m).sum(1) / m.sum(1)).mean()
     if agg == "seq_mean_token_sum":
         return (losses * m).sum(1).mean()
+    if agg == "seq_mean_token_sum_norm":
+        return (losses * m).sum(1).mean() / m.shape[-1]
     raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGREGATIONS}")
 
 
@@ -66,25 +82,39 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float,
     agg: str = "token_mean",
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, PPO eq. 7 negated: max(-A * rho, -A * clip(rho, 1-eps, 1+eps)) per
-    token, aggregated by `agg` (default: the mean over valid tokens).
+    token, aggregated by `agg` (default: the mean over valid tokens). log(rho) is clamped to
+    +-LOG_RATIO_CLAMP first.
+
+    `dual_clip` c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5; veRL's
+    `clip_ratio_c`): where A < 0 the per-token loss is also capped at -A * c, so a token whose
+    ratio grew far past 1 + eps under a negative advantage gives a bounded loss (and no
+    gradient) instead of -A * rho. None: off.
 
     All inputs `(B, T)`. Stats, token means whatever `agg`: `clipfrac` (share of valid tokens
     where the clipped term is the active one, so they get no gradient), `approx_kl` (k2
-    estimator, mean of 0.5 * log(rho)^2), `ratio_mean`.
+    estimator, mean of 0.5 * log(rho)^2), `ratio_mean`, and with `dual_clip` `dual_clipfrac`.
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate_loss(torch.max(pg_losses, pg_losses_clipped), mask, agg)
+    per_token = torch.max(pg_losses, pg_losses_clipped)
+    if dual_clip is not None:
+        capped = torch.min(per_token, -advantages * dual_clip)
+        dual = (advantages < 0) & (capped < per_token)
+        per_token = torch.where(advantages < 0, capped, per_token)
+    loss = aggregate_loss(per_token, mask, agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
+        if dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(dual.to(ratio.dtype), mask)
     return loss, stats
 
 

@@ -2,10 +2,12 @@
 
 PPO's ratio ``pi_new / pi_old`` must be taken against the distribution that produced the
 samples. With top-k / top-p that is the *processed* distribution, so the sampler's recorded
-log-probs, the learner's old and new log-probs and the entropy all go through
-``process_logits`` (temperature, then top-k, then top-p: transformers' own warpers, in the order
-``generate`` applies them). The reference policy stays temperature-only, so the KL of a token
-outside the reference's top-k stays finite.
+log-probs and the learner's old and new log-probs for the ratio go through ``process_logits``
+(temperature, then top-k, then top-p: transformers' own warpers, in the order ``generate``
+applies them). The KL to the reference (reward penalty, KL loss, ``ppo/kl``) and the entropy
+use the full temperature-scaled distribution on both sides, as veRL and TRL do: the filtered
+log-prob of a kept token is ``log p - log(kept mass)``, which would bias every KL estimate up
+by ``-log(kept mass)`` per token (``models/logprobs.py``).
 
 A token can be sampled from outside the learner's filtered set when float differences move it
 across the top-k / top-p edge; ``label_logprobs`` then keeps that token in the set (so the

@@ -3,8 +3,12 @@
 transformers does not derive positions from the attention mask in a plain forward, so every
 scoring forward passes ``position_ids = cumsum(mask) - 1`` (measured: logits moved by up to 0.61 without it); ``generate`` does this
 itself. Logits are divided by the sampling temperature before the softmax, in every logprob
-computation (policy, old, reference), as the sampler did; the policy's (old and new) also take
-the sampler's top-k / top-p (``algo.sampling``), the reference's do not.
+computation (policy, old, reference), as the sampler did. The policy's log-probs for the PPO
+ratio also take the sampler's top-k / top-p (``algo.sampling``): the ratio must be taken against
+the distribution that drew the samples. Everything KL, and the entropy, uses the full
+temperature-scaled distribution, as the reference does (veRL, TRL): under top-p the filtered
+log-prob of a kept token is ``log p - log(kept mass)``, so a KL from it would be
+``-log(kept mass) > 0`` per token even at policy == reference. ``full`` returns those.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def response_logprobs(
     chunk_tokens: int = 1024,
     entropy_grad: bool = True,
     outside: list[torch.Tensor] | None = None,
+    full: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``(B, R)`` of the response tokens ``input_ids[:, prompt_len:]`` under the
     processed distribution (temperature, top-k, top-p: ``algo.process_logits``).
@@ -84,24 +89,34 @@ def response_logprobs(
     ``[prompt_len - 1, T - 1)``. They are computed ``chunk_tokens`` tokens at a time from the
     hidden states, so no full ``(B, R, V)`` float32 tensor exists; with gradients on, each chunk
     is recomputed in the backward pass (activation checkpointing) rather than kept.
-    Returns the per-token entropy ``(B, R)`` of the processed distribution too if asked
-    (``with_entropy``; it carries a graph only when gradients are on and ``entropy_grad``, so a
-    zero entropy coefficient costs no backward through it). ``outside``, if given,
-    receives a ``(B, R)`` bool tensor: labels that fell outside the filtered set.
+    Returns the per-token entropy ``(B, R)`` of the FULL temperature-scaled distribution (not
+    the filtered one; comparable with peers' figures) too if asked (``with_entropy``; it
+    carries a graph only when gradients are on and ``entropy_grad``, so a zero entropy
+    coefficient costs no backward through it). ``outside``, if given, receives a ``(B, R)``
+    bool tensor: labels that fell outside the filtered set. ``full``, if given, receives the
+    ``(B, R)`` log-probs under the full temperature-scaled distribution (what the KL uses; the
+    same tensor as the first output when top-k and top-p are off).
     """
     hidden, head = _hidden_and_head(model, input_ids, attention_mask)
     B, R = input_ids.shape[0], input_ids.shape[1] - prompt_len
     flat = hidden[:, prompt_len - 1 : -1].reshape(B * R, -1)
     labels = input_ids[:, prompt_len:].reshape(B * R)
 
+    filtered = bool(top_k) or top_p < 1.0
+
     def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         scaled = head(h).float() / temperature
         processed = process_logits(scaled, 1.0, top_k, top_p)
         logp, out = label_logprobs(scaled, processed, y)
+        full_logp = (
+            torch.log_softmax(scaled, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            if filtered
+            else logp
+        )
         if not with_entropy:
-            return logp, out
+            return logp, out, full_logp
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            return logp, out, entropy_of_scores(processed)
+            return logp, out, full_logp, entropy_of_scores(scaled)
 
     results = []
     for i in range(0, B * R, chunk_tokens):
@@ -113,4 +128,6 @@ def response_logprobs(
     columns = [torch.cat(parts).reshape(B, R) for parts in zip(*results, strict=True)]
     if outside is not None:
         outside.append(columns[1].detach())
-    return columns[0], (columns[2] if with_entropy else None)
+    if full is not None:
+        full.append(columns[2])
+    return columns[0], (columns[3] if with_entropy else None)

@@ -57,7 +57,8 @@ class Workers(Protocol):
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """``ref_logprobs``, ``old_logprobs``, ``values`` (B, R; only with a critic), raw
         ``scores`` (B,) and ``outside_filter`` (B, R) bool: sampled tokens outside the policy's
-        top-k / top-p set."""
+        top-k / top-p set; ``full_logprobs`` (B, R): the old log-probs under the unfiltered
+        distribution (``kl_logprobs``)."""
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
         """PPO epochs on the policy (and, with a critic, value) learners; averaged stats."""
@@ -81,6 +82,13 @@ class Workers(Protocol):
 
     def close(self) -> None:
         """Release every worker."""
+
+
+def kl_logprobs(scored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The policy's log-probs the KL to the reference is taken with: the unfiltered,
+    temperature-scaled ones (``full_logprobs``; ``models/logprobs.py`` says why), else, from a
+    scorer that does not report them (no top-k / top-p: they are the same), ``old_logprobs``."""
+    return scored.get("full_logprobs", scored["old_logprobs"])
 
 
 def in_chunks(

@@ -331,19 +331,32 @@ class PolicyLearner(_Rank):
     @torch.no_grad()
     def old_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Old log-probs ``(B, R)`` of this rank's rows (recomputed here, not taken from the
-        sampler), and ``outside_filter (B, R)``: response tokens that lie outside this policy's
-        top-k / top-p set although the sampler drew them (float differences at the edge)."""
+        sampler), ``outside_filter (B, R)``: response tokens that lie outside this policy's
+        top-k / top-p set although the sampler drew them (float differences at the edge), and
+        ``full_logprobs (B, R)``: the same tokens under the unfiltered distribution (the KL's)."""
         mine = rollout.select(self.my_rows(len(rollout)))
 
         def forward(part: Rollout) -> torch.Tensor:
             outside: list[torch.Tensor] = []
-            logprobs, _ = response_logprobs(self.module, part.input_ids, part.attention_mask,
-                                            part.prompt_len, **self.sampling, outside=outside)  # fmt: skip
-            return torch.stack([logprobs, outside[0].float()], -1)
+            full: list[torch.Tensor] = []
+            logprobs, _ = response_logprobs(
+                self.module,
+                part.input_ids,
+                part.attention_mask,
+                part.prompt_len,
+                **self.sampling,
+                outside=outside,
+                full=full,
+            )
+            return torch.stack([logprobs, outside[0].float(), full[0]], -1)
 
-        both = in_chunks(mine, self.score_batch, self.device, forward)
+        out = in_chunks(mine, self.score_batch, self.device, forward)
         mask = mine.response_mask
-        return {"old_logprobs": both[..., 0] * mask, "outside_filter": (both[..., 1] * mask) > 0}
+        return {
+            "old_logprobs": out[..., 0] * mask,
+            "outside_filter": (out[..., 1] * mask) > 0,
+            "full_logprobs": out[..., 2] * mask,
+        }
 
     @torch.no_grad()
     def greedy(
@@ -370,6 +383,7 @@ class PolicyLearner(_Rank):
             return {}
 
         def loss_fn(mb: PPOBatch):
+            full: list[torch.Tensor] = []  # unfiltered log-probs: the KL's (models/logprobs.py)
             logprobs, entropy = response_logprobs(
                 self.module,
                 mb.input_ids,
@@ -378,17 +392,24 @@ class PolicyLearner(_Rank):
                 **self.sampling,
                 with_entropy=True,
                 entropy_grad=self.ppo.entropy_coef > 0,
+                full=full,
             )
             mask, agg = mb.response_mask, self.loss_agg
             loss, stats = policy_loss(
-                logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps, agg
+                logprobs,
+                mb.old_logprobs,
+                mb.advantages,
+                mask,
+                self.ppo.clip_eps,
+                agg,
+                self.ppo.dual_clip,
             )
             assert entropy is not None
             stats["entropy"] = masked_mean(entropy.detach(), mask)
             if self.ppo.entropy_coef > 0:
                 loss = loss - self.ppo.entropy_coef * aggregate_loss(entropy, mask, agg)
             if self.ppo.kl_in_loss is not None:
-                kl = kl_loss(logprobs, mb.ref_logprobs, mask, self.ppo.kl_in_loss, agg)
+                kl = kl_loss(full[0], mb.ref_logprobs, mask, self.ppo.kl_in_loss, agg)
                 loss = loss + self.ppo.kl_loss_coef * kl
                 stats["kl_loss"] = kl.detach()
             return loss, stats

@@ -174,18 +174,31 @@ def _full_logits(model, input_ids, attention_mask, prompt_len):
     return out.logits[:, prompt_len - 1 : -1].float()
 
 
-def test_filtered_logprobs_and_entropy_follow_the_processed_distribution(model, batch):
-    """top_k=2: each token's log-prob is taken among its row's 2 best tokens, the entropy is at
-    most log 2; a label outside those 2 is counted and gets a finite log-prob."""
+def test_filtered_logprobs_follow_the_processed_distribution_kl_and_entropy_the_full_one(
+    model, batch
+):
+    """top_k=2: each token's log-prob is taken among its row's 2 best tokens; a label outside
+    those 2 is counted and gets a finite log-prob. The entropy and ``full`` (what the KL uses)
+    are those of the whole temperature-scaled distribution."""
     input_ids, attention_mask, prompt_len, _ = batch
     input_ids = input_ids.clone()
     with torch.no_grad():  # make each row's first response token its best one
         first = _full_logits(model, input_ids, attention_mask, prompt_len)[:, 0].argmax(-1)
     input_ids[:, prompt_len] = first
     outside: list[torch.Tensor] = []
+    full: list[torch.Tensor] = []
     with torch.no_grad():
-        logprobs, entropy = response_logprobs(model, input_ids, attention_mask, prompt_len,
-                                              0.7, with_entropy=True, top_k=2, outside=outside)  # fmt: skip
+        logprobs, entropy = response_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            prompt_len,
+            0.7,
+            with_entropy=True,
+            top_k=2,
+            outside=outside,
+            full=full,
+        )
         logits = _full_logits(model, input_ids, attention_mask, prompt_len) / 0.7
     top2 = torch.topk(logits, 2).indices
     labels = input_ids[:, prompt_len:]
@@ -196,7 +209,12 @@ def test_filtered_logprobs_and_entropy_follow_the_processed_distribution(model, 
     best = top2[..., 0] == labels
     torch.testing.assert_close(logprobs[best], expected[best], rtol=0, atol=1e-5)
     assert torch.isfinite(logprobs).all()
-    assert entropy is not None and (entropy <= math.log(2) + 1e-6).all()
+    full_logp = torch.log_softmax(logits, -1)
+    expected_full = full_logp.gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(full[0], expected_full, rtol=0, atol=1e-5)
+    assert entropy is not None
+    torch.testing.assert_close(entropy, -(full_logp.exp() * full_logp).sum(-1), rtol=0, atol=1e-4)
+    assert (entropy > math.log(2) + 0.1).any()  # not the filtered one's (at most log 2)
 
 
 @pytest.mark.parametrize("top", [dict(), dict(top_k=20, top_p=0.9)], ids=["plain", "filtered"])
