@@ -2,7 +2,8 @@
 index) and generated in micro-batches aligned to the round give bit-identical rollouts and
 weights for 1 worker, 3 workers resized to 2 mid-run, and a run resumed on another pool size
 (with running reward normalisation). Also: the sampler and the learner share the top-k /
-top-p distribution, and critic warm-up leaves the policy alone."""
+top-p distribution, critic warm-up leaves the policy alone, and at policy == reference the KL
+is 0 under top-k / top-p (the KL uses the unfiltered distribution on both sides)."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def test_sampler_and_learner_agree_on_the_filtered_distribution(runs):
     assert all(r["rollout/outside_filter_tokens"] == 0 for r in rows)
 
 
-def test_critic_warmup_leaves_the_policy_and_top_k_2_bounds_the_entropy(tmp_path):
+def test_critic_warmup_leaves_the_policy_and_entropy_is_the_unfiltered_one(tmp_path):
     overrides = ["ppo.critic_warmup_rounds=3", "train.rounds=4", "rollout.top_k=2",
                  "rollout.top_p=1.0", "checkpoint.every=3", "value.optim.lr=0.01", "ppo.epochs=4",
                  "reward.normalize=none"]  # fmt: skip
@@ -126,4 +127,32 @@ def test_critic_warmup_leaves_the_policy_and_top_k_2_bounds_the_entropy(tmp_path
         tmp_path / "checkpoints" / "round_000002" / "policy" / "model.safetensors"
     )
     assert all(torch.equal(initial[k], after_warmup[k]) for k in after_warmup)
-    assert 0 < rows[3]["ppo/entropy"] <= math.log(2)
+    # the logged entropy is the full distribution's, not the top-2 one's (at most log 2)
+    assert rows[3]["ppo/entropy"] > math.log(2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["rollout.top_p=0.9", "rollout.top_k=0"],
+        ["rollout.top_p=1.0", "rollout.top_k=5", "ppo.kl_estimator=k3"],
+        [
+            "rollout.top_p=0.9",
+            "rollout.top_k=0",
+            "ppo.kl_coef=0",
+            "ppo.kl_in_loss=k3",
+            "ppo.minibatch_size=8",
+        ],
+    ],
+    ids=["top_p_0.9", "top_k_5_k3", "kl_in_loss"],
+)
+def test_kl_is_zero_at_policy_equal_reference_under_top_p_and_top_k(tmp_path, overrides):
+    """Round 0, policy == reference: the filtered log-prob of a kept token is log p - log(kept
+    mass), so a KL taken from it would be -log(kept mass) > 0 per token (0.045 nats at top_p
+    0.9 on a tiny model); on the full distribution both sides agree and the KL is 0."""
+    _run([*overrides, "train.rounds=1", "ppo.epochs=1", "reward.normalize=none"], tmp_path)
+    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert row["rollout/logprob_gap"] <= 1e-5  # the ratio still uses the sampler's filter
+    assert abs(row["ppo/kl"]) <= 1e-5, row["ppo/kl"]
+    if "ppo.kl_in_loss=k3" in overrides:
+        assert abs(row["ppo/kl_loss"]) <= 1e-6, row["ppo/kl_loss"]
