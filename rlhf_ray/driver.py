@@ -252,7 +252,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
     kl_ctl = build_kl_controller(cfg.ppo)
     shaper = ScoreShaper(cfg.reward)  # normalise, missing-EOS penalty, clip
-    template_start = chat_template_start(tokenizer) if cfg.data.chat_template else None
+    template_start = chat_template_start(tokenizer)  # kept when a prompt is cut, as in sft/rm
     start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl, shaper) if resume else 0
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log = open_metrics_log(

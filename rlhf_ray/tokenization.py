@@ -9,10 +9,10 @@ Conventions shared by every implementation:
   and its ``vocab_size`` grows by one.
 - Batches are padded on the LEFT to the longest row (at most ``max_length``); a row longer than
   ``max_length`` keeps its LAST tokens, the ones next to the response.
-- PPO prompts go through ``encode_prompts``: as the tokenizer encodes by default (Hugging Face
-  ``add_special_tokens=True``: BOS for Llama, nothing for GPT-2; never a second BOS after a chat
-  template that wrote one), truncated on the left but keeping BOS and the template's start.
-  Responses never get a BOS.
+- Prompts go through ``encode_prompt`` in every stage (PPO, eval, SFT, reward model): as the
+  tokenizer encodes by default (Hugging Face ``add_special_tokens=True``: BOS for Llama, nothing
+  for GPT-2; never a second BOS after a chat template that wrote one), truncated on the left but
+  keeping BOS and the template's start. Responses never get a BOS.
 - The default chat format is the HH-RLHF transcript (``rlhf_ray.data.preference.
   render_transcript``): ``"\\n\\nSystem: ...\\n\\nHuman: ...\\n\\nAssistant: ..."`` and, as the
   generation prompt, a final ``"\\n\\nAssistant:"``. ``DEFAULT_CHAT_TEMPLATE`` is the same
@@ -53,6 +53,8 @@ __all__ = [
     "same_tokenizer",
     "byte_level_encoding",
     "chat_template_start",
+    "encode_prompt",
+    "prompt_head",
     "encode_prompts",
     "left_pad",
     "write_tiktoken_bpe",
@@ -160,36 +162,48 @@ def chat_template_start(tokenizer: Tokenizer) -> str:
     return text.split(sentinel)[0].rstrip()
 
 
-def encode_prompts(
-    tokenizer: Tokenizer, texts: list[str], max_length: int, template_start: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Prompts as the tokenizer encodes them by default, left-padded: ``(input_ids,
-    attention_mask, number of prompts truncated)``.
-
-    Each prompt gets the tokenizer's ``prefix_ids`` (BOS for Llama-style tokenizers), unless
-    its text already starts with them (a chat template that writes BOS): never twice. A prompt
-    longer than ``max_length`` keeps its head (that prefix, then ``template_start`` if the
-    prompt starts with it) and the last tokens that fit after it, the ones next to the
-    response.
-    """
+def prompt_head(tokenizer: Tokenizer, template_start: str | None = None) -> list[int]:
+    """What ``encode_prompt`` keeps at the start of a truncated prompt that begins with it:
+    the tokenizer's ``prefix_ids`` (BOS), then the ids of ``template_start`` (without a second
+    BOS when the template writes one)."""
     prefix = list(tokenizer.prefix_ids)
     start_ids = tokenizer.encode(template_start) if template_start else []
     if prefix and start_ids[: len(prefix)] == prefix:  # the template writes BOS itself
         start_ids = start_ids[len(prefix) :]
-    rows, truncated = [], 0
-    for text in texts:
-        body = tokenizer.encode(text)
-        ids = body if body[: len(prefix)] == prefix else prefix + body
-        if len(ids) > max_length:
-            truncated += 1
-            head = len(prefix) if ids[: len(prefix)] == prefix else 0
-            if start_ids and ids[head : head + len(start_ids)] == start_ids:
-                head += len(start_ids)
-            head = head if head < max_length else 0
-            ids = ids[:head] + ids[len(ids) - (max_length - head) :]
-        rows.append(ids)
-    input_ids, attention_mask = left_pad(rows, tokenizer.pad_id, max_length)
-    return input_ids, attention_mask, truncated
+    return prefix + start_ids
+
+
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, max_length: int, template_start: str | None = None
+) -> tuple[list[int], bool]:
+    """One prompt as the tokenizer encodes it by default (what ``AutoTokenizer(...)(text)``
+    gives: ``prefix_ids``, i.e. BOS for Llama-style tokenizers, then the text, never a second
+    BOS after a chat template that wrote one), and whether it was cut to ``max_length``.
+
+    A prompt longer than ``max_length`` keeps its head (that prefix, then ``template_start`` if
+    the prompt starts with it) and the last tokens that fit after it, the ones next to the
+    response. Every stage encodes its prompts with this (PPO, eval, SFT, reward model)."""
+    prefix = list(tokenizer.prefix_ids)
+    start_ids = prompt_head(tokenizer, template_start)[len(prefix) :]
+    body = tokenizer.encode(text)
+    ids = body if body[: len(prefix)] == prefix else prefix + body
+    if len(ids) <= max_length:
+        return ids, False
+    head = len(prefix) if ids[: len(prefix)] == prefix else 0
+    if start_ids and ids[head : head + len(start_ids)] == start_ids:
+        head += len(start_ids)
+    head = head if head < max_length else 0
+    return ids[:head] + ids[len(ids) - (max_length - head) :], True
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, texts: list[str], max_length: int, template_start: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompts as ``encode_prompt`` encodes them, left-padded: ``(input_ids, attention_mask,
+    number of prompts truncated)``."""
+    rows = [encode_prompt(tokenizer, text, max_length, template_start) for text in texts]
+    input_ids, attention_mask = left_pad([ids for ids, _ in rows], tokenizer.pad_id, max_length)
+    return input_ids, attention_mask, sum(cut for _, cut in rows)
 
 
 # --------------------------------------------------------------------------- Hugging Face

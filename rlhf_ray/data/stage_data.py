@@ -2,10 +2,19 @@
 
 Both are conversations plus assistant replies, rendered with the tokenizer's chat format
 (``Tokenizer.apply_chat``; the default is the HH-RLHF transcript, the same text PPO's HH prompts
-use) and encoded the way PPO's rollouts are: the prompt text ``apply_chat(prompt, True)`` and
-the reply text (what ``apply_chat`` adds for the assistant turn, e.g. ``" " + reply`` in the
-transcript format) encoded separately, then EOS. A sequence keeps the prompt's last
-``max_prompt_tokens`` tokens and is cut to ``max_tokens`` at the end of the reply.
+use) and encoded the way PPO's rollouts are: the prompt text ``apply_chat(prompt, True)``
+exactly as PPO encodes its prompts (``tokenization.encode_prompt``: the tokenizer's default
+special tokens, so BOS first for Llama-style tokenizers, as ``AutoTokenizer(...)(text)``
+gives), then the reply text (what ``apply_chat`` adds for the assistant turn, e.g.
+``" " + reply`` in the transcript format) encoded on its own, then EOS. The prompt keeps its
+head (BOS, the template's start) and its last ``max_prompt_tokens`` tokens.
+
+Too long for ``max_tokens``:
+- SFT: the sequence is cut at the end of the reply (the cut reply is learnt without EOS).
+- Preference pairs: the EOS is always kept, where PPO's reward is read (TRL's "keep_end" for
+  the prompt): the prompt is cut further from the left, down to its head; only a reply too long
+  even then loses its end, EOS still appended (as ``reward.append_eos`` does for a PPO response
+  cut before EOS). No pair is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +34,13 @@ from rlhf_ray.data.preference import (
     parse_hh_transcript,
 )
 from rlhf_ray.data.sources import load_table, select_columns
-from rlhf_ray.tokenization import Tokenizer, left_pad
+from rlhf_ray.tokenization import (
+    Tokenizer,
+    chat_template_start,
+    encode_prompt,
+    left_pad,
+    prompt_head,
+)
 from rlhf_ray.types import PairBatch, SFTBatch
 
 __all__ = [
@@ -152,14 +167,34 @@ def reply_text(tokenizer: Tokenizer, prompt: Sequence[Message], reply: str) -> t
     return prompt_text, full[len(prompt_text) :] if full.startswith(prompt_text) else reply
 
 
+def _encode(
+    tokenizer: Tokenizer, prompt: Sequence[Message], reply: str, max_prompt: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (as PPO encodes it, at most ``max_prompt``) and of the reply."""
+    prompt_text, reply_part = reply_text(tokenizer, prompt, reply)
+    start = chat_template_start(tokenizer)
+    prompt_ids, _ = encode_prompt(tokenizer, prompt_text, max_prompt, start)
+    return prompt_ids, tokenizer.encode(reply_part)
+
+
 def _sequence(
     tokenizer: Tokenizer, prompt: Sequence[Message], reply: str, max_tokens: int, max_prompt: int
 ) -> tuple[list[int], int]:
-    """Token ids of prompt + reply + EOS, and how many of them are the prompt's."""
-    prompt_text, reply_part = reply_text(tokenizer, prompt, reply)
-    prompt_ids = tokenizer.encode(prompt_text)[-max_prompt:]
-    ids = (prompt_ids + tokenizer.encode(reply_part) + [tokenizer.eos_id])[:max_tokens]
+    """Token ids of prompt + reply + EOS cut at the end, and how many are the prompt's."""
+    prompt_ids, reply_ids = _encode(tokenizer, prompt, reply, max_prompt)
+    ids = (prompt_ids + reply_ids + [tokenizer.eos_id])[:max_tokens]
     return ids, len(prompt_ids)
+
+
+def _pair_sequence(
+    tokenizer: Tokenizer, prompt: Sequence[Message], reply: str, max_tokens: int, max_prompt: int
+) -> list[int]:
+    """Prompt + reply + EOS within ``max_tokens``, EOS always last (module docstring)."""
+    reply_len = len(_encode(tokenizer, prompt, reply, max_prompt)[1])
+    shortest = len(prompt_head(tokenizer, chat_template_start(tokenizer))) + 1
+    room = max(shortest, max_tokens - reply_len - 1)
+    prompt_ids, reply_ids = _encode(tokenizer, prompt, reply, min(max_prompt, room))
+    return prompt_ids + reply_ids[: max_tokens - len(prompt_ids) - 1] + [tokenizer.eos_id]
 
 
 def encode_sft(
@@ -181,10 +216,11 @@ def encode_sft(
 def encode_pairs(
     pairs: Sequence[PreferencePair], tokenizer: Tokenizer, max_tokens: int, max_prompt_tokens: int
 ) -> PairBatch:
-    """Chosen and rejected sequences (prompt + reply + EOS), left-padded to one width."""
-    chosen = [_sequence(tokenizer, p.prompt, p.chosen, max_tokens, max_prompt_tokens)[0]
+    """Chosen and rejected sequences (prompt + reply + EOS, EOS kept when too long: see the
+    module docstring), left-padded to one width."""
+    chosen = [_pair_sequence(tokenizer, p.prompt, p.chosen, max_tokens, max_prompt_tokens)
               for p in pairs]  # fmt: skip
-    rejected = [_sequence(tokenizer, p.prompt, p.rejected, max_tokens, max_prompt_tokens)[0]
+    rejected = [_pair_sequence(tokenizer, p.prompt, p.rejected, max_tokens, max_prompt_tokens)
                 for p in pairs]  # fmt: skip
     ids, mask = left_pad(chosen + rejected, tokenizer.pad_id, max_tokens)
     n = len(pairs)

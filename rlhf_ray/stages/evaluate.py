@@ -31,7 +31,7 @@ from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
 from rlhf_ray.driver import check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start
 from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +171,8 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
 
         # 1. generate: both policies sample every prompt, with the same seed per prompt
         with timer.phase("generate"):
-            batch, _ = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens)
+            batch, _ = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens,
+                                        chat_template_start(tokenizer))  # fmt: skip
             samples = workers.generate(batch, step)
             for rollout in samples.values():
                 check_rollout(rollout, LOADED, index)

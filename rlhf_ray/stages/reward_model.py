@@ -20,9 +20,13 @@ Output format, ``RUN/reward_model/`` (what ``reward.model.path`` and ``eval`` re
 - the tokenizer (``tokenizer.json``, ``tokenizer_config.json``) with ``padding_side="right"``
   and the chat template: then plain ``transformers``,
   ``model(**tok(texts, padding=True, return_tensors="pt")).logits[:, 0]``, gives the training
-  score of each ``text = prompt_text + reply_text + tok.eos_token``: right padding keeps the
-  positions of real tokens at 0..L-1, and the classification head reads the last non-pad
-  token. (rlhf_ray's own loaders pad on the left and pass positions from the mask.)
+  score of each ``text = prompt_text + reply_text + tok.eos_token``: training sequences are
+  encoded with the tokenizer's default special tokens (BOS first for a Llama-style tokenizer,
+  ``tokenization.encode_prompt``), as ``tok(text)`` encodes them (for a chat template that
+  writes BOS itself, pass ``add_special_tokens=False``, as transformers advises for templated
+  text); right padding keeps the positions of real tokens at 0..L-1, and the classification
+  head reads the last non-pad token. (rlhf_ray's own loaders pad on the left and pass
+  positions from the mask.) Checked by ``tests/data/test_one_encoding.py``.
 """
 
 from __future__ import annotations

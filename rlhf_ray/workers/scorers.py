@@ -16,7 +16,13 @@ from rlhf_ray.models import (
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer, left_pad, same_tokenizer
+from rlhf_ray.tokenization import (
+    Tokenizer,
+    build_tokenizer,
+    encode_prompt,
+    left_pad,
+    same_tokenizer,
+)
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
 
@@ -60,8 +66,9 @@ class RewardScorer:
     """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function.
 
     A reward model whose directory holds its own tokenizer, different from the policy's (another
-    model family), reads the rollout as text: prompt + response encoded with the reward model's
-    tokenizer, then its EOS, keeping the last tokens that fit its positions. With the policy's
+    model family), reads the rollout as text: prompt (``encode_prompt``: with that tokenizer's
+    BOS, as train-rm encodes it) + response encoded with the reward model's tokenizer, then its
+    EOS, keeping the last tokens that fit its positions. With the policy's
     tokenizer it reads the rollout's token ids directly. Either way a response cut before it
     sampled EOS is read with EOS appended (``reward.append_eos``, ``algo.append_eos``), so the
     score is read where train-rm taught the model to give one.
@@ -105,7 +112,9 @@ class RewardScorer:
         tok = self.text_tokenizer
         assert tok is not None
         rows = [
-            tok.encode(prompt + response) + ([tok.eos_id] if eos or self.append_eos else [])
+            encode_prompt(tok, prompt, self.max_length)[0]  # BOS as train-rm gave it
+            + tok.encode(response)
+            + ([tok.eos_id] if eos or self.append_eos else [])
             for prompt, response, eos in zip(
                 rollout.prompts, rollout.responses, rollout.has_eos.tolist(), strict=True
             )

@@ -69,12 +69,14 @@ def test_loss_mask_covers_exactly_the_reply_and_eos():
     assert batch.attention_mask[0, 0] == 0 and batch.loss_mask[0, 0] == 0
 
 
-def test_long_sequences_keep_the_prompt_end_and_the_reply_start():
+def test_long_sequences_keep_the_prompt_head_and_end_and_the_reply_start():
     ex = SFTExample([{"role": "user", "content": "p" * 50}], "r" * 50)
     batch = encode_sft([ex], TOK, max_tokens=30, max_prompt_tokens=10)
     text = TOK.decode(batch.input_ids[0])
     assert batch.input_ids.shape == (1, 30)
-    assert text == "Assistant:" + " " + "r" * 19  # last 10 prompt tokens, reply cut at the end
+    # 10 prompt tokens as PPO keeps them: the template's start, then the prompt's last ones;
+    # the reply cut at the end
+    assert text == "\n\nHuman:" + "t:" + " " + "r" * 19
     assert int(batch.loss_mask.sum()) == 20
 
 
