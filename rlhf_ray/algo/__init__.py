@@ -8,7 +8,13 @@ from rlhf_ray.algo.advantages import (
     masked_var,
     masked_whiten,
 )
-from rlhf_ray.algo.comparison import sequence_kl, win_rate
+from rlhf_ray.algo.comparison import (
+    mean_difference_interval,
+    prompts_to_exclude_half,
+    sequence_kl,
+    win_rate,
+    win_rate_interval,
+)
 from rlhf_ray.algo.estimators import (
     discounted_returns,
     grpo_advantages,
@@ -78,6 +84,9 @@ __all__ = [
     "truncate_after_eos",
     "value_loss",
     "win_rate",
+    "win_rate_interval",
+    "mean_difference_interval",
+    "prompts_to_exclude_half",
     "entropy_of_scores",
     "gumbel_noise",
     "label_logprobs",

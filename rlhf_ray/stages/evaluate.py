@@ -13,7 +13,12 @@ logged; then (4) the summary goes to ``eval.json`` and ``eval.md``, every sample
 - ``kl_to_baseline``: mean over the policy's samples of the summed per-token KL estimate
   ``eval.kl_estimator`` (k1: log pi - log pi_baseline) at the sampling temperature: an estimate
   of KL(policy || baseline) per response, in nats; 0 when policy == baseline;
-- ``*/response_length``: mean response tokens (up to and including EOS).
+- ``*/response_length``: mean response tokens (up to and including EOS);
+- ``n``: the number of paired prompts; ``win_rate_ci_low`` / ``_high``: the 95% Wilson
+  interval of the win rate, ``reward_margin_ci_low`` / ``_high``: the paired 95% t interval
+  of the mean reward difference (``algo.comparison``). When the win-rate interval holds 0.5,
+  eval.md, eval.json (``warning``) and the console say so, with about how many prompts the
+  measured win rate would need.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.algo import sequence_kl, win_rate
+from rlhf_ray.algo import (
+    mean_difference_interval,
+    prompts_to_exclude_half,
+    sequence_kl,
+    win_rate,
+    win_rate_interval,
+)
 from rlhf_ray.config import to_yaml
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
 from rlhf_ray.driver import check_rollout, tokenize_prompts
@@ -85,7 +96,29 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     out["tie_rate"] = float((scores["policy"] == scores["baseline"]).float().mean())
     out["reward_margin"] = float((scores["policy"] - scores["baseline"]).mean())
     out["kl_to_baseline"] = sum(r["kl_to_baseline"] for r in rows) / len(rows)
+    out["n"] = len(rows)
+    out["win_rate_ci_low"], out["win_rate_ci_high"] = win_rate_interval(out["win_rate"], len(rows))
+    margin_ci = mean_difference_interval(scores["policy"] - scores["baseline"])
+    out["reward_margin_ci_low"], out["reward_margin_ci_high"] = margin_ci
     return out
+
+
+def interval_warning(summary: dict[str, Any]) -> str | None:
+    """A sentence when the win-rate interval holds 0.5 (policy and baseline not told apart)."""
+    low, high, n = summary["win_rate_ci_low"], summary["win_rate_ci_high"], summary["n"]
+    if not low <= 0.5 <= high:
+        return None
+    needed = prompts_to_exclude_half(summary["win_rate"])
+    if needed is None:
+        more = "no difference was measured"
+    else:
+        more = (
+            f"a win rate of {summary['win_rate']:.3f} needs about {needed} prompts to exclude 0.5"
+        )
+    return (
+        f"n={n} prompts: the 95% win-rate interval [{low:.3f}, {high:.3f}] holds 0.5, so this "
+        f"eval cannot tell the policy from the baseline; {more} (eval.num_prompts)"
+    )
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -112,8 +145,12 @@ def eval_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], table_row
     lines += [
         "",
         f"- win_rate: **{summary['win_rate']:.4f}** (policy score above the baseline's on the "
-        f"same prompt; ties count half; tie_rate {summary['tie_rate']:.4f})",
-        f"- reward_margin (policy - baseline, mean): {summary['reward_margin']:+.4f}",
+        f"same prompt; ties count half; tie_rate {summary['tie_rate']:.4f}); 95% interval "
+        f"[{summary['win_rate_ci_low']:.4f}, {summary['win_rate_ci_high']:.4f}] over "
+        f"n = {summary['n']} prompts (Wilson)",
+        f"- reward_margin (policy - baseline, mean): {summary['reward_margin']:+.4f}; paired 95% "
+        f"interval [{summary['reward_margin_ci_low']:+.4f}, {summary['reward_margin_ci_high']:+.4f}]",
+        *([f"- **warning**: {summary['warning']}"] if summary.get("warning") else []),
         f"- kl_to_baseline: {summary['kl_to_baseline']:.4f} nats per response "
         f"({summary['kl_estimator']} estimate on the policy's samples)",
         "",
@@ -197,14 +234,18 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
         "reward": cfg.reward.function or _source(cfg.reward.model),
         "prompts": cfg.data.prompts,
     }
+    summary["warning"] = interval_warning(summary)
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "eval.md").write_text(eval_markdown(summary, rows, cfg.eval.table_rows))
     with (run_dir / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     log.close()
+    if summary["warning"]:
+        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
     print(
         f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
-        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f}, "
+        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
+        f"[{summary['win_rate_ci_low']:.3f}, {summary['win_rate_ci_high']:.3f}], "
         f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
         flush=True,
     )

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algo import sequence_kl, win_rate
+from rlhf_ray.algo import (
+    mean_difference_interval,
+    prompts_to_exclude_half,
+    sequence_kl,
+    win_rate,
+    win_rate_interval,
+)
 
 
 def test_win_rate_counts_ties_as_half():
@@ -36,3 +42,27 @@ def test_sequence_kl_sums_masked_tokens():
     k3 = sequence_kl(logp, ref, mask, "k3")
     # k3 at token 0: r = log(0.25/0.5) = -log 2, (e^r - 1) - r = -0.5 + log 2
     assert k3.tolist() == pytest.approx([-0.5 + math.log(2), 0.0])
+
+
+@pytest.mark.parametrize(("wins", "n"), [(32, 64), (38, 64), (0, 10), (10, 10), (7, 12)])
+def test_win_rate_interval_is_scipys_wilson_interval(wins, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(wins, n).proportion_ci(0.95, method="wilson")
+    assert win_rate_interval(wins / n, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_win_rate_interval_width_at_64_prompts():
+    """p = 0.5, n = 64: the standard error is 0.0625 and the interval about +-0.12."""
+    low, high = win_rate_interval(0.5, 64)
+    assert high - low == pytest.approx(0.2380, abs=1e-4)
+    assert prompts_to_exclude_half(0.6) == 93  # 1.96^2 * 0.24 / 0.01
+    assert prompts_to_exclude_half(0.5) is None
+
+
+def test_mean_difference_interval_is_the_paired_t_interval():
+    d = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # mean 2.5, sd 1.29099, se 0.645497, t(0.975, 3) = 3.182446 -> +-2.054260
+    low, high = mean_difference_interval(d)
+    assert (low, high) == pytest.approx((2.5 - 2.054260, 2.5 + 2.054260), abs=1e-5)
+    assert mean_difference_interval(torch.tensor([0.5, 0.5])) == (0.5, 0.5)

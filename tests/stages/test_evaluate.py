@@ -4,6 +4,7 @@ with itself (KL 0, every prompt a tie), and the figures recomputed by hand from 
 from __future__ import annotations
 
 import json
+import math
 from statistics import mean
 
 import pytest
@@ -55,9 +56,22 @@ def test_eval_writes_the_report(models, tmp_path, capsys):
     assert report["policy/reward_mean"] == pytest.approx(mean(s["policy/score"] for s in samples))
     assert report["kl_to_baseline"] == pytest.approx(mean(s["kl_to_baseline"] for s in samples))
     assert report["kl_to_baseline"] > 0  # two different random models
+    # n and a 95% win-rate interval as wide as the binomial figure for n = 12 (Wilson:
+    # 2 z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)); 0.5 inside it at n = 12: a warning
+    p, n, z = report["win_rate"], report["n"], 1.959964
+    width = 2 * z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert n == 12
+    assert report["win_rate_ci_high"] - report["win_rate_ci_low"] == pytest.approx(width, abs=1e-6)
+    assert report["win_rate_ci_low"] <= p <= report["win_rate_ci_high"]
+    margins = [s["policy/score"] - s["baseline/score"] for s in samples]
+    assert report["reward_margin_ci_low"] < mean(margins) < report["reward_margin_ci_high"]
+    assert "cannot tell the policy from the baseline" in report["warning"]
+    assert "warning: n=12 prompts" in out
 
     md = (run_dir / "eval.md").read_text()
     assert "| reward_mean |" in md and f"**{report['win_rate']:.4f}**" in md
+    assert f"[{report['win_rate_ci_low']:.4f}, {report['win_rate_ci_high']:.4f}] over n = 12" in md
+    assert "**warning**" in md
     assert "| # | prompt | policy response | policy score |" in md
     assert md.count("\n| ") >= 4 + 8  # the figure rows and the 8 sample rows (eval.table_rows)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
