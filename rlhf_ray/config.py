@@ -617,6 +617,14 @@ def optimizer_steps(cfg: Config) -> int:
     return cfg.train.rounds * cfg.ppo.epochs * (rows // cfg.ppo.minibatch_size)
 
 
+def policy_optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps the POLICY takes: none in the first `ppo.critic_warmup_rounds` rounds,
+    so its LR schedule spans only the rounds it trains in and reaches `min_lr_ratio`."""
+    rounds = max(1, cfg.train.rounds - cfg.ppo.critic_warmup_rounds)
+    rows = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    return rounds * cfg.ppo.epochs * (rows // cfg.ppo.minibatch_size)
+
+
 def value_init_spec(cfg: Config) -> ModelSpec:
     """The critic's initial weights: its own model, or the reward model's when
     ``value.init_from_reward`` (a common choice: the critic starts knowing what scores well)."""

@@ -114,7 +114,8 @@ def test_sampler_and_learner_agree_on_the_filtered_distribution(runs):
 def test_critic_warmup_leaves_the_policy_and_entropy_is_the_unfiltered_one(tmp_path):
     overrides = ["ppo.critic_warmup_rounds=3", "train.rounds=4", "rollout.top_k=2",
                  "rollout.top_p=1.0", "checkpoint.every=3", "value.optim.lr=0.01", "ppo.epochs=4",
-                 "reward.normalize=none"]  # fmt: skip
+                 "reward.normalize=none", "policy.optim.lr_schedule=linear",
+                 "policy.optim.min_lr_ratio=0.1", "policy.optim.lr=0.001"]  # fmt: skip
     _run(overrides, tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["ppo/critic_warmup"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
@@ -127,6 +128,8 @@ def test_critic_warmup_leaves_the_policy_and_entropy_is_the_unfiltered_one(tmp_p
         tmp_path / "checkpoints" / "round_000002" / "policy" / "model.safetensors"
     )
     assert all(torch.equal(initial[k], after_warmup[k]) for k in after_warmup)
+    # the policy's LR schedule spans only the round it trains in: it ends at min_lr_ratio * lr
+    assert rows[3]["ppo/policy_lr"] == pytest.approx(0.1 * 0.001)
     # the logged entropy is the full distribution's, not the top-2 one's (at most log 2)
     assert rows[3]["ppo/entropy"] > math.log(2)
 

@@ -35,6 +35,7 @@ from rlhf_ray.config import (
     TokenizerConfig,
     has_critic,
     optimizer_steps,
+    policy_optimizer_steps,
     policy_tokenizer,
     value_init_spec,
 )
@@ -482,7 +483,8 @@ class RayWorkers:
             "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
             policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
             temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
-            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=optimizer_steps(cfg),
+            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+            total_steps=policy_optimizer_steps(cfg),
         )  # fmt: skip
         self.value: LearnerGroup | None = None
         if has_critic(cfg):  # a critic-free estimator has no value group

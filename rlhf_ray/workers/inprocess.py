@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import has_critic, optimizer_steps, policy_tokenizer, value_init_spec
+from rlhf_ray.config import (
+    has_critic,
+    optimizer_steps,
+    policy_optimizer_steps,
+    policy_tokenizer,
+    value_init_spec,
+)
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -38,7 +44,8 @@ def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     steps = optimizer_steps(cfg)
     policy = PolicyLearner(
         cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=steps,
+        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        total_steps=policy_optimizer_steps(cfg),
     )  # fmt: skip
     value = (
         ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
