@@ -49,6 +49,7 @@ __all__ = [
     "encode_sft",
     "held_out_split",
     "load_sft_examples",
+    "render_for",
     "reply_text",
 ]
 
@@ -165,6 +166,27 @@ def reply_text(tokenizer: Tokenizer, prompt: Sequence[Message], reply: str) -> t
         [*prompt, {"role": "assistant", "content": reply}], add_generation_prompt=False
     )
     return prompt_text, full[len(prompt_text) :] if full.startswith(prompt_text) else reply
+
+
+def render_for(tokenizer: Tokenizer, prompt_text: str, response: str) -> tuple[str, str]:
+    """``(prompt_text, reply_text)`` of a PPO sample in ``tokenizer``'s own chat format, as
+    train-rm gave that tokenizer's reward model its pairs (``reply_text``).
+
+    A prompt in the default HH-transcript format (ending in ``"\n\nAssistant:"``) is parsed
+    back into its turns and re-rendered with ``tokenizer.apply_chat`` when that gives another
+    text (a reward model with its own chat template); any other prompt, or one the format
+    already matches, is kept as it is, the response after it unchanged."""
+    if not prompt_text.endswith("\n\nAssistant:"):
+        return prompt_text, response
+    try:
+        turns = parse_hh_transcript(prompt_text)
+    except ValueError:
+        return prompt_text, response
+    if turns and turns[-1] == {"role": "assistant", "content": ""}:
+        turns = turns[:-1]
+    if not turns or tokenizer.apply_chat(turns, add_generation_prompt=True) == prompt_text:
+        return prompt_text, response
+    return reply_text(tokenizer, turns, response.strip())
 
 
 def _encode(

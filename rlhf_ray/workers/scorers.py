@@ -6,6 +6,7 @@ import torch
 
 from rlhf_ray.algo import append_eos
 from rlhf_ray.config import reward_tokenizer
+from rlhf_ray.data.stage_data import render_for
 from rlhf_ray.models import (
     ScalarHeadModel,
     build_causal_lm,
@@ -66,9 +67,9 @@ class RewardScorer:
     """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function.
 
     A reward model whose directory holds its own tokenizer, different from the policy's (another
-    model family), reads the rollout as text: prompt (``encode_prompt``: with that tokenizer's
-    BOS, as train-rm encodes it) + response encoded with the reward model's tokenizer, then its
-    EOS, keeping the last tokens that fit its positions. With the policy's
+    model family), reads the rollout as text, the conversation re-rendered in the reward
+    model's own chat format (``data.stage_data.render_for``) and encoded as train-rm encodes it
+    (``encode_prompt``: with that tokenizer's BOS), then the response and its EOS, keeping the last tokens that fit its positions. With the policy's
     tokenizer it reads the rollout's token ids directly. Either way a response cut before it
     sampled EOS is read with EOS appended (``reward.append_eos``, ``algo.append_eos``), so the
     score is read where train-rm taught the model to give one.
@@ -111,14 +112,13 @@ class RewardScorer:
         tokenizer, left-padded (``text_tokenizer`` must be set)."""
         tok = self.text_tokenizer
         assert tok is not None
-        rows = [
-            encode_prompt(tok, prompt, self.max_length)[0]  # BOS as train-rm gave it
-            + tok.encode(response)
-            + ([tok.eos_id] if eos or self.append_eos else [])
-            for prompt, response, eos in zip(
-                rollout.prompts, rollout.responses, rollout.has_eos.tolist(), strict=True
-            )
-        ]
+        rows = []
+        for prompt, response, eos in zip(
+            rollout.prompts, rollout.responses, rollout.has_eos.tolist(), strict=True
+        ):
+            prompt, response = render_for(tok, prompt, response)  # its own chat template
+            ids = encode_prompt(tok, prompt, self.max_length)[0] + tok.encode(response)
+            rows.append(ids + ([tok.eos_id] if eos or self.append_eos else []))
         return left_pad(rows, tok.pad_id, self.max_length)
 
     def token_input(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

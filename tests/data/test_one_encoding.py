@@ -116,3 +116,25 @@ def test_an_over_long_pair_keeps_its_eos_and_cuts_the_prompt_from_the_left(tmp_p
     long_pair = PreferencePair(prompt, "fine " * 40, "no")
     real = encode_pairs([long_pair], tok, 24, 20).chosen_ids[0].tolist()
     assert len(real) == 24 and real[-1] == tok.eos_id and (real[0] == tok.bos_id) == bos
+
+
+@pytest.mark.parametrize(("bos", "template"), [CASES[1], CASES[4]])
+def test_a_reward_model_with_its_own_template_reads_the_conversation_in_it(tmp_path, bos, template):
+    """PPO's default prompts are HH transcripts; a reward model whose tokenizer has its own chat
+    template was trained (train-rm) on that template's text, so the scorer re-renders."""
+    from rlhf_ray.data.stage_data import render_for
+
+    rm_tok = HFTokenizer.from_pretrained(str(_saved(tmp_path, bos, template)))
+    transcript = "\n\nHuman: how are you today?\n\nAssistant: fine\n\nHuman: and now?\n\nAssistant:"
+    prompt, reply = render_for(rm_tok, transcript, " still fine")
+    turns = [
+        {"role": "user", "content": "how are you today?"},
+        {"role": "assistant", "content": "fine"},
+        {"role": "user", "content": "and now?"},
+    ]
+    assert (prompt, reply) == reply_text(rm_tok, turns, "still fine")
+    assert prompt == "<|user|>how are you today?<|assistant|>fine<|user|>and now?<|assistant|>"
+    # the policy's own format, or a prompt that is not a transcript: kept as it is
+    plain_tok = HFTokenizer.from_pretrained(str(_saved(tmp_path, bos, None)))
+    assert render_for(plain_tok, transcript, " still fine") == (transcript, " still fine")
+    assert render_for(rm_tok, "just text", " x") == ("just text", " x")
