@@ -220,6 +220,12 @@ class EvalSettings(_Section):
     phase_timeout_s: float = Field(
         600.0, gt=0, description="Longest wait for a generation or scoring call (on Ray)."
     )
+    exclude_trained_prompts: bool = Field(
+        True,
+        description="Drop every prompt of the PPO run the policy comes from (the `config.yaml` "
+        "beside or above `policy.path`, e.g. RUN/policy) so eval is on prompts PPO never "
+        "saw; none left is an error (give a held-out file). false: evaluate all prompts.",
+    )
 
 
 class EvalConfig(_Section):

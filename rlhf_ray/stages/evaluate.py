@@ -37,8 +37,9 @@ from rlhf_ray.algo import (
     win_rate,
     win_rate_interval,
 )
-from rlhf_ray.config import to_yaml
-from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
+from rlhf_ray.config import ConfigError, load_config, to_yaml
+from rlhf_ray.data.preference import render_transcript
+from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set
 from rlhf_ray.driver import check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
@@ -49,18 +50,52 @@ from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
 # setup helpers
 
 
-def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> list[str]:
-    """The first ``eval.num_prompts`` prompt texts (chat template applied if configured)."""
+def trained_conversations(policy_path: str | None) -> tuple[set[str], Path | None]:
+    """The prompts (conversations, as JSON) of the PPO run ``policy_path`` comes from: the
+    first ``config.yaml`` of a PPO run in its directory or up to two levels above (RUN/policy,
+    RUN/checkpoints/round_N/policy), and that file; empty and None when there is none."""
+    if not policy_path:
+        return set(), None
+    for directory in list(Path(policy_path).resolve().parents)[:3]:
+        path = directory / "config.yaml"
+        if not path.is_file():
+            continue
+        try:
+            ppo = load_config(path)
+        except ConfigError:
+            continue  # another stage's config (sft, train-rm): not a PPO run
+        d = ppo.data
+        conversations = load_prompt_conversations(d.prompts, d.prompt_field, d.split, d.format)
+        return {json.dumps(c, sort_keys=True) for c in conversations}, path
+    return set(), None
+
+
+def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[list[str], int]:
+    """The first ``eval.num_prompts`` prompt texts (chat template applied if configured) that
+    the policy's PPO run did not train on (``eval.exclude_trained_prompts``), and how many
+    were dropped for that."""
     data = cfg.data
+    loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format)
+    conversations = loaded.conversations
+    dropped = 0
+    if cfg.eval.exclude_trained_prompts:
+        trained, source = trained_conversations(cfg.policy.path)
+        kept = [c for c in conversations if json.dumps(c, sort_keys=True) not in trained]
+        dropped = len(conversations) - len(kept)
+        if not kept:
+            raise ValueError(
+                f"every prompt of data.prompts={data.prompts!r} is one the policy's PPO run "
+                f"({source}) trained on: give held-out prompts (data.prompts=FILE, e.g. a split "
+                f"kept out of PPO's data) or set eval.exclude_trained_prompts=false"
+            )
+        conversations = kept
     if data.chat_template:
-        conversations = load_prompt_conversations(
-            data.prompts, field=data.prompt_field, split=data.split, fmt=data.format
-        )
         prompts = [tokenizer.apply_chat(conv) for conv in conversations]
+    elif loaded.format == "plain":  # as PPO renders them (driver.build_prompts)
+        prompts = [conv[0]["content"] for conv in conversations]
     else:
-        prompts = load_prompts(data.prompts, field=data.prompt_field, split=data.split,
-                               fmt=data.format)  # fmt: skip
-    return prompts[: cfg.eval.num_prompts]
+        prompts = [render_transcript(conv, add_generation_prompt=True) for conv in conversations]
+    return prompts[: cfg.eval.num_prompts], dropped
 
 
 def compare(
@@ -190,7 +225,13 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(eval_tokenizer(cfg))
-    prompts = eval_prompts(cfg, tokenizer)
+    prompts, dropped = eval_prompts(cfg, tokenizer)
+    if dropped:
+        print(
+            f"[rlhf_ray] eval: {dropped} prompts the policy's PPO run trained on left out "
+            f"(eval.exclude_trained_prompts)",
+            flush=True,
+        )
     log = MetricsLog(
         run_dir / "metrics.jsonl",
         cfg.logging.progress,
@@ -233,6 +274,7 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
         "baseline": _source(cfg.baseline),
         "reward": cfg.reward.function or _source(cfg.reward.model),
         "prompts": cfg.data.prompts,
+        "excluded_trained_prompts": dropped,
     }
     summary["warning"] = interval_warning(summary)
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -97,3 +97,29 @@ def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
     code = main(["eval", "--in-process", "--policy", str(models["policy"]),
                  "--baseline", str(other)])  # fmt: skip
     assert code == 2
+
+
+def test_eval_leaves_out_the_prompts_the_policys_ppo_run_trained_on(tmp_path):
+    """A policy saved in a PPO run (RUN/policy beside RUN/config.yaml): eval drops every prompt
+    of that run's data.prompts, and refuses when none is left."""
+    from rlhf_ray.config import load_config, to_yaml
+    from rlhf_ray.stages.evaluate import eval_prompts
+
+    rows = [{"prompt": f"question {i}"} for i in range(10)]
+    trained, mixed = tmp_path / "trained.jsonl", tmp_path / "mixed.jsonl"
+    trained.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    run = tmp_path / "ppo_run"
+    (run / "policy").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(load_config(None, [f"data.prompts={trained}"])))
+    tok = TiktokenTokenizer.byte_level()
+    base = [f"policy.path={run / 'policy'}", "eval.num_prompts=null"]
+    cfg = load_eval_config(None, [*base, f"data.prompts={mixed}"])
+    prompts, dropped = eval_prompts(cfg, tok)
+    assert dropped == 3 and prompts == [f"question {i}" for i in range(6, 10)]
+    cfg = load_eval_config(
+        None, [*base, f"data.prompts={mixed}", "eval.exclude_trained_prompts=false"]
+    )
+    assert eval_prompts(cfg, tok) == ([f"question {i}" for i in range(3, 10)], 0)
+    with pytest.raises(ValueError, match="trained on: give held-out prompts"):
+        eval_prompts(load_eval_config(None, [*base, f"data.prompts={trained}"]), tok)
