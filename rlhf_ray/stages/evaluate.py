@@ -82,8 +82,8 @@ def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[list[str], int]
         trained, source = trained_conversations(cfg.policy.path)
         kept = [c for c in conversations if json.dumps(c, sort_keys=True) not in trained]
         dropped = len(conversations) - len(kept)
-        if not kept:
-            raise ValueError(
+        if not kept:  # a ConfigError: the CLI prints it as one line
+            raise ConfigError(
                 f"every prompt of data.prompts={data.prompts!r} is one the policy's PPO run "
                 f"({source}) trained on: give held-out prompts (data.prompts=FILE, e.g. a split "
                 f"kept out of PPO's data) or set eval.exclude_trained_prompts=false"
