@@ -137,7 +137,6 @@ def test_critic_warmup_leaves_the_policy_and_entropy_is_the_unfiltered_one(tmp_p
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["rollout.top_p=0.9", "rollout.top_k=0"],
         ["rollout.top_p=1.0", "rollout.top_k=5", "ppo.kl_estimator=k3"],
         [
             "rollout.top_p=0.9",
@@ -147,7 +146,7 @@ def test_critic_warmup_leaves_the_policy_and_entropy_is_the_unfiltered_one(tmp_p
             "ppo.minibatch_size=8",
         ],
     ],
-    ids=["top_p_0.9", "top_k_5_k3", "kl_in_loss"],
+    ids=["top_k_5_k3", "top_p_0.9_kl_in_loss"],
 )
 def test_kl_is_zero_at_policy_equal_reference_under_top_p_and_top_k(tmp_path, overrides):
     """Round 0, policy == reference: the filtered log-prob of a kept token is log p - log(kept
