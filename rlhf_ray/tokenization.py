@@ -163,9 +163,7 @@ def chat_template_start(tokenizer: Tokenizer) -> str:
 
 
 def prompt_head(tokenizer: Tokenizer, template_start: str | None = None) -> list[int]:
-    """What ``encode_prompt`` keeps at the start of a truncated prompt that begins with it:
-    the tokenizer's ``prefix_ids`` (BOS), then the ids of ``template_start`` (without a second
-    BOS when the template writes one)."""
+    """What a cut prompt keeps at its start: ``prefix_ids`` (BOS), then ``template_start``."""
     prefix = list(tokenizer.prefix_ids)
     start_ids = tokenizer.encode(template_start) if template_start else []
     if prefix and start_ids[: len(prefix)] == prefix:  # the template writes BOS itself
@@ -199,8 +197,7 @@ def encode_prompt(
 def encode_prompts(
     tokenizer: Tokenizer, texts: list[str], max_length: int, template_start: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Prompts as ``encode_prompt`` encodes them, left-padded: ``(input_ids, attention_mask,
-    number of prompts truncated)``."""
+    """``encode_prompt`` rows, left-padded: ``(input_ids, attention_mask, number cut)``."""
     rows = [encode_prompt(tokenizer, text, max_length, template_start) for text in texts]
     input_ids, attention_mask = left_pad([ids for ids, _ in rows], tokenizer.pad_id, max_length)
     return input_ids, attention_mask, sum(cut for _, cut in rows)
