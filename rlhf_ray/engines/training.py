@@ -290,6 +290,9 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.module = self.engine.module
+        # every tensor handed to torch.distributed lives here: NCCL groups (GPU learners) have
+        # no backend for CPU tensors ("No backend type associated with device type cpu")
+        self.device = torch.device(self.engine.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the caller scales micro-batch losses
@@ -309,7 +312,7 @@ class DeepSpeedEngine:
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item())
 
@@ -341,7 +344,7 @@ class DeepSpeedEngine:
                 continue
             # DeepSpeed's layout: rank r holds elements [r * n, (r + 1) * n) of the flattened,
             # padded parameter (n = the partition size, the same on every rank)
-            part = part.detach().to(tensor.device)
+            part = part.detach().to(self.device)  # an offloaded partition sits on the CPU
             if out is None:
                 dist.gather(part, dst=0)
                 continue
