@@ -134,6 +134,12 @@ class PolicyConfig(_Section):
                 "would put ranks of one NCCL group on the same GPU, which NCCL refuses; "
                 "colocate different roles on a GPU instead, or use num_ranks=1"
             )
+        if self.num_gpus_per_rank > 1:
+            raise ValueError(
+                f"num_gpus_per_rank {self.num_gpus_per_rank:g} > 1: a learner rank drives one "
+                "GPU (data parallel, the first GPU Ray assigns it, LOCAL_RANK 0), so the others "
+                "would sit idle; use more num_ranks instead"
+            )
         return self
 
 

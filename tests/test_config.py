@@ -21,7 +21,7 @@ CONTRACT = {
     "reward.function": "my_rewards:score",
     "policy.num_ranks": 1,
     "policy.zero_stage": 3,
-    "policy.num_gpus_per_rank": 1.5,
+    "policy.num_gpus_per_rank": 1.0,
     "checkpoint.every": 4,
     "data.prompts": "prompts.jsonl",
 }
@@ -305,6 +305,11 @@ def test_ranks_of_one_group_cannot_share_a_gpu():
     msg = _error(None, ["policy.num_gpus_per_rank=0.5"])  # 2 ranks by default
     assert "policy" in msg and "num_gpus_per_rank" in msg
     assert load_config(None, ["policy.num_gpus_per_rank=0.5", "policy.num_ranks=1"])
+
+
+def test_a_rank_drives_one_gpu_at_most():
+    msg = _error(None, ["value.num_gpus_per_rank=2"])
+    assert "value" in msg and "num_gpus_per_rank 2 > 1" in msg and "num_ranks" in msg
 
 
 # -- estimators and group sampling ---------------------------------------------------------------

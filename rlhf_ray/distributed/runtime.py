@@ -29,6 +29,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray.accelerator import actor_env
 from rlhf_ray.config import (
     Config,
     ModelSpec,
@@ -123,7 +124,7 @@ def _threads(cpus: float) -> int:
 
 
 def _env(cpus: float, gpus: float) -> dict[str, Any]:
-    env = {"DS_ACCELERATOR": "cpu"} if gpus == 0 else {}
+    env: dict[str, str] = actor_env(gpus)  # the accelerator, explicit (rlhf_ray/accelerator.py)
     env["OMP_NUM_THREADS"] = str(_threads(cpus))
     return {"env_vars": env}
 
@@ -269,12 +270,15 @@ class LearnerGroup:
     ):  # fmt: skip
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
-        self.pg = placement_group([bundle] * n, strategy="PACK", name=f"rlhf_ray-{role}")
+        # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
+        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
             raise UserError(
-                f"the {role} placement group ({n} x {bundle}) could not be placed "
-                f"within {timeout_s:g}s"
+                f"the {role} placement group ({n} x {bundle}) could not be placed on one node "
+                f"within {timeout_s:g}s: a learner group's ranks share a node (STRICT_PACK), so "
+                f"one node needs {n * cpus:g} CPUs and {n * gpus:g} GPUs free; lower "
+                f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
             )
         self.actors = [
             _actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rlhf_ray.accelerator import default_device  # noqa: F401 (exported here too)
 from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,15 +95,6 @@ def max_positions(config: PretrainedConfig, default: int = 1024) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return default
-
-
-def default_device() -> torch.device:
-    """The GPU Ray assigned to this actor (``CUDA_VISIBLE_DEVICES``), else the CPU."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 def disable_dropout(model: nn.Module) -> None:

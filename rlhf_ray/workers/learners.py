@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.accelerator import check_deepspeed_accelerator
 from rlhf_ray.algo import (
     aggregate_loss,
     aggregation_weight,
@@ -109,6 +110,8 @@ class _Rank:
         built whole, then partitioned."""
         self.device = default_device()
         cfg = self.cfg
+        if cfg.engine != "torch":
+            check_deepspeed_accelerator(self.device)
         if cfg.engine == "torch":
             module = self._build().to(self.device)
             self._prepare(module)
