@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rlhf_ray.memory import BUCKET_ELEMENTS  # a small, known size the estimate counts
+from rlhf_ray.config import ZERO_BUCKETS_CPU
 
 
 class OptimSource(Protocol):
@@ -193,17 +193,21 @@ def deepspeed_config(
     offload_optimizer: bool,
     accumulation: int = 1,
     offload_params: bool = False,
+    buckets: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """``buckets``: ``config.ZeroBuckets.resolve(...)`` (default: the CPU sizes); the memory
+    estimate (``rlhf_ray.memory``) counts the same ones."""
+    b = buckets or ZERO_BUCKETS_CPU
     zero: dict[str, Any] = {
         "stage": zero_stage,
-        "reduce_bucket_size": BUCKET_ELEMENTS,
-        "allgather_bucket_size": BUCKET_ELEMENTS,
+        "reduce_bucket_size": b["reduce"],
+        "allgather_bucket_size": b["allgather"],
     }
-    if zero_stage == 3:  # gather at most about a bucket of parameters at a time
-        zero["stage3_prefetch_bucket_size"] = BUCKET_ELEMENTS
-        zero["stage3_max_live_parameters"] = BUCKET_ELEMENTS
-        zero["stage3_max_reuse_distance"] = BUCKET_ELEMENTS
-        zero["sub_group_size"] = BUCKET_ELEMENTS  # the optimizer steps a sub-group at a time
+    if zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = b["prefetch"]
+        zero["stage3_max_live_parameters"] = b["max_live"]
+        zero["stage3_max_reuse_distance"] = b["max_reuse_distance"]
+        zero["sub_group_size"] = b["sub_group"]  # the optimizer steps a sub-group at a time
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:

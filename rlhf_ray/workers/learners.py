@@ -123,6 +123,7 @@ class _Rank:
             cfg.zero_stage, self.micro_batch, dist.get_world_size(), cfg.optim.grad_clip,
             cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
             getattr(cfg, "offload_params", False),
+            cfg.zero_buckets.resolve(on_gpu=self.device.type != "cpu"),
         )  # fmt: skip
         zero_init = cfg.zero_stage == 3 and self.model_path is not None
         with zero3_construction(config, enabled=zero_init):
