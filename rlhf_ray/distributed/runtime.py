@@ -329,6 +329,7 @@ class RolloutPool:
         """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
         pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
         self.cfg = cfg
+        self.from_sync = model_spec is None  # PPO's workers get the policy's weights by sync
         if model_spec is None or tokenizer_cfg is None or seed is None:
             assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
             model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
@@ -351,7 +352,7 @@ class RolloutPool:
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=_spread(self.cfg),
+            strategy=_spread(self.cfg), from_sync=self.from_sync,
         )  # fmt: skip
         self._next_id += 1
         return name, handle

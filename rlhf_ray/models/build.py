@@ -22,6 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
 from rlhf_ray.accelerator import default_device  # noqa: F401 (exported here too)
@@ -125,10 +126,20 @@ def _finish(
 
 
 def build_causal_lm(
-    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu", weights: bool = True
 ) -> PreTrainedModel:
-    """The policy architecture with weights from ``spec.path`` or a seeded random preset."""
-    if spec.path is not None:
+    """The policy architecture with weights from ``spec.path`` or a seeded random preset.
+
+    ``weights=False`` (a worker whose weights come by sync): a model at ``spec.path`` is built
+    from its ``config.json`` alone, straight on ``device`` and in its dtype, with its
+    parameters left uninitialised (``no_init_weights``; buffers such as rotary frequencies are
+    computed as usual): no checkpoint is read. The caller must not use it before a sync."""
+    if spec.path is not None and not weights:
+        config = AutoConfig.from_pretrained(spec.path)
+        with torch.device(device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[spec.dtype])
+        model.tie_weights()  # (skipped with the init: a sync sends a tied weight once)
+    elif spec.path is not None:
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_DTYPES[spec.dtype])
     else:
