@@ -41,11 +41,27 @@ from typing import Any
 import torch
 
 # Llama-3.2-1B's shape (its published config.json, as rlhf_ray/memory.py KNOWN_CONFIGS)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)  # fmt: skip
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True)  # fmt: skip
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 GEN_ROWS = (8, 64, 256)
 GB = 1e9
 
@@ -76,16 +92,24 @@ def build_assets(directory: Path, tiny: bool) -> dict[str, Any]:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400 if tiny else 2000, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400 if tiny else 2000,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(load_prompts() * 4, trainer)
     backend.add_special_tokens([EOS_TOKEN])
     tok = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN))
     tok.save(directory)
     if not (directory / "model.safetensors").exists():
         bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
-        config = LlamaConfig(**shape, max_position_embeddings=2048, pad_token_id=tok.pad_id,
-                             eos_token_id=tok.eos_id, bos_token_id=bos)  # fmt: skip
+        config = LlamaConfig(
+            **shape,
+            max_position_embeddings=2048,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+            bos_token_id=bos,
+        )
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU inits 1B in a second
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -94,28 +118,54 @@ def build_assets(directory: Path, tiny: bool) -> dict[str, Any]:
     params = sum(
         (directory / f).stat().st_size for f in os.listdir(directory) if f.endswith(".safetensors")
     )
-    return {"dir": str(directory), "tokenizer_vocab": tok.vocab_size, "shape": shape,
-            "weights_gb": params / GB, "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "dir": str(directory),
+        "tokenizer_vocab": tok.vocab_size,
+        "shape": shape,
+        "weights_gb": params / GB,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def smoke_config(model_dir: Path, rounds: int):
     """The smoke run: every role on the one GPU by fractions (0.3 + 0.25 + 0.15 + 0.2)."""
     from rlhf_ray.config import load_config
 
-    learner = ["model.dtype=bfloat16", "num_ranks=1", "zero_stage=3", "num_cpus_per_rank=2",
-               "gradient_checkpointing=true", f"model.path={model_dir}"]  # fmt: skip
-    return load_config(None, [
-        "tokenizer.kind=hf", f"tokenizer.name_or_path={model_dir}",
-        *(f"policy.{o}" for o in learner), "policy.num_gpus_per_rank=0.3",
-        *(f"value.{o}" for o in learner), "value.num_gpus_per_rank=0.25",
-        "reference.num_gpus=0.15", "reference.num_cpus=1",
-        "reward.function=rlhf_ray.rewards:lowercase_fraction", "reward.num_cpus=1",
-        "rollout.num_workers=1", "rollout.num_gpus_per_worker=0.2",
-        "rollout.num_cpus_per_worker=1", "rollout.batch_size=64", "rollout.max_new_tokens=64",
-        "data.max_prompt_tokens=64", "ppo.minibatch_size=32", "ppo.micro_batch_size=8",
-        f"train.rounds={rounds}", "checkpoint.every=2", "logging.progress=false",
-        "cluster.nodes=[{cpus: 16, gpus: 1, gpu_memory_gb: 80}]",
-    ])  # fmt: skip
+    learner = [
+        "model.dtype=bfloat16",
+        "num_ranks=1",
+        "zero_stage=3",
+        "num_cpus_per_rank=2",
+        "gradient_checkpointing=true",
+        f"model.path={model_dir}",
+    ]
+    return load_config(
+        None,
+        [
+            "tokenizer.kind=hf",
+            f"tokenizer.name_or_path={model_dir}",
+            *(f"policy.{o}" for o in learner),
+            "policy.num_gpus_per_rank=0.3",
+            *(f"value.{o}" for o in learner),
+            "value.num_gpus_per_rank=0.25",
+            "reference.num_gpus=0.15",
+            "reference.num_cpus=1",
+            "reward.function=rlhf_ray.rewards:lowercase_fraction",
+            "reward.num_cpus=1",
+            "rollout.num_workers=1",
+            "rollout.num_gpus_per_worker=0.2",
+            "rollout.num_cpus_per_worker=1",
+            "rollout.batch_size=64",
+            "rollout.max_new_tokens=64",
+            "data.max_prompt_tokens=64",
+            "ppo.minibatch_size=32",
+            "ppo.micro_batch_size=8",
+            f"train.rounds={rounds}",
+            "checkpoint.every=2",
+            "logging.progress=false",
+            "cluster.nodes=[{cpus: 16, gpus: 1, gpu_memory_gb: 80}]",
+        ],
+    )
 
 
 # -- steps 1 and 2: environment, plan ---------------------------------------------------------
@@ -126,9 +176,12 @@ def environment() -> dict[str, Any]:
 
     import deepspeed
 
-    env: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                           "deepspeed": deepspeed.__version__,
-                           "cuda_available": torch.cuda.is_available()}  # fmt: skip
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "deepspeed": deepspeed.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / GB
@@ -155,10 +208,17 @@ def plan(cfg) -> dict[str, Any]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = check_plan(cfg)
-    estimate = {role: round(e.total / GB, 2) for role, e in role_memory(cfg).items()
-                if not isinstance(e, str) and e.parts}  # fmt: skip
-    return {"fits": status == 0, "estimate_gb": estimate, "table": out.getvalue(),
-            "problems": err.getvalue().strip()}  # fmt: skip
+    estimate = {
+        role: round(e.total / GB, 2)
+        for role, e in role_memory(cfg).items()
+        if not isinstance(e, str) and e.parts
+    }
+    return {
+        "fits": status == 0,
+        "estimate_gb": estimate,
+        "table": out.getvalue(),
+        "problems": err.getvalue().strip(),
+    }
 
 
 # -- steps 3 to 6: on the GPU -----------------------------------------------------------------
@@ -171,13 +231,16 @@ def synthetic_batch(cfg, vocab: int):
     rows, prompt, response = cfg.ppo.minibatch_size, 64, 64
     ids = torch.randint(3, vocab, (rows, prompt + response), generator=g)
     return PPOBatch(
-        input_ids=ids, attention_mask=torch.ones_like(ids),
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
         response_mask=torch.ones(rows, response, dtype=torch.long),
         old_logprobs=-torch.rand(rows, response, generator=g) - 5,
-        old_values=torch.zeros(rows, response), advantages=torch.randn(rows, response, generator=g),
-        returns=torch.zeros(rows, response), ref_logprobs=-torch.rand(rows, response) - 5,
+        old_values=torch.zeros(rows, response),
+        advantages=torch.randn(rows, response, generator=g),
+        returns=torch.zeros(rows, response),
+        ref_logprobs=-torch.rand(rows, response) - 5,
         prompt_len=prompt,
-    )  # fmt: skip
+    )
 
 
 def nccl_learner(cfg, vocab: int) -> dict[str, Any]:
@@ -190,17 +253,31 @@ def nccl_learner(cfg, vocab: int) -> dict[str, Any]:
 
     role = cfg.policy.model_copy(update={"num_gpus_per_rank": 1.0})
     started = time.perf_counter()
-    group = LearnerGroup("policy", PolicyLearner, role, 600, 600, policy_cfg=role,
-                         ppo_cfg=cfg.ppo, tokenizer_cfg=policy_tokenizer(cfg), temperature=1.0,
-                         total_steps=10)  # fmt: skip
+    group = LearnerGroup(
+        "policy",
+        PolicyLearner,
+        role,
+        600,
+        600,
+        policy_cfg=role,
+        ppo_cfg=cfg.ppo,
+        tokenizer_cfg=policy_tokenizer(cfg),
+        temperature=1.0,
+        total_steps=10,
+    )
     try:
         held = ray.get(group.start())
         setup_s = time.perf_counter() - started
         step = time.perf_counter()
         stats = ray.get(group.call("train", synthetic_batch(cfg, vocab), 0))[0]
-        return {"backend": "nccl", "params_held": held[0], "setup_s": setup_s,
-                "step_s": time.perf_counter() - step, "loss": stats.get("policy_loss"),
-                "peak_gpu_gb": _peaks(group.handles)["policy-0"]}  # fmt: skip
+        return {
+            "backend": "nccl",
+            "params_held": held[0],
+            "setup_s": setup_s,
+            "step_s": time.perf_counter() - step,
+            "loss": stats.get("policy_loss"),
+            "peak_gpu_gb": _peaks(group.handles)["policy-0"],
+        }
     finally:
         group.kill()
 
@@ -290,14 +367,18 @@ def ppo_rounds(cfg, run_dir: Path) -> dict[str, Any]:
     workers = RayWorkers(cfg)
     try:
         run_ppo(cfg, workers, run_dir)
-        handles = {**workers.policy.handles, **(workers.value.handles if workers.value else {}),
-                   **workers.scorers,
-                   **{f"rollout-{i}": h for i, h in enumerate(workers.pool.workers)}}  # fmt: skip
+        handles = {
+            **workers.policy.handles,
+            **(workers.value.handles if workers.value else {}),
+            **workers.scorers,
+            **{f"rollout-{i}": h for i, h in enumerate(workers.pool.workers)},
+        }
         peaks = _peaks(handles)
     finally:
         workers.close()
-    more = cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"rounds": cfg.train.rounds + 2})})  # fmt: skip
+    more = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"rounds": cfg.train.rounds + 2})}
+    )
     started = time.perf_counter()
     resumed = RayWorkers(more)
     try:
@@ -339,8 +420,15 @@ def _on_gpu(results: dict[str, Any], cfg, out: Path, vocab: int) -> None:
 
     _step(results, "generation", generation, cfg)
     temp_dir = tempfile.mkdtemp(prefix="rg-", dir="/tmp")  # socket paths must stay short
-    ray.init(address="local", num_cpus=16, num_gpus=1, include_dashboard=False,
-             _temp_dir=temp_dir, namespace="rlhf_ray", logging_level="WARNING")  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=16,
+        num_gpus=1,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        namespace="rlhf_ray",
+        logging_level="WARNING",
+    )
     try:
         _step(results, "nccl_learner", nccl_learner, cfg, vocab)
         run_dir = out / "run"

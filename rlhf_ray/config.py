@@ -96,29 +96,40 @@ class ZeroBuckets(_Section):
     or ``ZERO_BUCKETS_CPU`` (1e7: small buffers for the small models of CPU runs)."""
 
     reduce: int | None = Field(
-        None, gt=0, description="reduce_bucket_size: gradient elements per reduction (ZeRO-2/3 "
+        None,
+        gt=0,
+        description="reduce_bucket_size: gradient elements per reduction (ZeRO-2/3 "
         "allocate a buffer this large on the device).",
-    )  # fmt: skip
+    )
     allgather: int | None = Field(
-        None, gt=0, description="allgather_bucket_size: parameter elements per all-gather "
+        None,
+        gt=0,
+        description="allgather_bucket_size: parameter elements per all-gather "
         "after a ZeRO-1/2 step.",
-    )  # fmt: skip
+    )
     prefetch: int | None = Field(
-        None, gt=0, description="stage3_prefetch_bucket_size: parameter elements ZeRO-3 "
+        None,
+        gt=0,
+        description="stage3_prefetch_bucket_size: parameter elements ZeRO-3 "
         "gathers ahead of their use.",
-    )  # fmt: skip
+    )
     max_live: int | None = Field(
-        None, gt=0, description="stage3_max_live_parameters: gathered parameter elements a "
+        None,
+        gt=0,
+        description="stage3_max_live_parameters: gathered parameter elements a "
         "ZeRO-3 rank keeps alive at most.",
-    )  # fmt: skip
+    )
     max_reuse_distance: int | None = Field(
-        None, gt=0, description="stage3_max_reuse_distance: a gathered ZeRO-3 parameter used "
+        None,
+        gt=0,
+        description="stage3_max_reuse_distance: a gathered ZeRO-3 parameter used "
         "again within this many elements is kept rather than released.",
-    )  # fmt: skip
+    )
     sub_group: int | None = Field(
-        None, gt=0, description="sub_group_size: parameter elements the ZeRO-3 optimizer "
-        "steps at a time.",
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="sub_group_size: parameter elements the ZeRO-3 optimizer steps at a time.",
+    )
 
     def resolve(self, on_gpu: bool) -> dict[str, int]:
         """Every size: the one set here, else the device's default."""
@@ -128,9 +139,13 @@ class ZeroBuckets(_Section):
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py): 5e8 is larger than a Llama-8B layer
 ZERO_BUCKETS_GPU: dict[str, int] = dict(
-    reduce=500_000_000, allgather=500_000_000, prefetch=50_000_000, max_live=1_000_000_000,
-    max_reuse_distance=1_000_000_000, sub_group=1_000_000_000,
-)  # fmt: skip
+    reduce=500_000_000,
+    allgather=500_000_000,
+    prefetch=50_000_000,
+    max_live=1_000_000_000,
+    max_reuse_distance=1_000_000_000,
+    sub_group=1_000_000_000,
+)
 # CPU runs train models of at most ~100M parameters in host memory: 1e7 keeps ZeRO's buffers
 # (allocated at the full bucket size) small and ZeRO-3 gathering a few layers at a time
 ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}

@@ -12,10 +12,19 @@ from conftest import REPO
 
 def test_cpu_parts_build_assets_plan_and_report(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--cpu-parts", "--tiny",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_smoke.py"),
+            "--cpu-parts",
+            "--tiny",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["failed_steps"] == []

@@ -93,10 +93,20 @@ def test_learner_memory_by_hand():
     # the step: the bf16 partition (194 x 2 B), its fp32 cast and one foreach temporary (x 4 B)
     assert zero2_bf16_gpu["grads"] == 194 * (2 + 4 + 4)
     deepspeed_sizes = learner_memory(
-        TOY, lm_head=True, dtype="bfloat16", ranks=2, zero_stage=2, engine="deepspeed",
-        offload_optimizer=False, offload_params=False, micro_batch=2, seq_len=5, response_len=3,
-        checkpointing=False, on_gpu=True,
-    )  # fmt: skip
+        TOY,
+        lm_head=True,
+        dtype="bfloat16",
+        ranks=2,
+        zero_stage=2,
+        engine="deepspeed",
+        offload_optimizer=False,
+        offload_params=False,
+        micro_batch=2,
+        seq_len=5,
+        response_len=3,
+        checkpointing=False,
+        on_gpu=True,
+    )
     # a GPU holds DeepSpeed's whole reduce buffer (5e8 elements), however small the model
     assert deepspeed_sizes["grads"] == 194 * 2 + ZERO_BUCKETS_GPU["reduce"] * 2
     assert zero2_bf16_gpu["optimizer"] == (8 * 388 + 4 * 388) / 2

@@ -97,9 +97,15 @@ class InProcessWorkers:
             self.generators.pop()
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
-            new.append(RolloutGenerator(self.cfg.policy.model, policy_tokenizer(self.cfg),
-                                        self.cfg.rollout, len(self.generators) + len(new),
-                                        from_sync=True))  # fmt: skip
+            new.append(
+                RolloutGenerator(
+                    self.cfg.policy.model,
+                    policy_tokenizer(self.cfg),
+                    self.cfg.rollout,
+                    len(self.generators) + len(new),
+                    from_sync=True,
+                )
+            )
         if new:  # the policy still holds the weights of the last sync: stream them again
             self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
                                                for g in new])  # fmt: skip

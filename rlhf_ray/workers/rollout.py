@@ -38,8 +38,8 @@ class RolloutGenerator:
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         self.device = default_device()
-        self.model = build_causal_lm(model_spec, self.tokenizer, self.device,
-                                     weights=not from_sync)  # fmt: skip
+        weights = not from_sync
+        self.model = build_causal_lm(model_spec, self.tokenizer, self.device, weights=weights)
         self.params = SamplingParams(
             rollout_cfg.max_new_tokens,
             rollout_cfg.temperature,

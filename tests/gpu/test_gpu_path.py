@@ -30,10 +30,18 @@ def llama_dir(tmp_path_factory):
     """A small Llama (4 layers, hidden 256, GQA 8/4 heads) in bf16 with its own tokenizer."""
     directory = tmp_path_factory.mktemp("llama")
     tok = bpe_tokenizer(directory)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                         max_position_embeddings=512, pad_token_id=tok.pad_id,
-                         eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id,
+        bos_token_id=tok.eos_id,
+    )
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
     return directory
 
@@ -43,8 +51,15 @@ def gpu_ray():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rg-", dir="/tmp")
-    ray.init(address="local", num_cpus=8, num_gpus=1, namespace="rlhf_ray",
-             include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=8,
+        num_gpus=1,
+        namespace="rlhf_ray",
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+    )
     try:
         yield
     finally:
@@ -54,17 +69,35 @@ def gpu_ray():
 
 def gpu_run(llama_dir, *overrides: str):
     """Every role on the one GPU by fractions; ZeRO-3, bf16, gradient checkpointing."""
-    learner = ["model.dtype=bfloat16", "num_ranks=1", "zero_stage=3", "num_cpus_per_rank=1",
-               "gradient_checkpointing=true", f"model.path={llama_dir}"]  # fmt: skip
-    return load_config(None, [
-        "tokenizer.kind=hf", f"tokenizer.name_or_path={llama_dir}",
-        *(f"policy.{o}" for o in learner), "policy.num_gpus_per_rank=0.3",
-        *(f"value.{o}" for o in learner), "value.num_gpus_per_rank=0.3",
-        "reference.num_gpus=0.1", "reward.function=rlhf_ray.rewards:lowercase_fraction",
-        "rollout.num_workers=1", "rollout.num_gpus_per_worker=0.2", "rollout.batch_size=16",
-        "rollout.max_new_tokens=16", "ppo.minibatch_size=8", "train.rounds=2",
-        "logging.progress=false", *overrides,
-    ])  # fmt: skip
+    learner = [
+        "model.dtype=bfloat16",
+        "num_ranks=1",
+        "zero_stage=3",
+        "num_cpus_per_rank=1",
+        "gradient_checkpointing=true",
+        f"model.path={llama_dir}",
+    ]
+    return load_config(
+        None,
+        [
+            "tokenizer.kind=hf",
+            f"tokenizer.name_or_path={llama_dir}",
+            *(f"policy.{o}" for o in learner),
+            "policy.num_gpus_per_rank=0.3",
+            *(f"value.{o}" for o in learner),
+            "value.num_gpus_per_rank=0.3",
+            "reference.num_gpus=0.1",
+            "reward.function=rlhf_ray.rewards:lowercase_fraction",
+            "rollout.num_workers=1",
+            "rollout.num_gpus_per_worker=0.2",
+            "rollout.batch_size=16",
+            "rollout.max_new_tokens=16",
+            "ppo.minibatch_size=8",
+            "train.rounds=2",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
 
 
 def test_each_actor_runs_on_the_accelerator_ray_gave_it(gpu_ray):
@@ -81,8 +114,11 @@ def test_each_actor_runs_on_the_accelerator_ray_gave_it(gpu_ray):
 
             from rlhf_ray.accelerator import default_device
 
-            return (os.environ["DS_ACCELERATOR"], str(default_device()),
-                    get_accelerator().device_name())  # fmt: skip
+            return (
+                os.environ["DS_ACCELERATOR"],
+                str(default_device()),
+                get_accelerator().device_name(),
+            )
 
     on_gpu = _actor(Probe, "probe-gpu", 0.5, 0.1)
     on_cpu = _actor(Probe, "probe-cpu", 0.5, 0)

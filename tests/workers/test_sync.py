@@ -68,13 +68,14 @@ def test_a_worker_whose_weights_come_by_sync_reads_no_checkpoint(tmp_path, prese
     from rlhf_ray.models import build_causal_lm
     from rlhf_ray.tokenization import build_tokenizer
 
-    cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1",
-                             f"policy.model.preset={preset}"])  # fmt: skip
+    cfg = load_config(
+        None, ["policy.engine=torch", "policy.num_ranks=1", f"policy.model.preset={preset}"]
+    )
     tok = build_tokenizer(cfg.tokenizer)
     build_causal_lm(cfg.policy.model, tok).save_pretrained(str(tmp_path))
     spec = cfg.policy.model.model_copy(update={"path": str(tmp_path)})
-    learner = PolicyLearner(cfg.policy.model_copy(update={"model": spec}), cfg.ppo,
-                            cfg.tokenizer, 1.0)  # fmt: skip
+    policy_cfg = cfg.policy.model_copy(update={"model": spec})
+    learner = PolicyLearner(policy_cfg, cfg.ppo, cfg.tokenizer, 1.0)
     learner.setup()
     for weights in tmp_path.glob("*.safetensors"):
         weights.unlink()
