@@ -90,6 +90,67 @@ class OptimSpec(_Section):
     )
 
 
+class ZeroBuckets(_Section):
+    """DeepSpeed ZeRO's bucket sizes, in elements (``zero_optimization``). Unset (null): the
+    default of the rank's device, ``ZERO_BUCKETS_GPU`` (DeepSpeed's own: few large NCCL calls)
+    or ``ZERO_BUCKETS_CPU`` (1e7: small buffers for the small models of CPU runs)."""
+
+    reduce: int | None = Field(
+        None,
+        gt=0,
+        description="reduce_bucket_size: gradient elements per reduction (ZeRO-2/3 "
+        "allocate a buffer this large on the device).",
+    )
+    allgather: int | None = Field(
+        None,
+        gt=0,
+        description="allgather_bucket_size: parameter elements per all-gather "
+        "after a ZeRO-1/2 step.",
+    )
+    prefetch: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_prefetch_bucket_size: parameter elements ZeRO-3 "
+        "gathers ahead of their use.",
+    )
+    max_live: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_max_live_parameters: gathered parameter elements a "
+        "ZeRO-3 rank keeps alive at most.",
+    )
+    max_reuse_distance: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_max_reuse_distance: a gathered ZeRO-3 parameter used "
+        "again within this many elements is kept rather than released.",
+    )
+    sub_group: int | None = Field(
+        None,
+        gt=0,
+        description="sub_group_size: parameter elements the ZeRO-3 optimizer steps at a time.",
+    )
+
+    def resolve(self, on_gpu: bool) -> dict[str, int]:
+        """Every size: the one set here, else the device's default."""
+        default = ZERO_BUCKETS_GPU if on_gpu else ZERO_BUCKETS_CPU
+        return {k: default[k] if v is None else v for k, v in self.model_dump().items()}
+
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py): 5e8 is larger than a Llama-8B layer
+ZERO_BUCKETS_GPU: dict[str, int] = dict(
+    reduce=500_000_000,
+    allgather=500_000_000,
+    prefetch=50_000_000,
+    max_live=1_000_000_000,
+    max_reuse_distance=1_000_000_000,
+    sub_group=1_000_000_000,
+)
+# CPU runs train models of at most ~100M parameters in host memory: 1e7 keeps ZeRO's buffers
+# (allocated at the full bucket size) small and ZeRO-3 gathering a few layers at a time
+ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}
+
+
 class PolicyConfig(_Section):
     """The trained policy: its model, optimizer and the learner group that trains it."""
 
@@ -115,6 +176,10 @@ class PolicyConfig(_Section):
     score_micro_batch_size: int = Field(
         16, gt=0, description="Rows per forward when this learner scores a round (no grad)."
     )
+    zero_buckets: ZeroBuckets = Field(
+        default_factory=ZeroBuckets,
+        description="DeepSpeed ZeRO bucket sizes (elements); unset ones follow the device.",
+    )
 
     @model_validator(mode="after")
     def _engine_ranks(self) -> PolicyConfig:
@@ -133,6 +198,12 @@ class PolicyConfig(_Section):
                 f"num_gpus_per_rank {self.num_gpus_per_rank:g} < 1 with {self.num_ranks} ranks "
                 "would put ranks of one NCCL group on the same GPU, which NCCL refuses; "
                 "colocate different roles on a GPU instead, or use num_ranks=1"
+            )
+        if self.num_gpus_per_rank > 1:
+            raise ValueError(
+                f"num_gpus_per_rank {self.num_gpus_per_rank:g} > 1: a learner rank drives one "
+                "GPU (data parallel, the first GPU Ray assigns it, LOCAL_RANK 0), so the others "
+                "would sit idle; use more num_ranks instead"
             )
         return self
 
@@ -448,13 +519,27 @@ class SyncConfig(_Section):
         "one bucket at a time (a tensor larger than a bucket travels alone).",
     )
 
-    max_logprob_diff: float = Field(
-        1e-2,
+    max_logprob_diff: float | None = Field(
+        None,
         gt=0,
         description="After each sync one rollout worker and the policy learner score a fixed "
         "probe sequence; the run stops if their log-probs differ by more than this "
-        "(logged as sync/logprob_max_abs_diff).",
+        "(logged as sync/logprob_max_abs_diff). null: the default for policy.model.dtype "
+        "(SYNC_TOLERANCE: float32 0.01, float16 0.05, bfloat16 0.25).",
     )
+
+    def tolerance(self, dtype: str) -> float:
+        """The probe threshold for weights of ``dtype``: ``max_logprob_diff`` if set, else
+        ``SYNC_TOLERANCE[dtype]``."""
+        return self.max_logprob_diff or SYNC_TOLERANCE[dtype]
+
+
+# The sync check's default threshold per weight dtype. A failed sync (a missing, stale or
+# mis-cast tensor) moves the probe's log-probs by O(1). float32: the worker and the learner
+# agree exactly on CPU (0), 0.01 leaves room for GPU kernels. Half precision: the DeepSpeed-
+# wrapped learner and a plain worker round differently (other kernels, other batch shapes); a
+# bf16 logit of magnitude ~20 is only kept to ~0.08 (8 significant bits), fp16 to ~0.01.
+SYNC_TOLERANCE: dict[str, float] = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.25}
 
 
 class NodeSpec(_Section):

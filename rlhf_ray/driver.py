@@ -260,7 +260,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
     )
     timer = PhaseTimer()
     workers.sync(version=start)  # rollout workers start from the learner's weights
-    check_sync(workers, cfg.sync, start)
+    check_sync(workers, cfg.sync, start, cfg.policy.model.dtype)
 
     for round_index in range(start, cfg.train.rounds):
         version = round_index  # weights after `round_index` updates
@@ -297,7 +297,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         # 5. sync: the new policy weights go to every rollout worker, versioned
         with timer.phase("sync"):
             workers.sync(version=version + 1)
-            sync_stats = check_sync(workers, cfg.sync, version + 1)  # probe: worker == learner
+            sync_stats = check_sync(workers, cfg.sync, version + 1, cfg.policy.model.dtype)
 
         # 6. log / checkpoint
         times = timer.pop()

@@ -6,9 +6,10 @@ config and applies it; ``rlhf-ray plan`` prints the result and refuses a role th
 
 What is counted, per device (one learner rank, one scorer replica, one rollout worker):
 
-- parameters at the model dtype (ZeRO-3: 1/N of them plus the prefetch bucket; parameter
-  offload: only that bucket);
-- gradients at the model dtype (ZeRO-2/3: 1/N of them plus the reduce bucket), or, when it is
+- parameters at the model dtype (ZeRO-3: 1/N of them plus those gathered: the larger of the
+  prefetch bucket and ``max_live``; parameter offload: only those);
+- gradients at the model dtype (ZeRO-2/3: 1/N of them plus the reduce bucket, whole on a GPU),
+  or, when it is
   larger, what the optimizer step holds: the gradient partition cast to fp32 and AdamW's fp32
   temporaries for the tensor it steps (ZeRO-1/2: the whole partition; ZeRO-3: a sub-group);
 - optimizer states: Adam's two fp32 moments, plus DeepSpeed's fp32 master copy (ZeRO >= 1, or
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from rlhf_ray.config import (
+    ZERO_BUCKETS_CPU,
+    ZERO_BUCKETS_GPU,
     Config,
     ModelSpec,
     has_critic,
@@ -40,9 +43,6 @@ from rlhf_ray.config import (
     value_init_spec,
 )
 
-# DeepSpeed's communication buckets default to 5e8 elements (GBs of buffers); the learners set
-# them to this many elements (``engines.training.deepspeed_config``), and the estimate counts them
-BUCKET_ELEMENTS = 10_000_000
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_OVERHEAD_BYTES = 1.0 * GB  # CUDA context + caching-allocator slack, per GPU process
@@ -162,8 +162,10 @@ def learner_memory(
     response_len: int,
     checkpointing: bool,
     on_gpu: bool,
+    buckets: dict[str, int] | None = None,
 ) -> dict[str, float]:
-    """Bytes on one learner rank's device at its peak while it trains.
+    """Bytes on one learner rank's device at its peak while it trains, with the ZeRO bucket
+    sizes the engine is given (``config.ZeroBuckets.resolve``; default: the device's).
 
     ``grads`` is the larger of two moments: the end of the backward (the gradients this stage
     keeps, plus the reduce bucket) and the optimizer step (the gradient partition flattened into
@@ -173,10 +175,13 @@ def learner_memory(
     flat gradient partition all along."""
     p, wb = shape.num_params(lm_head), DTYPE_BYTES[dtype]
     deepspeed = engine == "deepspeed"
-    bucket = min(p, BUCKET_ELEMENTS) * wb
+    b = buckets or (ZERO_BUCKETS_GPU if on_gpu else ZERO_BUCKETS_CPU)
+    # the reduce buffer: DeepSpeed allocates the whole bucket, but the host only pages in what
+    # it writes (at most the model), the GPU's allocator all of it
+    bucket = (b["reduce"] if on_gpu else min(p, b["reduce"])) * wb
     params = 0.0 if offload_params else p * wb / (ranks if zero_stage == 3 else 1)
-    if deepspeed and zero_stage == 3:
-        params += bucket  # the layer(s) gathered for the current forward/backward
+    if deepspeed and zero_stage == 3:  # the parameters gathered and kept for reuse at most
+        params += min(p, max(b["prefetch"], b["max_live"])) * wb
     temporaries = 1 if on_gpu else 2  # fp32 copies AdamW makes of the tensor it steps
     fp32_copy = 4 if wb < 4 else 0  # half-precision gradients are cast for the fp32 step
     backward: float
@@ -186,7 +191,7 @@ def learner_memory(
         step = p * wb + 4 * temporaries * shape.vocab * shape.hidden
     elif zero_stage == 3:
         kept = p * wb / ranks  # DeepSpeed's flat gradient partition
-        chunk = min(p / ranks, BUCKET_ELEMENTS)  # ``sub_group_size``
+        chunk = min(p / ranks, b["sub_group"])
         backward = kept + bucket
         step = kept + chunk * (wb + fp32_copy + 4 * temporaries)
     else:  # ZeRO-1 holds every gradient until the step, ZeRO-2 only its partition
@@ -302,6 +307,7 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             micro_batch=micro or cfg.ppo.minibatch_size // role_cfg.num_ranks, seq_len=seq,
             response_len=resp, checkpointing=role_cfg.gradient_checkpointing,
             on_gpu=role_cfg.num_gpus_per_rank > 0,
+            buckets=role_cfg.zero_buckets.resolve(role_cfg.num_gpus_per_rank > 0),
         )  # fmt: skip
         out[role] = Estimate(parts, source)
     ref_spec = cfg.reference.model or cfg.policy.model

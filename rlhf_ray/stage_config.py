@@ -29,6 +29,7 @@ from rlhf_ray.config import (
     RolloutConfig,
     ScorerConfig,
     TokenizerConfig,
+    ZeroBuckets,
     _Section,
     load_schema,
     resolve_tokenizer,
@@ -52,6 +53,10 @@ class LearnerSpec(_Section):
     num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank.")
     num_cpus_per_rank: float = Field(1.0, gt=0, description="CPUs per rank.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
+    zero_buckets: ZeroBuckets = Field(
+        default_factory=ZeroBuckets,
+        description="DeepSpeed ZeRO bucket sizes (elements); unset ones follow the device.",
+    )
 
 
 class _StageData(_Section):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -41,7 +40,6 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ray.init(
         address="local",
         num_cpus=2,

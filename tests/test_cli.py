@@ -16,7 +16,8 @@ ROLES = ("policy", "value", "reference", "reward", "rollout")
 
 
 def run_cli(*args: str, cwd, pythonpath: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never a live cluster
+    # never a live cluster, and never this process's accelerator: each actor gets its own
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DS_ACCELERATOR")}
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     return subprocess.run(
@@ -49,7 +50,7 @@ def test_print_config_prints_the_resolved_config(tmp_path):
 def test_print_config_honours_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  rounds: 5\nrollout:\n  num_workers: 4\n")
-    overrides = ["rollout.num_workers=3", "train.seed=9", "policy.num_gpus_per_rank=2"]
+    overrides = ["rollout.num_workers=3", "train.seed=9", "policy.num_gpus_per_rank=1"]
     proc = run_cli("ppo", "--print-config", "--config", str(path), *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
@@ -57,7 +58,7 @@ def test_print_config_honours_file_and_overrides(tmp_path):
     assert printed["train"]["rounds"] == 5
     assert printed["rollout"]["num_workers"] == 3
     assert printed["train"]["seed"] == 9
-    assert printed["policy"]["num_gpus_per_rank"] == 2
+    assert printed["policy"]["num_gpus_per_rank"] == 1
 
 
 def test_printed_config_is_a_valid_config_file(tmp_path):
@@ -111,7 +112,7 @@ def test_plan_on_a_feasible_config_prints_the_table(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has 8 GPUs")
 def test_plan_that_cannot_fit_exits_1_naming_the_shortfall(tmp_path):
-    proc = run_cli("plan", "policy.num_gpus_per_rank=4", cwd=tmp_path)
+    proc = run_cli("plan", "policy.num_ranks=8", "policy.num_gpus_per_rank=1", cwd=tmp_path)
     assert proc.returncode == 1
     assert "needs 8 GPUs" in proc.stderr
     assert "Traceback" not in proc.stderr

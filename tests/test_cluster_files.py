@@ -104,7 +104,12 @@ def test_dockerfile_copies_and_installs_the_project(dockerfile):
     copies = [[w for w in c if not w.startswith("--")] for c in copies]
     assert any(c[0] == "." and c[-1] in (workdirs[-1], ".", "./") for c in copies)
     installs = [shlex.split(r) for r in _args(dockerfile, "RUN") if "pip install" in r]
-    assert any("." in words for words in installs), "no `pip install .` of the project"
+    project = [w for words in installs for w in words if w == "." or w.startswith(".[")]
+    assert project, "no `pip install .` of the project"
+    # the vLLM rollout backend is in the image, and nvcc for DeepSpeed's cpu_adam (8B offload)
+    assert ".[vllm]" in project
+    assert any("cuda-nvcc" in r for r in _args(dockerfile, "RUN"))
+    assert any("CUDA_HOME=" in e for e in _args(dockerfile, "ENV"))
 
 
 def test_dockerfile_torch_and_ray_pins_satisfy_the_project(dockerfile):

@@ -21,7 +21,7 @@ CONTRACT = {
     "reward.function": "my_rewards:score",
     "policy.num_ranks": 1,
     "policy.zero_stage": 3,
-    "policy.num_gpus_per_rank": 1.5,
+    "policy.num_gpus_per_rank": 1.0,
     "checkpoint.every": 4,
     "data.prompts": "prompts.jsonl",
 }
@@ -307,6 +307,11 @@ def test_ranks_of_one_group_cannot_share_a_gpu():
     assert load_config(None, ["policy.num_gpus_per_rank=0.5", "policy.num_ranks=1"])
 
 
+def test_a_rank_drives_one_gpu_at_most():
+    msg = _error(None, ["value.num_gpus_per_rank=2"])
+    assert "value" in msg and "num_gpus_per_rank 2 > 1" in msg and "num_ranks" in msg
+
+
 # -- estimators and group sampling ---------------------------------------------------------------
 
 GRPO = ["algo.estimator=grpo", "rollout.samples_per_prompt=4"]
@@ -352,3 +357,22 @@ def test_loss_aggregation_choices():
         load_config(None, ["ppo.loss_agg=seq_mean_token_sum"]).ppo.loss_agg == "seq_mean_token_sum"
     )
     assert "ppo.loss_agg" in _error(None, ["ppo.loss_agg=token_sum"])
+
+
+def test_the_sync_threshold_follows_the_dtype_unless_set():
+    cfg = load_config(None, [])
+    assert cfg.sync.tolerance("float32") == 0.01  # exact agreement on CPU: tight
+    assert cfg.sync.tolerance("bfloat16") > cfg.sync.tolerance("float16") > 0.01
+    assert load_config(None, ["sync.max_logprob_diff=0.5"]).sync.tolerance("float32") == 0.5
+
+
+def test_zero_buckets_follow_the_device_unless_set():
+    from rlhf_ray.engines.training import deepspeed_config
+
+    cfg = load_config(None, ["policy.zero_buckets.reduce=123456"])
+    gpu, cpu = cfg.policy.zero_buckets.resolve(True), cfg.policy.zero_buckets.resolve(False)
+    assert gpu["reduce"] == cpu["reduce"] == 123456
+    assert gpu["prefetch"] == 50_000_000 and cpu["prefetch"] == 10_000_000
+    zero = deepspeed_config(3, 1, 2, 1.0, "bfloat16", False, buckets=gpu)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 123456
+    assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 1_000_000_000

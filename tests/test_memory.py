@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from rlhf_ray.cli import main
+from rlhf_ray.config import ZERO_BUCKETS_CPU, ZERO_BUCKETS_GPU
 from rlhf_ray.memory import (
-    BUCKET_ELEMENTS,
     ModelShape,
     learner_memory,
     memory_problems,
@@ -51,6 +51,9 @@ def test_parameter_count_matches_the_real_model(config):
     assert shape.num_params() == sum(p.numel() for p in model.parameters())
 
 
+WHOLE = {k: 388 for k in ZERO_BUCKETS_GPU}  # buckets of exactly the toy model
+
+
 def test_learner_memory_by_hand():
     parts = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=2, zero_stage=3, engine="deepspeed",
@@ -58,7 +61,7 @@ def test_learner_memory_by_hand():
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
     bucket = 388 * 4  # the whole toy model fits one gather/reduce bucket
-    assert BUCKET_ELEMENTS > 388
+    assert ZERO_BUCKETS_CPU["reduce"] > 388  # (on the host only the pages written count)
     assert parts["params"] == 388 * 4 / 2 + bucket  # own half + the gathered bucket
     # the larger of: the backward's partition + bucket (776 + 1552) and the step's partition +
     # a sub-group (the whole half here) cast-free (fp32) with two fp32 AdamW temporaries on CPU
@@ -70,7 +73,7 @@ def test_learner_memory_by_hand():
     ckpt = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=2, zero_stage=3, engine="deepspeed",
         offload_optimizer=True, offload_params=True, micro_batch=2, seq_len=5, response_len=3,
-        checkpointing=True, on_gpu=True,
+        checkpointing=True, on_gpu=True, buckets=WHOLE,
     )  # fmt: skip
     assert ckpt["params"] == bucket and ckpt["optimizer"] == 0
     assert ckpt["grads"] == 388 * 4 / 2 + bucket  # the step runs on the host
@@ -85,10 +88,27 @@ def test_learner_memory_by_hand():
     zero2_bf16_gpu = learner_memory(
         TOY, lm_head=True, dtype="bfloat16", ranks=2, zero_stage=2, engine="deepspeed",
         offload_optimizer=False, offload_params=False, micro_batch=2, seq_len=5, response_len=3,
-        checkpointing=False, on_gpu=True,
+        checkpointing=False, on_gpu=True, buckets=WHOLE,
     )  # fmt: skip
     # the step: the bf16 partition (194 x 2 B), its fp32 cast and one foreach temporary (x 4 B)
     assert zero2_bf16_gpu["grads"] == 194 * (2 + 4 + 4)
+    deepspeed_sizes = learner_memory(
+        TOY,
+        lm_head=True,
+        dtype="bfloat16",
+        ranks=2,
+        zero_stage=2,
+        engine="deepspeed",
+        offload_optimizer=False,
+        offload_params=False,
+        micro_batch=2,
+        seq_len=5,
+        response_len=3,
+        checkpointing=False,
+        on_gpu=True,
+    )
+    # a GPU holds DeepSpeed's whole reduce buffer (5e8 elements), however small the model
+    assert deepspeed_sizes["grads"] == 194 * 2 + ZERO_BUCKETS_GPU["reduce"] * 2
     assert zero2_bf16_gpu["optimizer"] == (8 * 388 + 4 * 388) / 2
     torch_fp32 = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=1, zero_stage=0, engine="torch",

@@ -74,8 +74,9 @@ def _fmt(x: float) -> str:
 def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
     """Why ``nodes`` cannot hold ``plan`` (empty if they can).
 
-    Totals first, then a first-fit-decreasing packing of every actor onto the nodes, which
-    catches an actor larger than any single node even when the totals suffice.
+    Totals first, then a first-fit-decreasing packing onto the nodes, which catches an actor
+    larger than any single node even when the totals suffice. A learner group packs as one
+    unit: its ranks are placed on one node (``STRICT_PACK``).
     """
     need_cpu = sum(r.total_cpus for r in plan)
     need_gpu = sum(r.total_gpus for r in plan)
@@ -89,22 +90,26 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
     if problems:
         return problems
     free = [[n.cpus, n.gpus] for n in nodes]
-    actors = sorted(
-        ((r.role, r.cpus, r.gpus) for r in plan for _ in range(r.actors)),
-        key=lambda a: (a[2], a[1]),
-        reverse=True,
-    )
-    for role, cpus, gpus in actors:
+    # a learner group is one unit: its ranks share a node (STRICT_PACK, see LearnerGroup)
+    units = [
+        (r, r.actors if r.group else 1) for r in plan for _ in range(1 if r.group else r.actors)
+    ]
+    units.sort(key=lambda u: (u[0].gpus * u[1], u[0].cpus * u[1]), reverse=True)
+    for r, n in units:
+        cpus, gpus = r.cpus * n, r.gpus * n
         for slot in free:
             if slot[0] + 1e-9 >= cpus and slot[1] + 1e-9 >= gpus:
                 slot[0] -= cpus
                 slot[1] -= gpus
                 break
         else:
-            problems.append(
-                f"a {role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs) fits on "
-                f"no node once the others are placed"
+            what = (
+                f"the {r.role} group ({n} ranks: {_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs on one "
+                "node, as NCCL groups must not span nodes)"
+                if r.group
+                else f"a {r.role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs)"
             )
+            problems.append(f"{what} fits on no node once the others are placed")
             break
     return problems
 

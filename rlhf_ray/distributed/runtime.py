@@ -29,6 +29,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray.accelerator import actor_env
 from rlhf_ray.config import (
     Config,
     ModelSpec,
@@ -124,7 +125,7 @@ def _threads(cpus: float) -> int:
 
 
 def _env(cpus: float, gpus: float) -> dict[str, Any]:
-    env = {"DS_ACCELERATOR": "cpu"} if gpus == 0 else {}
+    env: dict[str, str] = actor_env(gpus)  # the accelerator, explicit (rlhf_ray/accelerator.py)
     env["OMP_NUM_THREADS"] = str(_threads(cpus))
     return {"env_vars": env}
 
@@ -270,12 +271,15 @@ class LearnerGroup:
     ):  # fmt: skip
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
-        self.pg = placement_group([bundle] * n, strategy="PACK", name=f"rlhf_ray-{role}")
+        # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
+        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
             raise UserError(
-                f"the {role} placement group ({n} x {bundle}) could not be placed "
-                f"within {timeout_s:g}s"
+                f"the {role} placement group ({n} x {bundle}) could not be placed on one node "
+                f"within {timeout_s:g}s: a learner group's ranks share a node (STRICT_PACK), so "
+                f"one node needs {n * cpus:g} CPUs and {n * gpus:g} GPUs free; lower "
+                f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
             )
         self.actors = [
             _actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
@@ -326,6 +330,7 @@ class RolloutPool:
         """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
         pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
         self.cfg = cfg
+        self.from_sync = model_spec is None  # PPO's workers get the policy's weights by sync
         if model_spec is None or tokenizer_cfg is None or seed is None:
             assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
             model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
@@ -348,7 +353,7 @@ class RolloutPool:
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=_spread(self.cfg),
+            strategy=_spread(self.cfg), from_sync=self.from_sync,
         )  # fmt: skip
         self._next_id += 1
         return name, handle

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rlhf_ray.memory import BUCKET_ELEMENTS  # a small, known size the estimate counts
+from rlhf_ray.config import ZERO_BUCKETS_CPU
 
 
 class OptimSource(Protocol):
@@ -193,17 +193,21 @@ def deepspeed_config(
     offload_optimizer: bool,
     accumulation: int = 1,
     offload_params: bool = False,
+    buckets: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """``buckets``: ``config.ZeroBuckets.resolve(...)`` (default: the CPU sizes); the memory
+    estimate (``rlhf_ray.memory``) counts the same ones."""
+    b = buckets or ZERO_BUCKETS_CPU
     zero: dict[str, Any] = {
         "stage": zero_stage,
-        "reduce_bucket_size": BUCKET_ELEMENTS,
-        "allgather_bucket_size": BUCKET_ELEMENTS,
+        "reduce_bucket_size": b["reduce"],
+        "allgather_bucket_size": b["allgather"],
     }
-    if zero_stage == 3:  # gather at most about a bucket of parameters at a time
-        zero["stage3_prefetch_bucket_size"] = BUCKET_ELEMENTS
-        zero["stage3_max_live_parameters"] = BUCKET_ELEMENTS
-        zero["stage3_max_reuse_distance"] = BUCKET_ELEMENTS
-        zero["sub_group_size"] = BUCKET_ELEMENTS  # the optimizer steps a sub-group at a time
+    if zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = b["prefetch"]
+        zero["stage3_max_live_parameters"] = b["max_live"]
+        zero["stage3_max_reuse_distance"] = b["max_reuse_distance"]
+        zero["sub_group_size"] = b["sub_group"]  # the optimizer steps a sub-group at a time
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
@@ -290,6 +294,9 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.module = self.engine.module
+        # every tensor handed to torch.distributed lives here: NCCL groups (GPU learners) have
+        # no backend for CPU tensors ("No backend type associated with device type cpu")
+        self.device = torch.device(self.engine.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the caller scales micro-batch losses
@@ -309,7 +316,7 @@ class DeepSpeedEngine:
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item())
 
@@ -341,7 +348,7 @@ class DeepSpeedEngine:
                 continue
             # DeepSpeed's layout: rank r holds elements [r * n, (r + 1) * n) of the flattened,
             # padded parameter (n = the partition size, the same on every rank)
-            part = part.detach().to(tensor.device)
+            part = part.detach().to(self.device)  # an offloaded partition sits on the CPU
             if out is None:
                 dist.gather(part, dst=0)
                 continue

@@ -22,8 +22,10 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
+from rlhf_ray.accelerator import default_device  # noqa: F401 (exported here too)
 from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,15 +98,6 @@ def max_positions(config: PretrainedConfig, default: int = 1024) -> int:
     return default
 
 
-def default_device() -> torch.device:
-    """The GPU Ray assigned to this actor (``CUDA_VISIBLE_DEVICES``), else the CPU."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 def disable_dropout(model: nn.Module) -> None:
     """PPO needs identical forwards for sampling, old and new logprobs: zero every dropout."""
     for module in model.modules():
@@ -133,10 +126,20 @@ def _finish(
 
 
 def build_causal_lm(
-    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu", weights: bool = True
 ) -> PreTrainedModel:
-    """The policy architecture with weights from ``spec.path`` or a seeded random preset."""
-    if spec.path is not None:
+    """The policy architecture with weights from ``spec.path`` or a seeded random preset.
+
+    ``weights=False`` (a worker whose weights come by sync): a model at ``spec.path`` is built
+    from its ``config.json`` alone, straight on ``device`` and in its dtype, with its
+    parameters left uninitialised (``no_init_weights``; buffers such as rotary frequencies are
+    computed as usual): no checkpoint is read. The caller must not use it before a sync."""
+    if spec.path is not None and not weights:
+        config = AutoConfig.from_pretrained(spec.path)
+        with torch.device(device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[spec.dtype])
+        model.tie_weights()  # (skipped with the init: a sync sends a tied weight once)
+    elif spec.path is not None:
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_DTYPES[spec.dtype])
     else:

@@ -76,7 +76,7 @@ class InProcessWorkers:
             chunk_size=cfg.reward.score_micro_batch_size,
         )  # fmt: skip
         self.generators = [
-            RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
+            RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)
             for i in range(cfg.rollout.num_workers)
         ]
         self.version = -1
@@ -104,8 +104,15 @@ class InProcessWorkers:
             self.generators.pop()
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
-            new.append(RolloutGenerator(self.cfg.policy.model, policy_tokenizer(self.cfg),
-                                        self.cfg.rollout, len(self.generators) + len(new)))  # fmt: skip
+            new.append(
+                RolloutGenerator(
+                    self.cfg.policy.model,
+                    policy_tokenizer(self.cfg),
+                    self.cfg.rollout,
+                    len(self.generators) + len(new),
+                    from_sync=True,
+                )
+            )
         if new:  # the policy still holds the weights of the last sync: stream them again
             self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
                                                for g in new])  # fmt: skip

@@ -160,15 +160,18 @@ class StageWorkers(Protocol):
         """Release the learners."""
 
 
-def check_sync(workers: Workers, sync_cfg, version: int) -> dict[str, float]:
-    """The sync check after a sync to ``version``: ``sync/logprob_max_abs_diff``, or a
-    ``SyncCheckError`` above ``sync_cfg.max_logprob_diff``."""
+def check_sync(
+    workers: Workers, sync_cfg, version: int, dtype: str = "float32"
+) -> dict[str, float]:
+    """The sync check after a sync to ``version`` of ``dtype`` weights:
+    ``sync/logprob_max_abs_diff``, or a ``SyncCheckError`` above ``sync_cfg.tolerance(dtype)``."""
     diff, worker = workers.probe_sync(version)
-    if not diff <= sync_cfg.max_logprob_diff:  # NaN fails too
+    limit = sync_cfg.tolerance(dtype)
+    if not diff <= limit:  # NaN fails too
         raise SyncCheckError(
             f"weight sync check failed after the sync to v{version}: rollout worker {worker} and "
             f"the policy learner give log-probs of the probe sequence that differ by up to "
-            f"{diff:.3g} (> sync.max_logprob_diff {sync_cfg.max_logprob_diff:g}), so the worker "
+            f"{diff:.3g} (> sync.max_logprob_diff {limit:g} for {dtype}), so the worker "
             "does not sample from the weights the learner trains. Check that both build the same "
             "model (dtype, architecture) and that the sync loaded every tensor."
         )

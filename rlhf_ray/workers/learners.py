@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.accelerator import check_deepspeed_accelerator
 from rlhf_ray.algo import (
     aggregate_loss,
     aggregation_weight,
@@ -109,6 +110,8 @@ class _Rank:
         built whole, then partitioned."""
         self.device = default_device()
         cfg = self.cfg
+        if cfg.engine != "torch":
+            check_deepspeed_accelerator(self.device)
         if cfg.engine == "torch":
             module = self._build().to(self.device)
             self._prepare(module)
@@ -120,6 +123,7 @@ class _Rank:
             cfg.zero_stage, self.micro_batch, dist.get_world_size(), cfg.optim.grad_clip,
             cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
             getattr(cfg, "offload_params", False),
+            cfg.zero_buckets.resolve(on_gpu=self.device.type != "cpu"),
         )  # fmt: skip
         zero_init = cfg.zero_stage == 3 and self.model_path is not None
         with zero3_construction(config, enabled=zero_init):

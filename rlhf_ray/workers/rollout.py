@@ -27,13 +27,19 @@ class RolloutGenerator:
         rollout_cfg,
         worker_id: int = 0,
         num_threads: int | None = None,
+        from_sync: bool = False,
     ):
+        """``from_sync``: the weights come by sync (PPO's pool), so none are read from
+        ``model_spec.path``: the model is built from its config (the worker refuses to
+        generate before the first sync). Otherwise (evaluation, ``rlhf-ray generate``) the
+        model is loaded with its weights."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         self.device = default_device()
-        self.model = build_causal_lm(model_spec, self.tokenizer, self.device)
+        weights = not from_sync
+        self.model = build_causal_lm(model_spec, self.tokenizer, self.device, weights=weights)
         self.params = SamplingParams(
             rollout_cfg.max_new_tokens,
             rollout_cfg.temperature,

@@ -59,3 +59,32 @@ def test_worker_gets_the_learners_exact_weights_bucket_by_bucket():
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_a_worker_whose_weights_come_by_sync_reads_no_checkpoint(tmp_path, preset):
+    """PPO's rollout workers are built from the model's config.json alone: with the weights
+    file gone they still start, and after one sync they compute what the learner computes."""
+    from rlhf_ray.models import build_causal_lm
+    from rlhf_ray.tokenization import build_tokenizer
+
+    cfg = load_config(
+        None, ["policy.engine=torch", "policy.num_ranks=1", f"policy.model.preset={preset}"]
+    )
+    tok = build_tokenizer(cfg.tokenizer)
+    build_causal_lm(cfg.policy.model, tok).save_pretrained(str(tmp_path))
+    spec = cfg.policy.model.model_copy(update={"path": str(tmp_path)})
+    policy_cfg = cfg.policy.model_copy(update={"model": spec})
+    learner = PolicyLearner(policy_cfg, cfg.ppo, cfg.tokenizer, 1.0)
+    learner.setup()
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.unlink()
+    worker = RolloutGenerator(spec, cfg.tokenizer, cfg.rollout, from_sync=True)
+    count = learner.num_weight_buckets(cfg.sync.bucket_mb)
+    for k in range(count):
+        worker.load_bucket(learner.weight_bucket(k, cfg.sync.bucket_mb), 0, k, count)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(learner.module(ids).logits, worker.model(ids).logits)
+    with pytest.raises(OSError):  # while a model that needs its weights cannot load
+        RolloutGenerator(spec, cfg.tokenizer, cfg.rollout)
