@@ -295,13 +295,14 @@ class RolloutConfig(_Section):
         "log-probs and entropy use, this filtered distribution; the reference does not.",
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
-    micro_batch_size: int = Field(
-        8,
+    micro_batch_size: int | None = Field(
+        None,
         gt=0,
-        description="Rows generated together (one `generate` call). The round's rows are cut "
-        "into micro-batches counted from its first row and dealt whole to the workers, so a "
-        "row is computed beside the same rows, and sampled identically, whatever "
-        "rollout.num_workers is.",
+        description="null: each worker generates its whole shard in one batch (fastest). A "
+        "number: rows are generated in fixed micro-batches of this size counted from the "
+        "round's first row and dealt whole to the workers, so a row is computed beside the same "
+        "rows, and rollouts are bit-identical whatever rollout.num_workers is (through resizes, "
+        "replacements and resumes), at the cost of serial, smaller generate calls.",
     )
     num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
     num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")

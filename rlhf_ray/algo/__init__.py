@@ -38,9 +38,10 @@ from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import append_eos, apply_missing_eos_penalty, truncate_after_eos
 from rlhf_ray.algo.sampling import (
     entropy_of_scores,
-    gumbel_noise,
+    inverse_cdf_sample,
     label_logprobs,
     process_logits,
+    row_uniforms,
 )
 from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
@@ -79,8 +80,9 @@ __all__ = [
     "value_loss",
     "win_rate",
     "entropy_of_scores",
-    "gumbel_noise",
+    "inverse_cdf_sample",
     "label_logprobs",
     "process_logits",
+    "row_uniforms",
     "standardize",
 ]
