@@ -306,6 +306,13 @@ class RolloutConfig(_Section):
     )
     num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
     num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")
+    max_logprob_gap: float | None = Field(
+        None,
+        gt=0,
+        description="A round stops with an error when its rollout/logprob_gap (mean |sampler - "
+        "learner| log-prob per response token) exceeds this (null: 1e-3 for a float32 policy, "
+        "0.05 for bfloat16 / float16).",
+    )
 
 
 class PPOConfig(_Section):
