@@ -81,7 +81,7 @@ def inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.
 
     Vectorised over the batch, and a row's choice depends on its own probabilities and uniform
     only, not on which rows share its batch."""
-    cdf = logprobs.double().exp().cumsum(-1)
+    cdf = logprobs.exp().cumsum(-1, dtype=torch.float64)
     target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     chosen = torch.searchsorted(cdf, target, right=True)
     return chosen.clamp(max=logprobs.shape[-1] - 1)

@@ -59,8 +59,8 @@ class RowSampler(LogitsProcessor):
         else:
             chosen = inverse_cdf_sample(logp, self.uniforms[:, len(self.logprobs)])
         self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
-        picked = torch.full_like(logp, float("-inf")).scatter_(-1, chosen, 0.0)
-        return picked  # type: ignore[return-value]
+        # scores whose argmax (generate's greedy step) is the chosen token
+        return logp.fill_(float("-inf")).scatter_(-1, chosen, 0.0)  # type: ignore[return-value]
 
 
 @contextmanager
