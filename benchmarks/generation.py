@@ -6,7 +6,8 @@ What it measures
     separately. Every sampler is one function ``f(bench) -> run``: the function is the start-up
     (timed once), ``run(call_index)`` samples every prompt once and returns the new token ids
     ``(rows, <= new_tokens)`` with the EOS, if any, as the last kept token of a row. Each cell is
-    the median of ``--repeats`` calls after one untimed warm-up; tokens count every new token up
+    the median of ``--repeats`` calls after one untimed warm-up, the timed calls going
+    round-robin over the samplers (so other load hits all alike); tokens count every new token up
     to and including a row's first EOS.
 
     Samplers:
@@ -129,7 +130,7 @@ def hand_kv_loop(bench: Bench) -> Run:
     def run(call: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(call)
         ids, model = bench.prompt_ids, bench.model
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1]
         done = torch.zeros(len(ids), dtype=torch.bool)
         tokens = []
@@ -183,19 +184,29 @@ def make_bench(shape: str) -> Bench:
     return Bench(model, prompts, new, eos_id=eos, pad_id=eos)
 
 
-def measure(bench: Bench, factory: Callable[[Bench], Run], repeats: int) -> tuple[float, ...]:
-    start = time.perf_counter()
-    run = factory(bench)
-    startup = time.perf_counter() - start
-    run(10_000)  # warm-up
-    seconds, tokens = [], []
-    for call in range(repeats):
+def measure(bench: Bench, factories: dict[str, Callable[[Bench], Run]], repeats: int) -> dict:
+    """Start-up seconds, median seconds, mean new tokens and tok/s per sampler. The timed calls
+    go round-robin over the samplers, so load from other processes hits all of them alike."""
+    runs, startup = {}, {}
+    for name, factory in factories.items():
         start = time.perf_counter()
-        out = run(call)
-        seconds.append(time.perf_counter() - start)
-        tokens.append(new_tokens(out, bench.eos_id))
-    median_s = _common.median(seconds)
-    return startup, median_s, _common.mean(tokens), _common.mean(tokens) / median_s
+        runs[name] = factory(bench)
+        startup[name] = time.perf_counter() - start
+        runs[name](10_000)  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    tokens: dict[str, list[int]] = {name: [] for name in runs}
+    for call in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out = run(call)
+            seconds[name].append(time.perf_counter() - start)
+            tokens[name].append(new_tokens(out, bench.eos_id))
+            print(f"  call {call} {name}: {seconds[name][-1]:.2f}s", flush=True)
+    out = {}
+    for name in runs:
+        median_s, mean_tokens = _common.median(seconds[name]), _common.mean(tokens[name])
+        out[name] = (startup[name], median_s, mean_tokens, mean_tokens / median_s)
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,13 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} torch threads; median of {args.repeats} after a warm-up",
         flush=True,
     )
-    results = []
-    for name, factory in SAMPLERS:
-        if args.only and name not in args.only:
-            continue
-        startup, median_s, tokens, rate = measure(bench, factory, args.repeats)
-        results.append((name, startup, median_s, tokens, rate))
-        print(f"  {name}: {rate:.0f} tok/s", flush=True)
+    chosen = {n: f for n, f in SAMPLERS if not args.only or n in args.only}
+    measured = measure(bench, chosen, args.repeats)
+    results = [(name, *figures) for name, figures in measured.items()]
     base = next((r[4] for r in results if r[0] == "plain HF generate"), None)
     table = [(n, s, m, t, r, r / base if base else float("nan")) for n, s, m, t, r in results]
     print()
