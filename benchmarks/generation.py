@@ -1,31 +1,39 @@
-"""Benchmark: sampling throughput of ``rlhf_ray.engines.generation.sample_responses`` on CPU.
+"""Benchmark: rollout sampling throughput, side by side, in one run.
 
 What it measures
-    New tokens per second of the rollout sampler (Hugging Face ``generate`` with a KV cache and
-    the per-row ``RowSampler``, then EOS truncation and sampler logprobs) for:
+    New tokens per second of each sampler in ``SAMPLERS`` on the same model and the same
+    prompts, and each sampler's start-up seconds (building what it needs before the first call)
+    separately. Every sampler is one function ``f(bench) -> run``: the function is the start-up
+    (timed once), ``run(call_index)`` samples every prompt once and returns the new token ids
+    ``(rows, <= new_tokens)`` with the EOS, if any, as the last kept token of a row. Each cell is
+    the median of ``--repeats`` calls after one untimed warm-up, the timed calls going
+    round-robin over the samplers (so other load hits all alike); tokens count every new token up
+    to and including a row's first EOS.
 
-    - ``tiny``:  the embedded default policy (gpt2-tiny, hidden 64, 2 layers, 4 heads);
-    - ``h256``:  gpt2-tiny hidden 256, 6 layers, 8 heads (the "~10M" shape; with the built-in
-                 258-token bytes vocabulary it has ~4.8M parameters, see the printed count);
-    - ``h384``:  gpt2-tiny hidden 384, 6 layers, 6 heads (~10.7M parameters with this vocab);
+    Samplers:
 
-    at batch 16 and 32, 32 new tokens, prompts from the bundled set
-    (``load_prompts("builtin")``) left-padded to 48 tokens with ``encode_batch_left_padded``,
-    under ``torch.set_num_threads(1)`` and ``(2)``. Each cell is the median (and the fastest)
-    of ``--repeats`` calls after one untimed warm-up, with the same seeds for every cell.
+    - ``plain HF generate``: ``model.generate(do_sample=True)``, one call for all rows (what a
+      bare transformers user gets; one shared RNG, so a row's sample depends on its batch);
+    - ``ours (HF backend, default)``: ``rlhf_ray.engines.generation.sample_responses`` with
+      ``rollout.micro_batch_size`` at its default (null: the whole shard in one call), per-row
+      seeds as in a run;
+    - ``ours (HF, fixed chunks of 8)``: the same with ``rollout.micro_batch_size=8``, the option
+      that makes rollouts bit-identical on any pool size (and the default before issue 18);
+    - ``hand KV-cache loop``: the limit: a hand-written loop over ``model(...)`` with the cache,
+      ``torch.multinomial``, stopping when every row has ended; no per-row seeds, no log-prob
+      bookkeeping beyond what sampling needs.
 
-    Two rates are printed: ``valid tok/s`` counts response tokens up to and including the
-    first EOS (what ``rollout/tokens_per_s`` reports in a run); ``slot tok/s`` counts
-    batch x decoding steps, what the model actually computed (the sampler keeps going until
-    every row has hit EOS or ``max_new_tokens``; ``min_new_tokens`` is 0, and with random
-    weights EOS is rare, so the two are close). The reference measured earlier for a 10M-parameter
-    GPT-2, batch 16, 32 new tokens: HF ``generate`` 630-740 tokens/s, a hand KV-cache loop
-    860-970.
+    More rows (a vLLM engine, a rollout worker) slot in as functions appended to ``SAMPLERS``.
+
+    Shapes (``--shape``): ``issue`` (default): GPT-2 6 layers x 512 hidden, 8 heads, vocab 50257,
+    random weights; 64 prompts x 32 random tokens; 128 new tokens. ``ppo``: GPT-2 4 x 256,
+    byte vocab (258); 16 prompts x 32 tokens; 16 new tokens (the default PPO rollout's shape).
+    With random weights EOS is rare, so rows run to the full length.
 
 How to run (from the repository root)
-    python benchmarks/generation.py                      # all models, batch 16 and 32, 1 and 2 threads
-    python benchmarks/generation.py --models h384 --batch 16 --threads 1 --repeats 5
-    python benchmarks/generation.py --new-tokens 64
+    python benchmarks/generation.py                   # the issue's shape, every sampler
+    python benchmarks/generation.py --shape ppo --repeats 5
+    python benchmarks/generation.py --only "plain HF generate" "ours (HF backend, default)"
 
 Timings on a loaded 2-core machine are noisy; nothing here asserts a timing.
 """
@@ -35,121 +43,204 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import _common
 import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from rlhf_ray.config import ModelSpec, TokenizerConfig
-from rlhf_ray.data import load_prompts
+from rlhf_ray.config import RolloutConfig
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
-from rlhf_ray.models import build_causal_lm
-from rlhf_ray.tokenization import build_tokenizer
 
-MODELS = {
-    "tiny": ModelSpec(),
-    "h256": ModelSpec(hidden_size=256, num_layers=6, num_heads=8),
-    "h384": ModelSpec(hidden_size=384, num_layers=6, num_heads=6),
+SHAPES = {  # layers, hidden, heads, vocab, prompts, prompt tokens, new tokens
+    "issue": (6, 512, 8, 50257, 64, 32, 128),
+    "ppo": (4, 256, 8, 258, 16, 32, 16),
 }
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every sampler gets: the model, the prompts (no padding) and the sampling shape."""
+
+    model: GPT2LMHeadModel
+    prompt_ids: torch.Tensor  # (rows, prompt tokens)
+    new_tokens: int
+    eos_id: int
+    pad_id: int
+
+
+Run = Callable[[int], torch.Tensor]
+
+
+def plain_hf_generate(bench: Bench) -> Run:
+    config = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=bench.new_tokens,
+        min_new_tokens=0,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        eos_token_id=bench.eos_id,
+        pad_token_id=bench.pad_id,
+    )
+
+    def run(call: int) -> torch.Tensor:
+        torch.manual_seed(call)
+        ids = bench.prompt_ids
+        out = bench.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+        )
+        return out[:, ids.shape[1] :]
+
+    return run
+
+
+def _ours(bench: Bench, chunk_rows: int | None) -> Run:
+    params = SamplingParams(max_new_tokens=bench.new_tokens)
+
+    def run(call: int) -> torch.Tensor:
+        ids = bench.prompt_ids
+        seeds = [call * 100_003 + i for i in range(len(ids))]  # one generator per row, as in a run
+        out = sample_responses(
+            bench.model,
+            ids,
+            torch.ones_like(ids),
+            params,
+            bench.eos_id,
+            bench.pad_id,
+            seeds,
+            chunk_rows,
+        )
+        return out["response_ids"]
+
+    return run
+
+
+def ours_default(bench: Bench) -> Run:
+    return _ours(bench, RolloutConfig().micro_batch_size)
+
+
+def ours_fixed_chunks(bench: Bench) -> Run:
+    return _ours(bench, 8)
+
+
+@torch.no_grad()
+def hand_kv_loop(bench: Bench) -> Run:
+    def run(call: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(call)
+        ids, model = bench.prompt_ids, bench.model
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        tokens = []
+        for _ in range(bench.new_tokens):
+            token = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+            token = token.masked_fill(done.unsqueeze(-1), bench.pad_id)
+            tokens.append(token)
+            done |= token.squeeze(-1) == bench.eos_id
+            if bool(done.all()):
+                break
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+        return torch.cat(tokens, 1)
+
+    return run
+
+
+SAMPLERS: list[tuple[str, Callable[[Bench], Run]]] = [
+    ("plain HF generate", plain_hf_generate),
+    ("ours (HF backend, default)", ours_default),
+    ("ours (HF, fixed chunks of 8)", ours_fixed_chunks),
+    ("hand KV-cache loop", hand_kv_loop),
+]
+
+
+def new_tokens(response_ids: torch.Tensor, eos_id: int) -> int:
+    """Tokens up to and including each row's first EOS (all of them without one)."""
+    is_eos = response_ids == eos_id
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, response_ids.shape[1])
+    return int(first.sum())
+
+
+def make_bench(shape: str) -> Bench:
+    layers, hidden, heads, vocab, rows, prompt_len, new = SHAPES[shape]
+    eos = vocab - 1
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=1024,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    prompts = torch.randint(
+        0, vocab - 1, (rows, prompt_len), generator=torch.Generator().manual_seed(1)
+    )
+    return Bench(model, prompts, new, eos_id=eos, pad_id=eos)
+
+
+def measure(bench: Bench, factories: dict[str, Callable[[Bench], Run]], repeats: int) -> dict:
+    """Start-up seconds, median seconds, mean new tokens and tok/s per sampler. The timed calls
+    go round-robin over the samplers, so load from other processes hits all of them alike."""
+    runs, startup = {}, {}
+    for name, factory in factories.items():
+        start = time.perf_counter()
+        runs[name] = factory(bench)
+        startup[name] = time.perf_counter() - start
+        runs[name](10_000)  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    tokens: dict[str, list[int]] = {name: [] for name in runs}
+    for call in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out = run(call)
+            seconds[name].append(time.perf_counter() - start)
+            tokens[name].append(new_tokens(out, bench.eos_id))
+            print(f"  call {call} {name}: {seconds[name][-1]:.2f}s", flush=True)
+    out = {}
+    for name in runs:
+        median_s, mean_tokens = _common.median(seconds[name]), _common.mean(tokens[name])
+        out[name] = (startup[name], median_s, mean_tokens, mean_tokens / median_s)
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shape", choices=list(SHAPES), default="issue")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per sampler (median)")
+    p.add_argument("--only", nargs="+", choices=[name for name, _ in SAMPLERS], default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
-
-
-def one_call(model, ids, mask, params, tok, seed: int) -> dict[str, float]:
-    start = time.perf_counter()
-    seeds = [seed * 1000 + i for i in range(len(ids))]  # one generator per row, as in a run
-    out = sample_responses(model, ids, mask, params, tok.eos_id, tok.pad_id, seeds)
-    seconds = time.perf_counter() - start
-    lengths = out["response_mask"].sum(-1)
-    all_done = bool(out["has_eos"].all())
-    steps = int(lengths.max()) if all_done else params.max_new_tokens
-    return {
-        "s": seconds,
-        "valid": float(lengths.sum()),
-        "slots": float(ids.shape[0] * steps),
-        "eos": float(out["has_eos"].float().mean()),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _common.banner("generation: sample_responses throughput (KV-cached HF generate)")
-    tok = build_tokenizer(TokenizerConfig())
-    texts = load_prompts("builtin")
-    params = SamplingParams(max_new_tokens=args.new_tokens)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _common.banner("generation: rollout samplers side by side")
+    bench = make_bench(args.shape)
+    layers, hidden, heads, vocab, rows, prompt_len, new = SHAPES[args.shape]
     print(
-        f"{len(texts)} builtin prompts, left-padded to {args.prompt_tokens} tokens; "
-        f"{args.new_tokens} new tokens, temperature 1, no top-k/top-p; "
-        f"{args.repeats} timed calls per cell (median)",
+        f"GPT-2 {layers}x{hidden} ({heads} heads), vocab {vocab}, random weights; {rows} "
+        f"prompts x {prompt_len} tokens, {new} new tokens, temperature 1; "
+        f"{torch.get_num_threads()} torch threads; median of {args.repeats} after a warm-up",
         flush=True,
     )
-    rows = []
-    for name in args.models:
-        spec = MODELS[name]
-        model = build_causal_lm(spec, tok)
-        n_params = sum(p.numel() for p in model.parameters())
-        label = f"{name} (h{spec.hidden_size} l{spec.num_layers}, {n_params / 1e6:.2f}M)"
-        for batch in args.batch:
-            chosen = [texts[i % len(texts)] for i in range(batch)]
-            ids, mask = tok.encode_batch_left_padded(chosen, args.prompt_tokens)
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                one_call(model, ids, mask, params, tok, seed=1000)  # warm-up
-                runs = [
-                    one_call(model, ids, mask, params, tok, seed=r) for r in range(args.repeats)
-                ]
-                med_s = _common.median([r["s"] for r in runs])
-                min_s = min(r["s"] for r in runs)
-                valid = _common.mean([r["valid"] for r in runs])
-                slots = _common.mean([r["slots"] for r in runs])
-                rows.append(
-                    (
-                        label,
-                        threads,
-                        batch,
-                        valid / batch,
-                        _common.mean([r["eos"] for r in runs]),
-                        med_s,
-                        min_s,
-                        valid / med_s,
-                        slots / med_s,
-                        slots / min_s,
-                    )
-                )
-                print(f"  {label} batch {batch} threads {threads}: {med_s:.3f}s", flush=True)
+    chosen = {n: f for n, f in SAMPLERS if not args.only or n in args.only}
+    measured = measure(bench, chosen, args.repeats)
+    results = [(name, *figures) for name, figures in measured.items()]
+    base = next((r[4] for r in results if r[0] == "plain HF generate"), None)
+    table = [(n, s, m, t, r, r / base if base else float("nan")) for n, s, m, t, r in results]
     print()
     print(
         _common.table(
-            [
-                "model",
-                "threads",
-                "batch",
-                "tok/row",
-                "eos rate",
-                "median s",
-                "min s",
-                "valid tok/s",
-                "slot tok/s",
-                "best slot tok/s",
-            ],
-            rows,
+            ["sampler", "start-up s", "median s", "new tokens", "tok/s", "x plain HF"], table
         )
-    )
-    print(
-        "  tok/row: mean valid response tokens per row; tok/s columns use the median call, "
-        "'best' the fastest one.\n"
-        "  earlier measurement (10M GPT-2, batch 16, 32 new): HF generate 630-740 tok/s, hand KV-cache "
-        "loop 860-970.\n"
-        "  With 2 threads on 2 cores, any other busy process stalls OpenMP's thread team: "
-        "a 2-thread cell far slower than its 1-thread twin means contention, not the sampler."
     )
     return 0
 

@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = frozenset({
     "checkpoint.every", "checkpoint.keep_last",
     "logging.progress", "logging.tensorboard", "logging.wandb", "logging.wandb_project",
     "logging.wandb_mode", "logging.wandb_dir", "logging.dump_rollouts_every",
-    "sync.max_logprob_diff",
+    "sync.max_logprob_diff", "rollout.max_logprob_gap",
     "cluster.nodes", "cluster.num_cpus", "cluster.namespace", "cluster.actor_start_timeout_s",
     "cluster.learner_resources", "cluster.spread",
     "rollout.num_workers", "rollout.num_cpus_per_worker",

@@ -366,16 +366,24 @@ class RolloutConfig(_Section):
         "this filtered distribution; the KL, the reference and the entropy use the full one.",
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
-    micro_batch_size: int = Field(
-        8,
+    micro_batch_size: int | None = Field(
+        None,
         gt=0,
-        description="Rows generated together (one `generate` call). The round's rows are cut "
-        "into micro-batches counted from its first row and dealt whole to the workers, so a "
-        "row is computed beside the same rows, and sampled identically, whatever "
-        "rollout.num_workers is.",
+        description="null: each worker generates its whole shard in one batch (fastest). A "
+        "number: rows are generated in fixed micro-batches of this size counted from the "
+        "round's first row and dealt whole to the workers, so a row is computed beside the same "
+        "rows, and rollouts are bit-identical whatever rollout.num_workers is (through resizes, "
+        "replacements and resumes), at the cost of serial, smaller generate calls.",
     )
     num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
     num_cpus_per_worker: float = Field(0.25, gt=0, description="CPUs per rollout worker.")
+    max_logprob_gap: float | None = Field(
+        None,
+        gt=0,
+        description="A round stops with an error when its rollout/logprob_gap (mean |sampler - "
+        "learner| log-prob per response token) exceeds this (null: 1e-3 for a float32 policy, "
+        "0.05 for bfloat16 / float16).",
+    )
 
 
 class PPOConfig(_Section):

@@ -43,6 +43,7 @@ from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import PhaseTimer, open_metrics_log
 from rlhf_ray.reward_shaping import ScoreShaper
 from rlhf_ray.rollout_dump import dump_due, dump_round
+from rlhf_ray.sampling_check import check_logprob_gap
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
 from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync, kl_logprobs
@@ -288,6 +289,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             ppo_batch, adv_stats = compute_advantages(
                 rollout, shaped, kl_ctl.value, cfg.ppo, cfg.algo, cfg.rollout.samples_per_prompt
             )
+            check_logprob_gap(adv_stats["rollout/logprob_gap"], cfg, round_index)
 
         # 4. update: PPO epochs x minibatches on the policy (and value) learners
         with timer.phase("update"):

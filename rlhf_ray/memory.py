@@ -334,9 +334,9 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         out["rollout"] = source
     else:
         r = cfg.rollout
-        # a worker generates its rows in micro-batches of rollout.micro_batch_size
-        rows = min(math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers),
-                   r.micro_batch_size)  # fmt: skip
+        # a worker generates its shard at once, or in micro-batches of rollout.micro_batch_size
+        rows = math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers)
+        rows = min(rows, r.micro_batch_size or rows)
         parts = rollout_memory(
             ModelShape.from_config(config), dtype=cfg.policy.model.dtype, rows=rows,
             seq_len=seq, on_gpu=r.num_gpus_per_worker > 0,

@@ -146,7 +146,7 @@ ALLOWED = {  # one changed value for every setting resume accepts
     "policy.num_cpus_per_rank": 0.5, "value.num_cpus_per_rank": 0.5, "reference.num_cpus": 0.5,
     "reward.num_cpus": 0.5, "data.on_bad_row": "skip", "logging.wandb": True,
     "logging.wandb_project": "p", "logging.wandb_mode": "offline", "logging.wandb_dir": "/tmp/w",
-    "logging.dump_rollouts_every": 2, "sync.max_logprob_diff": 0.5,
+    "logging.dump_rollouts_every": 2, "sync.max_logprob_diff": 0.5, "rollout.max_logprob_gap": 0.5,
 }  # fmt: skip
 REFUSED = {  # settings that change what the run computes
     "train.seed": 1, "ppo.clip_eps": 0.3, "ppo.epochs": 2, "rollout.temperature": 0.7,

@@ -44,9 +44,10 @@ from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import append_eos, apply_missing_eos_penalty, truncate_after_eos
 from rlhf_ray.algo.sampling import (
     entropy_of_scores,
-    gumbel_noise,
+    inverse_cdf_sample,
     label_logprobs,
     process_logits,
+    row_uniforms,
 )
 from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
@@ -88,8 +89,9 @@ __all__ = [
     "mean_difference_interval",
     "prompts_to_exclude_half",
     "entropy_of_scores",
-    "gumbel_noise",
+    "inverse_cdf_sample",
     "label_logprobs",
     "process_logits",
+    "row_uniforms",
     "standardize",
 ]

@@ -9,6 +9,10 @@ use the full temperature-scaled distribution on both sides, as veRL and TRL do: 
 log-prob of a kept token is ``log p - log(kept mass)``, which would bias every KL estimate up
 by ``-log(kept mass)`` per token (``models/logprobs.py``).
 
+The sampler draws each row's token by inverse-CDF sampling (``inverse_cdf_sample``) with one
+uniform per row and step from the row's own generator (``row_uniforms``), vectorised over the
+batch: a row's sample depends on its seed and its probabilities, never on its batch-mates.
+
 A token can be sampled from outside the learner's filtered set when float differences move it
 across the top-k / top-p edge; ``label_logprobs`` then keeps that token in the set (so the
 log-prob is finite) and reports it, so the run can count it.
@@ -63,15 +67,23 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp_kept).sum(-1)
 
 
-def gumbel_noise(
-    generators: list[torch.Generator], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """``(N, vocab)`` standard Gumbel noise, row ``i`` drawn from ``generators[i]`` only.
+def row_uniforms(generators: list[torch.Generator], steps: int) -> torch.Tensor:
+    """``(N, steps)`` float64 uniforms in [0, 1), row ``i`` drawn from ``generators[i]`` only:
+    one draw per row for a whole ``generate`` call, column ``t`` for its step ``t``."""
+    if not generators:
+        return torch.empty(0, steps, dtype=torch.float64)
+    return torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in generators])
 
-    ``argmax(log p + g)`` is a sample of ``p`` (the Gumbel-max trick), so each row's sample
-    depends on its own generator and not on which rows share its batch."""
-    tiny = torch.finfo(torch.float32).tiny
-    u = torch.stack(
-        [torch.rand(vocab, generator=g, device=device, dtype=torch.float32) for g in generators]
-    )
-    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
+
+def inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``softmax``-normalised ``logprobs (N, V)``, row ``i`` chosen by
+    ``uniforms[i]`` alone (``(N,)`` in [0, 1)): the first token whose cumulative probability
+    (float64) exceeds ``u`` times the row's total. A token of probability 0 (filtered) is never
+    chosen. Returns ``(N, 1)`` token ids.
+
+    Vectorised over the batch, and a row's choice depends on its own probabilities and uniform
+    only, not on which rows share its batch."""
+    cdf = logprobs.exp().cumsum(-1, dtype=torch.float64)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    chosen = torch.searchsorted(cdf, target, right=True)
+    return chosen.clamp(max=logprobs.shape[-1] - 1)

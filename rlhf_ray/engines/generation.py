@@ -1,21 +1,31 @@
 """Sampling responses with the KV-cached Hugging Face ``generate``.
 
 Prompts arrive left-padded; ``generate`` derives positions from the mask itself, so no position
-ids are passed. Each row is sampled with its own generator (``RowSampler``), from
-the distribution the learner's log-probs use (``algo.sampling``). Every response is sampled up to ``max_new_tokens``, then truncated
-after its first EOS; the returned tensors always have exactly ``max_new_tokens`` columns so that
-shards from different workers concatenate.
+ids are passed. Each row is sampled with its own generator (``RowSampler``), from the
+distribution the learner's log-probs use (``algo.sampling``), vectorised over the batch. A
+worker generates its whole shard in one ``generate`` call by default (``chunk_rows`` cuts it
+into fixed chunks, for bit-identical rollouts on any pool size: ``rollout.micro_batch_size``).
+``generate`` stops once every row has ended; each response is truncated after its first EOS and
+the returned tensors always have exactly ``max_new_tokens`` columns so that shards from
+different workers concatenate.
+
+The generation config is built from our sampling settings alone: the model's own
+``generation_config`` (a shipped ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``,
+...) is set aside during the call, since transformers fills every unset field from it and the
+samples would then come from a distribution the learner's log-probs do not describe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from rlhf_ray.algo import gumbel_noise, process_logits, truncate_after_eos
+from rlhf_ray.algo import inverse_cdf_sample, process_logits, row_uniforms, truncate_after_eos
 
 
 @dataclass(frozen=True)
@@ -27,29 +37,42 @@ class SamplingParams:
 
 
 class RowSampler(LogitsProcessor):
-    """Samples each row from its own generator, and records what it sampled from.
+    """Samples each row from its own uniforms, and records what it sampled from.
 
     ``generate`` runs greedy with this as its logits processor: it turns the raw scores into
     the processed distribution (``algo.process_logits``: temperature, top-k, top-p), records
-    the log-probs of that distribution, and adds Gumbel noise drawn from the row's own
-    generator, so that greedy's argmax is a sample of the processed distribution (the
-    Gumbel-max trick). ``generate`` shares one RNG across a batch; this makes a row's sample
-    depend on its seed only, not on its batch-mates. Without generators it stays greedy."""
+    the log-probs of that distribution, draws row ``i``'s token by inverse-CDF sampling with
+    ``uniforms[i, step]`` (``algo.inverse_cdf_sample``, one vectorised call for the batch) and
+    returns scores whose argmax is that token. ``generate`` shares one RNG across a batch;
+    ``uniforms`` come from per-row generators (``algo.row_uniforms``), so a row's sample depends
+    on its seed only, not on its batch-mates. Without uniforms it stays greedy."""
 
-    def __init__(self, params: SamplingParams, generators: list[torch.Generator] | None):
-        self.params, self.generators = params, generators
+    def __init__(self, params: SamplingParams, uniforms: torch.Tensor | None):
+        self.params, self.uniforms = params, uniforms
         self.logprobs: list[torch.Tensor] = []  # one (B,) per step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         p = self.params
         logp = torch.log_softmax(process_logits(scores, p.temperature, p.top_k, p.top_p), -1)
-        if self.generators is not None:
-            logp_noisy = logp + gumbel_noise(self.generators, logp.shape[-1], logp.device)
+        if self.uniforms is None:
+            chosen = logp.argmax(-1, keepdim=True)
         else:
-            logp_noisy = logp
-        chosen = logp_noisy.argmax(-1, keepdim=True)
+            chosen = inverse_cdf_sample(logp, self.uniforms[:, len(self.logprobs)])
         self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
-        return logp_noisy  # type: ignore[return-value]
+        # scores whose argmax (generate's greedy step) is the chosen token
+        return logp.fill_(float("-inf")).scatter_(-1, chosen, 0.0)  # type: ignore[return-value]
+
+
+@contextmanager
+def own_generation_config(model: Any) -> Iterator[None]:
+    """Set the model's ``generation_config`` aside (a neutral one in its place) while inside,
+    so that ``generate`` takes nothing from it; restored on exit."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -85,11 +108,11 @@ def _sample_chunk(
     model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
     eos_id: int, pad_id: int, seeds: list[int] | None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    device = prompt_ids.device
-    generators = None
+    uniforms = None
     if seeds is not None:
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    sampler = RowSampler(params, generators)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        uniforms = row_uniforms(generators, params.max_new_tokens).to(prompt_ids.device)
+    sampler = RowSampler(params, uniforms)
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=params.max_new_tokens,
@@ -97,12 +120,13 @@ def _sample_chunk(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    new = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        generation_config=config,
-        logits_processor=LogitsProcessorList([sampler]),
-    )[:, prompt_ids.shape[1] :]
+    with own_generation_config(model):
+        new = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampler]),
+        )[:, prompt_ids.shape[1] :]
     logprobs = torch.stack(sampler.logprobs, dim=1)
     gap = params.max_new_tokens - new.shape[1]
     if gap > 0:  # every row finished early: pad to the fixed width

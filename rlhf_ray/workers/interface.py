@@ -107,13 +107,16 @@ def split_rows(num_rows: int, num_parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def shard_rows(num_rows: int, num_workers: int, chunk_rows: int) -> list[slice]:
+def shard_rows(num_rows: int, num_workers: int, chunk_rows: int | None) -> list[slice]:
     """Contiguous shards of ``range(num_rows)``, one per worker (fewer if there are fewer
-    chunks), made of whole chunks of ``chunk_rows`` rows counted from row 0 of the round.
+    chunks), made of whole chunks of ``chunk_rows`` rows counted from row 0 of the round
+    (None: near-equal shards, each generated in one batch).
 
-    A worker generates its shard chunk by chunk, so each row is computed in the same chunk,
-    beside the same rows, whatever the number of workers: the floats, and so the samples, do
-    not depend on the pool size."""
+    With chunks, a worker generates its shard chunk by chunk, so each row is computed in the
+    same chunk, beside the same rows, whatever the number of workers: the floats, and so the
+    samples, do not depend on the pool size."""
+    if chunk_rows is None:
+        return split_rows(num_rows, num_workers) if num_rows else []
     chunks = split_rows(-(-num_rows // chunk_rows), num_workers) if num_rows else []
     return [slice(c.start * chunk_rows, min(c.stop * chunk_rows, num_rows)) for c in chunks]
 

@@ -7,7 +7,13 @@ import math
 
 import torch
 
-from rlhf_ray.algo import entropy_of_scores, gumbel_noise, label_logprobs, process_logits
+from rlhf_ray.algo import (
+    entropy_of_scores,
+    inverse_cdf_sample,
+    label_logprobs,
+    process_logits,
+    row_uniforms,
+)
 
 LOGITS = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
 NEG = float("-inf")
@@ -68,11 +74,22 @@ def test_entropy_ignores_filtered_tokens_and_has_finite_gradients():
     assert scores.grad[0, :2].tolist() == [0.0, 0.0]
 
 
-def test_gumbel_rows_depend_on_their_own_generator_only():
+def test_uniform_rows_depend_on_their_own_generator_only():
     def gen(seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
-    pair = gumbel_noise([gen(1), gen(2)], 5, torch.device("cpu"))
-    alone = gumbel_noise([gen(2)], 5, torch.device("cpu"))
+    pair = row_uniforms([gen(1), gen(2)], 5)
+    alone = row_uniforms([gen(2)], 5)
+    assert pair.shape == (2, 5) and pair.dtype == torch.float64
     assert torch.equal(pair[1], alone[0]) and not torch.equal(pair[0], pair[1])
-    assert torch.isfinite(pair).all()
+    assert ((pair >= 0) & (pair < 1)).all()
+
+
+def test_inverse_cdf_picks_the_token_whose_interval_holds_u_and_never_a_filtered_one():
+    # probabilities 0.5, 0 (filtered), 0.25, 0.25: cumulative 0.5, 0.5, 0.75, 1.0
+    logp = torch.log(torch.tensor([[0.5, 0.0, 0.25, 0.25]])).expand(5, 4)
+    u = torch.tensor([0.0, 0.49, 0.51, 0.8, 0.999999], dtype=torch.float64)
+    assert inverse_cdf_sample(logp, u).squeeze(-1).tolist() == [0, 0, 2, 3, 3]
+    # a row's pick depends on its own row only
+    mixed = torch.stack([logp[0], torch.log(torch.tensor([0.0, 0.0, 0.0, 1.0]))])
+    assert inverse_cdf_sample(mixed, u[[3, 0]]).squeeze(-1).tolist() == [3, 3]

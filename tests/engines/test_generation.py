@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from rlhf_ray.algo import truncate_after_eos
 from rlhf_ray.config import ModelSpec, TokenizerConfig
@@ -103,7 +104,10 @@ def test_responses_are_truncated_after_the_first_eos(model, tok, prompts):
 
 def test_width_is_max_new_tokens_even_when_every_row_stops_early(tok, prompts):
     model = build(tok, "gpt2-tiny", eos_logit=50.0)  # EOS first, every row
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
     out = sample(model, tok, prompts)
+    assert len(forwards) == 1  # generation stopped once every row had ended
     assert out["response_ids"].shape == (len(PROMPTS), R)
     assert (out["response_ids"][:, 0] == tok.eos_id).all()
     assert (out["response_ids"][:, 1:] == tok.pad_id).all()
@@ -203,6 +207,19 @@ def test_samples_follow_the_processed_distribution(tok):
     torch.testing.assert_close(out["sampler_logprobs"][:, 0].exp(),
                                expected[(drawn[:, None] == top.indices).float().argmax(-1)],
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_the_models_own_generation_config_is_set_aside_and_restored(model, tok, prompts):
+    clean = sample(model, tok, prompts, seed=2)
+    shipped = GenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=2)
+    saved, model.generation_config = model.generation_config, shipped
+    try:
+        leaked = sample(model, tok, prompts, seed=2)
+        assert model.generation_config is shipped
+    finally:
+        model.generation_config = saved
+    for key in clean:
+        assert torch.equal(clean[key], leaked[key]), key
 
 
 def test_temperature_changes_sampler_logprobs(model, tok, prompts):
