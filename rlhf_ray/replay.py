@@ -7,6 +7,11 @@ weights for K = 0, which a seeded config rebuilds exactly), loads the PPO batch 
 K and runs that round's update again: same batch, same minibatch shuffles (seeded by
 ``(train.seed, round)``), same optimizer state. Its ``ppo/*`` metrics are then compared with the
 round's row of ``metrics.jsonl``.
+
+A run made with N learner ranks (``policy.num_ranks``, any ZeRO stage) is replayed on N ranks
+joined in one gloo process group on this machine: rank 0 trains in this process (a breakpoint
+in the learners stops there), ranks 1..N-1 in spawned processes; both learners share the group,
+as one rank each did before. Each rank restores its own ZeRO partition of the optimizer state.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.config import Config, load_config
+from rlhf_ray.config import Config, has_critic, load_config
 from rlhf_ray.errors import UserError
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.rollout_dump import dump_paths, load_ppo_batch
+from rlhf_ray.workers.interface import mean_stats
 
 
 @dataclass
@@ -60,22 +66,112 @@ def _saved_ranks(state_dir: Path) -> int:
     return max(1, len(list(state_dir.glob("state/zero_pp_rank_*_optim_states.pt"))))
 
 
-def _check_one_rank(checkpoint: Path) -> None:
-    for role in ("policy", "value"):
-        ranks = _saved_ranks(checkpoint / f"{role}_state")
-        if ranks > 1:
+def replay_world(cfg: Config, checkpoint: Path | None) -> int:
+    """The ranks the replay trains on: the run's ``policy.num_ranks``, shared by both learners
+    (one process group), and what the checkpoint was saved by."""
+    world = cfg.policy.num_ranks
+    if has_critic(cfg) and cfg.value.num_ranks != world:
+        raise UserError(
+            f"replay trains the policy and value learners in one process group, so it needs "
+            f"value.num_ranks == policy.num_ranks (this run: {cfg.value.num_ranks} and {world})"
+        )
+    roles = ("policy", "value") if has_critic(cfg) else ("policy",)
+    for role in roles if checkpoint is not None else ():
+        saved = _saved_ranks(checkpoint / f"{role}_state")
+        if saved > 1 and saved != world:
             raise UserError(
-                f"{checkpoint} holds the {role} training state of {ranks} ZeRO ranks; replay "
-                "trains in one process and DeepSpeed cannot re-partition an optimizer state "
-                f"for another number of ranks. Replay runs with {role}.num_ranks=1 (or runs "
-                "made with `rlhf-ray ppo --in-process`)."
+                f"{checkpoint} holds the {role} training state of {saved} ZeRO ranks but the "
+                f"run's config.yaml says {role}.num_ranks={world}: replay restores the state "
+                "on the ranks that saved it; use the config the run was made with"
             )
+    return world
+
+
+def _train_rank(
+    cfg: Config,
+    checkpoint: Path | None,
+    batch_path: Path,
+    round_index: int,
+    rank: int,
+    world: int,
+    port: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One rank's share of the round: restore the state, run the update as the learners do
+    (``RayWorkers.update``); returns (policy stats, value stats) of this rank."""
+    from rlhf_ray.workers.inprocess import build_learners
+
+    threads = max(1, int(cfg.policy.num_cpus_per_rank)) if world > 1 else None  # as on Ray
+    policy, value = build_learners(cfg, rank, world, port, threads)
+    if checkpoint is not None:
+        policy.load_state(str(checkpoint / "policy_state"))
+        if value is not None:
+            value.load_state(str(checkpoint / "value_state"))
+    batch, _ = load_ppo_batch(batch_path)
+    # the update of the round (on rank 0 this runs in the foreground: a breakpoint here works)
+    value_stats = value.train(batch, round_index) if value is not None else {}  # no critic
+    return policy.train(batch, round_index), value_stats
+
+
+def _peer(queue: Any, *args: Any) -> None:
+    """A rank other than 0, in a spawned process: its stats (or its error) go to ``queue``."""
+    rank = args[4]
+    try:
+        queue.put((rank, _train_rank(*args)))
+    except BaseException as exc:
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _train_all_ranks(
+    cfg: Config, checkpoint: Path | None, batch_path: Path, round_index: int, world: int
+) -> dict[str, float]:
+    """The round's update on ``world`` ranks joined in one process group on this machine:
+    rank 0 in this process, ranks 1.. in spawned processes; the stats averaged over ranks."""
+    if world == 1:
+        policy_stats, value_stats = _train_rank(cfg, checkpoint, batch_path, round_index, 0, 1, 0)
+        return {**policy_stats, **value_stats}
+    import multiprocessing
+    import os
+
+    import torch.distributed as dist
+
+    from rlhf_ray.workers.inprocess import _free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the spawned ranks inherit it
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    peers = [
+        context.Process(
+            target=_peer,
+            args=(queue, cfg, checkpoint, batch_path, round_index, rank, world, port),
+            daemon=True,
+        )
+        for rank in range(1, world)
+    ]
+    for peer in peers:
+        peer.start()
+    try:
+        results = {0: _train_rank(cfg, checkpoint, batch_path, round_index, 0, world, port)}
+        for _ in peers:
+            rank, result = queue.get(timeout=cfg.train.dist_timeout_s)
+            if isinstance(result, str):
+                raise UserError(f"replay: rank {rank} failed: {result}")
+            results[rank] = result
+    finally:
+        for peer in peers:
+            peer.join(timeout=60)
+            if peer.is_alive():
+                peer.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()  # this process may replay again (or run in-process)
+    ranks = [results[r] for r in range(world)]
+    value = mean_stats([v for _, v in ranks]) if ranks[0][1] else {}
+    return {**mean_stats([p for p, _ in ranks]), **value}
 
 
 def replay_round(run_dir: Path, round_index: int) -> ReplayResult:
     """Re-run round ``round_index``'s PPO update in this process (see the module docstring)."""
-    from rlhf_ray.workers.inprocess import build_learners
-
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise UserError(f"{run_dir} is not a run dir (no config.yaml)")
@@ -89,18 +185,8 @@ def replay_round(run_dir: Path, round_index: int) -> ReplayResult:
             "with round % K == 0 are dumped."
         )
     checkpoint = checkpoint_before(run_dir, round_index)
-    if checkpoint is not None:
-        _check_one_rank(checkpoint)
-    batch, _ = load_ppo_batch(batch_path)
-
-    policy, value = build_learners(cfg)
-    if checkpoint is not None:
-        policy.load_state(str(checkpoint / "policy_state"))
-        if value is not None:
-            value.load_state(str(checkpoint / "value_state"))
-    # the update of the round, as InProcessWorkers.update runs it (a breakpoint here works)
-    value_stats = value.train(batch, round_index) if value is not None else {}  # no critic
-    stats = {**policy.train(batch, round_index), **value_stats}
+    world = replay_world(cfg, checkpoint)
+    stats = _train_all_ranks(cfg, checkpoint, batch_path, round_index, world)
     replayed = {"round": round_index, **{f"ppo/{k}": v for k, v in stats.items()}}
     logged = next(
         (row for row in read_metrics(run_dir / "metrics.jsonl") if row["round"] == round_index),

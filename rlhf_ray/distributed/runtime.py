@@ -39,6 +39,7 @@ from rlhf_ray.config import (
     value_init_spec,
 )
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -336,30 +337,35 @@ class RolloutPool:
         )
         self.workers: list[Any] = []
         self.restarts = 0
+        self.health = NodeHealth()  # where replacements go; counts them
         self._next_id = 0
         self._version = -1
         self._count = 0  # buckets of `_version`
         self._buckets: list[Any] = []  # object refs of the buckets received so far
 
-    def _spawn(self) -> tuple[str, Any]:
+    def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
         name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=_spread(self.cfg),
+            strategy=strategy or _spread(self.cfg),
         )  # fmt: skip
         self._next_id += 1
         return name, handle
 
-    def grow(self, n: int) -> None:
-        """Add ``n`` workers, ready and holding the current weights; none if they cannot start."""
-        new = dict(self._spawn() for _ in range(n))
+    def grow(self, n: int, strategy: Any = None) -> None:
+        """Add ``n`` workers, ready and holding the current weights; none if they cannot start
+        (the nodes of those that died meanwhile are avoided from then on)."""
+        new = dict(self._spawn(strategy) for _ in range(n))
         try:
             _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
             ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
                      for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ray.exceptions.RayActorError):
+                for handle in new.values():
+                    self.health.lost(handle)
             _kill(list(new.values()))
             raise
         self.workers.extend(new.values())
@@ -423,13 +429,28 @@ class RolloutPool:
         return [done[i] for i in range(len(parts))]
 
     def _replace(self, index: int, why: str) -> None:
-        """A fresh worker, holding the current weights, takes the place of a lost one."""
+        """A fresh worker, holding the current weights, takes the place of a lost one; it is
+        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
+        dies before it is ready, at most ``MAX_TRIES`` times."""
         if self.restarts >= 10 * len(self.workers):
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
-        self.restarts += 1
-        print(f"[rlhf_ray] rollout worker {index} {why}; replacing it", flush=True)
-        _kill([self.workers.pop(index)])
-        self.grow(1)
+        lost = self.workers.pop(index)
+        node = self.health.lost(lost)
+        _kill([lost])
+        cause = f"{why} (node {node or 'unknown'})"
+        for _ in range(MAX_TRIES):
+            self.restarts += 1
+            self.health.record(f"rollout worker {index}", cause)
+            try:
+                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                cause = f"its replacement died before it was ready ({type(exc).__name__})"
+        else:
+            raise RuntimeError(
+                f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
+                "were ready"
+            )
         self.workers.insert(index, self.workers.pop())
 
     def kill(self) -> None:
@@ -688,7 +709,9 @@ class RayWorkers:
         return {"rollout/num_workers": len(self.pool.workers),
                 "rollout/worker_restarts": self.pool.restarts,
                 "train/learner_restarts": self.learner_restarts,
-                "train/scorer_restarts": self.scorer_restarts}  # fmt: skip
+                "train/scorer_restarts": self.scorer_restarts,
+                "recovery/replacements": self.pool.health.replacements + self.scorer_restarts
+                + self.learner_restarts}  # fmt: skip
 
     def save(self, directory: Path) -> None:
         self._on_learners("save", directory)
