@@ -8,10 +8,11 @@ K and runs that round's update again: same batch, same minibatch shuffles (seede
 ``(train.seed, round)``), same optimizer state. Its ``ppo/*`` metrics are then compared with the
 round's row of ``metrics.jsonl``.
 
-A run made with N learner ranks (``policy.num_ranks``, any ZeRO stage) is replayed on N ranks
-joined in one gloo process group on this machine: rank 0 trains in this process (a breakpoint
-in the learners stops there), ranks 1..N-1 in spawned processes; both learners share the group,
-as one rank each did before. Each rank restores its own ZeRO partition of the optimizer state.
+A learner trained on N ranks (``num_ranks``, any ZeRO stage) is replayed on N ranks joined in
+one gloo process group on this machine: rank 0 trains in this process (a breakpoint in the
+learners stops there), ranks 1..N-1 in spawned processes, and each rank restores its own ZeRO
+partition of the optimizer state. The value learner is replayed first, then the policy, each in
+its own group, as on Ray.
 """
 
 from __future__ import annotations
@@ -66,17 +67,13 @@ def _saved_ranks(state_dir: Path) -> int:
     return max(1, len(list(state_dir.glob("state/zero_pp_rank_*_optim_states.pt"))))
 
 
-def replay_world(cfg: Config, checkpoint: Path | None) -> int:
-    """The ranks the replay trains on: the run's ``policy.num_ranks``, shared by both learners
-    (one process group), and what the checkpoint was saved by."""
-    world = cfg.policy.num_ranks
-    if has_critic(cfg) and cfg.value.num_ranks != world:
-        raise UserError(
-            f"replay trains the policy and value learners in one process group, so it needs "
-            f"value.num_ranks == policy.num_ranks (this run: {cfg.value.num_ranks} and {world})"
-        )
-    roles = ("policy", "value") if has_critic(cfg) else ("policy",)
-    for role in roles if checkpoint is not None else ():
+def roles_and_ranks(cfg: Config, checkpoint: Path | None) -> dict[str, int]:
+    """Each learner the replay trains, with the ranks the run trained it on (its
+    ``num_ranks``), checked against the ranks that saved its state in ``checkpoint``."""
+    roles = {"policy": cfg.policy.num_ranks}
+    if has_critic(cfg):
+        roles["value"] = cfg.value.num_ranks
+    for role, world in roles.items() if checkpoint is not None else ():
         saved = _saved_ranks(checkpoint / f"{role}_state")
         if saved > 1 and saved != world:
             raise UserError(
@@ -84,37 +81,39 @@ def replay_world(cfg: Config, checkpoint: Path | None) -> int:
                 f"run's config.yaml says {role}.num_ranks={world}: replay restores the state "
                 "on the ranks that saved it; use the config the run was made with"
             )
-    return world
+    return roles
 
 
 def _train_rank(
     cfg: Config,
+    role: str,
     checkpoint: Path | None,
     batch_path: Path,
     round_index: int,
     rank: int,
     world: int,
     port: int,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """One rank's share of the round: restore the state, run the update as the learners do
-    (``RayWorkers.update``); returns (policy stats, value stats) of this rank."""
-    from rlhf_ray.workers.inprocess import build_learners
+) -> dict[str, float]:
+    """One rank of ``role``: join the group, restore its state, run the round's update as the
+    learner does on Ray; returns this rank's stats."""
+    from rlhf_ray.workers.inprocess import build_learner
 
-    threads = max(1, int(cfg.policy.num_cpus_per_rank)) if world > 1 else None  # as on Ray
-    policy, value = build_learners(cfg, rank, world, port, threads)
+    role_cfg = cfg.policy if role == "policy" else cfg.value
+    threads = max(1, int(role_cfg.num_cpus_per_rank))  # as on Ray (distributed/runtime.py)
+    learner = build_learner(cfg, role, rank, world, threads)
+    if role_cfg.engine == "deepspeed":
+        learner.init_process_group("127.0.0.1", port, cfg.train.dist_timeout_s)
+    learner.setup()
     if checkpoint is not None:
-        policy.load_state(str(checkpoint / "policy_state"))
-        if value is not None:
-            value.load_state(str(checkpoint / "value_state"))
+        learner.load_state(str(checkpoint / f"{role}_state"))
     batch, _ = load_ppo_batch(batch_path)
     # the update of the round (on rank 0 this runs in the foreground: a breakpoint here works)
-    value_stats = value.train(batch, round_index) if value is not None else {}  # no critic
-    return policy.train(batch, round_index), value_stats
+    return learner.train(batch, round_index)
 
 
 def _peer(queue: Any, *args: Any) -> None:
     """A rank other than 0, in a spawned process: its stats (or its error) go to ``queue``."""
-    rank = args[4]
+    rank = args[5]
     try:
         queue.put((rank, _train_rank(*args)))
     except BaseException as exc:
@@ -122,14 +121,23 @@ def _peer(queue: Any, *args: Any) -> None:
         raise
 
 
+def _leave_group(dist: Any) -> None:
+    """Leave the process group, so that the next learner joins its own (of its own size)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    # DeepSpeed keeps a clone of the first world group it saw (deepspeed/utils/groups.py):
+    # forget it, or the next group's engines would use the destroyed one
+    groups._WORLD_GROUP = None
+
+
 def _train_all_ranks(
-    cfg: Config, checkpoint: Path | None, batch_path: Path, round_index: int, world: int
+    cfg: Config, role: str, world: int, checkpoint: Path | None, batch_path: Path, round_index: int
 ) -> dict[str, float]:
-    """The round's update on ``world`` ranks joined in one process group on this machine:
-    rank 0 in this process, ranks 1.. in spawned processes; the stats averaged over ranks."""
-    if world == 1:
-        policy_stats, value_stats = _train_rank(cfg, checkpoint, batch_path, round_index, 0, 1, 0)
-        return {**policy_stats, **value_stats}
+    """The round's update of ``role`` on ``world`` ranks joined in one process group on this
+    machine: rank 0 in this process, ranks 1.. in spawned processes; stats averaged over ranks
+    (as ``RayWorkers.update`` does). The group is left again at the end."""
     import multiprocessing
     import os
 
@@ -141,33 +149,27 @@ def _train_all_ranks(
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
+    args = (cfg, role, checkpoint, batch_path, round_index)
     peers = [
-        context.Process(
-            target=_peer,
-            args=(queue, cfg, checkpoint, batch_path, round_index, rank, world, port),
-            daemon=True,
-        )
+        context.Process(target=_peer, args=(queue, *args, rank, world, port), daemon=True)
         for rank in range(1, world)
     ]
     for peer in peers:
         peer.start()
     try:
-        results = {0: _train_rank(cfg, checkpoint, batch_path, round_index, 0, world, port)}
+        results = {0: _train_rank(*args, 0, world, port)}
         for _ in peers:
             rank, result = queue.get(timeout=cfg.train.dist_timeout_s)
             if isinstance(result, str):
-                raise UserError(f"replay: rank {rank} failed: {result}")
+                raise UserError(f"replay: {role} rank {rank} failed: {result}")
             results[rank] = result
     finally:
         for peer in peers:
             peer.join(timeout=60)
             if peer.is_alive():
                 peer.kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()  # this process may replay again (or run in-process)
-    ranks = [results[r] for r in range(world)]
-    value = mean_stats([v for _, v in ranks]) if ranks[0][1] else {}
-    return {**mean_stats([p for p, _ in ranks]), **value}
+        _leave_group(dist)
+    return mean_stats([results[r] for r in range(world)])
 
 
 def replay_round(run_dir: Path, round_index: int) -> ReplayResult:
@@ -185,8 +187,9 @@ def replay_round(run_dir: Path, round_index: int) -> ReplayResult:
             "with round % K == 0 are dumped."
         )
     checkpoint = checkpoint_before(run_dir, round_index)
-    world = replay_world(cfg, checkpoint)
-    stats = _train_all_ranks(cfg, checkpoint, batch_path, round_index, world)
+    stats: dict[str, float] = {}
+    for role, world in reversed(roles_and_ranks(cfg, checkpoint).items()):  # value first
+        stats = {**_train_all_ranks(cfg, role, world, checkpoint, batch_path, round_index), **stats}
     replayed = {"round": round_index, **{f"ppo/{k}": v for k, v in stats.items()}}
     logged = next(
         (row for row in read_metrics(run_dir / "metrics.jsonl") if row["round"] == round_index),

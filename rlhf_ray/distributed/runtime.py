@@ -530,7 +530,6 @@ class RayWorkers:
 
     def _start(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
-        tok = policy_tokenizer(cfg)
         self._cleanup.append(self._kill_learners)
         self._make_learners(cfg)
         ref, rew = cfg.reference, cfg.reward
@@ -539,18 +538,10 @@ class RayWorkers:
         # retry the interrupted call.
         self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
         self._cleanup.append(lambda: _kill(list(self.scorers.values())))
-        for i in range(ref.num_replicas):
-            self.scorers[f"reference-{i}"] = _actor(
-                ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
-                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
-                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=_spread(cfg),
-            )  # fmt: skip
-        for i in range(rew.num_replicas):
-            self.scorers[f"reward-{i}"] = _actor(
-                RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
-                search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
-                strategy=_spread(cfg),
-            )  # fmt: skip
+        for name in [f"reference-{i}" for i in range(ref.num_replicas)] + [
+            f"reward-{i}" for i in range(rew.num_replicas)
+        ]:
+            self.scorers[name] = self._scorer(name, _spread(cfg))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
         others = dict(self.scorers)
         for group in self.learners:
@@ -566,6 +557,24 @@ class RayWorkers:
                 _get_all([r.load_bucket.remote(bucket) for r in references])
 
             stream_buckets(self._num_buckets, self._gather_bucket, load)
+
+    def _scorer(self, name: str, strategy: Any) -> Any:
+        """The scorer replica ``name`` (``reference-<i>`` or ``reward-<i>``), placed by
+        ``strategy``."""
+        cfg, tok = self.cfg, policy_tokenizer(self.cfg)
+        if name.startswith("reference-"):
+            ref = cfg.reference
+            return _actor(
+                ReferenceScorer, name, ref.num_cpus, ref.num_gpus,
+                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=strategy,
+            )  # fmt: skip
+        rew = cfg.reward
+        return _actor(
+            RewardScorer, name, rew.num_cpus, rew.num_gpus, rew, tok,
+            search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
+            strategy=strategy,
+        )  # fmt: skip
 
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
@@ -597,11 +606,19 @@ class RayWorkers:
         a checkpoint). Rollout workers and scorers keep running."""
         self.learner_restarts += 1
         print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
-        self._kill_learners()
-        self._make_learners(self.cfg)
-        _wait_ready({n: h for g in self.learners for n, h in g.handles.items()},
-                    self.cfg.cluster.actor_start_timeout_s)  # fmt: skip
-        self._start_learners()
+        cause = "a learner rank was lost"
+        for _ in range(MAX_TRIES):  # a group placed on a dying node is itself replaced
+            self.pool.health.record("the learner groups", cause)
+            self._kill_learners()
+            try:
+                self._make_learners(self.cfg)
+                handles = {n: h for g in self.learners for n, h in g.handles.items()}
+                _wait_ready(handles, self.cfg.cluster.actor_start_timeout_s)
+                self._start_learners()
+                return
+            except (ray.exceptions.RayActorError, LearnerLostError) as exc:
+                cause = f"a restarted rank died before it was ready ({type(exc).__name__})"
+        raise LearnerLostError(f"the learner groups died {MAX_TRIES} times while starting")
 
     def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
         """Wait for one call per learner rank (policy ranks first, then any value ranks)."""
@@ -623,13 +640,19 @@ class RayWorkers:
 
     def _retry_scorer(self, name: str, parts: dict[str, Any]) -> Any:
         """The call of a scorer that died or became unreachable (its node was lost) beyond
-        Ray's own retries, on its rows ``parts[name]``: sent again once Ray has restarted it;
-        None when it keeps failing."""
+        Ray's own retries, on its rows ``parts[name]``: a fresh replica (the same frozen model)
+        on a healthy node takes it; one that dies too is replaced in turn. None when they keep
+        failing."""
         if self.scorer_restarts >= 10:
             return None
         self.scorer_restarts += 1
-        print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
-        time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
+        old = self.scorers[name]
+        node = self.pool.health.lost(old)
+        cause = f"lost during score (node {node or 'unknown'}); its rows are scored again"
+        self.pool.health.record(name, cause)
+        _kill([old])
+        role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
+        self.scorers[name] = self._scorer(name, self.pool.health.strategy(role.num_cpus))
         return _score_call(self.scorers[name], name, parts[name])
 
     # -- Workers ------------------------------------------------------------------------------
@@ -710,8 +733,7 @@ class RayWorkers:
                 "rollout/worker_restarts": self.pool.restarts,
                 "train/learner_restarts": self.learner_restarts,
                 "train/scorer_restarts": self.scorer_restarts,
-                "recovery/replacements": self.pool.health.replacements + self.scorer_restarts
-                + self.learner_restarts}  # fmt: skip
+                "recovery/replacements": self.pool.health.replacements}  # fmt: skip
 
     def save(self, directory: Path) -> None:
         self._on_learners("save", directory)

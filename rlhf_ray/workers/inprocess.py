@@ -30,36 +30,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_learners(
-    cfg, rank: int = 0, world_size: int = 1, port: int | None = None, threads: int | None = None
-) -> tuple[PolicyLearner, ValueLearner | None]:
-    """The policy learner and the value learner (None without a critic), set up in this
-    process (also what ``rlhf-ray replay`` trains): one rank each, or rank ``rank`` of
-    ``world_size`` joined at ``127.0.0.1:port`` (``replay`` of a multi-rank run), with at most
+def build_learner(
+    cfg, role: str, rank: int = 0, world_size: int = 1, threads: int | None = None
+) -> PolicyLearner | ValueLearner:
+    """The ``role`` ("policy" or "value") learner of rank ``rank`` of ``world_size``, not set
+    up yet (``rlhf-ray replay`` builds each rank of a multi-rank run so), with at most
     ``threads`` torch threads."""
-    tok = policy_tokenizer(cfg)
-    bad = cfg.train.max_bad_steps
-    steps = optimizer_steps(cfg)
+    tok, bad, steps = policy_tokenizer(cfg), cfg.train.max_bad_steps, optimizer_steps(cfg)
     where = {"rank": rank, "world_size": world_size, "num_threads": threads}
-    policy = PolicyLearner(
-        cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, total_steps=steps,
+    if role == "policy":
+        return PolicyLearner(
+            cfg.policy,
+            cfg.ppo,
+            tok,
+            cfg.rollout.temperature,
+            seed=cfg.train.seed,
+            max_bad_steps=bad,
+            top_k=cfg.rollout.top_k,
+            top_p=cfg.rollout.top_p,
+            total_steps=steps,
+            **where,
+        )
+    return ValueLearner(
+        cfg.value,
+        cfg.ppo,
+        tok,
+        value_init_spec(cfg),
+        seed=cfg.train.seed,
+        max_bad_steps=bad,
+        total_steps=steps,
         **where,
-    )  # fmt: skip
-    value = (
-        ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
-                     max_bad_steps=bad, total_steps=steps, **where)
-        if has_critic(cfg) else None
-    )  # fmt: skip
+    )
+
+
+def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
+    """The policy learner and the value learner (None without a critic), one rank each, set up
+    in this process."""
+    policy = build_learner(cfg, "policy")
+    value = build_learner(cfg, "value") if has_critic(cfg) else None
     if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # one process can hold one process group: both learners share it (of size 1 here)
-        port = port or _free_port()
-        policy.init_process_group("127.0.0.1", port, cfg.train.dist_timeout_s)
+        # one process can hold one process group: both learners share a world of size 1
+        policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
     policy.setup()
     if value:
         value.setup()
-    return policy, value
+    return policy, value  # type: ignore[return-value]
 
 
 class InProcessWorkers:
