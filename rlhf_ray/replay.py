@@ -67,19 +67,20 @@ def _saved_ranks(state_dir: Path) -> int:
     return max(1, len(list(state_dir.glob("state/zero_pp_rank_*_optim_states.pt"))))
 
 
-def roles_and_ranks(cfg: Config, checkpoint: Path | None) -> dict[str, int]:
+def roles_and_ranks(cfg: Config, checkpoint: Path | None, on_ray: bool) -> dict[str, int]:
     """Each learner the replay trains, with the ranks the run trained it on (its
-    ``num_ranks``), checked against the ranks that saved its state in ``checkpoint``."""
-    roles = {"policy": cfg.policy.num_ranks}
+    ``num_ranks`` on Ray; one in-process), checked against the ranks that saved its state in
+    ``checkpoint``."""
+    roles = {"policy": cfg.policy.num_ranks if on_ray else 1}
     if has_critic(cfg):
-        roles["value"] = cfg.value.num_ranks
+        roles["value"] = cfg.value.num_ranks if on_ray else 1
     for role, world in roles.items() if checkpoint is not None else ():
         saved = _saved_ranks(checkpoint / f"{role}_state")
         if saved > 1 and saved != world:
             raise UserError(
                 f"{checkpoint} holds the {role} training state of {saved} ZeRO ranks but the "
-                f"run's config.yaml says {role}.num_ranks={world}: replay restores the state "
-                "on the ranks that saved it; use the config the run was made with"
+                f"run trained it on {world} (its config.yaml and metrics.jsonl): replay "
+                "restores the state on the ranks that saved it; use the run's own files"
             )
     return roles
 
@@ -90,6 +91,7 @@ def _train_rank(
     checkpoint: Path | None,
     batch_path: Path,
     round_index: int,
+    on_ray: bool,
     rank: int,
     world: int,
     port: int,
@@ -99,7 +101,9 @@ def _train_rank(
     from rlhf_ray.workers.inprocess import build_learner
 
     role_cfg = cfg.policy if role == "policy" else cfg.value
-    threads = max(1, int(role_cfg.num_cpus_per_rank))  # as on Ray (distributed/runtime.py)
+    # a rank on Ray runs as many torch threads as its CPU share (distributed/runtime.py); the
+    # count changes float rounding, and so, rarely, a clip fraction
+    threads = max(1, int(role_cfg.num_cpus_per_rank)) if on_ray else None
     learner = build_learner(cfg, role, rank, world, threads)
     if role_cfg.engine == "deepspeed":
         learner.init_process_group("127.0.0.1", port, cfg.train.dist_timeout_s)
@@ -113,7 +117,7 @@ def _train_rank(
 
 def _peer(queue: Any, *args: Any) -> None:
     """A rank other than 0, in a spawned process: its stats (or its error) go to ``queue``."""
-    rank = args[5]
+    rank = args[6]
     try:
         queue.put((rank, _train_rank(*args)))
     except BaseException as exc:
@@ -133,7 +137,13 @@ def _leave_group(dist: Any) -> None:
 
 
 def _train_all_ranks(
-    cfg: Config, role: str, world: int, checkpoint: Path | None, batch_path: Path, round_index: int
+    cfg: Config,
+    role: str,
+    world: int,
+    checkpoint: Path | None,
+    batch_path: Path,
+    round_index: int,
+    on_ray: bool,
 ) -> dict[str, float]:
     """The round's update of ``role`` on ``world`` ranks joined in one process group on this
     machine: rank 0 in this process, ranks 1.. in spawned processes; stats averaged over ranks
@@ -149,7 +159,7 @@ def _train_all_ranks(
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    args = (cfg, role, checkpoint, batch_path, round_index)
+    args = (cfg, role, checkpoint, batch_path, round_index, on_ray)
     peers = [
         context.Process(target=_peer, args=(queue, *args, rank, world, port), daemon=True)
         for rank in range(1, world)
@@ -187,14 +197,16 @@ def replay_round(run_dir: Path, round_index: int) -> ReplayResult:
             "with round % K == 0 are dumped."
         )
     checkpoint = checkpoint_before(run_dir, round_index)
-    stats: dict[str, float] = {}
-    for role, world in reversed(roles_and_ranks(cfg, checkpoint).items()):  # value first
-        stats = {**_train_all_ranks(cfg, role, world, checkpoint, batch_path, round_index), **stats}
-    replayed = {"round": round_index, **{f"ppo/{k}": v for k, v in stats.items()}}
     logged = next(
         (row for row in read_metrics(run_dir / "metrics.jsonl") if row["round"] == round_index),
         {},
     )
+    on_ray = "train/learner_restarts" in logged  # what the Ray runtime logs, in-process not
+    stats: dict[str, float] = {}
+    for role, world in reversed(roles_and_ranks(cfg, checkpoint, on_ray).items()):  # value first
+        args = (cfg, role, world, checkpoint, batch_path, round_index, on_ray)
+        stats = {**_train_all_ranks(*args), **stats}
+    replayed = {"round": round_index, **{f"ppo/{k}": v for k, v in stats.items()}}
     return ReplayResult(round_index, checkpoint, replayed, logged)
 
 
