@@ -135,12 +135,16 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
         ray.kill(h)
     deadline = time.monotonic() + timeout_s
     for h in handles:
-        while time.monotonic() < deadline:
-            try:
-                ray.get(h.ping.remote(), timeout=1)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ping, patience = h.ping.remote(), time.monotonic() + 5.0
+        while time.monotonic() < min(deadline, patience):
+            try:  # every ping is fetched: one dropped unfetched is printed as an unhandled
+                ray.get(ping, timeout=1)  # "killed by ray.kill" error when Ray collects it
+            except ray.exceptions.GetTimeoutError:
+                continue  # the same ping, waited on again (an unreachable actor: 5 s at most)
+            except ray.exceptions.RayActorError:
                 break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
-            time.sleep(0.1)
+            time.sleep(0.1)  # answered before the kill took effect: ask again
+            ping = h.ping.remote()
 
 
 def _check_namespace_free() -> None:
