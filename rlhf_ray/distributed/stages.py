@@ -17,7 +17,7 @@ from rlhf_ray.config import ClusterConfig
 from rlhf_ray.distributed.runtime import LearnerGroup, _get_all, _wait_ready
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
-from rlhf_ray.workers.interface import mean_stats
+from rlhf_ray.workers.interface import LearnerLostError, mean_stats
 from rlhf_ray.workers.stage_learners import StageRole
 
 
@@ -58,8 +58,12 @@ class RayStage:
         print(f"[rlhf_ray] {role.name} parameters held per rank ({held})", flush=True)
 
     def _all(self, phase: str, refs: list) -> list:
-        """Every rank's answer; a lost rank raises ``LearnerLostError`` naming it."""
-        return _get_all(refs, self.group.names, phase)
+        """Every rank's answer; a lost rank raises ``LearnerLostError`` naming the group."""
+        try:
+            return _get_all(refs, self.group.names, phase)
+        except ray.exceptions.RayActorError as exc:
+            names = ", ".join(self.group.names)
+            raise LearnerLostError(f"a learner of {names} died during {phase}") from exc
 
     def restart(self) -> None:
         """Kill the group and start it again with the data it had (the caller restores a
