@@ -656,7 +656,12 @@ class RayWorkers:
         self.pool.health.record(name, cause)
         _kill([old])
         role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
-        self.scorers[name] = self._scorer(name, self.pool.health.strategy(role.num_cpus))
+        for _ in range(10):  # Ray may take a moment to release the dead actor's name
+            try:
+                self.scorers[name] = self._scorer(name, self.pool.health.strategy(role.num_cpus))
+                break
+            except ValueError:
+                time.sleep(1.0)
         return _score_call(self.scorers[name], name, parts[name])
 
     # -- Workers ------------------------------------------------------------------------------
