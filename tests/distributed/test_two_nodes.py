@@ -21,6 +21,7 @@ from conftest import wait_no_processes_under
 from ray._private import ray_constants
 from ray._private import state as ray_state
 
+from rlhf_ray.checkpoint import latest_checkpoint
 from rlhf_ray.config import load_config
 from rlhf_ray.distributed import RayWorkers
 from rlhf_ray.metrics import read_metrics
@@ -75,9 +76,8 @@ def test_losing_a_node_after_round_2_loses_no_sample(two_nodes, tmp_path, attemp
     before: dict[str, str] = {}
 
     def kill_worker_node(stop: threading.Event) -> None:
-        path = run_dir / "metrics.jsonl"
         while not stop.is_set():
-            if path.exists() and len(path.read_text().splitlines()) >= 2:  # round 2 done
+            if latest_checkpoint(run_dir) is not None:  # round 2 done, its checkpoint too
                 before.update(_placement())
                 raylet = worker.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
                 os.kill(raylet.pid, signal.SIGKILL)
