@@ -100,5 +100,7 @@ def test_losing_a_node_after_round_2_loses_no_sample(two_nodes, tmp_path, attemp
     assert [r["round"] for r in rows] == list(range(ROUNDS))  # each round once
     assert [r["rollout/num_samples"] for r in rows] == [cfg.rollout.batch_size] * ROUNDS
     assert [r["rollout/num_workers"] for r in rows] == [3] * ROUNDS
-    assert rows[-1]["recovery/replacements"] >= 1  # counted in metrics.jsonl
+    lost = [name for name, node in before.items() if node == worker_id]
+    if any(name.startswith("rollout-") for name in lost):  # (Ray restarts scorers itself)
+        assert rows[-1]["recovery/replacements"] >= 1, lost  # counted in metrics.jsonl
     assert set(after.values()) == {head_id}, after  # the replacements run on the survivor
