@@ -166,9 +166,10 @@ def check_resumable(checkpoint: Path, cfg: Config) -> None:
         )
 
 
-def truncate_metrics(path: Path, last_round: int) -> None:
+def truncate_metrics(path: Path, last_round: int, key: str = "round") -> None:
     """Drop metric rows of rounds after the checkpoint (the resumed run writes them again), and
-    a torn last line (the driver was killed mid-write). A bad line elsewhere is refused."""
+    a torn last line (the driver was killed mid-write). A bad line elsewhere is refused. The
+    stages key their rows by ``step``."""
     if not path.exists():
         return
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -184,7 +185,7 @@ def truncate_metrics(path: Path, last_round: int) -> None:
                 f"cannot resume: {path}, line {number} is not valid JSON (only a torn last line "
                 "is dropped); fix or remove that line"
             ) from None
-        if row["round"] <= last_round:
+        if row[key] <= last_round:
             rows.append(line)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:

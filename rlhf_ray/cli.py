@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument(
             "--in-process", action="store_true", help="one rank in this process, no Ray"
         )
+        stage.add_argument(
+            "--resume", action="store_true", help="continue --run-dir from its newest checkpoint"
+        )
     plot = sub.add_parser("plot", help="PNG curves of runs (several runs: overlaid)")
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run dirs")
     plot.add_argument(
@@ -189,7 +192,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from rlhf_ray.metrics import check_sinks
     from rlhf_ray.preflight import preflight_stage
     from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
+    from rlhf_ray.stages.checkpoint import run_stage_recovering
 
+    if args.resume and args.run_dir is None:
+        raise UserError("--resume needs --run-dir: the run to continue")
     preflight_stage(cfg)  # before any actor starts
 
     role = sft_role(cfg) if sft else rm_role(cfg)  # type: ignore[arg-type]
@@ -202,7 +208,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
         workers = InProcessStage(role, timeout)
         try:
-            result = run(cfg, workers, run_dir)  # type: ignore[arg-type]
+            result = run(cfg, workers, run_dir, resume=args.resume)  # type: ignore[arg-type]
         finally:
             workers.close()
     else:
@@ -212,7 +218,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         try:
             ray_workers = RayStage(role, cfg.cluster, timeout)
             try:
-                result = run(cfg, ray_workers, run_dir)  # type: ignore[arg-type]
+                result = run_stage_recovering(run, cfg, ray_workers, run_dir, args.resume)
             finally:
                 ray_workers.close()
         finally:

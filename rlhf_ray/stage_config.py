@@ -128,6 +128,18 @@ class StageTrainConfig(_Section):
     dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
 
 
+class StageCheckpointConfig(_Section):
+    """Periodic checkpoints of a stage (``RUN/checkpoints/step_XXXXXX``): resume and recovery."""
+
+    every: int = Field(
+        0, ge=0, description="Checkpoint every K optimizer steps (0: only the final save)."
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of the learner group after a lost rank (needs every)."
+    )
+
+
 class _StageConfig(_Section):
     model: ModelSpec = Field(
         default_factory=ModelSpec, description="Initial weights: an HF directory or a preset."
@@ -142,6 +154,9 @@ class _StageConfig(_Section):
     train: StageTrainConfig = Field(default_factory=StageTrainConfig, description="Loop.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
+    checkpoint: StageCheckpointConfig = Field(
+        default_factory=StageCheckpointConfig, description="Checkpoints, `--resume`, recovery."
+    )
 
     @model_validator(mode="after")
     def _learner_fits(self) -> _StageConfig:

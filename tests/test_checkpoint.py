@@ -3,6 +3,7 @@ resumed ends exactly where the uninterrupted run does."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -224,3 +225,27 @@ def test_a_lost_learner_without_a_checkpoint_stops_with_a_clear_error(tmp_path):
     cfg = load_config(None, [*BASE, "checkpoint.every=0", "train.rounds=1"])
     with pytest.raises(UserError, match=r"policy-1 died during update.*checkpoint\.every"):
         run_ppo_recovering(cfg, LosesALearner(cfg), tmp_path)
+
+
+def test_resume_at_a_prompt_epoch_boundary_trains_the_remaining_rounds(tmp_path):
+    """16 prompts, 8 per round: the checkpoint after round 1 is taken exactly as the sampler
+    finishes an epoch (cursor back to 0); the resumed run trains round 2 on the next epoch
+    instead of silently training nothing (veRL #7401)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Say {i} in words."}}\n' for i in range(16)))
+    cfg = load_config(None, [*BASE, "train.rounds=3", f"data.prompts={prompts}"])
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_ppo(cfg, CrashAt(cfg, crash_round=2), crashed)
+    checkpoint = latest_checkpoint(crashed)
+    state = json.loads((checkpoint / "driver_state.json").read_text())
+    assert checkpoint.name == "round_000001"
+    assert state["sampler"]["epoch"] == 1 and state["sampler"]["cursor"] == 0  # epoch done
+
+    assert run_ppo(cfg, InProcessWorkers(cfg), crashed, resume=True).rounds == 3
+    rows = read_metrics(crashed / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["rollout/num_samples"] == 8 and rows[2]["weights/version"] == 2
+    before = AutoModelForCausalLM.from_pretrained(checkpoint / "policy").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(crashed / "policy").state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())  # round 2 trained

@@ -57,6 +57,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
     assert not left, f"processes outlived the run: {[p.pid for p in left]}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "killed by `ray.kill`" not in proc.stderr + proc.stdout  # a quiet teardown
     return proc
 
 

@@ -111,12 +111,16 @@ def test_replay_says_what_is_missing(tmp_path):
         replay_round(tmp_path, 5)
 
 
-def test_replay_refuses_a_state_saved_by_several_zero_ranks(tmp_path):
-    from rlhf_ray.replay import _check_one_rank
+def test_replay_refuses_a_state_saved_by_other_ranks_than_the_config_says(tmp_path):
+    from rlhf_ray.replay import roles_and_ranks
 
     state = tmp_path / "policy_state" / "state"
     state.mkdir(parents=True)
-    for rank in (0, 1):
+    for rank in range(3):
         (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_text("")
-    with pytest.raises(UserError, match="2 ZeRO ranks"):
-        _check_one_rank(tmp_path)
+    (tmp_path / "value_state" / "state").mkdir(parents=True)
+    two = load_config(None, ["policy.num_ranks=2"])
+    with pytest.raises(UserError, match="3 ZeRO ranks but the run trained it on 2"):
+        roles_and_ranks(two, tmp_path, on_ray=True)
+    assert roles_and_ranks(two, None, on_ray=True) == {"policy": 2, "value": 1}
+    assert roles_and_ranks(two, None, on_ray=False) == {"policy": 1, "value": 1}  # in-process

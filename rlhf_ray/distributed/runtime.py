@@ -41,6 +41,7 @@ from rlhf_ray.config import (
     value_init_spec,
 )
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -136,12 +137,16 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
         ray.kill(h)
     deadline = time.monotonic() + timeout_s
     for h in handles:
-        while time.monotonic() < deadline:
-            try:
-                ray.get(h.ping.remote(), timeout=1)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ping, patience = h.ping.remote(), time.monotonic() + 5.0
+        while time.monotonic() < min(deadline, patience):
+            try:  # every ping is fetched: one dropped unfetched is printed as an unhandled
+                ray.get(ping, timeout=1)  # "killed by ray.kill" error when Ray collects it
+            except ray.exceptions.GetTimeoutError:
+                continue  # the same ping, waited on again (an unreachable actor: 5 s at most)
+            except ray.exceptions.RayActorError:
                 break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
-            time.sleep(0.1)
+            time.sleep(0.1)  # answered before the kill took effect: ask again
+            ping = h.ping.remote()
 
 
 def _check_namespace_free() -> None:
@@ -342,30 +347,35 @@ class RolloutPool:
         )
         self.workers: list[Any] = []
         self.restarts = 0
+        self.health = NodeHealth()  # where replacements go; counts them
         self._next_id = 0
         self._version = -1
         self._count = 0  # buckets of `_version`
         self._buckets: list[Any] = []  # object refs of the buckets received so far
 
-    def _spawn(self) -> tuple[str, Any]:
+    def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
         name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
             RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=_spread(self.cfg), from_sync=self.from_sync,
+            strategy=strategy or _spread(self.cfg), from_sync=self.from_sync,
         )  # fmt: skip
         self._next_id += 1
         return name, handle
 
-    def grow(self, n: int) -> None:
-        """Add ``n`` workers, ready and holding the current weights; none if they cannot start."""
-        new = dict(self._spawn() for _ in range(n))
+    def grow(self, n: int, strategy: Any = None) -> None:
+        """Add ``n`` workers, ready and holding the current weights; none if they cannot start
+        (the nodes of those that died meanwhile are avoided from then on)."""
+        new = dict(self._spawn(strategy) for _ in range(n))
         try:
             _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
             ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
                      for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ray.exceptions.RayActorError):
+                for handle in new.values():
+                    self.health.lost(handle)
             _kill(list(new.values()))
             raise
         self.workers.extend(new.values())
@@ -429,13 +439,28 @@ class RolloutPool:
         return [done[i] for i in range(len(parts))]
 
     def _replace(self, index: int, why: str) -> None:
-        """A fresh worker, holding the current weights, takes the place of a lost one."""
+        """A fresh worker, holding the current weights, takes the place of a lost one; it is
+        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
+        dies before it is ready, at most ``MAX_TRIES`` times."""
         if self.restarts >= 10 * len(self.workers):
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
-        self.restarts += 1
-        print(f"[rlhf_ray] rollout worker {index} {why}; replacing it", flush=True)
-        _kill([self.workers.pop(index)])
-        self.grow(1)
+        lost = self.workers.pop(index)
+        node = self.health.lost(lost)
+        _kill([lost])
+        cause = f"{why} (node {node or 'unknown'})"
+        for _ in range(MAX_TRIES):
+            self.restarts += 1
+            self.health.record(f"rollout worker {index}", cause)
+            try:
+                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                cause = f"its replacement died before it was ready ({type(exc).__name__})"
+        else:
+            raise RuntimeError(
+                f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
+                "were ready"
+            )
         self.workers.insert(index, self.workers.pop())
 
     def kill(self) -> None:
@@ -516,7 +541,6 @@ class RayWorkers:
 
     def _start(self, cfg: Config) -> None:
         timeout = cfg.cluster.actor_start_timeout_s
-        tok = policy_tokenizer(cfg)
         self._cleanup.append(self._kill_learners)
         self._make_learners(cfg)
         ref, rew = cfg.reference, cfg.reward
@@ -525,18 +549,10 @@ class RayWorkers:
         # retry the interrupted call.
         self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
         self._cleanup.append(lambda: _kill(list(self.scorers.values())))
-        for i in range(ref.num_replicas):
-            self.scorers[f"reference-{i}"] = _actor(
-                ReferenceScorer, f"reference-{i}", ref.num_cpus, ref.num_gpus,
-                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
-                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=_spread(cfg),
-            )  # fmt: skip
-        for i in range(rew.num_replicas):
-            self.scorers[f"reward-{i}"] = _actor(
-                RewardScorer, f"reward-{i}", rew.num_cpus, rew.num_gpus, rew, tok,
-                search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
-                strategy=_spread(cfg),
-            )  # fmt: skip
+        for name in [f"reference-{i}" for i in range(ref.num_replicas)] + [
+            f"reward-{i}" for i in range(rew.num_replicas)
+        ]:
+            self.scorers[name] = self._scorer(name, _spread(cfg))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
         others = dict(self.scorers)
         for group in self.learners:
@@ -552,6 +568,24 @@ class RayWorkers:
                 _get_all([r.load_bucket.remote(bucket) for r in references])
 
             stream_buckets(self._num_buckets, self._gather_bucket, load)
+
+    def _scorer(self, name: str, strategy: Any) -> Any:
+        """The scorer replica ``name`` (``reference-<i>`` or ``reward-<i>``), placed by
+        ``strategy``."""
+        cfg, tok = self.cfg, policy_tokenizer(self.cfg)
+        if name.startswith("reference-"):
+            ref = cfg.reference
+            return _actor(
+                ReferenceScorer, name, ref.num_cpus, ref.num_gpus,
+                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
+                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=strategy,
+            )  # fmt: skip
+        rew = cfg.reward
+        return _actor(
+            RewardScorer, name, rew.num_cpus, rew.num_gpus, rew, tok,
+            search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
+            strategy=strategy,
+        )  # fmt: skip
 
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
@@ -583,11 +617,19 @@ class RayWorkers:
         a checkpoint). Rollout workers and scorers keep running."""
         self.learner_restarts += 1
         print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
-        self._kill_learners()
-        self._make_learners(self.cfg)
-        _wait_ready({n: h for g in self.learners for n, h in g.handles.items()},
-                    self.cfg.cluster.actor_start_timeout_s)  # fmt: skip
-        self._start_learners()
+        cause = "a learner rank was lost"
+        for _ in range(MAX_TRIES):  # a group placed on a dying node is itself replaced
+            self.pool.health.record("the learner groups", cause)
+            self._kill_learners()
+            try:
+                self._make_learners(self.cfg)
+                handles = {n: h for g in self.learners for n, h in g.handles.items()}
+                _wait_ready(handles, self.cfg.cluster.actor_start_timeout_s)
+                self._start_learners()
+                return
+            except (ray.exceptions.RayActorError, LearnerLostError) as exc:
+                cause = f"a restarted rank died before it was ready ({type(exc).__name__})"
+        raise LearnerLostError(f"the learner groups died {MAX_TRIES} times while starting")
 
     def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
         """Wait for one call per learner rank (policy ranks first, then any value ranks)."""
@@ -609,13 +651,24 @@ class RayWorkers:
 
     def _retry_scorer(self, name: str, parts: dict[str, Any]) -> Any:
         """The call of a scorer that died or became unreachable (its node was lost) beyond
-        Ray's own retries, on its rows ``parts[name]``: sent again once Ray has restarted it;
-        None when it keeps failing."""
+        Ray's own retries, on its rows ``parts[name]``: a fresh replica (the same frozen model)
+        on a healthy node takes it; one that dies too is replaced in turn. None when they keep
+        failing."""
         if self.scorer_restarts >= 10:
             return None
         self.scorer_restarts += 1
-        print(f"[rlhf_ray] {name} was lost during score; calling it again", flush=True)
-        time.sleep(1.0)  # Ray restarts it meanwhile (max_restarts)
+        old = self.scorers[name]
+        node = self.pool.health.lost(old)
+        cause = f"lost during score (node {node or 'unknown'}); its rows are scored again"
+        self.pool.health.record(name, cause)
+        _kill([old])
+        role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
+        for _ in range(10):  # Ray may take a moment to release the dead actor's name
+            try:
+                self.scorers[name] = self._scorer(name, self.pool.health.strategy(role.num_cpus))
+                break
+            except ValueError:
+                time.sleep(1.0)
         return _score_call(self.scorers[name], name, parts[name])
 
     # -- Workers ------------------------------------------------------------------------------
@@ -695,7 +748,8 @@ class RayWorkers:
         return {"rollout/num_workers": len(self.pool.workers),
                 "rollout/worker_restarts": self.pool.restarts,
                 "train/learner_restarts": self.learner_restarts,
-                "train/scorer_restarts": self.scorer_restarts}  # fmt: skip
+                "train/scorer_restarts": self.scorer_restarts,
+                "recovery/replacements": self.pool.health.replacements}  # fmt: skip
 
     def save(self, directory: Path) -> None:
         self._on_learners("save", directory)

@@ -17,7 +17,7 @@ from rlhf_ray.config import ClusterConfig
 from rlhf_ray.distributed.runtime import LearnerGroup, _get_all, _wait_ready
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
-from rlhf_ray.workers.interface import mean_stats
+from rlhf_ray.workers.interface import LearnerLostError, mean_stats
 from rlhf_ray.workers.stage_learners import StageRole
 
 
@@ -38,32 +38,65 @@ class RayStage:
 
     def __init__(self, role: StageRole, cluster: ClusterConfig, dist_timeout_s: int):
         _check_name_free(f"{role.name}-0")
-        timeout = cluster.actor_start_timeout_s
-        self.group = LearnerGroup(role.name, role.cls, role.role_cfg, timeout, dist_timeout_s,
-                                  learner_cfg=role.role_cfg, **role.kwargs)  # fmt: skip
+        self.role, self.cluster, self.dist_timeout_s = role, cluster, dist_timeout_s
+        self.restarts = 0
+        self._data: tuple = ()  # the object refs of the loaded data (a restart loads them again)
+        self._start()
+
+    def _start(self) -> None:
+        role, timeout = self.role, self.cluster.actor_start_timeout_s
+        self.group = LearnerGroup(role.name, role.cls, role.role_cfg, timeout,
+                                  self.dist_timeout_s, learner_cfg=role.role_cfg,
+                                  **role.kwargs)  # fmt: skip
         try:
             _wait_ready(self.group.handles, timeout)
-            counts = _get_all(self.group.start())
+            counts = self._all("setup", self.group.start())
         except BaseException:
             self.group.kill()  # leave nothing pending or half-started behind
             raise
         held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(counts))
         print(f"[rlhf_ray] {role.name} parameters held per rank ({held})", flush=True)
 
+    def _all(self, phase: str, refs: list) -> list:
+        """Every rank's answer; a lost rank raises ``LearnerLostError`` naming the group."""
+        try:
+            return _get_all(refs, self.group.names, phase)
+        except ray.exceptions.RayActorError as exc:
+            names = ", ".join(self.group.names)
+            raise LearnerLostError(f"a learner of {names} died during {phase}") from exc
+
+    def restart(self) -> None:
+        """Kill the group and start it again with the data it had (the caller restores a
+        checkpoint): ``stages/checkpoint.py``'s recovery."""
+        self.restarts += 1
+        name = self.role.name
+        print(f"[rlhf_ray] restarting the {name} learner group ({self.restarts})", flush=True)
+        self.group.kill()
+        self._start()
+        if self._data:
+            self._all("load_data", self.group.call("load_data", *self._data))
+
     def load_data(self, train: Rows, eval_set: Rows | None) -> None:
-        _get_all(self.group.call("load_data", ray.put(train), ray.put(eval_set)))
+        self._data = (ray.put(train), ray.put(eval_set))
+        self._all("load_data", self.group.call("load_data", *self._data))
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        return mean_stats(_get_all(self.group.call("train_step", epoch, step)))
+        return mean_stats(self._all("train_step", self.group.call("train_step", epoch, step)))
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return _get_all(self.group.call("evaluate", split))[0]
+        return self._all("evaluate", self.group.call("evaluate", split))[0]
 
     def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _get_all(self.group.call("scores", split))[0]
+        return self._all("scores", self.group.call("scores", split))[0]
 
     def save(self, directory: Path) -> None:
-        _get_all(self.group.call("save", str(directory)))
+        self._all("save", self.group.call("save", str(directory)))
+
+    def save_state(self, directory: Path) -> None:
+        self._all("save_state", self.group.call("save_state", str(directory)))
+
+    def load_state(self, directory: Path) -> None:
+        self._all("load_state", self.group.call("load_state", str(directory)))
 
     def close(self) -> None:
         self.group.kill()

@@ -92,10 +92,13 @@ def train_epochs(
     has_eval: bool,
     log: MetricsLog,
     timer: PhaseTimer,
+    start_step: int = 0,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Steps 2-3 of a stage: ``train.epochs`` passes of optimizer steps over the train set,
-    evaluations every ``train.eval_every`` steps and at each epoch's end. Returns the last
-    epoch-end row."""
+    evaluations every ``train.eval_every`` steps and at each epoch's end. Steps up to
+    ``start_step`` were done before (a resume); ``on_step(step, epoch, index)`` follows each
+    step and its evaluations (the checkpoints). Returns the last epoch-end row."""
     steps = num_train // train.batch_size
     if steps == 0:
         raise UserError(
@@ -105,6 +108,9 @@ def train_epochs(
     step, row = 0, dict[str, Any]()
     for epoch in range(train.epochs):
         for i in range(steps):
+            if step < start_step:  # done before the checkpoint this run resumed from
+                step += 1
+                continue
             # 2. train: one optimizer step on the step's global minibatch (all ranks)
             with timer.phase("step"):
                 stats = workers.train_step(epoch, i)
@@ -122,4 +128,11 @@ def train_epochs(
                     if has_eval:
                         row.update(prefixed(workers.evaluate("eval"), "eval/"))
                 log.write({**row, **timer.pop()})
+            if on_step is not None:
+                on_step(step, epoch, i)
+    if not row:  # resumed after the last step: the final figures again, not logged twice
+        row = {"step": step, "epoch": train.epochs - 1}
+        row.update(prefixed(workers.evaluate("train"), "epoch/train_"))
+        if has_eval:
+            row.update(prefixed(workers.evaluate("eval"), "eval/"))
     return row

@@ -39,6 +39,7 @@ from rlhf_ray.algo import bradley_terry_loss
 from rlhf_ray.data.stage_data import encode_pairs, load_pairs
 from rlhf_ray.models import write_score_stats
 from rlhf_ray.stage_config import RewardModelConfig, learner_role, stage_tokenizer
+from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
 from rlhf_ray.stages.common import StageResult, split_examples, start_run, train_epochs
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer
 from rlhf_ray.workers.interface import StageWorkers
@@ -71,8 +72,12 @@ def score_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
             "score_std": float(both.std()) if len(both) > 1 else 0.0}  # fmt: skip
 
 
-def run_train_rm(cfg: RewardModelConfig, workers: StageWorkers, run_dir: Path) -> StageResult:
-    """Data -> (train -> evaluate) x epochs -> score statistics -> save."""
+def run_train_rm(
+    cfg: RewardModelConfig, workers: StageWorkers, run_dir: Path, resume: bool = False
+) -> StageResult:
+    """Data -> (train -> evaluate) x epochs -> score statistics -> save (from the newest
+    checkpoint, if ``resume``)."""
+    checkpoint = prepare_resume(cfg, run_dir) if resume else None
     log, timer = start_run(cfg, run_dir)
     data = cfg.data
     skipped = 0
@@ -98,7 +103,9 @@ def run_train_rm(cfg: RewardModelConfig, workers: StageWorkers, run_dir: Path) -
           f" ({skipped} bad rows skipped) from {data.path}", flush=True)  # fmt: skip
 
     # 2-3. train and evaluate, epoch by epoch
-    last = train_epochs(workers, cfg.train, len(train_set), eval_set is not None, log, timer)
+    start = restore(workers, checkpoint)
+    has_eval, on_step = eval_set is not None, saver(workers, cfg, run_dir)
+    last = train_epochs(workers, cfg.train, len(train_set), has_eval, log, timer, start, on_step)
 
     # 4. score statistics of the final model over the train pairs (for reward.normalize)
     with timer.phase("stats"):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlhf_ray.data.stage_data import encode_sft, load_sft_examples
 from rlhf_ray.stage_config import SFTConfig, learner_role, stage_tokenizer
+from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
 from rlhf_ray.stages.common import StageResult, split_examples, start_run, train_epochs
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.interface import StageWorkers
@@ -28,8 +29,11 @@ def sft_role(cfg: SFTConfig) -> StageRole:
     return StageRole("sft", SFTLearner, learner_role(cfg), kwargs)
 
 
-def run_sft(cfg: SFTConfig, workers: StageWorkers, run_dir: Path) -> StageResult:
-    """Data -> (train -> evaluate) x epochs -> save."""
+def run_sft(
+    cfg: SFTConfig, workers: StageWorkers, run_dir: Path, resume: bool = False
+) -> StageResult:
+    """Data -> (train -> evaluate) x epochs -> save (from the newest checkpoint, if ``resume``)."""
+    checkpoint = prepare_resume(cfg, run_dir) if resume else None
     log, timer = start_run(cfg, run_dir)
     data = cfg.data
     skipped = 0
@@ -55,7 +59,9 @@ def run_sft(cfg: SFTConfig, workers: StageWorkers, run_dir: Path) -> StageResult
           f" ({skipped} bad rows skipped) from {data.path}", flush=True)  # fmt: skip
 
     # 2-3. train and evaluate, epoch by epoch
-    final = train_epochs(workers, cfg.train, len(train_set), eval_set is not None, log, timer)
+    start = restore(workers, checkpoint)
+    has_eval, on_step = eval_set is not None, saver(workers, cfg, run_dir)
+    final = train_epochs(workers, cfg.train, len(train_set), has_eval, log, timer, start, on_step)
 
     # 4. save: RUN/model, the fine-tuned causal LM and its tokenizer
     with timer.phase("save"):

@@ -36,22 +36,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_learner(
+    cfg, role: str, rank: int = 0, world_size: int = 1, threads: int | None = None
+) -> PolicyLearner | ValueLearner:
+    """The ``role`` ("policy" or "value") learner of rank ``rank`` of ``world_size``, not set
+    up yet (``rlhf-ray replay`` builds each rank of a multi-rank run so), with at most
+    ``threads`` torch threads."""
+    tok, bad = policy_tokenizer(cfg), cfg.train.max_bad_steps
+    where = {"rank": rank, "world_size": world_size, "num_threads": threads}
+    if role == "policy":
+        return PolicyLearner(
+            cfg.policy,
+            cfg.ppo,
+            tok,
+            cfg.rollout.temperature,
+            seed=cfg.train.seed,
+            max_bad_steps=bad,
+            top_k=cfg.rollout.top_k,
+            top_p=cfg.rollout.top_p,
+            total_steps=policy_optimizer_steps(cfg),
+            **where,
+        )
+    return ValueLearner(
+        cfg.value,
+        cfg.ppo,
+        tok,
+        value_init_spec(cfg),
+        seed=cfg.train.seed,
+        max_bad_steps=bad,
+        total_steps=optimizer_steps(cfg),
+        **where,
+    )
+
+
 def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     """The policy learner and the value learner (None without a critic), one rank each, set up
-    in this process (also what ``rlhf-ray replay`` trains)."""
-    tok = policy_tokenizer(cfg)
-    bad = cfg.train.max_bad_steps
-    steps = optimizer_steps(cfg)
-    policy = PolicyLearner(
-        cfg.policy, cfg.ppo, tok, cfg.rollout.temperature, seed=cfg.train.seed,
-        max_bad_steps=bad, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        total_steps=policy_optimizer_steps(cfg),
-    )  # fmt: skip
-    value = (
-        ValueLearner(cfg.value, cfg.ppo, tok, value_init_spec(cfg), seed=cfg.train.seed,
-                     max_bad_steps=bad, total_steps=steps)
-        if has_critic(cfg) else None
-    )  # fmt: skip
+    in this process."""
+    policy = build_learner(cfg, "policy")
+    value = build_learner(cfg, "value") if has_critic(cfg) else None
     if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # one process can hold one process group: both learners share a world of size 1
@@ -59,7 +81,7 @@ def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     policy.setup()
     if value:
         value.setup()
-    return policy, value
+    return policy, value  # type: ignore[return-value]
 
 
 class InProcessWorkers:
@@ -196,3 +218,9 @@ class InProcessStage:
 
     def close(self) -> None:
         self.learner.engine = None
+
+    def save_state(self, directory: Path) -> None:
+        self.learner.save_state(str(directory))
+
+    def load_state(self, directory: Path) -> None:
+        self.learner.load_state(str(directory))

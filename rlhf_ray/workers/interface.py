@@ -162,6 +162,12 @@ class StageWorkers(Protocol):
     def close(self) -> None:
         """Release the learners."""
 
+    def save_state(self, directory: Path) -> None:
+        """Write the training state (weights, optimizer) of every rank to ``directory``."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore the training state ``save_state`` wrote."""
+
 
 def check_sync(
     workers: Workers, sync_cfg, version: int, dtype: str = "float32"

@@ -1,0 +1,98 @@
+"""Where a replacement actor goes, and how often it may be tried.
+
+A node that is dying is often still "alive" to Ray for some seconds (until it misses enough
+health checks): an actor placed there dies before it is ready ("The actor never ran - it was
+cancelled before it started running"). So a replacement is placed away from the nodes that
+just lost an actor of the run and from nodes that do not answer a heartbeat now (a zero-CPU
+task pinned to the node, ``heartbeat_s``), with ``NodeAffinitySchedulingStrategy(soft=True)``
+on a healthy node that has the CPUs free; a replacement that dies before it is ready is itself
+replaced, at most ``MAX_TRIES`` times in a row. ``NodeHealth.replacements`` counts every
+replacement (``recovery/replacements`` in ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+MAX_TRIES = 4  # replacements of one lost actor that may die before they are ready
+SUSPECT_S = 120.0  # how long a node that lost an actor is avoided
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _heartbeat() -> bool:
+    return True
+
+
+def actor_node(handle: Any) -> str | None:
+    """The id of the node an actor runs (or ran) on, from Ray's actor table; None if unknown."""
+    from ray._private import state  # the GCS actor table: also knows dead actors
+
+    try:
+        entry = state.actors(actor_id=handle._actor_id.hex())
+        return (entry.get("Address") or {}).get("NodeID") or None
+    except Exception:  # the table is best effort: placement then falls back to Ray's choice
+        return None
+
+
+def _answers(node_id: str, timeout_s: float) -> bool:
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    ref = _heartbeat.options(scheduling_strategy=strategy).remote()
+    try:
+        return bool(ray.get(ref, timeout=timeout_s))
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        ray.cancel(ref, force=True)
+        return False
+
+
+class NodeHealth:
+    """The run's view of which nodes new actors should avoid; counts the replacements."""
+
+    def __init__(self, heartbeat_s: float = 3.0):
+        self.heartbeat_s = heartbeat_s
+        self._suspect: dict[str, float] = {}  # node id -> when it last lost an actor
+        self.replacements = 0
+
+    def lost(self, handle: Any) -> str | None:
+        """Note that ``handle`` was lost: its node is avoided for a while. Returns the node."""
+        node = actor_node(handle)
+        if node is not None:
+            self._suspect[node] = time.monotonic()
+        return node
+
+    def suspect(self, node_id: str) -> bool:
+        when = self._suspect.get(node_id)
+        return when is not None and time.monotonic() - when < SUSPECT_S
+
+    def healthy_node(self, cpus: float) -> str | None:
+        """A live node with ``cpus`` free that lost no actor lately and answers a heartbeat;
+        most free CPUs first. None: no such node (Ray then places the actor itself)."""
+        from ray._private import state
+
+        free = state.available_resources_per_node()
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        ranked = sorted(alive, key=lambda n: -free.get(n, {}).get("CPU", 0.0))
+        for node in ranked:
+            if free.get(node, {}).get("CPU", 0.0) + 1e-9 < cpus or self.suspect(node):
+                continue
+            if _answers(node, self.heartbeat_s):
+                return node
+            self._suspect[node] = time.monotonic()  # missed its heartbeat
+        return None
+
+    def strategy(self, cpus: float) -> Any:
+        """Where a replacement goes: soft affinity to a healthy node (None: Ray's default)."""
+        node = self.healthy_node(cpus)
+        return None if node is None else NodeAffinitySchedulingStrategy(node, soft=True)
+
+    def record(self, what: str, cause: str, detail: str = "") -> None:
+        """Count one replacement and name it in the log with its cause."""
+        self.replacements += 1
+        extra = f" ({detail})" if detail else ""
+        print(
+            f"[rlhf_ray] replacing {what}: {cause}{extra} [replacement {self.replacements}]",
+            flush=True,
+        )

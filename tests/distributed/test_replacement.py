@@ -1,0 +1,51 @@
+"""Where a replacement goes (``distributed/replacement.py``), without a cluster: the cluster's
+view is faked."""
+
+from __future__ import annotations
+
+import pytest
+from ray._private import state
+
+from rlhf_ray.distributed import replacement
+from rlhf_ray.distributed.replacement import NodeHealth
+
+NODES = [{"NodeID": "head", "Alive": True}, {"NodeID": "second", "Alive": True},
+         {"NodeID": "gone", "Alive": False}]  # fmt: skip
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    free = {"head": {"CPU": 1.0}, "second": {"CPU": 2.0}, "gone": {"CPU": 4.0}}
+    silent: set[str] = set()
+    monkeypatch.setattr(replacement.ray, "nodes", lambda: NODES)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: free)
+    monkeypatch.setattr(replacement, "_answers", lambda node, timeout: node not in silent)
+    monkeypatch.setattr(replacement, "actor_node", lambda handle: handle)
+    return free, silent
+
+
+def test_a_replacement_avoids_nodes_that_lost_actors_or_miss_their_heartbeat(cluster, capsys):
+    free, silent = cluster
+    health = NodeHealth()
+    assert health.healthy_node(1.0) == "second"  # live, most CPUs free
+    assert health.lost("second") == "second"  # a rollout worker there was lost
+    assert health.healthy_node(1.0) == "head"
+    assert health.healthy_node(2.0) is None  # head has 1 CPU free: Ray places it itself
+    silent.add("head")  # the head does not answer its heartbeat now
+    assert health.healthy_node(1.0) is None and health.suspect("head")
+    health.record("rollout worker 1", "died while generating (node second)")
+    health.record("rollout worker 1", "its replacement died before it was ready")
+    assert health.replacements == 2
+    out = capsys.readouterr().out
+    assert "replacing rollout worker 1: died while generating (node second)" in out
+    assert "[replacement 2]" in out
+
+
+def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
+    health = NodeHealth()
+    health.lost("second")
+    assert health.suspect("second") and not health.suspect("head")
+    now = replacement.time.monotonic()
+    monkeypatch.setattr(replacement.time, "monotonic", lambda: now + replacement.SUSPECT_S + 1)
+    assert not health.suspect("second")
+    assert health.healthy_node(1.0) == "second"  # chosen again
