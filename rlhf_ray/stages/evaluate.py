@@ -27,8 +27,8 @@ import torch
 
 from rlhf_ray.algo import sequence_kl, win_rate
 from rlhf_ray.config import to_yaml
-from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
-from rlhf_ray.driver import check_rollout, tokenize_prompts
+from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set, load_prompts
+from rlhf_ray.driver import PromptTexts, check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer
@@ -38,8 +38,9 @@ from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
 # setup helpers
 
 
-def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> list[str]:
-    """The first ``eval.num_prompts`` prompt texts (chat template applied if configured)."""
+def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> PromptTexts:
+    """The first ``eval.num_prompts`` prompt texts (chat template applied if configured), with
+    their rows' ``columns`` for the reward."""
     data = cfg.data
     if data.chat_template:
         conversations = load_prompt_conversations(
@@ -49,7 +50,10 @@ def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> list[str]:
     else:
         prompts = load_prompts(data.prompts, field=data.prompt_field, split=data.split,
                                fmt=data.format)  # fmt: skip
-    return prompts[: cfg.eval.num_prompts]
+    texts = PromptTexts(prompts[: cfg.eval.num_prompts])
+    loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format)
+    texts.columns = loaded.columns[: cfg.eval.num_prompts]
+    return texts
 
 
 def compare(
