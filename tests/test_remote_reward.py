@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
-from reward_servers import RewardServer, lowercase_fraction
 
 from rlhf_ray.remote_reward import RemoteReward, RemoteRewardError, probe
 from rlhf_ray.reward_config import RemoteRewardConfig
+from tests.reward_servers import RewardServer, lowercase_fraction
 
 PROMPTS = [f"prompt {i}" for i in range(5)]
 RESPONSES = ["abc", "ABC", "a B", "xyz zz", "Q"]
@@ -62,10 +62,13 @@ def test_no_metadata_key_without_columns(server):
 
 @pytest.mark.parametrize(
     ("mode", "field"),
-    [("not_json", "not JSON"), ("no_scores", "no field 'scores'"),
-     ("short", "field 'scores' has 4 values for 5 responses"),
-     ("nan", "field 'scores'[0] is not a finite number")],
-)  # fmt: skip
+    [
+        ("not_json", "not JSON"),
+        ("no_scores", "no field 'scores'"),
+        ("short", "field 'scores' has 4 values for 5 responses"),
+        ("nan", "field 'scores'[0] is not a finite number"),
+    ],
+)
 def test_malformed_answers_name_the_field_and_are_not_retried(server, mode, field):
     server.mode = mode
     with pytest.raises(RemoteRewardError, match=re.escape(field)) as err:

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from reward_servers import RewardServer
 
 from rlhf_ray.config import TokenizerConfig, load_config
 from rlhf_ray.data.prompts import load_prompt_set
@@ -22,10 +21,17 @@ from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from tests.model_dirs import save_reward_model
 from tests.reward_fns import labelled_prompts
+from tests.reward_servers import RewardServer
 
-SMALL = ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
-         "rollout.batch_size=4", "ppo.minibatch_size=4", "rollout.max_new_tokens=8",
-         "logging.progress=false"]  # fmt: skip
+SMALL = [
+    "policy.engine=torch",
+    "policy.num_ranks=1",
+    "value.engine=torch",
+    "rollout.batch_size=4",
+    "ppo.minibatch_size=4",
+    "rollout.max_new_tokens=8",
+    "logging.progress=false",
+]
 
 
 def test_preference_overlap_by_hand():
@@ -54,8 +60,10 @@ def test_functions_get_the_columns_they_declare_aligned_with_responses():
 def test_prompt_rows_keep_their_columns(tmp_path):
     loaded = load_prompt_set(str(labelled_prompts(tmp_path / "p.jsonl", 3)))
     assert loaded.column_names == ("label",) and [c["label"] for c in loaded.columns] == [
-        "0", "1", "2",
-    ]  # fmt: skip
+        "0",
+        "1",
+        "2",
+    ]
     hh = load_prompt_set("rlhf_ray/data/hh_rlhf_sample.jsonl")
     assert set(hh.column_names) == {"chosen", "rejected"}
     assert "Human:" not in hh.columns[0]["chosen"]  # the final reply, not the transcript
@@ -79,13 +87,26 @@ def composed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("composed")
     prompts = labelled_prompts(root / "prompts.jsonl")
     rm = save_reward_model(root / "rm", build_tokenizer(TokenizerConfig(kind="bytes")))
-    terms = ("[{name: label, weight: -0.5, function: 'tests.reward_fns:label_term'}, "
-             "{name: length, weight: 0.0, function: 'tests.reward_fns:length_term'}]")  # fmt: skip
-    cfg = load_config(None, [*SMALL, "train.rounds=2", "reward.function=null",
-                             f"reward.model.path={rm}", "reward.normalize=none",
-                             f"reward.terms={terms}", f"data.prompts={prompts}",
-                             "algo.estimator=grpo", "rollout.samples_per_prompt=4",
-                             "rollout.num_workers=2", "logging.dump_rollouts_every=1"])  # fmt: skip
+    terms = (
+        "[{name: label, weight: -0.5, function: 'tests.reward_fns:label_term'}, "
+        "{name: length, weight: 0.0, function: 'tests.reward_fns:length_term'}]"
+    )
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            "train.rounds=2",
+            "reward.function=null",
+            f"reward.model.path={rm}",
+            "reward.normalize=none",
+            f"reward.terms={terms}",
+            f"data.prompts={prompts}",
+            "algo.estimator=grpo",
+            "rollout.samples_per_prompt=4",
+            "rollout.num_workers=2",
+            "logging.dump_rollouts_every=1",
+        ],
+    )
     run_ppo(cfg, InProcessWorkers(cfg), root / "run")
     return root / "run"
 
@@ -111,8 +132,9 @@ def test_a_failing_service_stops_the_run_before_a_partial_batch_trains(tmp_path)
     server.mode = "fail_after:3"  # round 0: 2 requests; round 1: one answered, one refused
     try:
         remote = f"{{url: '{server.url}', batch_size: 2, max_retries: 1, backoff_s: 0.01}}"
-        cfg = load_config(None, [*SMALL, "train.rounds=3", "reward.function=null",
-                                 f"reward.remote={remote}"])  # fmt: skip
+        cfg = load_config(
+            None, [*SMALL, "train.rounds=3", "reward.function=null", f"reward.remote={remote}"]
+        )
         with pytest.raises(RemoteRewardError, match=f"{server.url}.*HTTP 500"):
             run_ppo(cfg, InProcessWorkers(cfg), tmp_path)
     finally:
