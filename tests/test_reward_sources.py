@@ -144,3 +144,44 @@ def test_a_failing_service_stops_the_run_before_a_partial_batch_trains(tmp_path)
     assert rows[0]["reward/remote_retries"] == 0 and rows[0]["reward/remote_latency_s"] > 0
     assert json.loads(json.dumps(rows[0]))  # plain JSON
     assert torch.isfinite(torch.tensor(rows[0]["rollout/reward_mean"]))
+
+
+def test_reward_config_sources_and_terms_are_checked():
+    remote = load_config(None, ["reward.remote.url=http://127.0.0.1:9/score"])
+    assert remote.reward.function is None and remote.reward.remote.max_retries == 5
+    bad = [
+        ["reward.remote.url=ftp://x"],
+        ["reward.function=a:b", "reward.remote.url=http://h/s"],
+        ["reward.terms=[{name: main, weight: 1, function: 'a:b'}]"],
+        ["reward.terms=[{name: t, weight: 1}]"],
+        [
+            "reward.terms=[{name: t, weight: 1, function: 'a:b'}, {name: t, weight: 2, function: 'a:b'}]"
+        ],
+    ]  # noqa: E501
+    for overrides in bad:
+        with pytest.raises(UserError, match="reward"):
+            load_config(None, overrides)
+
+
+def test_plan_shows_a_service_as_a_row_without_resources():
+    from rlhf_ray.distributed.plan import resource_plan
+
+    cfg = load_config(None, ["reward.remote.url=http://127.0.0.1:9/score"])
+    rows = {r.role: r for r in resource_plan(cfg)}
+    assert (rows["remote"].actors, rows["remote"].total_cpus, rows["remote"].total_gpus) == (
+        0,
+        0,
+        0,
+    )
+    assert "remote" not in {r.role for r in resource_plan(load_config())}
+
+
+def test_text_scorer_passes_metadata_as_columns():
+    from rlhf_ray.distributed.reward_service import check_request
+    from rlhf_ray.workers.text_reward import TextRewardScorer
+
+    scorer = TextRewardScorer(function="tests.reward_fns:label_term", search_path=["."])
+    prompts = ["Tell me about item 2.", "Tell me about item 3."]
+    assert scorer.score(prompts, ["ab", "AB"], [{"label": "2"}, {"label": "3"}]) == [1.0, 1.0]
+    assert check_request({"prompts": prompts, "responses": ["a", "b"]}) is None
+    assert "metadata" in check_request({"prompts": ["a"], "responses": ["b"], "metadata": [1]})
