@@ -312,8 +312,9 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         scorers.append(("reward", cfg.reward, cfg.reward.model, False,
                         reward_tokenizer(cfg.reward, tok)))  # fmt: skip
     else:
-        source = "remote service" if cfg.reward.remote is not None else "function"
-        out["reward"] = Estimate({}, f"{source} {cfg.reward.function or cfg.reward.remote.url}")
+        remote = cfg.reward.remote
+        source = f"remote service {remote.url}" if remote else f"function {cfg.reward.function}"
+        out["reward"] = Estimate({}, source)
     if cfg.reward.remote is not None or any(t.remote for t in cfg.reward.terms):
         out["remote"] = Estimate({}, "a reward service, elsewhere")
     for role, sc, spec, lm_head, sc_tok in scorers:

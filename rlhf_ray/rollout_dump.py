@@ -99,7 +99,7 @@ def dump_round(
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     rows = sample_rows(round_index, rollout, scored, batch, shaped_scores, kl_coef, kl_estimator)
     tmp = rows_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
     tmp.rename(rows_path)
     save_ppo_batch(batch, batch_path, {"round": round_index, "kl_coef": kl_coef})
     return rows_path

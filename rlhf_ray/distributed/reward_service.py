@@ -41,10 +41,11 @@ def check_request(data: Any) -> str | None:
     """What is wrong with a decoded request (None: it follows the contract)."""
     if not isinstance(data, dict):
         return "the body must be a JSON object with 'prompts' and 'responses'"
-    prompts, responses = data.get("prompts"), data.get("responses")
-    for name, value in (("prompts", prompts), ("responses", responses)):
+    for name in ("prompts", "responses"):
+        value = data.get(name)
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             return f"field '{name}' must be a list of strings"
+    prompts, responses = data["prompts"], data["responses"]
     if len(prompts) != len(responses):
         return f"'prompts' has {len(prompts)} entries and 'responses' {len(responses)}"
     metadata = data.get("metadata")
@@ -116,7 +117,8 @@ def serve_reward(
     ``reward.remote.url``."""
     token = service_token(host, token_env)
     serve.start(http_options={"host": host, "port": port})
-    app = RewardService.options(
+    # serve.deployment made RewardService a Deployment, which has options()
+    app = RewardService.options(  # type: ignore[attr-defined]
         num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}
     ).bind(scorer_args, token, int(max_body_mb * 2**20))
     serve.run(app, name="reward", route_prefix=ROUTE)
