@@ -1,9 +1,9 @@
 """TextRewardScorer: the reward of ``(prompts, responses, metadata)`` given as text, what
 ``rlhf-ray serve-reward`` serves (``rlhf_ray.distributed.reward_service``).
 
-A reward model reads the texts as the PPO reward scorer reads a rollout in the model's own
-tokenizer: prompt tokens then response tokens, with the model's EOS appended (every served
-response counts as finished), through the same ``RewardScorer`` code, so a served score is the
+A reward model reads the texts as the PPO reward scorer reads a rollout's text in the model's
+own tokenizer (``RewardScorer.encode_text``: prompt + response, then the model's EOS: every
+served response counts as finished), through the same code, so a served score is the
 in-process one. A function gets the metadata fields as columns.
 """
 
@@ -70,6 +70,8 @@ class TextRewardScorer:
         tok_cfg = resolve_tokenizer(TokenizerConfig(), reward_model)
         self.scorer = RewardScorer(reward, tok_cfg)
         self.tokenizer = build_tokenizer(tok_cfg)
+        # texts from anywhere: read as text in the model's tokenizer (RewardScorer.encode_text)
+        self.scorer.text_tokenizer = self.tokenizer
 
     def score(
         self,

@@ -3,6 +3,7 @@ in-process reward scorer's scores for the same texts, and refuses what breaks th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,16 +12,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from conftest import wait_no_processes_under
 
-from rlhf_ray.config import ModelSpec, RewardConfig, TokenizerConfig
+from rlhf_ray.config import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
+from rlhf_ray.stage_config import load_rm_config
+from rlhf_ray.stages import rm_role, run_train_rm
 from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.workers.inprocess import InProcessStage
 from rlhf_ray.workers.scorers import RewardScorer
 from rlhf_ray.workers.text_reward import text_rollout
-from tests.model_dirs import save_reward_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,11 +38,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _train_rm(root: Path) -> Path:
+    """A reward model from `train-rm` (in process, 32 pairs, one epoch): RUN/reward_model."""
+    rows = [
+        {"prompt": f"Tell me about {i}.", "chosen": "a calm answer", "rejected": f"NO {i}!"}
+        for i in range(32)
+    ]
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        f"data.path={data}",
+        "data.eval_fraction=0",
+        "learner.engine=torch",
+        "learner.num_ranks=1",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "logging.progress=false",
+    ]
+    cfg = load_rm_config(None, overrides)
+    workers = InProcessStage(rm_role(cfg), cfg.train.dist_timeout_s)
+    try:
+        run_train_rm(cfg, workers, root / "rm")
+    finally:
+        workers.close()
+    return root / "rm" / "reward_model"
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """The CLI serving a saved reward model with a token; stopped with SIGTERM at the end."""
     root = tmp_path_factory.mktemp("serve")
-    model = save_reward_model(root / "rm", build_tokenizer(TokenizerConfig(kind="bytes")))
+    model = _train_rm(root)
     ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RR_TOKEN": "sesame"}
     env.pop("RAY_ADDRESS", None)
@@ -91,7 +121,7 @@ def test_served_scores_equal_the_in_process_scorer(service):
     answer = _post(url, {"prompts": PROMPTS, "responses": RESPONSES})
     assert answer.status_code == 200, answer.text
     served = answer.json()["scores"]
-    tok_cfg = TokenizerConfig(kind="bytes")
+    tok_cfg = resolve_tokenizer(TokenizerConfig(), str(model))  # the model's own tokenizer
     scorer = RewardScorer(RewardConfig(function=None, model=ModelSpec(path=str(model))), tok_cfg)
     tok = build_tokenizer(tok_cfg)
     local = scorer.score(text_rollout(tok, PROMPTS, RESPONSES, scorer.max_length)).tolist()
