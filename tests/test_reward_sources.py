@@ -185,3 +185,11 @@ def test_text_scorer_passes_metadata_as_columns():
     assert scorer.score(prompts, ["ab", "AB"], [{"label": "2"}, {"label": "3"}]) == [1.0, 1.0]
     assert check_request({"prompts": prompts, "responses": ["a", "b"]}) is None
     assert "metadata" in check_request({"prompts": ["a"], "responses": ["b"], "metadata": [1]})
+
+
+def test_preference_overlap_runs_on_hh_prompts_only():
+    hh = "data.prompts=rlhf_ray/data/hh_rlhf_sample.jsonl"
+    overlap = "reward.function=rlhf_ray.rewards:preference_overlap"
+    preflight_ppo(load_config(None, [overlap, hh]), None, False, ["."])
+    with pytest.raises(UserError, match=r"\['chosen', 'rejected'\]"):
+        preflight_ppo(load_config(None, [overlap]), None, False, ["."])
