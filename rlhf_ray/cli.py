@@ -128,7 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument(
         "--rollout-workers", type=int, required=True, help="rollout workers from the next round on"
     )
+    _serve_reward_args(sub)
     return parser
+
+
+def _serve_reward_args(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve-reward", help="serve a reward over HTTP with Ray Serve")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reward-model", help="reward model directory (e.g. of train-rm)")
+    source.add_argument("--function", help="reward function 'package.module:callable'")
+    serve.add_argument("--replicas", type=int, default=1, help="Serve replicas")
+    serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback: token)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--token-env", help="environment variable holding the bearer token")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -353,11 +369,17 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from rlhf_ray.distributed.reward_service import serve_from_args
+
+    return serve_from_args(args, [os.getcwd()])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"ppo": cmd_ppo, "eval": cmd_eval, "plan": cmd_plan, "scale": cmd_scale,
                 "sft": cmd_stage, "train-rm": cmd_stage, "plot": cmd_plot, "replay": cmd_replay,
-                "generate": cmd_generate}  # fmt: skip
+                "generate": cmd_generate, "serve-reward": cmd_serve_reward}  # fmt: skip
     try:
         return handlers[args.command](args)
     except UserError as exc:

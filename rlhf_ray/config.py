@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf_ray.errors import UserError
+from rlhf_ray.reward_config import RemoteRewardConfig, RewardTerm
 
 
 class ConfigError(UserError, ValueError):
@@ -242,8 +243,9 @@ class RewardConfig(ScorerConfig):
 
     function: str | None = Field(
         None,
-        description="'package.module:callable' called as fn(prompts, responses) -> list[float]. "
-        f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` is given, else the model.",
+        description="'package.module:callable' called as fn(prompts, responses) -> list[float] "
+        "(parameters named after prompt-set columns, or **columns, get those columns). "
+        f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` or `remote` is given.",
     )
     model: ModelSpec | None = Field(
         None,
@@ -276,21 +278,38 @@ class RewardConfig(ScorerConfig):
         "as TRL does: score - penalty, so a penalty of 1 costs one standard deviation when "
         "scores are normalised (null: off).",
     )
+    remote: RemoteRewardConfig | None = Field(
+        None, description="A reward service (see README, 'Remote rewards'); replaces the function."
+    )
+    terms: list[RewardTerm] = Field(
+        default_factory=list,
+        description="Weighted terms added to the main score (model, function or remote): "
+        "each {name, weight, function | remote}, logged as reward/<name>_mean.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _default_function(cls, data: Any) -> Any:
-        """An unset `function` means the built-in one only when no `model` is given."""
-        if isinstance(data, dict) and "function" not in data and data.get("model") is None:
+        """An unset `function` means the built-in one only when no `model` or `remote` is given."""
+        if (
+            isinstance(data, dict)
+            and "function" not in data
+            and data.get("model") is None
+            and data.get("remote") is None
+        ):
             return {**data, "function": DEFAULT_REWARD_FUNCTION}
         return data
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
-        if (self.function is None) == (self.model is None):
+        if sum(x is not None for x in (self.function, self.model, self.remote)) != 1:
             raise ValueError(
-                "set exactly one of `function` and `model` (set function=null to use the model)"
+                "set exactly one of `function`, `model` and `remote` (set function=null to use "
+                "the model or the remote service)"
             )
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.terms names must differ, got {names}")
         if self.normalize == "model" and (self.model is None or self.model.path is None):
             raise ValueError(
                 "normalize 'model' reads the statistics stored with a saved reward model: "

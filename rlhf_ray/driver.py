@@ -47,6 +47,7 @@ from rlhf_ray.sampling_check import check_logprob_gap
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
 from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync, kl_logprobs
+from rlhf_ray.workers.reward_parts import reward_metrics
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
@@ -66,6 +67,7 @@ class PromptTexts(list[str]):
     """The prompt texts; ``skipped`` lists the bad rows dropped (``data.on_bad_row: skip``)."""
 
     skipped: list[str] = []
+    columns: list[dict] = []  # per prompt, its row's other fields (``PromptSet.columns``)
 
 
 def build_prompts(cfg: Config, tokenizer: Tokenizer) -> PromptTexts:
@@ -81,6 +83,7 @@ def build_prompts(cfg: Config, tokenizer: Tokenizer) -> PromptTexts:
         texts = PromptTexts(render_transcript(conv, add_generation_prompt=True)
                             for conv in loaded.conversations)  # fmt: skip
     texts.skipped = loaded.skipped
+    texts.columns = loaded.columns
     if loaded.skipped:
         print(f"[rlhf_ray] skipped {len(loaded.skipped)} bad data rows (data.on_bad_row: skip), "
               f"first: {loaded.skipped[0]}", flush=True)  # fmt: skip
@@ -106,11 +109,15 @@ def tokenize_prompts(
     template_start: str | None = None,
 ) -> tuple[PromptBatch, int]:
     """The round's rows, encoded as the tokenizer does by default (BOS for Llama), each with
-    its sample index (seeds its sampling); and how many prompts were cut to ``max_tokens``."""
+    its sample index (seeds its sampling) and its prompt row's columns (``PromptTexts``
+    prompts); and how many prompts were cut to ``max_tokens``."""
     texts = [prompts[i] for i in index]
     ids, mask, truncated = encode_prompts(tokenizer, texts, max_tokens, template_start)
     prompt_index = torch.tensor(index, dtype=torch.long)
-    return PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index)), truncated
+    columns = getattr(prompts, "columns", [])
+    row_columns = [columns[i] for i in index] if columns else []
+    batch = PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index), row_columns)
+    return batch, truncated
 
 
 def critic_free_advantages(
@@ -307,6 +314,7 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
             "round": round_index,
             "weights/version": version,
             **rollout_stats(rollout, scored["scores"], times["time/generate"]),
+            **reward_metrics(scored),  # reward/<part>_mean, reward/remote_*
             **adv_stats,
             **shaper.stats(),
             "data/truncated_prompts": truncated,

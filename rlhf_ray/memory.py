@@ -318,7 +318,11 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         scorers.append(("reward", cfg.reward, cfg.reward.model, False,
                         reward_tokenizer(cfg.reward, tok)))  # fmt: skip
     else:
-        out["reward"] = Estimate({}, f"function {cfg.reward.function}")
+        remote = cfg.reward.remote
+        source = f"remote service {remote.url}" if remote else f"function {cfg.reward.function}"
+        out["reward"] = Estimate({}, source)
+    if cfg.reward.remote is not None or any(t.remote for t in cfg.reward.terms):
+        out["remote"] = Estimate({}, "a reward service, elsewhere")
     for role, sc, spec, lm_head, sc_tok in scorers:
         config, source = read_model_config(spec, sc_tok)
         if config is None:

@@ -4,8 +4,8 @@ Starting a cluster's actors can take many minutes; a typo in a data path should 
 Each check raises a ``UserError`` whose message names the setting, the file, the line and the
 field, so the CLI prints one paragraph and exits non-zero within seconds. ``preflight_ppo`` runs
 them all for ``rlhf-ray ppo``; other stages call the pieces they need (``check_model``,
-``check_tokenizer``, ``check_prompts``, ``check_reward``, ``check_resume``; ``rlhf-ray eval``:
-``check_eval_models``). Tokenizers are checked as resolved: an unset (``auto``) tokenizer is the
+``check_tokenizer``, ``check_prompts``, ``check_reward``, ``check_remote_rewards``,
+``check_resume``; ``rlhf-ray eval``: ``check_eval_models``). Tokenizers are checked as resolved: an unset (``auto``) tokenizer is the
 one saved in the policy's model directory, and a reward model may bring its own.
 """
 
@@ -74,31 +74,60 @@ def check_tokenizer(tokenizer: TokenizerConfig) -> Tokenizer:
         ) from None
 
 
-def check_reward(reward: RewardConfig, search_path: Sequence[str]) -> None:
-    """``reward.function`` imports and can be called as ``fn(prompts, responses)``; a
-    ``reward.model`` path exists."""
+def check_reward(
+    reward: RewardConfig, search_path: Sequence[str], column_names: Sequence[str] | None = None
+) -> None:
+    """``reward.function`` and every term's function import and can be called as
+    ``fn(prompts, responses, <columns>)``, asking only for columns the prompt set has (when
+    ``column_names`` is given); a ``reward.model`` path exists."""
     check_model("reward.model", reward.model)
-    if reward.function is None:
-        return
-    from rlhf_ray.rewards import load_reward_function
+    functions = [("reward.function", reward.function)]
+    functions += [(f"reward.terms[{t.name}].function", t.function) for t in reward.terms]
+    for setting, name in functions:
+        if name is not None:
+            _check_function(setting, name, search_path, column_names)
+
+
+def _check_function(
+    setting: str, name: str, search_path: Sequence[str], column_names: Sequence[str] | None
+) -> None:
+    from rlhf_ray.rewards import column_parameters, load_reward_function, missing_columns
 
     try:
-        fn = load_reward_function(reward.function, search_path)
+        fn = load_reward_function(name, search_path)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc).replace("reward.function", setting, 1)) from None
     except Exception as exc:  # the module itself fails to import (SyntaxError, NameError ...)
         raise UserError(
-            f"reward.function {reward.function!r}: importing its module failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"{setting} {name!r}: importing its module failed: {type(exc).__name__}: {exc}"
         ) from None
+    required = column_parameters(fn)[0]
     try:
-        inspect.signature(fn).bind(["prompt"], ["response"])
+        inspect.signature(fn).bind(["prompt"], ["response"], **{c: [None] for c in required})
     except TypeError as exc:
         raise UserError(
-            f"reward.function {reward.function!r} cannot be called as fn(prompts, responses): {exc}"
+            f"{setting} {name!r} cannot be called as fn(prompts, responses): {exc}"
         ) from None
     except ValueError:  # no signature (a builtin): it will be called as is
         pass
+    missing = missing_columns(fn, column_names) if column_names is not None else []
+    if missing:
+        raise UserError(
+            f"{setting} {name!r} asks for the column(s) {missing}, which the prompt set "
+            f"(data.prompts) does not have; its columns: {sorted(column_names or []) or 'none'}"
+        )
+
+
+def check_remote_rewards(reward: RewardConfig, first_row: dict[str, Any] | None = None) -> None:
+    """Every reward service (``reward.remote``, remote terms) answers one probe request with
+    scores: an unreachable URL or a refused token fails here, naming the URL and status."""
+    from rlhf_ray.remote_reward import probe
+
+    remotes = [("reward.remote", reward.remote)]
+    remotes += [(f"reward.terms[{t.name}].remote", t.remote) for t in reward.terms]
+    for setting, remote in remotes:
+        if remote is not None:
+            probe(remote, first_row, setting)
 
 
 def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
@@ -110,6 +139,12 @@ def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
         return len(build_prompts(cfg, tokenizer))
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"data.prompts: {exc}") from None
+
+
+def _prompt_columns(cfg: Config, tokenizer: Tokenizer) -> list[dict[str, Any]]:
+    from rlhf_ray.driver import build_prompts
+
+    return build_prompts(cfg, tokenizer).columns
 
 
 def check_resume(cfg: Config, run_dir: Path) -> None:
@@ -149,6 +184,9 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_reward(cfg.reward, search_path)
     check_model_tokenizers(cfg)
     check_prompts(cfg, tokenizer)
+    columns = _prompt_columns(cfg, tokenizer)
+    check_reward(cfg.reward, search_path, sorted(columns[0]) if columns else [])
+    check_remote_rewards(cfg.reward, columns[0] if columns else None)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
 

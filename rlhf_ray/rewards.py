@@ -1,18 +1,24 @@
 """Built-in rule-based rewards and the loader for ``reward.function``.
 
 A reward function is any callable ``fn(prompts: list[str], responses: list[str]) ->
-list[float]``, named as ``"package.module:callable"``.
+list[float]``, named as ``"package.module:callable"``. Further parameters named after columns
+of the prompt set (``fn(prompts, responses, label)``), or ``**columns``, receive those columns
+as lists aligned with ``responses`` (each sample gets its own prompt row's value); a parameter
+with a default may be absent from the data.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import re
 import string
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+RewardFn = Callable[..., Sequence[float]]
 
 _LOWERCASE = set(string.ascii_lowercase + " ")
 
@@ -24,6 +30,68 @@ def lowercase_fraction(prompts: list[str], responses: list[str]) -> list[float]:
     visibly raises it within a few rounds, so a first run shows learning without any download.
     """
     return [sum(c in _LOWERCASE for c in r) / max(len(r), 1) for r in responses]
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _overlap(response: set[str], reference: list[str]) -> float:
+    """Fraction of the reference's distinct words that the response uses (0 for no words)."""
+    ref = set(reference)
+    return len(response & ref) / len(ref) if ref else 0.0
+
+
+def preference_overlap(
+    prompts: list[str], responses: list[str], chosen: list[str], rejected: list[str]
+) -> list[float]:
+    """A lexical preference reward for HH-RLHF prompts (the ShrayGPT RLHF notebook's):
+    ``overlap(response, chosen) - overlap(response, rejected) - 0.2 * length_penalty``, where
+    ``overlap(r, x)`` is the fraction of x's distinct lowercase words that r uses and the
+    length penalty is ``|words(r) - words(chosen)| / max(words(chosen), 1)``. A quick baseline
+    beside a learned reward model; needs the ``chosen``/``rejected`` replies of HH rows."""
+    out = []
+    for response, good, bad in zip(responses, chosen, rejected, strict=True):
+        words, good_words = _words(response), _words(good)
+        have = set(words)
+        penalty = abs(len(words) - len(good_words)) / max(len(good_words), 1)
+        out.append(_overlap(have, good_words) - _overlap(have, _words(bad)) - 0.2 * penalty)
+    return out
+
+
+def column_parameters(fn: Callable[..., Any]) -> tuple[list[str], list[str], bool]:
+    """``(required, optional, takes_all)``: the column parameters of a reward function beyond
+    ``(prompts, responses)`` (those without and with defaults) and whether it takes
+    ``**columns``. A callable without a signature takes none."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return [], [], False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    named = [p for p in params if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)][2:]
+    required = [p.name for p in named if p.default is inspect.Parameter.empty]
+    optional = [p.name for p in named if p.default is not inspect.Parameter.empty]
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return required, optional, takes_all
+
+
+def missing_columns(fn: Callable[..., Any], column_names: Sequence[str]) -> list[str]:
+    """The columns ``fn`` requires that the prompt set does not have."""
+    return [c for c in column_parameters(fn)[0] if c not in column_names]
+
+
+def column_arguments(
+    fn: Callable[..., Any], columns: Sequence[dict[str, Any]]
+) -> dict[str, list[Any]]:
+    """The keyword arguments ``fn`` gets: each column it declares (all, with ``**columns``) as
+    a list with one value per row of ``columns``."""
+    required, optional, takes_all = column_parameters(fn)
+    present = {name for row in columns for name in row}
+    names = sorted(present) if takes_all else [*required, *(c for c in optional if c in present)]
+    return {name: [row.get(name) for row in columns] for name in names}
 
 
 def load_reward_function(name: str, search_path: Sequence[str] = ()) -> RewardFn:
@@ -47,10 +115,16 @@ def load_reward_function(name: str, search_path: Sequence[str] = ()) -> RewardFn
 
 
 def call_reward_function(
-    fn: RewardFn, name: str, prompts: list[str], responses: list[str]
+    fn: RewardFn,
+    name: str,
+    prompts: list[str],
+    responses: list[str],
+    columns: Sequence[dict[str, Any]] | None = None,
 ) -> list[float]:
-    """Call ``fn`` and check it returned one finite number per response."""
-    scores = [float(s) for s in fn(prompts, responses)]
+    """Call ``fn`` (with the columns it declares, from ``columns``: one dict per response) and
+    check it returned one finite number per response."""
+    kwargs = column_arguments(fn, columns) if columns is not None else {}
+    scores = [float(s) for s in fn(prompts, responses, **kwargs)]
     if len(scores) != len(responses):
         raise ValueError(
             f"reward.function {name!r} returned {len(scores)} scores for {len(responses)} responses"

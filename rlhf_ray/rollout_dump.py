@@ -3,7 +3,8 @@
 With ``logging.dump_rollouts_every: K`` every round with ``round % K == 0`` writes
 
 - ``RUN/rollouts/round_XXXXXX.jsonl``: one row per sample: prompt and response text, their token
-  ids, the raw and shaped score, the summed KL to the reference, the KL-penalised return
+  ids, the prompt row's columns, the raw score (and its parts: ``main`` and each of
+  ``reward.terms``) and the shaped score, the summed KL to the reference, the KL-penalised return
   (shaped score minus beta times the summed per-token KL, i.e. the sum of the per-token rewards
   GAE saw), a summary of the advantages, the weight version and the rollout worker;
 - ``RUN/rollouts/round_XXXXXX.safetensors``: the round's ``PPOBatch`` tensors exactly as the
@@ -77,6 +78,9 @@ def sample_rows(
             "value_mean": _masked_summary(batch.old_values[i], mask[i])["mean"],
             "weight_version": int(rollout.weight_version[i]),
             "worker": int(rollout.worker_id[i]),
+            "columns": rollout.columns[i],
+            "score_parts": {k.removeprefix("reward_term/"): float(v[i])
+                            for k, v in scored.items() if k.startswith("reward_term/")},
         })  # fmt: skip
     return rows
 
@@ -96,7 +100,7 @@ def dump_round(
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     rows = sample_rows(round_index, rollout, scored, batch, shaped_scores, kl_coef, kl_estimator)
     tmp = rows_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
     tmp.rename(rows_path)
     save_ppo_batch(batch, batch_path, {"round": round_index, "kl_coef": kl_coef})
     return rows_path

@@ -92,10 +92,14 @@ class PromptBatch(Rows):
     # (B,) occurrence number of the row's prompt index in the round (``occurrences``); with
     # prompt_index and (seed, round) it seeds the row's sampling. Default: from prompt_index.
     sample_index: torch.Tensor = field(default_factory=_no_rows)
+    # (B,) the prompt row's other fields (``PromptSet.columns``), for the reward. Default: {}.
+    columns: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.sample_index) != len(self.prompt_index):
             self.sample_index = occurrences(self.prompt_index)
+        if len(self.columns) != len(self.prompt_index):
+            self.columns = [{} for _ in range(len(self.prompt_index))]
 
 
 @dataclass
@@ -114,10 +118,13 @@ class Rollout(Rows):
     responses: list[str]
     sample_index: torch.Tensor = field(default_factory=_no_rows)  # (B,) as in PromptBatch
     worker_id: torch.Tensor = field(default_factory=_no_rows)  # (B,) the rollout worker's id
+    columns: list[dict[str, Any]] = field(default_factory=list)  # (B,) as in PromptBatch
 
     def __post_init__(self) -> None:
         if len(self.sample_index) != len(self.prompt_index):
             self.sample_index = occurrences(self.prompt_index)
+        if len(self.columns) != len(self.prompt_index):
+            self.columns = [{} for _ in range(len(self.prompt_index))]
         if len(self.worker_id) != len(self.prompt_index):  # not told: unknown (-1)
             self.worker_id = torch.full_like(self.prompt_index, -1)
 

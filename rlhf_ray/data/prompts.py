@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf_ray.data.preference import hh_pair, render_transcript
 from rlhf_ray.data.sources import BUILTIN_PROMPTS, load_table, select_columns
@@ -69,6 +69,11 @@ class PromptSet:
     conversations: list[list[dict[str, str]]]
     skipped: list[str] = dataclasses.field(default_factory=list)
     """``"<file>, line N: problem"`` for each bad row dropped under ``on_bad_row="skip"``."""
+    columns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per prompt, its row's other fields (for HH rows ``chosen``/``rejected`` are the final
+    replies): what a reward function or a remote reward receives beside the prompt."""
+    column_names: tuple[str, ...] = ()
+    """The names every row of ``columns`` has."""
 
 
 def load_prompt_set(
@@ -91,19 +96,32 @@ def load_prompt_set(
     if fmt == "auto":
         fmt = "hh" if {"chosen", "rejected"} <= columns and field not in columns else "plain"
     needed = ["chosen", "rejected"] if fmt == "hh" else [field]
-    data = select_columns(table, where, needed, "set the prompt field or fmt")
-    conversations = []
+    select_columns(table, where, needed, "set the prompt field or fmt")
+    extra = sorted(columns - {field}) if fmt == "plain" else sorted(columns)
+    data = {c: table[c] for c in {*needed, *extra}}
+    conversations, rows = [], []
     skipped = list(where.skipped)
     for i in range(table.num_rows):
         try:
             conversations.append(_conversation(data, i, fmt, field))
+            rows.append(_columns(data, i, extra, fmt))
         except ValueError as e:
             if not skip:
                 raise ValueError(f"{where.describe(i)}: {e}") from None
             skipped.append(f"{where.describe(i)}: {e}")
     if not conversations:
         raise ValueError(f"{where.source}: no prompts ({len(skipped)} bad rows skipped)")
-    return PromptSet(fmt, conversations, skipped)
+    return PromptSet(fmt, conversations, skipped, rows, tuple(extra))
+
+
+def _columns(data: dict[str, list], i: int, names: list[str], fmt: str) -> dict[str, Any]:
+    """Row ``i``'s per-prompt fields; an HH row's ``chosen``/``rejected`` become its final
+    replies (the transcripts' shared prefix is the prompt)."""
+    row = {name: data[name][i] for name in names}
+    if fmt == "hh":
+        pair = hh_pair(data["chosen"][i], data["rejected"][i], system=None)
+        row["chosen"], row["rejected"] = pair.chosen, pair.rejected
+    return row
 
 
 def _conversation(data: dict[str, list], i: int, fmt: str, field: str) -> list[dict[str, str]]:

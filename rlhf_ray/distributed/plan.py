@@ -64,7 +64,15 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
             cfg.rollout.num_gpus_per_worker,
             False,
         ),
+        *remote_rows(cfg),
     ]
+
+
+def remote_rows(cfg: Config) -> list[RolePlan]:
+    """A row per reward service (``reward.remote``, remote terms): it runs elsewhere, so no
+    actor and no resources here (the reward actors call it)."""
+    remotes = [cfg.reward.remote] + [t.remote for t in cfg.reward.terms]
+    return [RolePlan("remote", 0, 0.0, 0.0, False) for r in remotes if r is not None]
 
 
 def _fmt(x: float) -> str:
@@ -197,6 +205,11 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     print(format_plan(plan, nodes, memory))
     if not has_critic(cfg):
         print(f"no value group: algo.estimator {cfg.algo.estimator} is critic-free.")
+    remotes = [("reward.remote", cfg.reward.remote)]
+    remotes += [(f"reward.terms[{t.name}].remote", t.remote) for t in cfg.reward.terms]
+    for setting, remote in remotes:
+        if remote is not None:
+            print(f"remote: {setting} {remote.url} (a service elsewhere, no resources here)")
     gpu_gb = gpu_memory_gb(nodes)
     unknown = [f"{role} ({why})" for role, why in memory.items() if isinstance(why, str)]
     if unknown:

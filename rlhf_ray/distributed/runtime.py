@@ -216,10 +216,11 @@ def _get_all(
 
 
 def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
-    """A scorer replica's call on its rows: the reference's log-probs or the reward's scores."""
+    """A scorer replica's call on its rows: the reference's log-probs or the reward's scores
+    (``scores`` and its parts, ``RewardScorer.score_parts``)."""
     if name.startswith("reference-"):
         return scorer.logprobs.remote(rows_ref)
-    return scorer.score.remote(rows_ref)
+    return scorer.score_parts.remote(rows_ref)
 
 
 def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
@@ -718,10 +719,10 @@ class RayWorkers:
             lambda name: self._retry_scorer(name, parts),
         )  # fmt: skip
         n_ref = sum(n.startswith("reference-") for n in self.scorers)
-        ranks = out[len(self.scorers) :]
+        ranks, rewards = out[len(self.scorers) :], out[n_ref : len(self.scorers)]
         return {
             "ref_logprobs": torch.cat(out[:n_ref]),
-            "scores": torch.cat(out[n_ref : len(self.scorers)]),
+            **{k: torch.cat([r[k] for r in rewards]) for k in rewards[0]},  # scores, parts
             **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
             **({"values": torch.cat(ranks[n_pol:])} if self.value else {}),
         }

@@ -40,7 +40,7 @@ from rlhf_ray.algo import (
 from rlhf_ray.config import ConfigError, load_config, to_yaml
 from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set
-from rlhf_ray.driver import check_rollout, tokenize_prompts
+from rlhf_ray.driver import PromptTexts, check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start
@@ -70,17 +70,19 @@ def trained_conversations(policy_path: str | None) -> tuple[set[str], Path | Non
     return set(), None
 
 
-def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[list[str], int]:
+def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[PromptTexts, int]:
     """The first ``eval.num_prompts`` prompt texts (chat template applied if configured) that
     the policy's PPO run did not train on (``eval.exclude_trained_prompts``), and how many
-    were dropped for that."""
+    were dropped for that. The texts carry their rows' ``columns`` for the reward."""
     data = cfg.data
     loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format)
-    conversations = loaded.conversations
+    conversations, columns = loaded.conversations, loaded.columns
     dropped = 0
     if cfg.eval.exclude_trained_prompts:
         trained, source = trained_conversations(cfg.policy.path)
-        kept = [c for c in conversations if json.dumps(c, sort_keys=True) not in trained]
+        keep = [json.dumps(c, sort_keys=True) not in trained for c in conversations]
+        kept = [c for c, k in zip(conversations, keep, strict=True) if k]
+        columns = [c for c, k in zip(columns, keep, strict=True) if k] if columns else columns
         dropped = len(conversations) - len(kept)
         if not kept:  # a ConfigError: the CLI prints it as one line
             raise ConfigError(
@@ -95,7 +97,9 @@ def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[list[str], int]
         prompts = [conv[0]["content"] for conv in conversations]
     else:
         prompts = [render_transcript(conv, add_generation_prompt=True) for conv in conversations]
-    return prompts[: cfg.eval.num_prompts], dropped
+    texts = PromptTexts(prompts[: cfg.eval.num_prompts])
+    texts.columns = columns[: cfg.eval.num_prompts]
+    return texts, dropped
 
 
 def compare(

@@ -155,7 +155,7 @@ class InProcessWorkers:
             "ref_logprobs": self.reference.logprobs(rollout),
             **self.policy.old_logprobs(rollout),
             **({"values": self.value.values(rollout)} if self.value else {}),
-            "scores": self.reward.score(rollout),
+            **self.reward.score_parts(rollout),  # scores and its parts
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:

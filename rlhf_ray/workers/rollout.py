@@ -106,6 +106,7 @@ class RolloutGenerator:
             prompts=list(prompts.prompts),
             responses=responses,
             worker_id=torch.full((n,), self.worker_id, dtype=torch.long),
+            columns=list(prompts.columns),
         )
 
     def greedy(

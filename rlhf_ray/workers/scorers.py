@@ -16,7 +16,6 @@ from rlhf_ray.models import (
     response_logprobs,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
-from rlhf_ray.rewards import RewardFn, call_reward_function, load_reward_function
 from rlhf_ray.tokenization import (
     Tokenizer,
     build_tokenizer,
@@ -26,6 +25,7 @@ from rlhf_ray.tokenization import (
 )
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
+from rlhf_ray.workers.reward_parts import RewardParts
 
 
 class ReferenceScorer:
@@ -64,7 +64,8 @@ class ReferenceScorer:
 
 
 class RewardScorer:
-    """Scalar scores ``(B,)`` from a reward model or a ``module:callable`` reward function.
+    """Scalar scores ``(B,)`` from a reward model, a ``module:callable`` reward function or a
+    remote service, plus ``reward.terms`` (``workers.reward_parts``).
 
     A reward model whose directory holds its own tokenizer, different from the policy's (another
     model family), reads the rollout as text, the conversation re-rendered in the reward
@@ -89,12 +90,9 @@ class RewardScorer:
         self.append_eos = reward_cfg.append_eos
         self.chunk_size = chunk_size
         self.device = default_device()
-        self.fn: RewardFn | None = None
         self.model: ScalarHeadModel | None = None
         self.text_tokenizer: Tokenizer | None = None  # set when the model reads text
-        if reward_cfg.function is not None:
-            self.fn = load_reward_function(reward_cfg.function, search_path or [])
-        else:
+        if reward_cfg.model is not None:
             policy_tok = build_tokenizer(tokenizer_cfg)
             tok = build_tokenizer(reward_tokenizer(reward_cfg, tokenizer_cfg))
             self.model = build_scalar_model(reward_cfg.model, tok, self.device)
@@ -103,6 +101,8 @@ class RewardScorer:
             self.max_length = max_positions(self.model.config)
             if not same_tokenizer(tok, policy_tok):
                 self.text_tokenizer = tok
+        # the main score (this model's, a function's or a service's) plus reward.terms
+        self.parts = RewardParts(reward_cfg, search_path or [], self.model_scores)
 
     def ping(self) -> str:
         return "reward"
@@ -130,11 +130,16 @@ class RewardScorer:
                                self.eos_id, self.pad_id)  # fmt: skip
         return ids[:, -self.max_length :], mask[:, -self.max_length :]  # the last that fit
 
-    @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
-        if self.fn is not None:
-            scores = call_reward_function(self.fn, self.name, rollout.prompts, rollout.responses)
-            return torch.tensor(scores, dtype=torch.float32)
+        """The total score ``(B,)`` (``score_parts``'s ``scores``)."""
+        return self.score_parts(rollout)["scores"]
+
+    def score_parts(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """``scores`` and each part's scores and stats (``workers.reward_parts``)."""
+        return self.parts.score(rollout)
+
+    @torch.no_grad()
+    def model_scores(self, rollout: Rollout) -> torch.Tensor:
         model = self.model
         assert model is not None
         if self.text_tokenizer is None:

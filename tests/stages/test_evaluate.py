@@ -123,3 +123,23 @@ def test_eval_leaves_out_the_prompts_the_policys_ppo_run_trained_on(tmp_path):
     assert eval_prompts(cfg, tok) == ([f"question {i}" for i in range(3, 10)], 0)
     with pytest.raises(ValueError, match="trained on: give held-out prompts"):
         eval_prompts(load_eval_config(None, [*base, f"data.prompts={trained}"]), tok)
+
+
+def test_eval_rewards_get_the_prompt_columns(models, tmp_path):
+    from tests.reward_fns import labelled_prompts
+
+    prompts = labelled_prompts(tmp_path / "prompts.jsonl", 6)
+    cfg = load_eval_config(
+        None,
+        [
+            f"policy.path={models['policy']}",
+            f"baseline.path={models['policy']}",
+            "reward.function=tests.reward_fns:label_term",
+            f"data.prompts={prompts}",
+            "eval.num_prompts=6",
+            "rollout.max_new_tokens=8",
+            "logging.progress=false",
+        ],
+    )
+    report = run_eval(cfg, InProcessEvalWorkers(cfg), tmp_path / "run")  # label_term checks
+    assert report["num_prompts"] == 6 and 0 <= report["policy/reward_mean"] <= 1
