@@ -22,6 +22,7 @@ from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 from rlhf_ray.workers.sync import stream_buckets
+from rlhf_ray.workers.vllm_rollout import generator_class
 
 
 def _free_port() -> int:
@@ -69,7 +70,7 @@ class InProcessWorkers:
             chunk_size=cfg.reward.score_micro_batch_size,
         )  # fmt: skip
         self.generators = [
-            RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i)
+            generator_class(cfg.rollout)(cfg.policy.model, tok, cfg.rollout, i)
             for i in range(cfg.rollout.num_workers)
         ]
         self.version = -1
@@ -97,7 +98,7 @@ class InProcessWorkers:
             self.generators.pop()
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
-            new.append(RolloutGenerator(self.cfg.policy.model, policy_tokenizer(self.cfg),
+            new.append(generator_class(self.cfg.rollout)(self.cfg.policy.model, policy_tokenizer(self.cfg),
                                         self.cfg.rollout, len(self.generators) + len(new)))  # fmt: skip
         if new:  # the policy still holds the weights of the last sync: stream them again
             self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
