@@ -60,9 +60,16 @@ def write_setup(root: Path) -> tuple[Path, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB_RANKS + 2, n_embd=512, n_layer=6, n_head=8,
-                        n_positions=256, bos_token_id=VOCAB_RANKS, eos_token_id=VOCAB_RANKS,
-                        pad_token_id=VOCAB_RANKS + 1)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=VOCAB_RANKS + 2,
+        n_embd=512,
+        n_layer=6,
+        n_head=8,
+        n_positions=256,
+        bos_token_id=VOCAB_RANKS,
+        eos_token_id=VOCAB_RANKS,
+        pad_token_id=VOCAB_RANKS + 1,
+    )
     model_dir = root / "model"
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     return rank_file, model_dir
@@ -88,15 +95,26 @@ def bare_vllm_engine(model_dir: Path, ids: torch.Tensor, new_tokens: int, repeat
     from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=256,
-              enforce_eager=True, generation_config="vllm", seed=0)  # fmt: skip
+    llm = LLM(
+        model=str(model_dir),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        generation_config="vllm",
+        seed=0,
+    )
     startup = time.perf_counter() - start
     batch = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
     counted = []
 
     def call(seed: int) -> None:
-        params = [SamplingParams(seed=seed * 1000 + i, max_tokens=new_tokens, logprobs=0,
-                                 detokenize=False) for i in range(len(batch))]  # fmt: skip
+        params = [
+            SamplingParams(
+                seed=seed * 1000 + i, max_tokens=new_tokens, logprobs=0, detokenize=False
+            )
+            for i in range(len(batch))
+        ]
         out = llm.generate(batch, params, use_tqdm=False)
         counted.append(sum(len(o.outputs[0].token_ids) for o in out))
 
@@ -104,8 +122,9 @@ def bare_vllm_engine(model_dir: Path, ids: torch.Tensor, new_tokens: int, repeat
     return startup, counted[-1] / seconds, llm
 
 
-def vllm_rollout_worker(rank_file: Path, model_dir: Path, ids: torch.Tensor, new_tokens: int,
-                        repeats: int):  # fmt: skip
+def vllm_rollout_worker(
+    rank_file: Path, model_dir: Path, ids: torch.Tensor, new_tokens: int, repeats: int
+):
     """(start-up s, tokens/s) of ``VLLMRolloutGenerator.generate`` on ``ids``."""
     from rlhf_ray.config import ModelSpec, TokenizerConfig, load_config
     from rlhf_ray.types import PromptBatch
@@ -113,13 +132,20 @@ def vllm_rollout_worker(rank_file: Path, model_dir: Path, ids: torch.Tensor, new
 
     cfg = load_config(None, ["rollout.backend=vllm", f"rollout.max_new_tokens={new_tokens}"])
     start = time.perf_counter()
-    worker = VLLMRolloutGenerator(ModelSpec(path=str(model_dir)),
-                                  TokenizerConfig(kind="tiktoken", name_or_path=str(rank_file)),
-                                  cfg.rollout)  # fmt: skip
+    worker = VLLMRolloutGenerator(
+        ModelSpec(path=str(model_dir)),
+        TokenizerConfig(kind="tiktoken", name_or_path=str(rank_file)),
+        cfg.rollout,
+    )
     startup = time.perf_counter() - start
     n = len(ids)
-    batch = PromptBatch(prompt_ids=ids, prompt_mask=torch.ones_like(ids), prompt_index=torch.arange(n),
-                        sample_index=torch.zeros(n, dtype=torch.long), prompts=[""] * n)  # fmt: skip
+    batch = PromptBatch(
+        prompt_ids=ids,
+        prompt_mask=torch.ones_like(ids),
+        prompt_index=torch.arange(n),
+        sample_index=torch.zeros(n, dtype=torch.long),
+        prompts=[""] * n,
+    )
     counted = []
 
     def call(seed: int) -> None:
@@ -139,14 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     rank_file, model_dir = write_setup(root)
     ids = prompts(args.rows, args.prompt_tokens)
-    print(f"GPT-2 6x512 vocab {VOCAB_RANKS + 2}, {args.rows} prompts x {args.prompt_tokens} "
-          f"tokens, {args.new_tokens} new, {args.threads} threads, median of {args.repeats}",
-          flush=True)  # fmt: skip
+    print(
+        f"GPT-2 6x512 vocab {VOCAB_RANKS + 2}, {args.rows} prompts x {args.prompt_tokens} "
+        f"tokens, {args.new_tokens} new, {args.threads} threads, median of {args.repeats}",
+        flush=True,
+    )
     bare_start, bare_rate, llm = bare_vllm_engine(model_dir, ids, args.new_tokens, args.repeats)
     print(f"  bare vLLM engine: start {bare_start:.1f}s, {bare_rate:.0f} tok/s", flush=True)
     del llm
-    ours_start, ours_rate, _ = vllm_rollout_worker(rank_file, model_dir, ids, args.new_tokens,
-                                                   args.repeats)  # fmt: skip
+    ours_start, ours_rate, _ = vllm_rollout_worker(
+        rank_file, model_dir, ids, args.new_tokens, args.repeats
+    )
     print(f"  vLLM rollout worker: start {ours_start:.1f}s, {ours_rate:.0f} tok/s", flush=True)
     print(f"  loss vs bare: {100 * (1 - ours_rate / bare_rate):+.1f} % (target <= 10 %)")
     return 0

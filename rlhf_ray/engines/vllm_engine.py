@@ -150,9 +150,16 @@ class VLLMSampler:
         if seed is None:
             sampling = {"temperature": 0.0}
         return SamplingParams(
-            n=1, seed=seed, max_tokens=width, stop_token_ids=[eos_id] if eos_id >= 0 else [],
-            ignore_eos=False, logprobs=0, detokenize=False, **sampling, **extra,
-        )  # fmt: skip
+            n=1,
+            seed=seed,
+            max_tokens=width,
+            stop_token_ids=[eos_id] if eos_id >= 0 else [],
+            ignore_eos=False,
+            logprobs=0,
+            detokenize=False,
+            **sampling,
+            **extra,
+        )
 
     def sample(
         self,

@@ -72,9 +72,13 @@ class VLLMRolloutGenerator:
         length = max_positions(model.config)
         del model
         self.engine = VLLMSampler(
-            self._dir, rollout_cfg, model_spec.dtype, length, torch.cuda.is_available(),
+            self._dir,
+            rollout_cfg,
+            model_spec.dtype,
+            length,
+            torch.cuda.is_available(),
             num_threads,
-        )  # fmt: skip
+        )
         self.version = -1  # no weights received yet
         self._loading: tuple[int, set[int], dict[str, torch.Tensor]] | None = None
         self.last_reload_tensors = 0
@@ -114,10 +118,12 @@ class VLLMRolloutGenerator:
                 f"round needs v{expected_version}"
             )
         out = self.engine.sample(
-            prompts.prompt_ids, prompts.prompt_mask,
+            prompts.prompt_ids,
+            prompts.prompt_mask,
             row_seeds(seed, prompts.prompt_index, prompts.sample_index),
-            self.tokenizer.eos_id, self.tokenizer.pad_id,
-        )  # fmt: skip
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+        )
         responses = [
             self.tokenizer.decode(ids[m.bool()].tolist())
             for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)
@@ -142,8 +148,14 @@ class VLLMRolloutGenerator:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
         """Greedy continuation ``(B, max_new_tokens)`` (parity checks)."""
-        out = self.engine.sample(prompt_ids, prompt_mask, None, self.tokenizer.eos_id,
-                                 self.tokenizer.pad_id, max_new_tokens)  # fmt: skip
+        out = self.engine.sample(
+            prompt_ids,
+            prompt_mask,
+            None,
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+            max_new_tokens,
+        )
         return out["response_ids"]
 
     def probe_logprobs(self) -> torch.Tensor:

