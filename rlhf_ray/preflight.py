@@ -160,7 +160,7 @@ def check_rollout_backend(rollout: Any, setting: str, spec: ModelSpec) -> None:
     if rollout.backend == "vllm":
         from rlhf_ray.engines.vllm_engine import check_backend
 
-        check_backend(setting, spec)
+        check_backend(setting, spec, on_gpu=rollout.num_gpus_per_worker > 0)
 
 
 def check_data_file(setting: str, path: str, split: str, skip_bad_rows: bool) -> None:

@@ -64,15 +64,22 @@ def supported_architectures() -> set[str]:
     return set(ModelRegistry.get_supported_archs())
 
 
-def check_backend(setting: str, spec: Any) -> None:
+def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
     """Before any actor starts: vLLM imports, and it can load the model of ``spec`` (a
-    ``config.ModelSpec``), else a ``UserError`` naming the setting."""
+    ``config.ModelSpec``): its architecture, and on CPU its attention head size; else a
+    ``UserError`` naming the setting."""
     if spec.path is None:
+        from rlhf_ray.config import TokenizerConfig
+        from rlhf_ray.models.build import preset_config
+        from rlhf_ray.tokenization import build_tokenizer
+
+        config = preset_config(spec, build_tokenizer(TokenizerConfig()))
         archs = [PRESET_ARCHITECTURES[spec.preset]]
     else:
         from transformers import AutoConfig
 
-        archs = AutoConfig.from_pretrained(spec.path).architectures or []
+        config = AutoConfig.from_pretrained(spec.path)
+        archs = config.architectures or []
     known = supported_architectures()
     if not archs or not set(archs) & known:
         raise UserError(
@@ -80,6 +87,18 @@ def check_backend(setting: str, spec: Any) -> None:
             f"{', '.join(archs) or '(none in config.json)'}: this vLLM knows {len(known)} "
             "others (vllm.ModelRegistry); use rollout.backend hf for this model"
         )
+    if not on_gpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            raise UserError(
+                f"{setting}: attention head size {head} (hidden size {config.hidden_size} / "
+                f"{config.num_attention_heads} heads) is not one vLLM's CPU attention supports "
+                f"({', '.join(map(str, sizes))}); e.g. policy.model.num_heads=2 for the tiny "
+                "preset, GPUs (rollout.num_gpus_per_worker), or rollout.backend hf"
+            )
 
 
 class WeightReloader:
@@ -139,6 +158,7 @@ class VLLMSampler:
             generation_config="vllm",
             worker_extension_cls=f"{__name__}.WeightReloader",
             seed=0,
+            max_logprobs=-1 if rollout_cfg.temperature != 1.0 else 20,  # the probe at T != 1
             **memory,
         )
 

@@ -42,11 +42,11 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     """``{checkpoint name: name the sync sends}`` for tensors the sync sends once but the
     checkpoint holds under several names (tied weights)."""
     sent = weight_tensors(model)
-    by_storage = {t.data_ptr(): name for name, t in sent.items()}
+    by_storage = {t.data_ptr(): name for name, t in sent.items() if t.numel()}
     return {
         name: by_storage[t.data_ptr()]
         for name, t in model.state_dict().items()
-        if name not in sent and t.data_ptr() in by_storage
+        if name not in sent and t.numel() and t.data_ptr() in by_storage
     }
 
 

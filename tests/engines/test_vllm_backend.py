@@ -38,6 +38,7 @@ PROMPTS = [
     "Write a poem",
 ]
 OVERRIDES = [
+    "policy.model.num_heads=2",  # head size 32: vLLM's CPU attention starts there
     "rollout.backend=vllm",
     "rollout.max_new_tokens=12",
     "rollout.temperature=0.7",
@@ -136,5 +137,7 @@ def test_an_architecture_vllm_cannot_load_is_refused(tmp_path):
     config = {"model_type": "gpt2", "architectures": ["GPT2ForSomethingElse"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="cannot load architecture GPT2ForSomethingElse"):
-        check_backend("policy.model", ModelSpec(path=str(tmp_path)))
-    check_backend("policy.model", ModelSpec())  # the presets load
+        check_backend("policy.model", ModelSpec(path=str(tmp_path)), on_gpu=False)
+    with pytest.raises(UserError, match="head size 16 .* policy.model.num_heads=2"):
+        check_backend("policy.model", ModelSpec(), on_gpu=False)  # the default: 64 / 4 heads
+    check_backend("policy.model", ModelSpec(num_heads=2), on_gpu=False)
