@@ -106,7 +106,7 @@ class VLLMRolloutGenerator:
     def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, source in self.aliases.items():
             if source in tensors:
-                tensors[name] = tensors[source]
+                tensors[name] = tensors[source].clone()  # safetensors refuses shared storage
         self.last_reload_tensors = self.engine.load(tensors)
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
