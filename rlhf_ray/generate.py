@@ -34,9 +34,10 @@ def generate_samples(
     """Sample one response per prompt (``prompts``, else the first ``num_prompts`` of the run's
     data, default ``rollout.batch_size``) and score it; one dict per sample."""
     from rlhf_ray.driver import build_prompts, tokenize_prompts
+    from rlhf_ray.preflight import check_rollout_backend
     from rlhf_ray.tokenization import build_tokenizer, chat_template_start
-    from rlhf_ray.workers.rollout import RolloutGenerator
     from rlhf_ray.workers.scorers import RewardScorer
+    from rlhf_ray.workers.vllm_rollout import generator_class
 
     if not (policy_dir / "config.json").exists():
         from rlhf_ray.errors import UserError
@@ -46,7 +47,8 @@ def generate_samples(
     tokenizer = build_tokenizer(tok_cfg)
     texts = prompts or build_prompts(cfg, tokenizer)[: num_prompts or cfg.rollout.batch_size]
     spec = cfg.policy.model.model_copy(update={"path": str(policy_dir)})
-    generator = RolloutGenerator(spec, tok_cfg, cfg.rollout)
+    check_rollout_backend(cfg.rollout, "--policy", spec)  # before the engine starts
+    generator = generator_class(cfg.rollout)(spec, tok_cfg, cfg.rollout)
     batch, _ = tokenize_prompts(
         tokenizer, texts, list(range(len(texts))), cfg.data.max_prompt_tokens,
         chat_template_start(tokenizer) if cfg.data.chat_template else None,

@@ -345,6 +345,8 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             ModelShape.from_config(config), dtype=cfg.policy.model.dtype, rows=rows,
             seq_len=seq, on_gpu=r.num_gpus_per_worker > 0,
         )  # fmt: skip
+        if r.backend == "vllm":  # vLLM reserves its KV cache up front, at the configured size
+            parts["kv_cache"] = float(r.vllm_kv_cache_gib * 2**30)
         out["rollout"] = Estimate(parts, source)
     return out
 

@@ -181,6 +181,7 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
         if setting != "value.model" or has_critic(cfg):  # no critic: value.* is unused
             check_model(setting, spec)
     tokenizer = check_tokenizer(policy_tokenizer(cfg))
+    check_rollout_backend(cfg.rollout, "policy.model", cfg.policy.model)
     check_reward(cfg.reward, search_path)
     check_model_tokenizers(cfg)
     check_prompts(cfg, tokenizer)
@@ -189,6 +190,15 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_remote_rewards(cfg.reward, columns[0] if columns else None)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
+
+
+def check_rollout_backend(rollout: Any, setting: str, spec: ModelSpec) -> None:
+    """``rollout.backend`` vllm: vLLM is installed (else the error names the extra) and can
+    load the model's architecture."""
+    if rollout.backend == "vllm":
+        from rlhf_ray.engines.vllm_engine import check_backend
+
+        check_backend(setting, spec, on_gpu=rollout.num_gpus_per_worker > 0)
 
 
 def check_data_file(setting: str, path: str, split: str, skip_bad_rows: bool) -> None:
@@ -246,6 +256,8 @@ def check_eval_models(cfg: EvalConfig) -> None:
     reward's tokenizer loads."""
     tok_cfg = eval_tokenizer(cfg)
     tok = load_tokenizer(tok_cfg, "the policy's tokenizer")
+    check_rollout_backend(cfg.rollout, "policy.path", cfg.policy)
+    check_rollout_backend(cfg.rollout, "baseline.path", cfg.baseline)
     own = model_tokenizer(cfg.baseline.path)
     if own is not None and cfg.tokenizer.kind == "auto":
         baseline_tok = load_tokenizer(own, "the baseline's tokenizer")

@@ -53,9 +53,9 @@ from rlhf_ray.workers.interface import (
     split_rows,
 )
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
-from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.sync import stream_buckets
+from rlhf_ray.workers.vllm_rollout import generator_class
 
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 
@@ -358,7 +358,7 @@ class RolloutPool:
         r = self.cfg.rollout
         name = f"{self.prefix}-{self._next_id}"
         handle = _actor(
-            RolloutGenerator, name, r.num_cpus_per_worker, r.num_gpus_per_worker,
+            generator_class(r), name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
             strategy=strategy or _spread(self.cfg), from_sync=self.from_sync,
         )  # fmt: skip

@@ -15,8 +15,8 @@ import torch
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import round_seed, shard_rows
-from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
+from rlhf_ray.workers.vllm_rollout import generator_class
 
 MODELS = ("policy", "baseline")
 LOADED = -1
@@ -44,7 +44,7 @@ class InProcessEvalWorkers:
         self.cfg = cfg
         tok = eval_tokenizer(cfg)
         specs = {"policy": cfg.policy, "baseline": cfg.baseline}
-        self.generators = {m: RolloutGenerator(specs[m], tok, cfg.rollout) for m in MODELS}
+        self.generators = {m: generator_class(cfg.rollout)(specs[m], tok, cfg.rollout) for m in MODELS}
         temperature = cfg.rollout.temperature
         self.scorers = {m: ReferenceScorer(specs[m], tok, temperature) for m in MODELS}
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])

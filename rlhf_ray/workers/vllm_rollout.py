@@ -1,0 +1,173 @@
+"""VLLMRolloutGenerator: the rollout worker of ``rollout.backend: vllm``.
+
+Same contract as ``workers.rollout.RolloutGenerator`` (token ids in, a ``Rollout`` out,
+versioned weights, the sync probe, ping), sampling with a vLLM engine
+(``engines.vllm_engine``). ``generator_class`` picks the class for a rollout config.
+
+Weights: the buckets of a version are collected as they arrive; the last one completes the
+version, which then goes into the engine in one in-place ``reload_weights``. vLLM's layer-wise
+reload processes a layer once all its tensors arrived, and a bucket boundary may split a layer,
+so the worker holds at most one extra copy of the weights (host memory) during a sync. Tied
+tensors (e.g. GPT-2's ``lm_head.weight``, sent once as ``transformer.wte.weight``) are sent to
+vLLM under every name the checkpoint has.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from rlhf_ray.engines.vllm_engine import VLLMSampler
+from rlhf_ray.models import build_causal_lm, state_dict_from_numpy
+from rlhf_ray.models.build import max_positions
+from rlhf_ray.models.weights import NumpyWeights, weight_tensors
+from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.types import PromptBatch, Rollout
+from rlhf_ray.workers.interface import StaleWeightsError, probe_batch, row_seeds
+
+
+def generator_class(rollout_cfg: Any) -> type:
+    """The rollout worker class of ``rollout_cfg.backend``."""
+    if getattr(rollout_cfg, "backend", "hf") == "vllm":
+        return VLLMRolloutGenerator
+    from rlhf_ray.workers.rollout import RolloutGenerator
+
+    return RolloutGenerator
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``{checkpoint name: name the sync sends}`` for tensors the sync sends once but the
+    checkpoint holds under several names (tied weights)."""
+    sent = weight_tensors(model)
+    by_storage = {t.data_ptr(): name for name, t in sent.items() if t.numel()}
+    return {
+        name: by_storage[t.data_ptr()]
+        for name, t in model.state_dict().items()
+        if name not in sent and t.numel() and t.data_ptr() in by_storage
+    }
+
+
+class VLLMRolloutGenerator:
+    """Holds versioned policy weights in a vLLM engine; refuses to sample with a stale version."""
+
+    def __init__(
+        self,
+        model_spec,
+        tokenizer_cfg,
+        rollout_cfg,
+        worker_id: int = 0,
+        num_threads: int | None = None,
+        from_sync: bool = False,
+    ):
+        """``from_sync``: the weights come by sync (PPO's pool): the engine starts from weights
+        built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.worker_id, self.cfg = worker_id, rollout_cfg
+        self.tokenizer = build_tokenizer(tokenizer_cfg)
+        model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
+        self.aliases = tied_aliases(model)
+        self._dir = tempfile.mkdtemp(prefix="rlhf_ray-vllm-")
+        model.save_pretrained(self._dir)  # the start-up weights (a preset's random ones)
+        length = max_positions(model.config)
+        del model
+        self.engine = VLLMSampler(
+            self._dir,
+            rollout_cfg,
+            model_spec.dtype,
+            length,
+            torch.cuda.is_available(),
+            num_threads,
+        )
+        self.version = -1  # no weights received yet
+        self._loading: tuple[int, set[int], dict[str, torch.Tensor]] | None = None
+        self.last_reload_tensors = 0
+
+    def set_weights(self, weights: NumpyWeights, version: int) -> int:
+        self._reload(state_dict_from_numpy(weights))
+        self.version = version
+        return version
+
+    def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
+        """Bucket ``index`` of ``count`` of weights ``version``. Until every bucket arrived the
+        worker's version is -1 and it refuses to generate; the last one reloads the engine."""
+        if self._loading is None or self._loading[0] != version:
+            self._loading = (version, set(), {})
+            self.version = -1
+        self._loading[2].update(state_dict_from_numpy(bucket))
+        self._loading[1].add(index)
+        if len(self._loading[1]) == count:
+            tensors = self._loading[2]
+            self._loading = None
+            self._reload(tensors)
+            self.version = version
+        return self.version
+
+    def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, source in self.aliases.items():
+            if source in tensors:
+                tensors[name] = tensors[source].clone()  # safetensors refuses shared storage
+        self.last_reload_tensors = self.engine.load(tensors)
+
+    def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
+        """Sample ``prompts`` in one engine call, row ``i`` seeded by (``seed``, its prompt
+        index, its sample index)."""
+        if self.version != expected_version:
+            raise StaleWeightsError(
+                f"rollout worker {self.worker_id} holds weights v{self.version}, "
+                f"round needs v{expected_version}"
+            )
+        out = self.engine.sample(
+            prompts.prompt_ids,
+            prompts.prompt_mask,
+            row_seeds(seed, prompts.prompt_index, prompts.sample_index),
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+        )
+        responses = [
+            self.tokenizer.decode(ids[m.bool()].tolist())
+            for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)
+        ]
+        n = len(prompts)
+        return Rollout(
+            prompt_ids=prompts.prompt_ids,
+            prompt_mask=prompts.prompt_mask,
+            prompt_index=prompts.prompt_index,
+            sample_index=prompts.sample_index,
+            response_ids=out["response_ids"],
+            response_mask=out["response_mask"],
+            has_eos=out["has_eos"],
+            sampler_logprobs=out["sampler_logprobs"],
+            weight_version=torch.full((n,), self.version, dtype=torch.long),
+            prompts=list(prompts.prompts),
+            responses=responses,
+            worker_id=torch.full((n,), self.worker_id, dtype=torch.long),
+        )
+
+    def greedy(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """Greedy continuation ``(B, max_new_tokens)`` (parity checks)."""
+        out = self.engine.sample(
+            prompt_ids,
+            prompt_mask,
+            None,
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+            max_new_tokens,
+        )
+        return out["response_ids"]
+
+    def probe_logprobs(self) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of the sync probe under the weights the engine holds."""
+        ids, _ = probe_batch(self.tokenizer)
+        return self.engine.prompt_logprobs(ids[0].tolist(), self.cfg.temperature)
+
+    def ping(self) -> int:
+        return self.worker_id
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
