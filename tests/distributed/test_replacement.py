@@ -49,3 +49,34 @@ def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
     monkeypatch.setattr(replacement.time, "monotonic", lambda: now + replacement.SUSPECT_S + 1)
     assert not health.suspect("second")
     assert health.healthy_node(1.0) == "second"  # chosen again
+
+
+def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypatch, capsys):
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.distributed import runtime
+
+    pool = runtime.RolloutPool(load_config(None, ["rollout.num_workers=3"]))
+    pool.workers = ["w0", "w1", "w2"]
+    monkeypatch.setattr(runtime, "_kill", lambda handles: None)
+    monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
+    monkeypatch.setattr(NodeHealth, "strategy", lambda self, cpus: None)
+    deaths = iter([True, True, False])  # two replacements die on the dying node, then one lives
+
+    def grow(n, strategy=None):
+        if next(deaths):
+            raise ray.exceptions.ActorDiedError()
+        pool.workers.append("new")
+
+    monkeypatch.setattr(pool, "grow", grow)
+    pool._replace(1, "died while loading weights")
+    assert pool.workers == ["w0", "new", "w2"]  # in the lost one's place
+    assert pool.restarts == 3 and pool.health.replacements == 3
+    out = capsys.readouterr().out
+    assert "replacing rollout worker 1: died while loading weights (node second)" in out
+    assert out.count("its replacement died before it was ready (ActorDiedError)") == 2
+
+    deaths = iter([True] * replacement.MAX_TRIES)
+    with pytest.raises(RuntimeError, match="replacements in a row died before they were ready"):
+        pool._replace(0, "died while generating")
