@@ -17,6 +17,7 @@ resume state.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -40,6 +41,7 @@ from rlhf_ray.config import (
 )
 from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
 from rlhf_ray.errors import UserError
+from rlhf_ray.quiet import quiet_local_ray
 from rlhf_ray.stage_config import EvalConfig, StageConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
@@ -60,14 +62,17 @@ NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driv
 def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = logging.WARNING  # no "Started a local Ray instance" / "Connecting to ..." lines
     if address:
-        ray.init(address=address, namespace=cfg.cluster.namespace)
+        ray.init(address=address, namespace=cfg.cluster.namespace, logging_level=quiet)
         return address
+    quiet_local_ray()
     ray.init(
         address="local",
         num_cpus=cfg.cluster.num_cpus,
         namespace=cfg.cluster.namespace,
         include_dashboard=False,
+        logging_level=quiet,
     )
     return "local"
 
