@@ -70,7 +70,7 @@ def _child(launched: float) -> int:
         setattr(owner, attr, wrapped)
 
     after(runtime, "connect", "ray_up")
-    after(runtime, "_wait_ready", "actors_alive")
+    after(runtime, "wait_ready", "actors_alive")
     after(runtime.RayWorkers, "_start_learners", "learners_set_up")
     after(runtime.RayWorkers, "__init__", "reference_loaded")
     import rlhf_ray.distributed as package

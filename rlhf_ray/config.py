@@ -22,8 +22,13 @@ class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the field and says why."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: frozen, unknown keys refused (also the stage configs' base)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_Section = Section  # the sections below still say _Section; renamed once parallel edits merge
 
 
 _Schema = TypeVar("_Schema", bound=BaseModel)

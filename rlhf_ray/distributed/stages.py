@@ -14,7 +14,7 @@ import ray
 import torch
 
 from rlhf_ray.config import ClusterConfig
-from rlhf_ray.distributed.runtime import LearnerGroup, _get_all, _wait_ready
+from rlhf_ray.distributed.runtime import LearnerGroup, get_all, wait_ready
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import mean_stats
@@ -42,8 +42,8 @@ class RayStage:
         self.group = LearnerGroup(role.name, role.cls, role.role_cfg, timeout, dist_timeout_s,
                                   learner_cfg=role.role_cfg, **role.kwargs)  # fmt: skip
         try:
-            _wait_ready(self.group.handles, timeout)
-            counts = _get_all(self.group.start())
+            wait_ready(self.group.handles, timeout)
+            counts = get_all(self.group.start())
         except BaseException:
             self.group.kill()  # leave nothing pending or half-started behind
             raise
@@ -51,19 +51,19 @@ class RayStage:
         print(f"[rlhf_ray] {role.name} parameters held per rank ({held})", flush=True)
 
     def load_data(self, train: Rows, eval_set: Rows | None) -> None:
-        _get_all(self.group.call("load_data", ray.put(train), ray.put(eval_set)))
+        get_all(self.group.call("load_data", ray.put(train), ray.put(eval_set)))
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        return mean_stats(_get_all(self.group.call("train_step", epoch, step)))
+        return mean_stats(get_all(self.group.call("train_step", epoch, step)))
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return _get_all(self.group.call("evaluate", split))[0]
+        return get_all(self.group.call("evaluate", split))[0]
 
     def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _get_all(self.group.call("scores", split))[0]
+        return get_all(self.group.call("scores", split))[0]
 
     def save(self, directory: Path) -> None:
-        _get_all(self.group.call("save", str(directory)))
+        get_all(self.group.call("save", str(directory)))
 
     def close(self) -> None:
         self.group.kill()

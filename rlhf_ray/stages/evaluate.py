@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from rlhf_ray.algo import sequence_kl, win_rate
+from rlhf_ray.batches import check_rollout, tokenize_prompts
 from rlhf_ray.config import to_yaml
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompts
-from rlhf_ray.driver import check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer
@@ -187,6 +187,20 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
                    "time/step": time.perf_counter() - started})  # fmt: skip
 
     # 4. report: eval.json (figures), eval.md (figures + sample table), samples.jsonl (all)
+    summary = write_report(cfg, rows, run_dir)
+    log.close()
+    print(
+        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
+        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f}, "
+        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
+        flush=True,
+    )
+    return summary
+
+
+def write_report(cfg: EvalConfig, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """``eval.json`` (the figures), ``eval.md`` (figures and a sample table) and
+    ``samples.jsonl`` (every pair); returns the figures."""
     summary: dict[str, Any] = {
         **summarize(rows),
         "kl_estimator": cfg.eval.kl_estimator,
@@ -200,11 +214,4 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
     (run_dir / "eval.md").write_text(eval_markdown(summary, rows, cfg.eval.table_rows))
     with (run_dir / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    log.close()
-    print(
-        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
-        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f}, "
-        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
-        flush=True,
-    )
     return summary
