@@ -54,7 +54,7 @@ def _child(launched: float) -> int:
         print(f"{MARK}{name} {time.time() - launched:.2f}", file=sys.stderr, flush=True)
 
     from rlhf_ray import cli
-    from rlhf_ray.distributed import runtime
+    from rlhf_ray.distributed import cluster, runtime
 
     mark("imports")
 
@@ -69,14 +69,13 @@ def _child(launched: float) -> int:
 
         setattr(owner, attr, wrapped)
 
-    after(runtime, "connect", "ray_up")
+    after(cluster, "connect", "ray_up")
     after(runtime, "wait_ready", "actors_alive")
     after(runtime.RayWorkers, "_start_learners", "learners_set_up")
     after(runtime.RayWorkers, "__init__", "reference_loaded")
     import rlhf_ray.distributed as package
 
-    package.connect = runtime.connect
-    package.RayWorkers = runtime.RayWorkers
+    package.connect = cluster.connect  # what cli.open_workers calls
     return cli.main(sys.argv[2:])
 
 
