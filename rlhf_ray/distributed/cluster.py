@@ -2,7 +2,8 @@
 
 ``connect`` joins the cluster of ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray; either
 way Ray's own notices about it (token authentication of a local cluster, "Started a local Ray
-instance") stay off the console (``rlhf_ray.quiet``).
+instance") stay off the console (``rlhf_ray.quiet``). Ray is imported only when used, so
+``rlhf-ray plan`` against the config or this machine does not import it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-
-import ray
 
 from rlhf_ray.config import Config
 from rlhf_ray.quiet import quiet_local_ray
@@ -29,6 +28,8 @@ class Node:
 
 def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = logging.WARNING  # no "Started a local Ray instance" / "Connecting to ..." lines
     if address:
@@ -47,11 +48,12 @@ def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) 
 
 def disconnect() -> None:
     """Leave the cluster (a local Ray started by ``connect`` stops with it)."""
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
 
 
-@ray.remote(num_cpus=0)
 def _gpu_memory_gb() -> float | None:
     """The smallest GPU's memory on this node, from ``nvidia-smi`` (None if there is none)."""
     import subprocess
@@ -72,8 +74,10 @@ def _gpu_memory_gb() -> float | None:
 def cluster_nodes(gpu_memory: bool = False, timeout_s: float = 60.0) -> list[Node]:
     """The live nodes' CPUs and GPUs; with ``gpu_memory``, also what each GPU node reports of
     its GPUs' memory (one small task per GPU node, at most ``timeout_s`` each)."""
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    probe = ray.remote(num_cpus=0)(_gpu_memory_gb)
     out = []
     for n in ray.nodes():
         if not n.get("Alive"):
@@ -84,7 +88,7 @@ def cluster_nodes(gpu_memory: bool = False, timeout_s: float = 60.0) -> list[Nod
             strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
             try:
                 memory = ray.get(
-                    _gpu_memory_gb.options(scheduling_strategy=strategy).remote(),
+                    probe.options(scheduling_strategy=strategy).remote(),
                     timeout=timeout_s,
                 )
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
