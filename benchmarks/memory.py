@@ -72,7 +72,7 @@ import ray
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.distributed.runtime import LearnerGroup, RayWorkers, RolloutPool, _get_all
+from rlhf_ray.distributed.runtime import LearnerGroup, RayWorkers, RolloutPool, get_all
 from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
 from rlhf_ray.models import build_causal_lm
 from rlhf_ray.tokenization import build_tokenizer
@@ -171,7 +171,7 @@ def start_group(cfg) -> LearnerGroup:
     from rlhf_ray.distributed.runtime import _rendezvous_address
 
     addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
-    _get_all(group.call("init_process_group", addr, port, 600, "gloo"))
+    get_all(group.call("init_process_group", addr, port, 600, "gloo"))
     return group
 
 
@@ -179,12 +179,12 @@ def measure_training(cfg, vocab: int) -> float:
     """Peak RssAnon above the baseline, the largest over the ranks, in bytes."""
     group = start_group(cfg)
     try:
-        base = _get_all(group.call("mem_start"))
-        _get_all(group.call("setup"))
-        setup = _get_all(group.call("mem_stop"))
-        _get_all(group.call("mem_start"))
-        _get_all(group.call("train", ppo_batch(vocab, cfg.policy.num_ranks), 0))
-        peak = _get_all(group.call("mem_stop"))
+        base = get_all(group.call("mem_start"))
+        get_all(group.call("setup"))
+        setup = get_all(group.call("mem_stop"))
+        get_all(group.call("mem_start"))
+        get_all(group.call("train", ppo_batch(vocab, cfg.policy.num_ranks), 0))
+        peak = get_all(group.call("mem_stop"))
         print(
             "  setup peak",
             [round((s - b) / MB) for s, b in zip(setup, base, strict=True)],
@@ -200,23 +200,23 @@ def measure_sync(cfg, repeats: int) -> dict:
     group = start_group(cfg)
     pool = RolloutPool(cfg)
     try:
-        _get_all(group.call("setup"))
+        get_all(group.call("setup"))
         pool.grow(2)
         shim = types.SimpleNamespace(policy=group, cfg=cfg)
         count = ray.get(group.actors[0].num_weight_buckets.remote(cfg.sync.bucket_mb))
         times, peaks = [], []
         for version in range(repeats + 1):
-            base = _get_all(group.call("mem_start"))[0]
+            base = get_all(group.call("mem_start"))[0]
             start = time.perf_counter()
             pool.begin(version, count)
             stream_buckets(count, lambda k: RayWorkers._gather_bucket(shim, k), pool.load_bucket)
             elapsed = time.perf_counter() - start
-            peak = _get_all(group.call("mem_stop"))[0]
+            peak = get_all(group.call("mem_stop"))[0]
             if version:  # the first is a warm-up
                 times.append(elapsed)
                 peaks.append(peak - base)
         probe = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
-        learner = _get_all(group.call("greedy", *probe, 6))[0]
+        learner = get_all(group.call("greedy", *probe, 6))[0]
         sampled = ray.get([w.greedy.remote(*probe, 6) for w in pool.workers])
         parity = all(torch.equal(s, learner) for s in sampled)
         return {"sync_s": statistics.median(times), "sync_peak_extra_mb": max(peaks) / MB,

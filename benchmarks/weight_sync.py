@@ -22,9 +22,11 @@ What it measures
 
     Then the real path: ``ray.remote(RolloutGenerator)`` workers (``--rollout-workers``, default
     2, like the default pool) built from the same ``model_spec`` with ``TokenizerConfig()`` and
-    ``RolloutConfig()``, and ``RayWorkers.sync``'s pattern: ``state_dict_to_numpy`` ->
-    ``ray.put`` once -> ``set_weights.remote(ref, version)`` on every worker -> wait for all.
-    In a real run the put is the policy rank's ``full_weights`` return value instead.
+    ``RolloutConfig()``, and ``RayWorkers.sync``'s pattern: the weights in buckets of about
+    ``--bucket-mb`` MB (``sync.bucket_mb``), each ``state_dict_to_numpy`` -> ``ray.put`` once ->
+    ``load_bucket.remote(ref, version, k, count)`` on every worker, the next bucket converted
+    and put while the workers load this one (``stream_buckets``). In a real run the put is the
+    policy rank 0's ``weight_bucket`` return value instead.
 
 How to run (from the repository root)
     python benchmarks/weight_sync.py                  # ~85M params, 5 repeats (under a minute)
@@ -45,10 +47,12 @@ import _common
 import ray
 import torch
 
-from rlhf_ray.config import ModelSpec, RolloutConfig, TokenizerConfig
+from rlhf_ray.config import ModelSpec, RolloutConfig, SyncConfig, TokenizerConfig
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy, state_dict_to_numpy
+from rlhf_ray.models.weights import full_nbytes, plan_buckets, weight_tensors
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.rollout import RolloutGenerator
+from rlhf_ray.workers.sync import stream_buckets
 
 PROBE = "transformer.h.0.attn.c_attn.weight"  # perturbed before every sync, checked after
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--repeats", type=int, default=5, help="timed syncs per path (median shown)")
     p.add_argument("--rollout-workers", type=int, default=2, help="RolloutGenerator actors")
+    p.add_argument("--bucket-mb", type=float, default=SyncConfig().bucket_mb, help="sync bucket")
     p.add_argument("--skip-torch", action="store_true", help="skip the (slow) torch-tensor paths")
     return p.parse_args(argv)
 
@@ -138,8 +143,32 @@ def measure(model, actor, kind: str, repeats: int) -> dict[str, float]:
     return med
 
 
-def real_path(spec: ModelSpec, model, workers: int, repeats: int) -> dict[str, float]:
-    """RolloutGenerator actors and RayWorkers.sync's pattern (one put, N set_weights)."""
+def bucketed_sync(gens, tensors: dict, groups: list[list[int]], version: int) -> tuple:
+    """One sync of ``version`` in buckets: (seconds, of which convert+put, bytes, versions)."""
+    names, count = list(tensors), len(groups)
+    start = time.perf_counter()
+    put_s, nbytes, versions = 0.0, 0, []
+
+    def gather(k: int):
+        nonlocal put_s, nbytes
+        began = time.perf_counter()
+        bucket = state_dict_to_numpy({names[i]: tensors[names[i]] for i in groups[k]})
+        nbytes += sum(a.nbytes for a, _ in bucket.values())
+        ref = ray.put(bucket)
+        put_s += time.perf_counter() - began
+        return lambda: ref
+
+    def load(ref, k: int) -> None:
+        versions[:] = ray.get([g.load_bucket.remote(ref, version, k, count) for g in gens])
+
+    stream_buckets(count, gather, load)
+    return time.perf_counter() - start, put_s, nbytes, versions
+
+
+def real_path(spec: ModelSpec, model, workers: int, repeats: int, bucket_mb: float) -> dict:
+    """RolloutGenerator actors and RayWorkers.sync's pattern: the weights in buckets of about
+    ``bucket_mb`` MB, each put once and loaded by every worker (``load_bucket``) while the next
+    one is converted and put (``stream_buckets``)."""
     cpus = max(0.1, min(1.0, 1.9 / workers))
     remote = ray.remote(RolloutGenerator).options(num_cpus=cpus)
     start = time.perf_counter()
@@ -149,24 +178,20 @@ def real_path(spec: ModelSpec, model, workers: int, repeats: int) -> dict[str, f
     ]
     ray.get([g.ping.remote() for g in gens])
     build_s = time.perf_counter() - start
+    tensors = weight_tensors(model)
+    groups = plan_buckets([full_nbytes(t) for t in tensors.values()], int(bucket_mb * 2**20))
     try:
         totals, puts, mbs = [], [], []
         for version in range(repeats + 1):
             with torch.no_grad():
                 model.get_parameter(PROBE).add_(1e-3)
-            start = time.perf_counter()
-            weights = state_dict_to_numpy(model.state_dict())
-            ref = ray.put(weights)
-            put = time.perf_counter()
-            versions = ray.get([g.set_weights.remote(ref, version) for g in gens])
-            total = time.perf_counter() - start
-            del ref
+            total, put_s, nbytes, versions = bucketed_sync(gens, tensors, groups, version)
             if versions != [version] * workers:
-                raise RuntimeError(f"set_weights returned {versions}, expected {version}")
+                raise RuntimeError(f"load_bucket returned {versions}, expected {version}")
             if version:  # version 0 is the warm-up
                 totals.append(total)
-                puts.append(put - start)
-                mbs.append(sum(a.nbytes for a, _ in weights.values()) / 1e6)
+                puts.append(put_s)
+                mbs.append(nbytes / 1e6)
         return {
             "build": build_s,
             "convert+put": _common.median(puts),
@@ -224,9 +249,14 @@ def main(argv: list[str] | None = None) -> int:
                 update={"dtype": "bfloat16" if dtype == "bf16" else "float32"}
             )
             src = model if dtype == "fp32" else model_bf16
-            label = f"RolloutGenerator.set_weights {dtype} x{args.rollout_workers}"
+            label = f"RolloutGenerator.load_bucket {dtype} x{args.rollout_workers}"
             print(f"  {label} ...", flush=True)
-            real_rows.append((label, real_path(real_spec, src, args.rollout_workers, args.repeats)))
+            real_rows.append(
+                (
+                    label,
+                    real_path(real_spec, src, args.rollout_workers, args.repeats, args.bucket_mb),
+                )
+            )
 
     order = {"(a) torch fp32": 0, "(b) numpy fp32 [ours]": 1, "(c) numpy bf16 [ours]": 2}
     rows.sort(key=lambda r: order.get(r[0], 3))

@@ -13,24 +13,23 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlhf_ray.errors import UserError
 from rlhf_ray.reward_config import RemoteRewardConfig, RewardTerm
+from rlhf_ray.sections import Section
 
 
 class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the field and says why."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 _Schema = TypeVar("_Schema", bound=BaseModel)
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     """Where a model's weights come from: a tiny preset built from a config, or an HF path."""
 
     path: str | None = Field(
@@ -60,7 +59,7 @@ class ModelSpec(_Section):
         return self
 
 
-class OptimSpec(_Section):
+class OptimSpec(Section):
     """AdamW settings of a trainable model, and its learning-rate schedule.
 
     Defaults follow the PPO implementation-detail studies (OpenAI's lm-human-preferences, as
@@ -91,7 +90,7 @@ class OptimSpec(_Section):
     )
 
 
-class ZeroBuckets(_Section):
+class ZeroBuckets(Section):
     """DeepSpeed ZeRO's bucket sizes, in elements (``zero_optimization``). Unset (null): the
     default of the rank's device, ``ZERO_BUCKETS_GPU`` (DeepSpeed's own: few large NCCL calls)
     or ``ZERO_BUCKETS_CPU`` (1e7: small buffers for the small models of CPU runs)."""
@@ -152,7 +151,7 @@ ZERO_BUCKETS_GPU: dict[str, int] = dict(
 ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(Section):
     """The trained policy: its model, optimizer and the learner group that trains it."""
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Policy weights source.")
@@ -218,7 +217,7 @@ class ValueConfig(PolicyConfig):
     )
 
 
-class ScorerConfig(_Section):
+class ScorerConfig(Section):
     """Resources of a frozen scoring role: data-parallel replicas that split each batch."""
 
     num_gpus: float = Field(0.0, ge=0, description="GPUs for each replica.")
@@ -320,7 +319,7 @@ class RewardConfig(ScorerConfig):
         return self
 
 
-class TokenizerConfig(_Section):
+class TokenizerConfig(Section):
     """The tokenizer of the policy (shared by the policy, reference, critic and rollout roles;
     a reward model directory with its own tokenizer uses that one)."""
 
@@ -342,7 +341,7 @@ class TokenizerConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """The prompts PPO trains on."""
 
     prompts: str = Field(
@@ -365,7 +364,7 @@ class DataConfig(_Section):
     )
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     """Sampling and the rollout generator pool."""
 
     batch_size: int = Field(32, gt=0, description="Prompts per round.")
@@ -433,7 +432,7 @@ class RolloutConfig(_Section):
         return self
 
 
-class PPOConfig(_Section):
+class PPOConfig(Section):
     """The PPO update and advantage estimation."""
 
     epochs: int = Field(4, gt=0, description="Passes over each round's batch.")
@@ -486,7 +485,7 @@ class PPOConfig(_Section):
     )
 
 
-class AlgoConfig(_Section):
+class AlgoConfig(Section):
     """The advantage estimator: PPO with a critic, or a critic-free one."""
 
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
@@ -500,7 +499,7 @@ class AlgoConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The outer loop."""
 
     rounds: int = Field(30, gt=0, description="PPO rounds (generate, score, update, sync).")
@@ -526,14 +525,14 @@ class TrainConfig(_Section):
     )
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Periodic checkpoints of the run."""
 
     every: int = Field(0, ge=0, description="Checkpoint every K rounds (0: only the final save).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """What a run reports. JSONL (``metrics.jsonl``) is always written; the other sinks are
     optional extras (``pip install 'rlhf-ray[tensorboard]'`` / ``'rlhf-ray[wandb]'``), and a run
     with a sink switched on whose package is missing stops before anything starts."""
@@ -563,7 +562,7 @@ class LoggingConfig(_Section):
     )
 
 
-class SyncConfig(_Section):
+class SyncConfig(Section):
     """How the policy's weights reach the rollout workers after each update, and the check
     that they arrived intact."""
 
@@ -597,7 +596,7 @@ class SyncConfig(_Section):
 SYNC_TOLERANCE: dict[str, float] = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.25}
 
 
-class NodeSpec(_Section):
+class NodeSpec(Section):
     """One kind of node of a cluster described offline (for `rlhf-ray plan`)."""
 
     cpus: float = Field(..., ge=0, description="CPUs per node.")
@@ -608,7 +607,7 @@ class NodeSpec(_Section):
     )
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     """How Ray is reached and how long actors may wait for resources."""
 
     nodes: list[NodeSpec] | None = Field(
@@ -640,7 +639,7 @@ class ClusterConfig(_Section):
     )
 
 
-class Config(_Section):
+class Config(Section):
     """A whole rlhf_ray PPO run."""
 
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Trained policy.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from rlhf_ray.algo import (
     rloo_advantages,
     sequence_rewards,
 )
+from rlhf_ray.batches import build_prompts, check_rollout, tokenize_prompts
 from rlhf_ray.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -37,57 +37,18 @@ from rlhf_ray.checkpoint import (
 )
 from rlhf_ray.config import AlgoConfig, Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
-from rlhf_ray.data.preference import render_transcript
-from rlhf_ray.data.prompts import load_prompt_set
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.metrics import PhaseTimer, open_metrics_log
 from rlhf_ray.reward_shaping import ScoreShaper
 from rlhf_ray.rollout_dump import dump_due, dump_round
 from rlhf_ray.sampling_check import check_logprob_gap
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start, encode_prompts
-from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, occurrences
-from rlhf_ray.workers.interface import StaleWeightsError, Workers, check_sync, kl_logprobs
+from rlhf_ray.tokenization import build_tokenizer, chat_template_start
+from rlhf_ray.types import PPOBatch, Rollout
+from rlhf_ray.workers.interface import Workers, check_sync, kl_logprobs
 from rlhf_ray.workers.reward_parts import reward_metrics
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
-
-
-def new_run_dir(root: str | Path = "runs", prefix: str = "ppo") -> Path:
-    """A fresh dated directory ``root/prefix-DATE-TIME`` (never reuses an existing one)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        path = Path(root) / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
-        if not path.exists():
-            return path
-    raise RuntimeError(f"could not find a free run directory under {root}")
-
-
-class PromptTexts(list[str]):
-    """The prompt texts; ``skipped`` lists the bad rows dropped (``data.on_bad_row: skip``)."""
-
-    skipped: list[str] = []
-    columns: list[dict] = []  # per prompt, its row's other fields (``PromptSet.columns``)
-
-
-def build_prompts(cfg: Config, tokenizer: Tokenizer) -> PromptTexts:
-    """The prompt texts, with the chat template applied if configured."""
-    data = cfg.data
-    loaded = load_prompt_set(data.prompts, data.prompt_field, data.split, data.format,
-                             data.on_bad_row)  # fmt: skip
-    if data.chat_template:
-        texts = PromptTexts(tokenizer.apply_chat(conv) for conv in loaded.conversations)
-    elif loaded.format == "plain":
-        texts = PromptTexts(conv[0]["content"] for conv in loaded.conversations)
-    else:
-        texts = PromptTexts(render_transcript(conv, add_generation_prompt=True)
-                            for conv in loaded.conversations)  # fmt: skip
-    texts.skipped = loaded.skipped
-    texts.columns = loaded.columns
-    if loaded.skipped:
-        print(f"[rlhf_ray] skipped {len(loaded.skipped)} bad data rows (data.on_bad_row: skip), "
-              f"first: {loaded.skipped[0]}", flush=True)  # fmt: skip
-    return texts
 
 
 def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLController:
@@ -99,25 +60,6 @@ def build_kl_controller(ppo: PPOConfig) -> FixedKLController | AdaptiveKLControl
 def expand_groups(index: list[int], samples_per_prompt: int) -> list[int]:
     """The round's rows: each prompt index repeated n times in a row (group g: [g*n, (g+1)*n))."""
     return [i for i in index for _ in range(samples_per_prompt)]
-
-
-def tokenize_prompts(
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    index: list[int],
-    max_tokens: int,
-    template_start: str | None = None,
-) -> tuple[PromptBatch, int]:
-    """The round's rows, encoded as the tokenizer does by default (BOS for Llama), each with
-    its sample index (seeds its sampling) and its prompt row's columns (``PromptTexts``
-    prompts); and how many prompts were cut to ``max_tokens``."""
-    texts = [prompts[i] for i in index]
-    ids, mask, truncated = encode_prompts(tokenizer, texts, max_tokens, template_start)
-    prompt_index = torch.tensor(index, dtype=torch.long)
-    columns = getattr(prompts, "columns", [])
-    row_columns = [columns[i] for i in index] if columns else []
-    batch = PromptBatch(ids, mask, prompt_index, texts, occurrences(prompt_index), row_columns)
-    return batch, truncated
 
 
 def critic_free_advantages(
@@ -200,19 +142,6 @@ def rollout_stats(rollout: Rollout, raw_scores: torch.Tensor, seconds: float) ->
         "rollout/eos_rate": float(rollout.has_eos.float().mean()),
         "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
     }
-
-
-def check_rollout(rollout: Rollout, version: int, index: list[int]) -> None:
-    """Refuse a round whose samples are stale, or not exactly one per requested prompt row
-    (``index``: a prompt index per row, n rows per prompt with samples_per_prompt n)."""
-    stale = (rollout.weight_version != version).nonzero().flatten().tolist()
-    if stale:
-        raise StaleWeightsError(f"{len(stale)} samples were not generated with weights v{version}")
-    if rollout.prompt_index.tolist() != list(index):
-        raise RuntimeError(
-            f"rollout returned {len(rollout)} samples for {len(index)} prompts, "
-            "not one per prompt in order: samples were lost or duplicated"
-        )
 
 
 @dataclass

@@ -33,7 +33,7 @@ def generate_samples(
 ) -> list[dict[str, Any]]:
     """Sample one response per prompt (``prompts``, else the first ``num_prompts`` of the run's
     data, default ``rollout.batch_size``) and score it; one dict per sample."""
-    from rlhf_ray.driver import build_prompts, tokenize_prompts
+    from rlhf_ray.batches import build_prompts, tokenize_prompts
     from rlhf_ray.preflight import check_rollout_backend
     from rlhf_ray.tokenization import build_tokenizer, chat_template_start
     from rlhf_ray.workers.scorers import RewardScorer

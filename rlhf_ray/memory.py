@@ -182,28 +182,61 @@ def learner_memory(
     params = 0.0 if offload_params else p * wb / (ranks if zero_stage == 3 else 1)
     if deepspeed and zero_stage == 3:  # the parameters gathered and kept for reuse at most
         params += min(p, max(b["prefetch"], b["max_live"])) * wb
-    temporaries = 1 if on_gpu else 2  # fp32 copies AdamW makes of the tensor it steps
-    fp32_copy = 4 if wb < 4 else 0  # half-precision gradients are cast for the fp32 step
-    backward: float
-    step: float
-    if not deepspeed or zero_stage == 0:  # per-parameter AdamW: the embedding is the largest
-        backward = p * wb
-        step = p * wb + 4 * temporaries * shape.vocab * shape.hidden
-    elif zero_stage == 3:
-        kept = p * wb / ranks  # DeepSpeed's flat gradient partition
-        chunk = min(p / ranks, b["sub_group"])
-        backward = kept + bucket
-        step = kept + chunk * (wb + fp32_copy + 4 * temporaries)
-    else:  # ZeRO-1 holds every gradient until the step, ZeRO-2 only its partition
-        backward = (p * wb if zero_stage <= 1 else p * wb / ranks) + bucket
-        step = p / ranks * (wb + fp32_copy + 4 * temporaries)
-    if offload_optimizer:  # the step runs on the host
-        step = 0.0
-    grads = max(backward, step)
+    zero = zero_stage if deepspeed else 0
+    grads = _gradient_peak(shape, p, wb, zero, ranks, on_gpu, offload_optimizer, bucket, b)
     master = 4 * p if deepspeed and (zero_stage >= 1 or wb < 4) else 0
     optim = (8 * p + master) / (ranks if deepspeed and zero_stage >= 1 else 1)
     if offload_optimizer:
         optim = 0.0
+    acts = _activations(shape, wb, micro_batch, seq_len, response_len, checkpointing, lm_head)
+    parts = {"params": params, "grads": float(grads), "optimizer": optim, "activations": acts}
+    if on_gpu:
+        parts["overhead"] = GPU_OVERHEAD_BYTES
+    return parts
+
+
+def _gradient_peak(
+    shape: ModelShape,
+    p: int,
+    wb: int,
+    zero: int,
+    ranks: int,
+    on_gpu: bool,
+    offloaded: bool,
+    bucket: float,
+    buckets: dict[str, int],
+) -> float:
+    """The larger of the end of the backward and the optimizer step (``learner_memory``);
+    ``zero`` 0 is per-parameter AdamW (the torch engine, or ZeRO off); ``bucket`` the reduce
+    buffer's bytes, ``buckets`` the ZeRO bucket sizes in elements."""
+    temporaries = 1 if on_gpu else 2  # fp32 copies AdamW makes of the tensor it steps
+    fp32_copy = 4 if wb < 4 else 0  # half-precision gradients are cast for the fp32 step
+    if zero == 0:  # per-parameter AdamW: the embedding is the largest
+        backward = p * wb
+        step = p * wb + 4 * temporaries * shape.vocab * shape.hidden
+    elif zero == 3:
+        kept = p * wb / ranks  # DeepSpeed's flat gradient partition
+        chunk = min(p / ranks, buckets["sub_group"])
+        backward = kept + bucket
+        step = kept + chunk * (wb + fp32_copy + 4 * temporaries)
+    else:  # ZeRO-1 holds every gradient until the step, ZeRO-2 only its partition
+        backward = (p * wb if zero <= 1 else p * wb / ranks) + bucket
+        step = p / ranks * (wb + fp32_copy + 4 * temporaries)
+    if offloaded:  # the step runs on the host
+        step = 0.0
+    return float(max(backward, step))
+
+
+def _activations(
+    shape: ModelShape,
+    wb: int,
+    micro_batch: int,
+    seq_len: int,
+    response_len: int,
+    checkpointing: bool,
+    lm_head: bool,
+) -> float:
+    """Activations kept for the backward of one micro-batch (``learner_memory``)."""
     tokens = micro_batch * seq_len
     per_layer = shape.activation_elements() * tokens * wb
     if checkpointing:
@@ -212,10 +245,7 @@ def learner_memory(
         acts = shape.layers * per_layer
     if lm_head:  # logits of every position, then fp32 logits / log-softmax of the responses
         acts += tokens * shape.vocab * wb + 2 * micro_batch * response_len * shape.vocab * 4
-    parts = {"params": params, "grads": float(grads), "optimizer": optim, "activations": acts}
-    if on_gpu:
-        parts["overhead"] = GPU_OVERHEAD_BYTES
-    return parts
+    return float(acts)
 
 
 def scorer_memory(

@@ -133,7 +133,7 @@ def check_remote_rewards(reward: RewardConfig, first_row: dict[str, Any] | None 
 def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
     """The prompt data is readable, non-empty, decodable and has its field; returns the number
     of prompts. Bad rows fail here naming file and line (or are counted, ``on_bad_row: skip``)."""
-    from rlhf_ray.driver import build_prompts
+    from rlhf_ray.batches import build_prompts
 
     try:
         return len(build_prompts(cfg, tokenizer))

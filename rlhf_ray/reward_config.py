@@ -7,14 +7,12 @@ from __future__ import annotations
 import re
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from rlhf_ray.sections import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RemoteRewardConfig(_Section):
+class RemoteRewardConfig(Section):
     """A reward service: ``POST url`` with ``{"prompts", "responses"[, "metadata"]}``, answered
     ``{"scores": [float]}`` (see README, "Remote rewards")."""
 
@@ -48,7 +46,7 @@ class RemoteRewardConfig(_Section):
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class RewardTerm(_Section):
+class RewardTerm(Section):
     """A weighted extra term: ``total = main + sum(weight * term)``, each logged
     ``reward/<name>_mean``."""
 

@@ -28,9 +28,9 @@ from rlhf_ray.config import (
     RewardConfig,
     RolloutConfig,
     ScorerConfig,
+    Section,
     TokenizerConfig,
     ZeroBuckets,
-    _Section,
     load_schema,
     resolve_tokenizer,
 )
@@ -40,7 +40,7 @@ from rlhf_ray.data.sources import BUILTIN_HH_RLHF
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-class LearnerSpec(_Section):
+class LearnerSpec(Section):
     """The learner group that trains the stage's model (the fields of ``policy`` in ``ppo``
     other than its model and optimizer, which are this config's ``model`` and ``optim``)."""
 
@@ -59,7 +59,7 @@ class LearnerSpec(_Section):
     )
 
 
-class _StageData(_Section):
+class StageDataBase(Section):
     """Where a stage's examples come from, and its held-out split."""
 
     path: str = Field(
@@ -81,7 +81,7 @@ class _StageData(_Section):
     skip_bad_rows: bool = Field(False, description="Skip (and count) rows that do not parse.")
 
     @model_validator(mode="after")
-    def _one_eval_source(self) -> _StageData:
+    def _one_eval_source(self) -> StageDataBase:
         if self.eval_path is not None and self.eval_fraction > 0:
             raise ValueError("set either eval_path or eval_fraction (> 0), not both")
         if self.max_prompt_tokens >= self.max_tokens:
@@ -92,7 +92,7 @@ class _StageData(_Section):
         return self
 
 
-class SFTDataConfig(_StageData):
+class SFTDataConfig(StageDataBase):
     """Supervised examples: a conversation and the assistant reply to learn."""
 
     format: Literal["auto", "hh", "plain", "messages"] = Field(
@@ -103,7 +103,7 @@ class SFTDataConfig(_StageData):
     )
 
 
-class PreferenceDataConfig(_StageData):
+class PreferenceDataConfig(StageDataBase):
     """Preference pairs: a conversation and a chosen and a rejected reply."""
 
     format: Literal["auto", "hh", "plain"] = Field(
@@ -113,7 +113,7 @@ class PreferenceDataConfig(_StageData):
     )
 
 
-class StageTrainConfig(_Section):
+class StageTrainConfig(Section):
     """The training loop of a stage."""
 
     epochs: int = Field(2, gt=0, description="Passes over the training examples.")
@@ -128,7 +128,7 @@ class StageTrainConfig(_Section):
     dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
 
 
-class StageCheckpointConfig(_Section):
+class StageCheckpointConfig(Section):
     """Periodic checkpoints of a stage (``RUN/checkpoints/step_XXXXXX``): resume and recovery."""
 
     every: int = Field(
@@ -140,7 +140,7 @@ class StageCheckpointConfig(_Section):
     )
 
 
-class _StageConfig(_Section):
+class StageConfigBase(Section):
     model: ModelSpec = Field(
         default_factory=ModelSpec, description="Initial weights: an HF directory or a preset."
     )
@@ -159,7 +159,7 @@ class _StageConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _learner_fits(self) -> _StageConfig:
+    def _learner_fits(self) -> StageConfigBase:
         try:  # the PolicyConfig rules: torch engine = one rank, one NCCL rank per GPU
             learner_role(self)
         except ValidationError as exc:
@@ -176,13 +176,13 @@ class _StageConfig(_Section):
         return self
 
 
-class SFTConfig(_StageConfig):
+class SFTConfig(StageConfigBase):
     """``rlhf-ray sft``: causal-LM fine-tuning on assistant replies (loss on reply tokens)."""
 
     data: SFTDataConfig = Field(default_factory=SFTDataConfig, description="SFT examples.")
 
 
-class RewardModelConfig(_StageConfig):
+class RewardModelConfig(StageConfigBase):
     """``rlhf-ray train-rm``: a Bradley-Terry reward model on preference pairs."""
 
     data: PreferenceDataConfig = Field(
@@ -193,13 +193,13 @@ class RewardModelConfig(_StageConfig):
 StageConfig = SFTConfig | RewardModelConfig
 
 
-def learner_role(cfg: _StageConfig) -> PolicyConfig:
+def learner_role(cfg: StageConfigBase) -> PolicyConfig:
     """The stage's model, optimizer and learner group as the ``PolicyConfig`` that the learner
-    machinery (``workers.learners._Rank``, ``distributed.runtime.LearnerGroup``) reads."""
+    machinery (``workers.learners.LearnerRank``, ``distributed.runtime.LearnerGroup``) reads."""
     return PolicyConfig(model=cfg.model, optim=cfg.optim, **cfg.learner.model_dump())
 
 
-def stage_tokenizer(cfg: _StageConfig) -> TokenizerConfig:
+def stage_tokenizer(cfg: StageConfigBase) -> TokenizerConfig:
     """``tokenizer`` if set; else the tokenizer of ``model.path`` (a hub id, or a local
     directory that holds one); else byte-level."""
     if cfg.tokenizer is not None:
@@ -224,7 +224,7 @@ def load_rm_config(
     return load_schema(RewardModelConfig, path, overrides)
 
 
-class EvalSettings(_Section):
+class EvalSettings(Section):
     """What is compared and reported."""
 
     num_prompts: int | None = Field(
@@ -248,7 +248,7 @@ class EvalSettings(_Section):
     )
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """``rlhf-ray eval``: a tuned policy against its baseline on held-out prompts, scored by the
     reward. Both generate with the rollout pool; ``rollout.batch_size`` prompts per step."""
 

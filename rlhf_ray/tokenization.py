@@ -13,7 +13,7 @@ Conventions shared by every implementation:
   tokenizer encodes by default (Hugging Face ``add_special_tokens=True``: BOS for Llama, nothing
   for GPT-2; never a second BOS after a chat template that wrote one), truncated on the left but
   keeping BOS and the template's start. Responses never get a BOS.
-- The default chat format is the HH-RLHF transcript (``rlhf_ray.data.preference.
+- The default chat format is the HH-RLHF transcript (``rlhf_ray.chat_format.
   render_transcript``): ``"\\n\\nSystem: ...\\n\\nHuman: ...\\n\\nAssistant: ..."`` and, as the
   generation prompt, a final ``"\\n\\nAssistant:"``. ``DEFAULT_CHAT_TEMPLATE`` is the same
   format as a Jinja template; saved tokenizers carry it so ``apply_chat_template`` agrees.
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import tiktoken
 import torch
 
-from rlhf_ray.data.preference import render_transcript
+from rlhf_ray.chat_format import render_transcript
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -11,8 +11,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ray.config import load_config
-from rlhf_ray.driver import check_rollout, new_run_dir, run_ppo
+from rlhf_ray.driver import check_rollout, run_ppo
 from rlhf_ray.metrics import read_metrics
+from rlhf_ray.runs import new_run_dir
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from rlhf_ray.workers.interface import StaleWeightsError, split_rows

@@ -39,6 +39,17 @@ CORE_KEYS = {
 }
 
 
+# Known-harmless dependency output that the console must not show (rlhf_ray/quiet.py).
+NOISE = (
+    "Token authentication",  # Ray, starting a local cluster
+    "Started a local Ray instance",
+    "built successfully",  # DeepSpeed's shared-memory comm op, per learner rank
+    "FutureWarning",  # torch.distributed deprecations, per learner rank
+    "Writing model shards",  # transformers' progress bar, per save
+    "deduplicates logs",  # Ray's notice, shown once something repeats
+)
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``rlhf-ray`` as a user would, with Ray's files in a private short temp dir, and
     check that no Ray process of it survives."""
@@ -81,6 +92,8 @@ def test_default_run(tmp_path):
     assert len(progress) == 30 and f"run dir: {run_dir.resolve()}" in proc.stdout
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-6 for r in rows)  # Ray workers == learners
     assert "policy parameters held per rank (rank 0:" in proc.stdout
+    console = proc.stdout + proc.stderr
+    assert [n for n in NOISE if n in console] == [], console[-3000:]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     tok = AutoTokenizer.from_pretrained(run_dir / "policy")
     ids = tok("Hello", return_tensors="pt").input_ids

@@ -36,7 +36,6 @@ from rlhf_ray.algo.losses import (
     aggregation_weight,
     entropy_from_logits,
     kl_loss,
-    masked_entropy,
     policy_loss,
     value_loss,
 )
@@ -72,7 +71,6 @@ __all__ = [
     "kl_k3",
     "kl_loss",
     "kl_penalized_rewards",
-    "masked_entropy",
     "masked_mean",
     "masked_var",
     "masked_whiten",

@@ -142,8 +142,3 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-token entropy `(B, T)` of logits `(B, T, V)`: H = logsumexp(z) - sum(softmax(z) * z)."""
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
-def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy over valid tokens; logits `(B, T, V)`, mask `(B, T)` -> 0-dim."""
-    return masked_mean(entropy_from_logits(logits), mask)

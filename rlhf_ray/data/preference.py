@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from rlhf_ray.chat_format import ROLE_LABELS, Message, render_transcript
 from rlhf_ray.data.sources import load_table, select_columns
 
 __all__ = [
     "DEFAULT_SYSTEM",
+    "ROLE_LABELS",
+    "Message",
     "PreferencePair",
     "hh_pair",
     "load_preferences",
@@ -35,13 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SYSTEM = "You are a helpful, honest and harmless assistant."
 """System line put first in every preference prompt unless the caller passes another one."""
 
-ROLE_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant"}
-"""Chat role -> speaker label in the transcript format."""
-
 _TURN_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _LABEL_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -54,26 +51,6 @@ class PreferencePair:
     """The preferred final assistant reply (may be empty)."""
     rejected: str
     """The other final assistant reply (may be empty)."""
-
-
-def render_transcript(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """Render messages as an HH-RLHF style transcript.
-
-    Each message becomes ``"\\n\\n" + label + ": " + content`` with labels System, Human and
-    Assistant; ``add_generation_prompt`` appends ``"\\n\\nAssistant:"``. For an HH prompt this
-    reproduces the original text (up to whitespace stripped from the turns).
-    """
-    parts = []
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if role not in ROLE_LABELS:
-            raise ValueError(
-                f"message {i + 1}: unknown role {role!r} (expected one of {sorted(ROLE_LABELS)})"
-            )
-        parts.append(f"\n\n{ROLE_LABELS[role]}: {message.get('content', '')}")
-    if add_generation_prompt:
-        parts.append("\n\nAssistant:")
-    return "".join(parts)
 
 
 def parse_hh_transcript(text: str) -> list[Message]:

@@ -14,15 +14,15 @@ from typing import Any
 import ray
 import torch
 
+from rlhf_ray.distributed.cluster import cluster_nodes
 from rlhf_ray.distributed.runtime import (
     RolloutPool,
-    _actor,
-    _check_namespace_free,
-    _get_all,
-    _kill,
-    _spread,
-    _wait_ready,
-    cluster_nodes,
+    check_namespace_free,
+    get_all,
+    kill_actors,
+    spawn_actor,
+    spread_strategy,
+    wait_ready,
 )
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
@@ -51,7 +51,7 @@ class RayEvalWorkers:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         _check_fits(cfg)
-        _check_namespace_free()
+        check_namespace_free()
         tok = eval_tokenizer(cfg)
         specs = {"policy": cfg.policy, "baseline": cfg.baseline}
         self.pools = {
@@ -63,17 +63,17 @@ class RayEvalWorkers:
         try:
             s, t = cfg.scorer, cfg.rollout.temperature
             for m in MODELS:  # frozen and pure: Ray may restart them and retry a call
-                self.scorers[m] = _actor(ReferenceScorer, f"scorer-{m}", s.num_cpus, s.num_gpus,
+                self.scorers[m] = spawn_actor(ReferenceScorer, f"scorer-{m}", s.num_cpus, s.num_gpus,
                                          specs[m], tok, t, restarts=3,
-                                         strategy=_spread(cfg))  # fmt: skip
+                                         strategy=spread_strategy(cfg))  # fmt: skip
             w = cfg.reward
-            self.reward = _actor(RewardScorer, "reward", w.num_cpus, w.num_gpus, w, tok,
+            self.reward = spawn_actor(RewardScorer, "reward", w.num_cpus, w.num_gpus, w, tok,
                                  search_path=[os.getcwd()], restarts=3,
-                                 strategy=_spread(cfg))  # fmt: skip
+                                 strategy=spread_strategy(cfg))  # fmt: skip
             for pool in self.pools.values():
                 pool.grow(cfg.rollout.num_workers)
             handles = {f"scorer-{m}": h for m, h in self.scorers.items()}
-            _wait_ready({**handles, "reward": self.reward}, cfg.cluster.actor_start_timeout_s)
+            wait_ready({**handles, "reward": self.reward}, cfg.cluster.actor_start_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -89,11 +89,11 @@ class RayEvalWorkers:
         calls = {f"{m}/scores": self.reward.score.remote(refs[m]) for m in MODELS}
         calls |= {f"{m}/logprobs": self.scorers[m].logprobs.remote(refs["policy"])
                   for m in MODELS}  # fmt: skip
-        return dict(zip(calls, _get_all(list(calls.values())), strict=True))
+        return dict(zip(calls, get_all(list(calls.values())), strict=True))
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.kill()
-        _kill([h for h in [*self.scorers.values(), self.reward] if h is not None])
+        kill_actors([h for h in [*self.scorers.values(), self.reward] if h is not None])
         self.scorers.clear()
         self.reward = None

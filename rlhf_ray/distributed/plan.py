@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_ray.config import Config, has_critic
+from rlhf_ray.distributed.cluster import NAMESPACE, Node, cluster_nodes
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,6 @@ class RolePlan:
     @property
     def total_gpus(self) -> float:
         return self.actors * self.gpus
-
-
-@dataclass(frozen=True)
-class Node:
-    cpus: float
-    gpus: float
-    gpu_memory_gb: float | None = None  # memory of each of its GPUs, if known
 
 
 def resource_plan(cfg: Config) -> list[RolePlan]:
@@ -163,8 +157,6 @@ def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         import ray
-
-        from rlhf_ray.distributed.runtime import NAMESPACE, cluster_nodes
 
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
         try:

@@ -1,6 +1,6 @@
 """RayWorkers: the worker classes as named Ray actors, satisfying ``workers.Workers``.
 
-Each phase submits every call first and then waits once (``_get_all``, which fails as soon as
+Each phase submits every call first and then waits once (``get_all``, which fails as soon as
 one call fails, and waits at most ``train.phase_timeout_s``). The weight sync streams buckets
 (``sync.bucket_mb``): the learner ranks gather bucket k+1 while the rollout workers load bucket
 k, so no process holds more than about two buckets beyond its model. A rollout worker or scorer
@@ -40,10 +40,11 @@ from rlhf_ray.config import (
     policy_tokenizer,
     value_init_spec,
 )
-from rlhf_ray.distributed.plan import Node, format_plan, resource_plan, shortfalls
+from rlhf_ray.distributed.cluster import cluster_nodes
+from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import EvalConfig, StageConfig
+from rlhf_ray.stage_config import EvalConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     LearnerLostError,
@@ -57,68 +58,6 @@ from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.sync import stream_buckets
 from rlhf_ray.workers.vllm_rollout import generator_class
 
-NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
-
-
-def connect(cfg: Config | StageConfig | EvalConfig, address: str | None = None) -> str:
-    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray on this machine."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=cfg.cluster.namespace)
-        return address
-    ray.init(
-        address="local",
-        num_cpus=cfg.cluster.num_cpus,
-        namespace=cfg.cluster.namespace,
-        include_dashboard=False,
-    )
-    return "local"
-
-
-def disconnect() -> None:
-    """Leave the cluster (a local Ray started by ``connect`` stops with it)."""
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-@ray.remote(num_cpus=0)
-def _gpu_memory_gb() -> float | None:
-    """The smallest GPU's memory on this node, from ``nvidia-smi`` (None if there is none)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout  # fmt: skip
-        return min(float(x) for x in out.split()) * 2**20 / 1e9  # MiB -> GB
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def cluster_nodes(gpu_memory: bool = False, timeout_s: float = 60.0) -> list[Node]:
-    """The live nodes' CPUs and GPUs; with ``gpu_memory``, also what each GPU node reports of
-    its GPUs' memory (one small task per GPU node, at most ``timeout_s`` each)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    out = []
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        cpus, gpus = n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)
-        memory = None
-        if gpu_memory and gpus:
-            strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            try:
-                memory = ray.get(
-                    _gpu_memory_gb.options(scheduling_strategy=strategy).remote(),
-                    timeout=timeout_s,
-                )
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-                memory = None
-        out.append(Node(cpus, gpus, memory))
-    return out
-
 
 def _threads(cpus: float) -> int:
     """Never more torch threads than the actor's CPU share (measured: 2 actors x 2 threads on 2 cores ran ~5x slower)."""
@@ -131,7 +70,7 @@ def _env(cpus: float, gpus: float) -> dict[str, Any]:
     return {"env_vars": env}
 
 
-def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
+def kill_actors(handles: list[Any], timeout_s: float = 30.0) -> None:
     """Kill actors and wait until Ray has released them (and so their names)."""
     for h in handles:
         ray.kill(h)
@@ -149,7 +88,7 @@ def _kill(handles: list[Any], timeout_s: float = 30.0) -> None:
             ping = h.ping.remote()
 
 
-def _check_namespace_free() -> None:
+def check_namespace_free() -> None:
     """Actor names are unique per namespace: say so clearly if another run holds them."""
     try:
         ray.get_actor("policy-0")
@@ -170,7 +109,7 @@ def _is_learner(name: str) -> bool:
     return name.startswith(("policy-", "value-"))
 
 
-def _get_all(
+def get_all(
     refs: list[Any],
     names: list[str] | None = None,
     phase: str = "",
@@ -232,7 +171,7 @@ def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
     raise PhaseTimeoutError(message)
 
 
-def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
+def wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
     """Wait until every named actor answers ``ping``; a clear error if some stay pending."""
     refs = {h.ping.remote(): name for name, h in handles.items()}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -245,7 +184,7 @@ def _wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
         )
 
 
-def _actor(
+def spawn_actor(
     cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0,
     strategy: Any = None, **kwargs: Any,
 ) -> Any:  # fmt: skip
@@ -288,7 +227,7 @@ class LearnerGroup:
                 f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
             )
         self.actors = [
-            _actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
+            spawn_actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
                    strategy=PlacementGroupSchedulingStrategy(self.pg, rank), **kwargs)
             for rank in range(n)
         ]  # fmt: skip
@@ -302,7 +241,7 @@ class LearnerGroup:
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        _get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+        get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
                  self.names, "rendezvous")  # fmt: skip
         return [a.setup.remote() for a in self.actors]
 
@@ -312,7 +251,7 @@ class LearnerGroup:
     def kill(self) -> None:
         if self._alive:
             self._alive = False
-            _kill(self.actors)
+            kill_actors(self.actors)
             remove_placement_group(self.pg)
 
 
@@ -357,10 +296,10 @@ class RolloutPool:
     def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
         name = f"{self.prefix}-{self._next_id}"
-        handle = _actor(
+        handle = spawn_actor(
             generator_class(r), name, r.num_cpus_per_worker, r.num_gpus_per_worker,
             self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=strategy or _spread(self.cfg), from_sync=self.from_sync,
+            strategy=strategy or spread_strategy(self.cfg), from_sync=self.from_sync,
         )  # fmt: skip
         self._next_id += 1
         return name, handle
@@ -370,14 +309,14 @@ class RolloutPool:
         (the nodes of those that died meanwhile are avoided from then on)."""
         new = dict(self._spawn(strategy) for _ in range(n))
         try:
-            _wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
+            wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
             ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
                      for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
         except BaseException as exc:
             if isinstance(exc, ray.exceptions.RayActorError):
                 for handle in new.values():
                     self.health.lost(handle)
-            _kill(list(new.values()))
+            kill_actors(list(new.values()))
             raise
         self.workers.extend(new.values())
 
@@ -385,7 +324,7 @@ class RolloutPool:
         """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
         extra = self.workers[n:]
         del self.workers[n:]
-        _kill(extra)
+        kill_actors(extra)
 
     def begin(self, version: int, count: int) -> None:
         """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
@@ -447,7 +386,7 @@ class RolloutPool:
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         lost = self.workers.pop(index)
         node = self.health.lost(lost)
-        _kill([lost])
+        kill_actors([lost])
         cause = f"{why} (node {node or 'unknown'})"
         for _ in range(MAX_TRIES):
             self.restarts += 1
@@ -465,11 +404,11 @@ class RolloutPool:
         self.workers.insert(index, self.workers.pop())
 
     def kill(self) -> None:
-        _kill(self.workers)
+        kill_actors(self.workers)
         self.workers.clear()
 
 
-def _spread(cfg: Config | EvalConfig) -> str | None:
+def spread_strategy(cfg: Config | EvalConfig) -> str | None:
     """Rollout workers and scorers spread over nodes: a lost node takes few of them."""
     return "SPREAD" if cfg.cluster.spread else None
 
@@ -489,7 +428,7 @@ class RayWorkers:
                 + ".\n"
                 + format_plan(plan, nodes)
             )
-        _check_namespace_free()
+        check_namespace_free()
         self.pool = RolloutPool(cfg)
         self.learner_restarts = 0
         self.scorer_restarts = 0
@@ -530,7 +469,7 @@ class RayWorkers:
     def _start_learners(self) -> None:
         """Rendezvous and build the engines of every learner group (their actors must be
         alive)."""
-        counts = _get_all([r for g in self.learners for r in g.start()],
+        counts = get_all([r for g in self.learners for r in g.start()],
                           [n for g in self.learners for n in g.names], "setup")  # fmt: skip
         self.param_counts = {}
         for group in self.learners:
@@ -549,16 +488,16 @@ class RayWorkers:
         # (the reference from the policy's own deterministic spec), so Ray may restart them and
         # retry the interrupted call.
         self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
-        self._cleanup.append(lambda: _kill(list(self.scorers.values())))
+        self._cleanup.append(lambda: kill_actors(list(self.scorers.values())))
         for name in [f"reference-{i}" for i in range(ref.num_replicas)] + [
             f"reward-{i}" for i in range(rew.num_replicas)
         ]:
-            self.scorers[name] = self._scorer(name, _spread(cfg))
+            self.scorers[name] = self._scorer(name, spread_strategy(cfg))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
         others = dict(self.scorers)
         for group in self.learners:
             others.update(group.handles)
-        _wait_ready(others, timeout)
+        wait_ready(others, timeout)
         self._start_learners()
         counts = self.policy.call("num_weight_buckets", cfg.sync.bucket_mb)
         self._num_buckets = self._learners("sync", counts)[0]
@@ -566,7 +505,7 @@ class RayWorkers:
             references = [h for n, h in self.scorers.items() if n.startswith("reference-")]
 
             def load(bucket: Any, index: int) -> None:
-                _get_all([r.load_bucket.remote(bucket) for r in references])
+                get_all([r.load_bucket.remote(bucket) for r in references])
 
             stream_buckets(self._num_buckets, self._gather_bucket, load)
 
@@ -576,13 +515,13 @@ class RayWorkers:
         cfg, tok = self.cfg, policy_tokenizer(self.cfg)
         if name.startswith("reference-"):
             ref = cfg.reference
-            return _actor(
+            return spawn_actor(
                 ReferenceScorer, name, ref.num_cpus, ref.num_gpus,
                 ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
                 chunk_size=ref.score_micro_batch_size, restarts=3, strategy=strategy,
             )  # fmt: skip
         rew = cfg.reward
-        return _actor(
+        return spawn_actor(
             RewardScorer, name, rew.num_cpus, rew.num_gpus, rew, tok,
             search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
             strategy=strategy,
@@ -596,10 +535,10 @@ class RayWorkers:
         timeout = self.cfg.train.phase_timeout_s
 
         def wait() -> Any:
-            _get_all(refs[1:], self.policy.names[1:], "sync", timeout)  # they return None
+            get_all(refs[1:], self.policy.names[1:], "sync", timeout)  # they return None
             ready, _ = ray.wait(refs[:1], fetch_local=False, timeout=timeout)
             # rank 0's answer is left unfetched: a cheap call tells whether rank 0 is alive
-            _get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
+            get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
                      timeout)  # fmt: skip
             if not ready:
                 _raise_late(self.policy.names[:1], "sync", timeout)
@@ -625,7 +564,7 @@ class RayWorkers:
             try:
                 self._make_learners(self.cfg)
                 handles = {n: h for g in self.learners for n, h in g.handles.items()}
-                _wait_ready(handles, self.cfg.cluster.actor_start_timeout_s)
+                wait_ready(handles, self.cfg.cluster.actor_start_timeout_s)
                 self._start_learners()
                 return
             except (ray.exceptions.RayActorError, LearnerLostError) as exc:
@@ -635,7 +574,7 @@ class RayWorkers:
     def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
         """Wait for one call per learner rank (policy ranks first, then any value ranks)."""
         names = [n for g in self.learners for n in g.names][: len(refs)]
-        return _get_all(refs, names, phase, self.cfg.train.phase_timeout_s)
+        return get_all(refs, names, phase, self.cfg.train.phase_timeout_s)
 
     def _restart_late_scorers(self, late: list[str]) -> bool:
         """Past the phase timeout: a late scorer is killed and Ray restarts it and retries its
@@ -662,7 +601,7 @@ class RayWorkers:
         node = self.pool.health.lost(old)
         cause = f"lost during score (node {node or 'unknown'}); its rows are scored again"
         self.pool.health.record(name, cause)
-        _kill([old])
+        kill_actors([old])
         role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
         for _ in range(10):  # Ray may take a moment to release the dead actor's name
             try:
@@ -714,7 +653,7 @@ class RayWorkers:
             + (self.value.call("values", ref) if self.value else [])
         )
         names = [*self.scorers, *(n for g in self.learners for n in g.names)]
-        out = _get_all(
+        out = get_all(
             refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
             lambda name: self._retry_scorer(name, parts),
         )  # fmt: skip
@@ -742,7 +681,7 @@ class RayWorkers:
         worker = self.pool.workers[version % len(self.pool.workers)]
         refs = self.policy.call("probe_logprobs") + [worker.probe_logprobs.remote(),
                                                      worker.ping.remote()]  # fmt: skip
-        learner, *_, sampled, worker_id = _get_all(refs)
+        learner, *_, sampled, worker_id = get_all(refs)
         return float((learner - sampled).abs().max()), worker_id
 
     def info(self) -> dict[str, float]:

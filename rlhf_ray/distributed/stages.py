@@ -14,7 +14,7 @@ import ray
 import torch
 
 from rlhf_ray.config import ClusterConfig
-from rlhf_ray.distributed.runtime import LearnerGroup, _get_all, _wait_ready
+from rlhf_ray.distributed.runtime import LearnerGroup, get_all, wait_ready
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import LearnerLostError, mean_stats
@@ -49,7 +49,7 @@ class RayStage:
                                   self.dist_timeout_s, learner_cfg=role.role_cfg,
                                   **role.kwargs)  # fmt: skip
         try:
-            _wait_ready(self.group.handles, timeout)
+            wait_ready(self.group.handles, timeout)
             counts = self._all("setup", self.group.start())
         except BaseException:
             self.group.kill()  # leave nothing pending or half-started behind
@@ -60,7 +60,7 @@ class RayStage:
     def _all(self, phase: str, refs: list) -> list:
         """Every rank's answer; a lost rank raises ``LearnerLostError`` naming the group."""
         try:
-            return _get_all(refs, self.group.names, phase)
+            return get_all(refs, self.group.names, phase)
         except ray.exceptions.RayActorError as exc:
             names = ", ".join(self.group.names)
             raise LearnerLostError(f"a learner of {names} died during {phase}") from exc

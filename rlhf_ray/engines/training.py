@@ -170,6 +170,11 @@ def init_distributed(
     """Join the learner group's process group (all five variables must be set, or DeepSpeed tries MPI)."""
     import deepspeed
 
+    from rlhf_ray.quiet import quiet_dependencies, skip_shm_comm_op
+
+    quiet_dependencies()
+    if backend == "gloo":
+        skip_shm_comm_op()
     os.environ.update(
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(master_port),

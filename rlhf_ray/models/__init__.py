@@ -11,7 +11,6 @@ from rlhf_ray.models.build import (
 )
 from rlhf_ray.models.logprobs import (
     last_token_index,
-    logprobs_from_logits,
     position_ids_from_mask,
     response_logprobs,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "disable_dropout",
     "last_token_index",
     "max_positions",
-    "logprobs_from_logits",
     "position_ids_from_mask",
     "preset_config",
     "read_score_stats",

@@ -25,7 +25,7 @@ from typing import Any
 from rlhf_ray.checkpoint import _fsync_dir, fsync_tree, truncate_metrics
 from rlhf_ray.config import to_yaml
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import _StageConfig
+from rlhf_ray.stage_config import StageConfigBase
 from rlhf_ray.workers.interface import LearnerLostError
 
 PARTS = ("state", "config.yaml", "stage_state.json")  # stage_state.json is written last
@@ -47,7 +47,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in found if all((p / part).exists() for part in PARTS))
 
 
-def save_stage_checkpoint(workers: Any, cfg: _StageConfig, run_dir: Path, state: dict) -> Path:
+def save_stage_checkpoint(workers: Any, cfg: StageConfigBase, run_dir: Path, state: dict) -> Path:
     """Write ``checkpoints/step_XXXXXX`` atomically, then keep the last ``keep_last``."""
     root = run_dir / "checkpoints"
     final = root / f"step_{state['step']:06d}"
@@ -80,7 +80,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_stage_resumable(checkpoint: Path, cfg: _StageConfig) -> None:
+def check_stage_resumable(checkpoint: Path, cfg: StageConfigBase) -> None:
     """Refuse to resume with settings that change the steps the stage takes."""
     import yaml
 
@@ -99,7 +99,7 @@ def check_stage_resumable(checkpoint: Path, cfg: _StageConfig) -> None:
         )
 
 
-def prepare_resume(cfg: _StageConfig, run_dir: Path) -> Path | None:
+def prepare_resume(cfg: StageConfigBase, run_dir: Path) -> Path | None:
     """Before the metrics log opens: the newest complete checkpoint (None: start over), its
     config checked, and the metric rows of later steps dropped (the resumed run writes them
     again)."""
@@ -123,7 +123,7 @@ def restore(workers: Any, checkpoint: Path | None) -> int:
     return int(json.loads((checkpoint / "stage_state.json").read_text())["step"])
 
 
-def saver(workers: Any, cfg: _StageConfig, run_dir: Path) -> Callable[[int, int, int], None]:
+def saver(workers: Any, cfg: StageConfigBase, run_dir: Path) -> Callable[[int, int, int], None]:
     """``on_step(step, epoch, index)`` of ``train_epochs``: a checkpoint every K steps."""
 
     def on_step(step: int, epoch: int, index: int) -> None:
@@ -136,7 +136,7 @@ def saver(workers: Any, cfg: _StageConfig, run_dir: Path) -> Callable[[int, int,
 
 
 def run_stage_recovering(
-    run: Callable[..., Any], cfg: _StageConfig, workers: Any, run_dir: Path, resume: bool
+    run: Callable[..., Any], cfg: StageConfigBase, workers: Any, run_dir: Path, resume: bool
 ) -> Any:
     """``run(cfg, workers, run_dir, resume)``; after a lost learner rank the group is
     restarted (``workers.restart()``) and the stage resumes from its newest checkpoint."""

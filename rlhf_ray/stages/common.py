@@ -18,7 +18,7 @@ from rlhf_ray.config import LoggingConfig, to_yaml
 from rlhf_ray.data.stage_data import held_out_split
 from rlhf_ray.errors import UserError
 from rlhf_ray.metrics import MetricsLog, PhaseTimer, open_metrics_log
-from rlhf_ray.stage_config import StageTrainConfig, _StageConfig, _StageData
+from rlhf_ray.stage_config import StageConfigBase, StageDataBase, StageTrainConfig
 from rlhf_ray.workers.interface import StageWorkers
 
 Item = TypeVar("Item")
@@ -31,7 +31,7 @@ class StageResult:
     final: dict[str, float] = field(default_factory=dict)  # the last epoch's figures
 
 
-def start_run(cfg: _StageConfig, run_dir: Path) -> tuple[MetricsLog, PhaseTimer]:
+def start_run(cfg: StageConfigBase, run_dir: Path) -> tuple[MetricsLog, PhaseTimer]:
     """Create ``run_dir``, write ``config.yaml``, open ``metrics.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -71,7 +71,7 @@ def prefixed(stats: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def split_examples(
-    data: _StageData, seed: int, load: Callable[[str], Sequence[Item]]
+    data: StageDataBase, seed: int, load: Callable[[str], Sequence[Item]]
 ) -> tuple[list[Item], list[Item]]:
     """``(train, eval)``: ``data.path`` and ``data.eval_path``, or a seeded held-out
     ``data.eval_fraction`` of ``data.path``. ``load(path)`` reads one source."""

@@ -37,10 +37,10 @@ from rlhf_ray.algo import (
     win_rate,
     win_rate_interval,
 )
+from rlhf_ray.batches import PromptTexts, check_rollout, tokenize_prompts
+from rlhf_ray.chat_format import render_transcript
 from rlhf_ray.config import ConfigError, load_config, to_yaml
-from rlhf_ray.data.preference import render_transcript
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set
-from rlhf_ray.driver import PromptTexts, check_rollout, tokenize_prompts
 from rlhf_ray.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start
@@ -270,6 +270,26 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
                    "time/step": time.perf_counter() - started})  # fmt: skip
 
     # 4. report: eval.json (figures), eval.md (figures + sample table), samples.jsonl (all)
+    summary = write_report(cfg, rows, run_dir, dropped)
+    log.close()
+    if summary["warning"]:
+        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
+    print(
+        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
+        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
+        f"[{summary['win_rate_ci_low']:.3f}, {summary['win_rate_ci_high']:.3f}], "
+        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
+        flush=True,
+    )
+    return summary
+
+
+def write_report(
+    cfg: EvalConfig, rows: list[dict[str, Any]], run_dir: Path, dropped: int
+) -> dict[str, Any]:
+    """``eval.json`` (the figures), ``eval.md`` (figures and a sample table) and
+    ``samples.jsonl`` (every pair); returns the figures. ``dropped``: the prompts left out
+    because the policy's PPO run trained on them."""
     summary: dict[str, Any] = {
         **summarize(rows),
         "kl_estimator": cfg.eval.kl_estimator,
@@ -285,14 +305,4 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
     (run_dir / "eval.md").write_text(eval_markdown(summary, rows, cfg.eval.table_rows))
     with (run_dir / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    log.close()
-    if summary["warning"]:
-        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
-    print(
-        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
-        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
-        f"[{summary['win_rate_ci_low']:.3f}, {summary['win_rate_ci_high']:.3f}], "
-        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
-        flush=True,
-    )
     return summary

@@ -59,7 +59,7 @@ class NonFiniteLossError(UserError):
     """``train.max_bad_steps`` updates in a row had a non-finite loss or gradient."""
 
 
-class _Rank:
+class LearnerRank:
     """What both learners share: the engine, their rows of a batch, the PPO epoch loop."""
 
     def __init__(
@@ -294,7 +294,7 @@ class _Rank:
         return self.rank
 
 
-class PolicyLearner(_Rank):
+class PolicyLearner(LearnerRank):
     """The policy under DeepSpeed ZeRO (or plain torch), one rank of a data-parallel group."""
 
     def __init__(
@@ -425,7 +425,7 @@ class PolicyLearner(_Rank):
         return stats
 
 
-class ValueLearner(_Rank):
+class ValueLearner(LearnerRank):
     """The critic (backbone + scalar head), one rank of a data-parallel group."""
 
     def __init__(

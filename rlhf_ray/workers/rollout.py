@@ -9,7 +9,6 @@ from rlhf_ray.models import (
     build_causal_lm,
     default_device,
     response_logprobs,
-    state_dict_from_numpy,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.tokenization import build_tokenizer
@@ -49,11 +48,6 @@ class RolloutGenerator:
         self.micro_batch_size = rollout_cfg.micro_batch_size
         self.version = -1  # no weights received yet
         self._loading: tuple[int, set[int]] | None = None  # (version, buckets received)
-
-    def set_weights(self, weights: NumpyWeights, version: int) -> int:
-        self.model.load_state_dict(state_dict_from_numpy(weights))
-        self.version = version
-        return version
 
     def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
         """Bucket ``index`` of ``count`` of weights ``version``, loaded tensor by tensor. The

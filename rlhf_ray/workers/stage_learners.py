@@ -1,11 +1,11 @@
 """SFTLearner and RewardLearner: the learner ranks of ``rlhf-ray sft`` and ``train-rm``.
 
-Both are the PPO learners' ``_Rank`` (same engines, process group, weight gathering and
+Both are the PPO learners' ``LearnerRank`` (same engines, process group, weight gathering and
 Hugging Face saving) with a stage loss. Every rank holds the whole tokenized train and eval sets
 (``load_data``, once). Step ``s`` of epoch ``e`` trains on rows ``perm_e[s*B : (s+1)*B]`` of a
 permutation seeded by (seed, epoch), identical on every rank; each rank takes its contiguous
 share and scales its loss so that the rank-averaged gradient is the gradient of the mean over
-the global minibatch (a token mean for SFT, a pair mean for the RM), as ``_Rank.run_epochs``
+the global minibatch (a token mean for SFT, a pair mean for the RM), as ``LearnerRank.run_epochs``
 does for PPO; reported step stats are weighted the same way. So 1 rank and N ranks take the
 same steps and report the same figures (up to float rounding). A last partial
 batch of an epoch is dropped.
@@ -27,10 +27,10 @@ from rlhf_ray.algo import bradley_terry_loss, sft_loss
 from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PairBatch, Rows, SFTBatch
-from rlhf_ray.workers.learners import _Rank
+from rlhf_ray.workers.learners import LearnerRank
 
 
-class _StageRank(_Rank):
+class _StageRank(LearnerRank):
     """What both stage learners share: the data, the rows of a step, one step, evaluation."""
 
     def __init__(

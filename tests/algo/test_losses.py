@@ -9,7 +9,7 @@ from rlhf_ray.algo import (
     aggregation_weight,
     entropy_from_logits,
     kl_loss,
-    masked_entropy,
+    masked_mean,
     policy_loss,
     value_loss,
 )
@@ -73,7 +73,8 @@ def test_masked_entropy_averages_valid_tokens():
     logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0]), torch.zeros(4)])[None]
     mask = torch.tensor([[1, 1, 0]])
     # (ln 4 + 0) / 2 = 0.693147; the third (uniform) token is masked out
-    assert masked_entropy(logits, mask).item() == pytest.approx(math.log(4) / 2, abs=1e-6)
+    mean = masked_mean(entropy_from_logits(logits), mask)
+    assert mean.item() == pytest.approx(math.log(4) / 2, abs=1e-6)
 
 
 # -- loss aggregation and the KL loss -----------------------------------------------------------

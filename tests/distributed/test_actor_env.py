@@ -72,7 +72,7 @@ def test_each_role_gets_the_accelerator_of_its_resources(started):
         if role.group:
             runtime.LearnerGroup(role.role, PolicyLearner, getattr(cfg, role.role), 60, 60)
         else:
-            runtime._actor(PolicyLearner, f"{role.role}-0", role.cpus, role.gpus)
+            runtime.spawn_actor(PolicyLearner, f"{role.role}-0", role.cpus, role.gpus)
         env = {o["runtime_env"]["env_vars"]["DS_ACCELERATOR"] for o in started.options}
         want = "cuda" if role.gpus > 0 else "cpu"
         assert env == {want}, f"{role.role} ({role.gpus:g} GPUs) got DS_ACCELERATOR {env}"

@@ -12,11 +12,20 @@ from rlhf_ray.config import ModelSpec, TokenizerConfig
 from rlhf_ray.models import (
     build_causal_lm,
     last_token_index,
-    logprobs_from_logits,
     position_ids_from_mask,
     response_logprobs,
 )
 from rlhf_ray.tokenization import build_tokenizer
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """The reference: ``logits (B, T, V)``, ``labels (B, T)`` -> ``(B, T)`` log p(label) at that
+    temperature, from the whole logits at once (the package chunks them)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
 
 PROMPTS = ["Tell me a story", "Hi", "What is the capital of France?"]
 R = 5

@@ -1,0 +1,50 @@
+"""The package's import graph keeps its shape (tools/house.py): no import circle, no import
+running upward (algo/ stays pure, the tokenizer below data/, the PPO loop imported only by its
+callers, ray only in distributed/ and cli.py), and no module importing another's private name."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "house.py"
+
+
+def load_house():
+    spec = importlib.util.spec_from_file_location("house", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["house"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+house = load_house()
+
+
+def test_no_import_circles():
+    assert house.cycles(house.survey().imports) == []
+
+
+def test_no_layering_rule_broken():
+    assert house.broken_rules(house.survey()) == []
+
+
+def test_no_private_name_imported_across_modules():
+    assert house.survey().private == []
+
+
+def test_the_survey_sees_a_circle_a_private_import_and_an_upward_import(tmp_path):
+    """The checks can fail: a made-up package with each fault is caught."""
+    package = tmp_path / "rlhf_ray"
+    (package / "algo").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "algo" / "__init__.py").write_text("from rlhf_ray.config import Config\n")
+    (package / "config.py").write_text("def f():\n    from rlhf_ray.driver import _loop\n")
+    (package / "driver.py").write_text("import ray\nfrom rlhf_ray import config\n")
+    found = house.survey(package)
+    assert house.cycles(found.imports) == [["rlhf_ray.config", "rlhf_ray.driver"]]
+    assert found.private == ["rlhf_ray.config imports rlhf_ray.driver._loop"]
+    broken = house.broken_rules(found)
+    assert any(b.startswith("rlhf_ray.algo imports rlhf_ray.config") for b in broken)
+    assert "rlhf_ray.driver imports ray: only distributed/ and cli.py may" in broken
