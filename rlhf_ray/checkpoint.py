@@ -81,14 +81,14 @@ def save_checkpoint(
         shutil.rmtree(replaced, ignore_errors=True)
         final.rename(replaced)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(replaced, ignore_errors=True)
     for old in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
         shutil.rmtree(old)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -103,7 +103,7 @@ def fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 CRITIC_PARTS = ("value", "value_state")  # absent when algo.estimator is critic-free

@@ -142,7 +142,7 @@ def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
 
 
 def _prompt_columns(cfg: Config, tokenizer: Tokenizer) -> list[dict[str, Any]]:
-    from rlhf_ray.driver import build_prompts
+    from rlhf_ray.batches import build_prompts
 
     return build_prompts(cfg, tokenizer).columns
 

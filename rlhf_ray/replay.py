@@ -153,12 +153,12 @@ def _train_all_ranks(
 
     import torch.distributed as dist
 
-    from rlhf_ray.workers.inprocess import _free_port
+    from rlhf_ray.workers.inprocess import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the spawned ranks inherit it
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     args = (cfg, role, checkpoint, batch_path, round_index, on_ray)
     peers = [
         context.Process(target=_peer, args=(queue, *args, rank, world, port), daemon=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.checkpoint import _fsync_dir, fsync_tree, truncate_metrics
+from rlhf_ray.checkpoint import fsync_dir, fsync_tree, truncate_metrics
 from rlhf_ray.config import to_yaml
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import StageConfigBase
@@ -63,7 +63,7 @@ def save_stage_checkpoint(workers: Any, cfg: StageConfigBase, run_dir: Path, sta
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
     for stale in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
         shutil.rmtree(stale)

@@ -31,7 +31,7 @@ from rlhf_ray.workers.sync import stream_buckets
 from rlhf_ray.workers.vllm_rollout import generator_class
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -78,7 +78,7 @@ def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # one process can hold one process group: both learners share a world of size 1
-        policy.init_process_group("127.0.0.1", _free_port(), cfg.train.dist_timeout_s)
+        policy.init_process_group("127.0.0.1", free_port(), cfg.train.dist_timeout_s)
     policy.setup()
     if value:
         value.setup()
@@ -198,7 +198,7 @@ class InProcessStage:
         self.learner = role.cls(role.role_cfg, **role.kwargs)
         if role.role_cfg.engine == "deepspeed":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            self.learner.init_process_group("127.0.0.1", _free_port(), dist_timeout_s)
+            self.learner.init_process_group("127.0.0.1", free_port(), dist_timeout_s)
         self.learner.setup()
 
     def load_data(self, train: Rows, eval_set: Rows | None) -> None:
