@@ -253,7 +253,7 @@ def nccl_learner(cfg, vocab: int) -> dict[str, Any]:
     import ray
 
     from rlhf_ray.config import policy_tokenizer
-    from rlhf_ray.distributed.runtime import LearnerGroup
+    from rlhf_ray.distributed.learner_group import LearnerGroup
     from rlhf_ray.workers.learners import PolicyLearner
 
     role = cfg.policy.model_copy(update={"num_gpus_per_rank": 1.0})

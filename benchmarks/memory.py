@@ -72,7 +72,10 @@ import ray
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.distributed.runtime import LearnerGroup, RayWorkers, RolloutPool, get_all
+from rlhf_ray.distributed.actors import get_all
+from rlhf_ray.distributed.learner_group import LearnerGroup
+from rlhf_ray.distributed.rollout_pool import RolloutPool
+from rlhf_ray.distributed.runtime import RayWorkers
 from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
 from rlhf_ray.models import build_causal_lm
 from rlhf_ray.tokenization import build_tokenizer
@@ -168,9 +171,9 @@ def start_group(cfg) -> LearnerGroup:
         tokenizer_cfg=cfg.tokenizer, temperature=1.0, seed=0,
     )  # fmt: skip
     strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(group.pg, 0)
-    from rlhf_ray.distributed.runtime import _rendezvous_address
+    from rlhf_ray.distributed.learner_group import rendezvous_address
 
-    addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
+    addr, port = ray.get(rendezvous_address.options(scheduling_strategy=strategy).remote())
     get_all(group.call("init_process_group", addr, port, 600, "gloo"))
     return group
 

@@ -14,9 +14,7 @@ from typing import Any
 import ray
 import torch
 
-from rlhf_ray.distributed.cluster import cluster_nodes
-from rlhf_ray.distributed.runtime import (
-    RolloutPool,
+from rlhf_ray.distributed.actors import (
     check_namespace_free,
     get_all,
     kill_actors,
@@ -24,6 +22,8 @@ from rlhf_ray.distributed.runtime import (
     spread_strategy,
     wait_ready,
 )
+from rlhf_ray.distributed.cluster import cluster_nodes
+from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
 from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout

@@ -18,7 +18,6 @@ resume state.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,132 +25,39 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.accelerator import actor_env
 from rlhf_ray.config import (
     Config,
-    ModelSpec,
-    TokenizerConfig,
     has_critic,
     optimizer_steps,
     policy_optimizer_steps,
     policy_tokenizer,
     value_init_spec,
 )
+from rlhf_ray.distributed.actors import (
+    check_namespace_free,
+    get_all,
+    kill_actors,
+    raise_late,
+    spawn_actor,
+    spread_strategy,
+    wait_ready,
+)
 from rlhf_ray.distributed.cluster import cluster_nodes
+from rlhf_ray.distributed.learner_group import LearnerGroup
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
-from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
+from rlhf_ray.distributed.replacement import MAX_TRIES
+from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import EvalConfig
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     LearnerLostError,
     mean_stats,
-    round_seed,
-    shard_rows,
     split_rows,
 )
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.sync import stream_buckets
-from rlhf_ray.workers.vllm_rollout import generator_class
-
-
-def _threads(cpus: float) -> int:
-    """Never more torch threads than the actor's CPU share (measured: 2 actors x 2 threads on 2 cores ran ~5x slower)."""
-    return max(1, int(cpus))
-
-
-def _env(cpus: float, gpus: float) -> dict[str, Any]:
-    env: dict[str, str] = actor_env(gpus)  # the accelerator, explicit (rlhf_ray/accelerator.py)
-    env["OMP_NUM_THREADS"] = str(_threads(cpus))
-    return {"env_vars": env}
-
-
-def kill_actors(handles: list[Any], timeout_s: float = 30.0) -> None:
-    """Kill actors and wait until Ray has released them (and so their names)."""
-    for h in handles:
-        ray.kill(h)
-    deadline = time.monotonic() + timeout_s
-    for h in handles:
-        ping, patience = h.ping.remote(), time.monotonic() + 5.0
-        while time.monotonic() < min(deadline, patience):
-            try:  # every ping is fetched: one dropped unfetched is printed as an unhandled
-                ray.get(ping, timeout=1)  # "killed by ray.kill" error when Ray collects it
-            except ray.exceptions.GetTimeoutError:
-                continue  # the same ping, waited on again (an unreachable actor: 5 s at most)
-            except ray.exceptions.RayActorError:
-                break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
-            time.sleep(0.1)  # answered before the kill took effect: ask again
-            ping = h.ping.remote()
-
-
-def check_namespace_free() -> None:
-    """Actor names are unique per namespace: say so clearly if another run holds them."""
-    try:
-        ray.get_actor("policy-0")
-    except ValueError:
-        return
-    namespace = ray.get_runtime_context().namespace
-    raise UserError(
-        f"another run's actors (policy-0, ...) are alive in Ray namespace {namespace!r} of this "
-        "cluster: wait for that run to end, or give this one its own cluster.namespace"
-    )
-
-
-class PhaseTimeoutError(UserError):
-    """Some actors of a phase did not answer within ``train.phase_timeout_s``."""
-
-
-def _is_learner(name: str) -> bool:
-    return name.startswith(("policy-", "value-"))
-
-
-def get_all(
-    refs: list[Any],
-    names: list[str] | None = None,
-    phase: str = "",
-    timeout_s: float | None = None,
-    on_timeout: Callable[[list[str]], bool] | None = None,
-    resubmit: Callable[[str], Any] | None = None,
-) -> list[Any]:
-    """``ray.get`` of one phase that fails as soon as any call fails: the peers of a dead
-    learner rank would otherwise be waited on until the collective timeout.
-
-    Waits at most ``timeout_s`` (between answers of a late actor's restarts): past it,
-    ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
-    late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
-    learner (``names`` given) raises ``LearnerLostError`` naming it and the phase; the call of
-    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref."""
-    refs = list(refs)
-    label = dict(zip(refs, names or [""] * len(refs), strict=True))
-    slot = {r: i for i, r in enumerate(refs)}
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            late = [label[r] for r in pending]
-            if on_timeout is not None and on_timeout(late):
-                deadline = time.monotonic() + (timeout_s or 0.0)
-                continue
-            _raise_late(late, phase, timeout_s)
-        try:
-            ray.get(ready)
-        except ray.exceptions.RayActorError:  # also ActorUnavailableError (a lost node)
-            name = label[ready[0]]
-            if _is_learner(name):
-                raise LearnerLostError(f"learner {name} died during {phase}") from None
-            again = resubmit(name) if resubmit is not None else None
-            if again is None:
-                raise
-            refs[slot[ready[0]]] = again
-            label[again], slot[again] = name, slot[ready[0]]
-            pending.append(again)
-    return ray.get(refs)
 
 
 def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
@@ -160,257 +66,6 @@ def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
     if name.startswith("reference-"):
         return scorer.logprobs.remote(rows_ref)
     return scorer.score_parts.remote(rows_ref)
-
-
-def _raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
-    named = ", ".join(n or "an actor" for n in late)
-    message = (f"{named} did not answer within train.phase_timeout_s={timeout_s:g}s "
-               f"during {phase}")  # fmt: skip
-    if any(_is_learner(n) for n in late):
-        raise LearnerLostError(message)
-    raise PhaseTimeoutError(message)
-
-
-def wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
-    """Wait until every named actor answers ``ping``; a clear error if some stay pending."""
-    refs = {h.ping.remote(): name for name, h in handles.items()}
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    ray.get(ready)  # surface constructor errors
-    if pending:
-        names = ", ".join(refs[r] for r in pending)
-        raise UserError(
-            f"actors still pending after {timeout_s:g}s (cluster.actor_start_timeout_s): {names}. "
-            "The cluster cannot schedule them; check `rlhf-ray plan` and the Ray dashboard."
-        )
-
-
-def spawn_actor(
-    cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0,
-    strategy: Any = None, **kwargs: Any,
-) -> Any:  # fmt: skip
-    """A named actor of ``cls`` with its resources and at most its CPU share of threads;
-    ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only);
-    ``strategy`` places it (a placement-group bundle)."""
-    return (
-        ray.remote(cls)
-        .options(name=name, num_cpus=cpus, num_gpus=gpus, runtime_env=_env(cpus, gpus),
-                 max_restarts=restarts, max_task_retries=restarts, scheduling_strategy=strategy)
-        .remote(*args, num_threads=_threads(cpus), **kwargs)
-    )  # fmt: skip
-
-
-@ray.remote(num_cpus=0)
-def _rendezvous_address() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
-
-
-class LearnerGroup:
-    """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
-
-    def __init__(
-        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
-        resources: dict[str, float] | None = None, **kwargs: Any,
-    ):  # fmt: skip
-        n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
-        # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
-        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
-        if not self.pg.wait(timeout_seconds=int(timeout_s)):
-            remove_placement_group(self.pg)
-            raise UserError(
-                f"the {role} placement group ({n} x {bundle}) could not be placed on one node "
-                f"within {timeout_s:g}s: a learner group's ranks share a node (STRICT_PACK), so "
-                f"one node needs {n * cpus:g} CPUs and {n * gpus:g} GPUs free; lower "
-                f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
-            )
-        self.actors = [
-            spawn_actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
-                   strategy=PlacementGroupSchedulingStrategy(self.pg, rank), **kwargs)
-            for rank in range(n)
-        ]  # fmt: skip
-        self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
-        self.names = list(self.handles)
-        self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
-        self._alive = True
-
-    def start(self) -> list[Any]:
-        """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
-        strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
-        addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy).remote())
-        backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
-                 self.names, "rendezvous")  # fmt: skip
-        return [a.setup.remote() for a in self.actors]
-
-    def call(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(a, method).remote(*args) for a in self.actors]
-
-    def kill(self) -> None:
-        if self._alive:
-            self._alive = False
-            kill_actors(self.actors)
-            remove_placement_group(self.pg)
-
-
-class RolloutPool:
-    """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
-
-    The pool keeps the object refs of every bucket of the latest weights it was sent (in the
-    object store, not in any process), so a worker that joins (a resize, or the replacement of
-    a dead one, also in the middle of a sync) receives all of them before it generates. Ids
-    are never reused.
-    """
-
-    def __init__(
-        self,
-        cfg: Config | EvalConfig,
-        model_spec: ModelSpec | None = None,
-        tokenizer_cfg: TokenizerConfig | None = None,
-        prefix: str = "rollout",
-        seed: int | None = None,
-    ):
-        """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
-        pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
-        self.cfg = cfg
-        self.from_sync = model_spec is None  # PPO's workers get the policy's weights by sync
-        if model_spec is None or tokenizer_cfg is None or seed is None:
-            assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
-            model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
-            seed = cfg.train.seed
-        self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
-        self.prefix = prefix
-        self.timeout_s = (
-            cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
-        )
-        self.workers: list[Any] = []
-        self.restarts = 0
-        self.health = NodeHealth()  # where replacements go; counts them
-        self._next_id = 0
-        self._version = -1
-        self._count = 0  # buckets of `_version`
-        self._buckets: list[Any] = []  # object refs of the buckets received so far
-
-    def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
-        r = self.cfg.rollout
-        name = f"{self.prefix}-{self._next_id}"
-        handle = spawn_actor(
-            generator_class(r), name, r.num_cpus_per_worker, r.num_gpus_per_worker,
-            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=strategy or spread_strategy(self.cfg), from_sync=self.from_sync,
-        )  # fmt: skip
-        self._next_id += 1
-        return name, handle
-
-    def grow(self, n: int, strategy: Any = None) -> None:
-        """Add ``n`` workers, ready and holding the current weights; none if they cannot start
-        (the nodes of those that died meanwhile are avoided from then on)."""
-        new = dict(self._spawn(strategy) for _ in range(n))
-        try:
-            wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
-                     for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
-        except BaseException as exc:
-            if isinstance(exc, ray.exceptions.RayActorError):
-                for handle in new.values():
-                    self.health.lost(handle)
-            kill_actors(list(new.values()))
-            raise
-        self.workers.extend(new.values())
-
-    def shrink(self, n: int) -> None:
-        """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
-        extra = self.workers[n:]
-        del self.workers[n:]
-        kill_actors(extra)
-
-    def begin(self, version: int, count: int) -> None:
-        """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
-        self._version, self._count, self._buckets = version, count, []
-
-    def load_bucket(self, bucket_ref: Any, index: int) -> None:
-        """Every worker loads bucket ``index``; one that died or is late is replaced (the
-        replacement gets every bucket received so far, this one included)."""
-        assert index == len(self._buckets), "buckets arrive in order"
-        self._buckets.append(bucket_ref)
-        args = (bucket_ref, self._version, index, self._count)
-        refs = [w.load_bucket.remote(*args) for w in self.workers]
-        deadline = time.monotonic() + self.timeout_s
-        for worker, ref in enumerate(refs):
-            try:
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except ray.exceptions.RayActorError:
-                self._replace(worker, "died while loading weights")
-            except ray.exceptions.GetTimeoutError:
-                self._replace(worker, "did not load weights within train.phase_timeout_s")
-
-    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
-        """One shard per worker. A worker that dies is replaced (with the current weights) and
-        its shard redone with the same seed: no prompt is lost or sampled twice."""
-        parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
-        seeds = [round_seed(self.seed, round_index)] * len(parts)  # rows seed by index
-        pending = {
-            self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
-            for i, rows in enumerate(parts)
-        }
-        done: dict[int, Rollout] = {}
-
-        def redo(shard: int, why: str) -> None:
-            self._replace(shard, f"{why}; its shard is redone")
-            work = prompts.select(parts[shard])
-            pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
-
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            left = max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not ready:  # the late ones are treated as dead: replaced, their shards redone
-                for shard in [pending.pop(ref) for ref in list(pending)]:
-                    redo(shard, "did not answer within train.phase_timeout_s")
-                deadline = time.monotonic() + self.timeout_s
-                continue
-            shard = pending.pop(ready[0])
-            try:
-                done[shard] = ray.get(ready[0])
-            except ray.exceptions.RayActorError:
-                redo(shard, "died while generating")
-        return [done[i] for i in range(len(parts))]
-
-    def _replace(self, index: int, why: str) -> None:
-        """A fresh worker, holding the current weights, takes the place of a lost one; it is
-        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
-        dies before it is ready, at most ``MAX_TRIES`` times."""
-        if self.restarts >= 10 * len(self.workers):
-            raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
-        lost = self.workers.pop(index)
-        node = self.health.lost(lost)
-        kill_actors([lost])
-        cause = f"{why} (node {node or 'unknown'})"
-        for _ in range(MAX_TRIES):
-            self.restarts += 1
-            self.health.record(f"rollout worker {index}", cause)
-            try:
-                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                cause = f"its replacement died before it was ready ({type(exc).__name__})"
-        else:
-            raise RuntimeError(
-                f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
-                "were ready"
-            )
-        self.workers.insert(index, self.workers.pop())
-
-    def kill(self) -> None:
-        kill_actors(self.workers)
-        self.workers.clear()
-
-
-def spread_strategy(cfg: Config | EvalConfig) -> str | None:
-    """Rollout workers and scorers spread over nodes: a lost node takes few of them."""
-    return "SPREAD" if cfg.cluster.spread else None
 
 
 class RayWorkers:
@@ -541,7 +196,7 @@ class RayWorkers:
             get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
                      timeout)  # fmt: skip
             if not ready:
-                _raise_late(self.policy.names[:1], "sync", timeout)
+                raise_late(self.policy.names[:1], "sync", timeout)
             return refs[0]
 
         return wait

@@ -14,7 +14,8 @@ import ray
 import torch
 
 from rlhf_ray.config import ClusterConfig
-from rlhf_ray.distributed.runtime import LearnerGroup, get_all, wait_ready
+from rlhf_ray.distributed.actors import get_all, wait_ready
+from rlhf_ray.distributed.learner_group import LearnerGroup
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import LearnerLostError, mean_stats

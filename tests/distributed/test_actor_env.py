@@ -15,7 +15,7 @@ import torch
 
 from rlhf_ray.accelerator import AcceleratorError, default_device
 from rlhf_ray.config import load_config
-from rlhf_ray.distributed import runtime
+from rlhf_ray.distributed import actors, learner_group
 from rlhf_ray.distributed.plan import resource_plan
 from rlhf_ray.workers.learners import PolicyLearner
 
@@ -60,8 +60,8 @@ class _PlacementGroup:
 def started(monkeypatch) -> _Recorder:
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the starting process may hold
     recorder = _Recorder()
-    monkeypatch.setattr(runtime.ray, "remote", recorder)
-    monkeypatch.setattr(runtime, "placement_group", _PlacementGroup)
+    monkeypatch.setattr(actors.ray, "remote", recorder)
+    monkeypatch.setattr(learner_group, "placement_group", _PlacementGroup)
     return recorder
 
 
@@ -70,9 +70,9 @@ def test_each_role_gets_the_accelerator_of_its_resources(started):
     for role in resource_plan(cfg):
         started.options.clear()
         if role.group:
-            runtime.LearnerGroup(role.role, PolicyLearner, getattr(cfg, role.role), 60, 60)
+            learner_group.LearnerGroup(role.role, PolicyLearner, getattr(cfg, role.role), 60, 60)
         else:
-            runtime.spawn_actor(PolicyLearner, f"{role.role}-0", role.cpus, role.gpus)
+            actors.spawn_actor(PolicyLearner, f"{role.role}-0", role.cpus, role.gpus)
         env = {o["runtime_env"]["env_vars"]["DS_ACCELERATOR"] for o in started.options}
         want = "cuda" if role.gpus > 0 else "cpu"
         assert env == {want}, f"{role.role} ({role.gpus:g} GPUs) got DS_ACCELERATOR {env}"
@@ -82,7 +82,7 @@ def test_each_role_gets_the_accelerator_of_its_resources(started):
 
 def test_learner_ranks_are_placed_on_one_node(started):
     cfg = load_config(None, GPU_RUN)
-    group = runtime.LearnerGroup("policy", PolicyLearner, cfg.policy, 60, 60)
+    group = learner_group.LearnerGroup("policy", PolicyLearner, cfg.policy, 60, 60)
     assert group.pg.strategy == "STRICT_PACK"
 
 

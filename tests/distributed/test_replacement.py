@@ -55,11 +55,11 @@ def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypa
     import ray
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.distributed import runtime
+    from rlhf_ray.distributed import rollout_pool
 
-    pool = runtime.RolloutPool(load_config(None, ["rollout.num_workers=3"]))
+    pool = rollout_pool.RolloutPool(load_config(None, ["rollout.num_workers=3"]))
     pool.workers = ["w0", "w1", "w2"]
-    monkeypatch.setattr(runtime, "kill_actors", lambda handles: None)
+    monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
     monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
     monkeypatch.setattr(NodeHealth, "strategy", lambda self, cpus: None)
     deaths = iter([True, True, False])  # two replacements die on the dying node, then one lives

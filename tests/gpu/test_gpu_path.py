@@ -103,7 +103,7 @@ def gpu_run(llama_dir, *overrides: str):
 def test_each_actor_runs_on_the_accelerator_ray_gave_it(gpu_ray):
     import ray
 
-    from rlhf_ray.distributed.runtime import _actor
+    from rlhf_ray.distributed.actors import spawn_actor
 
     class Probe:
         def __init__(self, num_threads: int | None = None):
@@ -120,8 +120,8 @@ def test_each_actor_runs_on_the_accelerator_ray_gave_it(gpu_ray):
                 get_accelerator().device_name(),
             )
 
-    on_gpu = _actor(Probe, "probe-gpu", 0.5, 0.1)
-    on_cpu = _actor(Probe, "probe-cpu", 0.5, 0)
+    on_gpu = spawn_actor(Probe, "probe-gpu", 0.5, 0.1)
+    on_cpu = spawn_actor(Probe, "probe-cpu", 0.5, 0)
     try:
         assert ray.get(on_gpu.report.remote()) == ("cuda", "cuda:0", "cuda")
         assert ray.get(on_cpu.report.remote()) == ("cpu", "cpu", "cpu")

@@ -1,0 +1,74 @@
+"""``LearnerGroup``: ``num_ranks`` learner actors of one role in a strictly packed placement
+group, joined by torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.distributed.actors import (
+    get_all,
+    kill_actors,
+    spawn_actor,
+)
+from rlhf_ray.errors import UserError
+
+
+@ray.remote(num_cpus=0)
+def rendezvous_address() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+class LearnerGroup:
+    """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
+
+    def __init__(
+        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
+        resources: dict[str, float] | None = None, **kwargs: Any,
+    ):  # fmt: skip
+        n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
+        # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
+        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
+        if not self.pg.wait(timeout_seconds=int(timeout_s)):
+            remove_placement_group(self.pg)
+            raise UserError(
+                f"the {role} placement group ({n} x {bundle}) could not be placed on one node "
+                f"within {timeout_s:g}s: a learner group's ranks share a node (STRICT_PACK), so "
+                f"one node needs {n * cpus:g} CPUs and {n * gpus:g} GPUs free; lower "
+                f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
+            )
+        self.actors = [
+            spawn_actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
+                   strategy=PlacementGroupSchedulingStrategy(self.pg, rank), **kwargs)
+            for rank in range(n)
+        ]  # fmt: skip
+        self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
+        self.names = list(self.handles)
+        self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
+        self._alive = True
+
+    def start(self) -> list[Any]:
+        """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
+        strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
+        addr, port = ray.get(rendezvous_address.options(scheduling_strategy=strategy).remote())
+        backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
+        get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+                 self.names, "rendezvous")  # fmt: skip
+        return [a.setup.remote() for a in self.actors]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def kill(self) -> None:
+        if self._alive:
+            self._alive = False
+            kill_actors(self.actors)
+            remove_placement_group(self.pg)

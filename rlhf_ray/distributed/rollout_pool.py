@@ -1,0 +1,184 @@
+"""``RolloutPool``: the rollout workers, resizable and independent of the learners; it
+streams weight buckets to them, splits a round over them and replaces a lost one
+(``distributed/replacement.py`` chooses where)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from rlhf_ray.config import (
+    Config,
+    ModelSpec,
+    TokenizerConfig,
+    policy_tokenizer,
+)
+from rlhf_ray.distributed.actors import (
+    kill_actors,
+    spawn_actor,
+    spread_strategy,
+    wait_ready,
+)
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
+from rlhf_ray.stage_config import EvalConfig
+from rlhf_ray.types import PromptBatch, Rollout
+from rlhf_ray.workers.interface import (
+    round_seed,
+    shard_rows,
+)
+from rlhf_ray.workers.vllm_rollout import generator_class
+
+
+class RolloutPool:
+    """Rollout generators ``rollout-<id>`` with their own resources, independent of learners.
+
+    The pool keeps the object refs of every bucket of the latest weights it was sent (in the
+    object store, not in any process), so a worker that joins (a resize, or the replacement of
+    a dead one, also in the middle of a sync) receives all of them before it generates. Ids
+    are never reused.
+    """
+
+    def __init__(
+        self,
+        cfg: Config | EvalConfig,
+        model_spec: ModelSpec | None = None,
+        tokenizer_cfg: TokenizerConfig | None = None,
+        prefix: str = "rollout",
+        seed: int | None = None,
+    ):
+        """Generators of ``model_spec`` named ``<prefix>-<id>``, sampling with ``seed``; PPO's
+        pool leaves them unset: the policy's model and tokenizer, ``train.seed``."""
+        self.cfg = cfg
+        self.from_sync = model_spec is None  # PPO's workers get the policy's weights by sync
+        if model_spec is None or tokenizer_cfg is None or seed is None:
+            assert isinstance(cfg, Config), "an eval pool names its model, tokenizer and seed"
+            model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
+            seed = cfg.train.seed
+        self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
+        self.prefix = prefix
+        self.timeout_s = (
+            cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
+        )
+        self.workers: list[Any] = []
+        self.restarts = 0
+        self.health = NodeHealth()  # where replacements go; counts them
+        self._next_id = 0
+        self._version = -1
+        self._count = 0  # buckets of `_version`
+        self._buckets: list[Any] = []  # object refs of the buckets received so far
+
+    def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
+        r = self.cfg.rollout
+        name = f"{self.prefix}-{self._next_id}"
+        handle = spawn_actor(
+            generator_class(r), name, r.num_cpus_per_worker, r.num_gpus_per_worker,
+            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
+            strategy=strategy or spread_strategy(self.cfg), from_sync=self.from_sync,
+        )  # fmt: skip
+        self._next_id += 1
+        return name, handle
+
+    def grow(self, n: int, strategy: Any = None) -> None:
+        """Add ``n`` workers, ready and holding the current weights; none if they cannot start
+        (the nodes of those that died meanwhile are avoided from then on)."""
+        new = dict(self._spawn(strategy) for _ in range(n))
+        try:
+            wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
+            ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
+                     for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
+        except BaseException as exc:
+            if isinstance(exc, ray.exceptions.RayActorError):
+                for handle in new.values():
+                    self.health.lost(handle)
+            kill_actors(list(new.values()))
+            raise
+        self.workers.extend(new.values())
+
+    def shrink(self, n: int) -> None:
+        """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
+        extra = self.workers[n:]
+        del self.workers[n:]
+        kill_actors(extra)
+
+    def begin(self, version: int, count: int) -> None:
+        """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
+        self._version, self._count, self._buckets = version, count, []
+
+    def load_bucket(self, bucket_ref: Any, index: int) -> None:
+        """Every worker loads bucket ``index``; one that died or is late is replaced (the
+        replacement gets every bucket received so far, this one included)."""
+        assert index == len(self._buckets), "buckets arrive in order"
+        self._buckets.append(bucket_ref)
+        args = (bucket_ref, self._version, index, self._count)
+        refs = [w.load_bucket.remote(*args) for w in self.workers]
+        deadline = time.monotonic() + self.timeout_s
+        for worker, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                self._replace(worker, "died while loading weights")
+            except ray.exceptions.GetTimeoutError:
+                self._replace(worker, "did not load weights within train.phase_timeout_s")
+
+    def generate(self, prompts: PromptBatch, round_index: int, version: int) -> list[Rollout]:
+        """One shard per worker. A worker that dies is replaced (with the current weights) and
+        its shard redone with the same seed: no prompt is lost or sampled twice."""
+        parts = shard_rows(len(prompts), len(self.workers), self.cfg.rollout.micro_batch_size)
+        seeds = [round_seed(self.seed, round_index)] * len(parts)  # rows seed by index
+        pending = {
+            self.workers[i].generate.remote(prompts.select(rows), seeds[i], version): i
+            for i, rows in enumerate(parts)
+        }
+        done: dict[int, Rollout] = {}
+
+        def redo(shard: int, why: str) -> None:
+            self._replace(shard, f"{why}; its shard is redone")
+            work = prompts.select(parts[shard])
+            pending[self.workers[shard].generate.remote(work, seeds[shard], version)] = shard
+
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:  # the late ones are treated as dead: replaced, their shards redone
+                for shard in [pending.pop(ref) for ref in list(pending)]:
+                    redo(shard, "did not answer within train.phase_timeout_s")
+                deadline = time.monotonic() + self.timeout_s
+                continue
+            shard = pending.pop(ready[0])
+            try:
+                done[shard] = ray.get(ready[0])
+            except ray.exceptions.RayActorError:
+                redo(shard, "died while generating")
+        return [done[i] for i in range(len(parts))]
+
+    def _replace(self, index: int, why: str) -> None:
+        """A fresh worker, holding the current weights, takes the place of a lost one; it is
+        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
+        dies before it is ready, at most ``MAX_TRIES`` times."""
+        if self.restarts >= 10 * len(self.workers):
+            raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
+        lost = self.workers.pop(index)
+        node = self.health.lost(lost)
+        kill_actors([lost])
+        cause = f"{why} (node {node or 'unknown'})"
+        for _ in range(MAX_TRIES):
+            self.restarts += 1
+            self.health.record(f"rollout worker {index}", cause)
+            try:
+                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                cause = f"its replacement died before it was ready ({type(exc).__name__})"
+        else:
+            raise RuntimeError(
+                f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
+                "were ready"
+            )
+        self.workers.insert(index, self.workers.pop())
+
+    def kill(self) -> None:
+        kill_actors(self.workers)
+        self.workers.clear()
