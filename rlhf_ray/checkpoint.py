@@ -33,24 +33,49 @@ from rlhf_ray.workers.interface import Workers
 # Settings a resumed run may change: exact keys, each one that does not alter what the run
 # computes (how long it runs, where and with which resources, what it reports, how long it
 # waits). Anything else, including a setting added later and not listed here, is refused.
-RESUMABLE_CHANGES = frozenset({
-    "train.rounds", "train.dist_timeout_s", "train.phase_timeout_s", "train.max_restarts",
-    "train.max_bad_steps",
-    "checkpoint.every", "checkpoint.keep_last",
-    "logging.progress", "logging.tensorboard", "logging.wandb", "logging.wandb_project",
-    "logging.wandb_mode", "logging.wandb_dir", "logging.dump_rollouts_every",
-    "sync.max_logprob_diff", "rollout.max_logprob_gap",
-    "cluster.nodes", "cluster.num_cpus", "cluster.namespace", "cluster.actor_start_timeout_s",
-    "cluster.learner_resources", "cluster.spread",
-    "rollout.num_workers", "rollout.num_cpus_per_worker",
-    "policy.num_cpus_per_rank", "value.num_cpus_per_rank",
-    "reference.num_cpus", "reward.num_cpus",
-    "data.on_bad_row",
-})  # fmt: skip
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.rounds",
+        "train.dist_timeout_s",
+        "train.phase_timeout_s",
+        "train.max_restarts",
+        "train.max_bad_steps",
+        "checkpoint.every",
+        "checkpoint.keep_last",
+        "logging.progress",
+        "logging.tensorboard",
+        "logging.wandb",
+        "logging.wandb_project",
+        "logging.wandb_mode",
+        "logging.wandb_dir",
+        "logging.dump_rollouts_every",
+        "sync.max_logprob_diff",
+        "rollout.max_logprob_gap",
+        "cluster.nodes",
+        "cluster.num_cpus",
+        "cluster.namespace",
+        "cluster.actor_start_timeout_s",
+        "cluster.learner_resources",
+        "cluster.spread",
+        "rollout.num_workers",
+        "rollout.num_cpus_per_worker",
+        "policy.num_cpus_per_rank",
+        "value.num_cpus_per_rank",
+        "reference.num_cpus",
+        "reward.num_cpus",
+        "data.on_bad_row",
+    }
+)
 
 # the parts of a complete checkpoint (driver_state.json is written last)
-CHECKPOINT_PARTS = ("policy", "value", "policy_state", "value_state", "config.yaml",
-                    "driver_state.json")  # fmt: skip
+CHECKPOINT_PARTS = (
+    "policy",
+    "value",
+    "policy_state",
+    "value_state",
+    "config.yaml",
+    "driver_state.json",
+)
 
 
 def save_model_dirs(workers: Workers, tokenizer: Tokenizer, directory: Path) -> None:
@@ -155,9 +180,10 @@ def check_resumable(checkpoint: Path, cfg: Config) -> None:
     old = _flatten(yaml.safe_load((checkpoint / "config.yaml").read_text()))
     new = _flatten(cfg.model_dump(mode="json"))
     changed = sorted(
-        key for key in old.keys() | new.keys()
+        key
+        for key in old.keys() | new.keys()
         if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
-    )  # fmt: skip
+    )
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
         raise UserError(

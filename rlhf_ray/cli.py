@@ -212,12 +212,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from rlhf_ray.plot import plot_runs
 
     written = plot_runs(args.run_dirs, args.out)
-    print_summary(Summary(
-        f"plotted {len(args.run_dirs)} run(s)",
-        {"figures": f"{len(written)} PNGs"},
-        {"plots": written[0].parent.resolve()},
-        [f"open {written[-1].resolve()}"],
-    ))  # fmt: skip
+    print_summary(
+        Summary(
+            f"plotted {len(args.run_dirs)} run(s)",
+            {"figures": f"{len(written)} PNGs"},
+            {"plots": written[0].parent.resolve()},
+            [f"open {written[-1].resolve()}"],
+        )
+    )
     return 0
 
 
@@ -230,14 +232,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(table)
     where = result.checkpoint or "the initial weights (rebuilt from the config)"
     verdict = f"reproduced within {args.atol:g}" if same else f"DIFFERS (beyond {args.atol:g})"
-    print_summary(Summary(
-        f"replayed round {args.round}",
-        {"logged metrics": verdict if result.logged else "no logged row to compare with"},
-        {"run dir": args.run_dir.resolve(), "state before the round": where,
-         "batch": args.run_dir.resolve() / "rollouts" / f"round_{args.round:06d}.safetensors"},
-        [f"rlhf-ray generate --policy {where}/policy" if result.checkpoint else
-         f"rlhf-ray plot {args.run_dir.resolve()}"],
-    ))  # fmt: skip
+    print_summary(
+        Summary(
+            f"replayed round {args.round}",
+            {"logged metrics": verdict if result.logged else "no logged row to compare with"},
+            {
+                "run dir": args.run_dir.resolve(),
+                "state before the round": where,
+                "batch": args.run_dir.resolve()
+                / "rollouts"
+                / f"round_{args.round:06d}.safetensors",
+            },
+            [
+                f"rlhf-ray generate --policy {where}/policy"
+                if result.checkpoint
+                else f"rlhf-ray plot {args.run_dir.resolve()}"
+            ],
+        )
+    )
     if args.json:
         print(replay_json(result))
     return 0 if same or not result.logged else 1
@@ -263,22 +275,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.out.write_text("".join(json.dumps(s) + "\n" for s in samples))
         artifacts["samples"] = args.out.resolve()
     n = len(samples)
-    print_summary(Summary(
-        f"generated {n} samples",
-        {"mean score": f"{sum(s['score'] for s in samples) / n:+.4f}",
-         "EOS rate": f"{sum(s['has_eos'] for s in samples) / n:.2f}",
-         "mean length": f"{sum(s['length'] for s in samples) / n:.1f} tokens"},
-        artifacts,
-        [f"rlhf-ray ppo --config {config_path}" if config_path else "rlhf-ray ppo"],
-    ))  # fmt: skip
+    print_summary(
+        Summary(
+            f"generated {n} samples",
+            {
+                "mean score": f"{sum(s['score'] for s in samples) / n:+.4f}",
+                "EOS rate": f"{sum(s['has_eos'] for s in samples) / n:.2f}",
+                "mean length": f"{sum(s['length'] for s in samples) / n:.1f} tokens",
+            },
+            artifacts,
+            [f"rlhf-ray ppo --config {config_path}" if config_path else "rlhf-ray ppo"],
+        )
+    )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlhf_ray.stage_config import load_eval_config
 
-    flags = {"policy.path": args.policy, "baseline.path": args.baseline,
-             "reward.model.path": args.reward_model}  # fmt: skip
+    flags = {
+        "policy.path": args.policy,
+        "baseline.path": args.baseline,
+        "reward.model.path": args.reward_model,
+    }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     cfg = load_eval_config(args.config, overrides)
     if _printed(cfg, args):

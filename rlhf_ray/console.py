@@ -25,8 +25,11 @@ PPO_HEADLINE = {"reward": "rollout/reward_mean", "kl": "ppo/kl"}
 def _phases(row: dict[str, Any], step_key: str) -> dict[str, float]:
     """``time/<phase>`` seconds of a row, without the total."""
     total = f"time/{step_key}"
-    return {k.removeprefix("time/"): v for k, v in row.items()
-            if k.startswith("time/") and k != total and isinstance(v, (int, float))}  # fmt: skip
+    return {
+        k.removeprefix("time/"): v
+        for k, v in row.items()
+        if k.startswith("time/") and k != total and isinstance(v, (int, float))
+    }
 
 
 def format_seconds(seconds: float) -> str:
@@ -48,8 +51,11 @@ def format_progress(
     """The plain one-line progress of a row (missing figures are left out)."""
     step = row.get(step_key, 0)
     parts = [f"{step_key} {step:>4}" + (f"/{total}" if total else "")]
-    parts += [f"{label} {row[key]:+.4f}" for label, key in headline.items()
-              if isinstance(row.get(key), (int, float))]  # fmt: skip
+    parts += [
+        f"{label} {row[key]:+.4f}"
+        for label, key in headline.items()
+        if isinstance(row.get(key), (int, float))
+    ]
     if "rollout/num_workers" in row:
         parts.append(f"workers {row['rollout/num_workers']}")
     phases = _phases(row, step_key)
@@ -107,9 +113,13 @@ class ProgressDisplay:
         self.done += 1
         step = int(row.get(self.step_key, self.start + self.done - 1))
         if self._live is None:
-            line = (self.format_row(row) if self.format_row else
-                    format_progress(row, self.total, self.eta_s(step), self.headline,
-                                    self.step_key))  # fmt: skip
+            line = (
+                self.format_row(row)
+                if self.format_row
+                else format_progress(
+                    row, self.total, self.eta_s(step), self.headline, self.step_key
+                )
+            )
             print(line, file=self.stream, flush=True)
             return
         self._bar.update(self._task, completed=step + 1)
@@ -161,16 +171,21 @@ class ProgressDisplay:
 
         table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
         row = self._row
-        figures = {label: row[key] for label, key in self.headline.items()
-                   if isinstance(row.get(key), (int, float))}  # fmt: skip
+        figures = {
+            label: row[key]
+            for label, key in self.headline.items()
+            if isinstance(row.get(key), (int, float))
+        }
         phases = _phases(row, self.step_key)
         columns = [self.step_key, *figures, *(f"{p} s" for p in phases)]
         for name in columns:
             table.add_column(name, justify="right")
         if row:
-            table.add_row(str(row.get(self.step_key, "")),
-                          *(f"{v:+.4f}" for v in figures.values()),
-                          *(f"{v:.2f}" for v in phases.values()))  # fmt: skip
+            table.add_row(
+                str(row.get(self.step_key, "")),
+                *(f"{v:+.4f}" for v in figures.values()),
+                *(f"{v:.2f}" for v in phases.values()),
+            )
         return table
 
 
@@ -217,9 +232,13 @@ def ppo_summary(run_dir: Path, rows: list[dict[str, Any]], seconds: float) -> Su
         if diffs:
             figures["sync check"] = f"max |logprob diff| {max(diffs):.2g}"
     artifacts: dict[str, Path | str] = {"run dir": run_dir}
-    candidates = {"metrics": run_dir / "metrics.jsonl", "policy": run_dir / "policy",
-                  "value": run_dir / "value", "tensorboard": run_dir / "tb",
-                  "wandb": run_dir / "wandb"}  # fmt: skip
+    candidates = {
+        "metrics": run_dir / "metrics.jsonl",
+        "policy": run_dir / "policy",
+        "value": run_dir / "value",
+        "tensorboard": run_dir / "tb",
+        "wandb": run_dir / "wandb",
+    }
     artifacts.update({name: path for name, path in candidates.items() if path.exists()})
     checkpoints = sorted((run_dir / "checkpoints").glob("round_*"))
     if checkpoints:
@@ -240,14 +259,19 @@ def stage_summary(command: str, run_dir: Path, output: Path, final: dict[str, fl
     and how PPO uses it."""
     run_dir, output = run_dir.resolve(), output.resolve()
     figures = {key: f"{value:.4f}" for key, value in final.items() if isinstance(value, float)}
-    artifacts: dict[str, Path | str] = {"run dir": run_dir, "metrics": run_dir / "metrics.jsonl",
-                                        "model": output}  # fmt: skip
+    artifacts: dict[str, Path | str] = {
+        "run dir": run_dir,
+        "metrics": run_dir / "metrics.jsonl",
+        "model": output,
+    }
     if (run_dir / "tb").exists():
         artifacts["tensorboard"] = run_dir / "tb"
     if (run_dir / "wandb").exists():
         artifacts["wandb"] = run_dir / "wandb"
-    use = (f"rlhf-ray ppo --config PPO.yaml reward.function=null reward.model.path={output}"
-           if command == "train-rm" else
-           f"rlhf-ray ppo --config PPO.yaml policy.model.path={output} value.model.path={output}"
-           f" tokenizer.kind=hf tokenizer.name_or_path={output}")  # fmt: skip
+    use = (
+        f"rlhf-ray ppo --config PPO.yaml reward.function=null reward.model.path={output}"
+        if command == "train-rm"
+        else f"rlhf-ray ppo --config PPO.yaml policy.model.path={output} value.model.path={output}"
+        f" tokenizer.kind=hf tokenizer.name_or_path={output}"
+    )
     return Summary(f"{command} finished", figures, artifacts, [f"rlhf-ray plot {run_dir}", use])

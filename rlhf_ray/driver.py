@@ -260,11 +260,23 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
         }
         log.write(row)
         if dump_due(cfg.logging.dump_rollouts_every, round_index):  # RUN/rollouts/, for replay
-            dump_round(run_dir, round_index, rollout, scored, ppo_batch, shaped["scores"],
-                       adv_stats["ppo/kl_coef"], cfg.ppo.kl_estimator)  # fmt: skip
+            dump_round(
+                run_dir,
+                round_index,
+                rollout,
+                scored,
+                ppo_batch,
+                shaped["scores"],
+                adv_stats["ppo/kl_coef"],
+                cfg.ppo.kl_estimator,
+            )
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
-            state = {"round": round_index, "kl_ctl": kl_ctl.state_dict(),
-                     "sampler": sampler.state_dict(), "score_shaper": shaper.state_dict()}  # fmt: skip
+            state = {
+                "round": round_index,
+                "kl_ctl": kl_ctl.state_dict(),
+                "sampler": sampler.state_dict(),
+                "score_shaper": shaper.state_dict(),
+            }
             save_checkpoint(workers, tokenizer, cfg, run_dir, state)
 
     save_model_dirs(workers, tokenizer, run_dir)

@@ -50,9 +50,12 @@ def generate_samples(
     check_rollout_backend(cfg.rollout, "--policy", spec)  # before the engine starts
     generator = generator_class(cfg.rollout)(spec, tok_cfg, cfg.rollout)
     batch, _ = tokenize_prompts(
-        tokenizer, texts, list(range(len(texts))), cfg.data.max_prompt_tokens,
+        tokenizer,
+        texts,
+        list(range(len(texts))),
+        cfg.data.max_prompt_tokens,
         chat_template_start(tokenizer) if cfg.data.chat_template else None,
-    )  # fmt: skip
+    )
     rollout = generator.generate(batch, cfg.train.seed if seed is None else seed, generator.version)
     scores = RewardScorer(cfg.reward, tok_cfg, search_path=[os.getcwd()]).score(rollout)
     lengths = rollout.response_mask.sum(-1)
@@ -77,6 +80,7 @@ def format_samples(samples: list[dict[str, Any]], width: int = 100) -> str:
         prompt = prompt if len(prompt) <= width else "..." + prompt[-(width - 3) :]
         eos = "" if s["has_eos"] else ", no EOS"
         out.append(f"[{i}] prompt:   {prompt}")
-        out.append(f"    response: {s['response']!r}  (score {s['score']:+.4f}, "
-                   f"{s['length']} tokens{eos})")  # fmt: skip
+        out.append(
+            f"    response: {s['response']!r}  (score {s['score']:+.4f}, {s['length']} tokens{eos})"
+        )
     return "\n".join(out)

@@ -51,21 +51,37 @@ GPU_OVERHEAD_BYTES = 1.0 * GB  # CUDA context + caching-allocator slack, per GPU
 # values are those of the models' published config.json files)
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": dict(
-        model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-        num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
         tie_word_embeddings=False,
     ),
     "meta-llama/Llama-3.2-1B-Instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
         tie_word_embeddings=True,
     ),
     "meta-llama/Llama-3.1-8B-Instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
         tie_word_embeddings=False,
     ),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -331,22 +347,30 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             out[role] = source
             continue
         parts = learner_memory(
-            ModelShape.from_config(config), lm_head=lm_head, dtype=role_cfg.model.dtype,
-            ranks=role_cfg.num_ranks, zero_stage=role_cfg.zero_stage, engine=role_cfg.engine,
-            offload_optimizer=role_cfg.offload_optimizer, offload_params=role_cfg.offload_params,
-            micro_batch=micro or cfg.ppo.minibatch_size // role_cfg.num_ranks, seq_len=seq,
-            response_len=resp, checkpointing=role_cfg.gradient_checkpointing,
+            ModelShape.from_config(config),
+            lm_head=lm_head,
+            dtype=role_cfg.model.dtype,
+            ranks=role_cfg.num_ranks,
+            zero_stage=role_cfg.zero_stage,
+            engine=role_cfg.engine,
+            offload_optimizer=role_cfg.offload_optimizer,
+            offload_params=role_cfg.offload_params,
+            micro_batch=micro or cfg.ppo.minibatch_size // role_cfg.num_ranks,
+            seq_len=seq,
+            response_len=resp,
+            checkpointing=role_cfg.gradient_checkpointing,
             on_gpu=role_cfg.num_gpus_per_rank > 0,
             buckets=role_cfg.zero_buckets.resolve(role_cfg.num_gpus_per_rank > 0),
-        )  # fmt: skip
+        )
         out[role] = Estimate(parts, source)
     ref_spec = cfg.reference.model or cfg.policy.model
     scorers: list[tuple[str, Any, ModelSpec, bool, Any]] = [
         ("reference", cfg.reference, ref_spec, True, tok)
     ]
     if cfg.reward.model is not None:
-        scorers.append(("reward", cfg.reward, cfg.reward.model, False,
-                        reward_tokenizer(cfg.reward, tok)))  # fmt: skip
+        scorers.append(
+            ("reward", cfg.reward, cfg.reward.model, False, reward_tokenizer(cfg.reward, tok))
+        )
     else:
         remote = cfg.reward.remote
         source = f"remote service {remote.url}" if remote else f"function {cfg.reward.function}"
@@ -359,9 +383,13 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             out[role] = source
             continue
         parts = scorer_memory(
-            ModelShape.from_config(config), lm_head=lm_head, dtype=spec.dtype,
-            rows=sc.score_micro_batch_size, seq_len=seq, on_gpu=sc.num_gpus > 0,
-        )  # fmt: skip
+            ModelShape.from_config(config),
+            lm_head=lm_head,
+            dtype=spec.dtype,
+            rows=sc.score_micro_batch_size,
+            seq_len=seq,
+            on_gpu=sc.num_gpus > 0,
+        )
         out[role] = Estimate(parts, source)
     config, source = read_model_config(cfg.policy.model, tok)
     if config is None:
@@ -372,9 +400,12 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
         rows = math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers)
         rows = min(rows, r.micro_batch_size or rows)
         parts = rollout_memory(
-            ModelShape.from_config(config), dtype=cfg.policy.model.dtype, rows=rows,
-            seq_len=seq, on_gpu=r.num_gpus_per_worker > 0,
-        )  # fmt: skip
+            ModelShape.from_config(config),
+            dtype=cfg.policy.model.dtype,
+            rows=rows,
+            seq_len=seq,
+            on_gpu=r.num_gpus_per_worker > 0,
+        )
         if r.backend == "vllm":  # vLLM reserves its KV cache up front, at the configured size
             parts["kv_cache"] = float(r.vllm_kv_cache_gib * 2**30)
         out["rollout"] = Estimate(parts, source)

@@ -62,17 +62,27 @@ class TensorBoardSink:
 class WandbSink:
     """A Weights & Biases run (the ``wandb`` extra), offline unless it can reach its server."""
 
-    def __init__(self, project: str, directory: Path, name: str, mode: Any,
-                 config: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        project: str,
+        directory: Path,
+        name: str,
+        mode: Any,
+        config: dict[str, Any] | None = None,
+    ):
         try:
             import wandb
         except ImportError:
             raise UserError(_missing("logging.wandb", "wandb")) from None
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, dir=str(directory), name=name, mode=mode, config=config,
+            project=project,
+            dir=str(directory),
+            name=name,
+            mode=mode,
+            config=config,
             settings=wandb.Settings(console="off", silent=True),
-        )  # fmt: skip
+        )
         self.mode = mode
 
     def log(self, row: dict[str, Any], step: int) -> None:
@@ -83,9 +93,14 @@ class WandbSink:
 
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("round", "step") and math.isfinite(v)}  # fmt: skip
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in ("round", "step")
+        and math.isfinite(v)
+    }
 
 
 def _missing(setting: str, package: str) -> str:
@@ -97,8 +112,10 @@ def _missing(setting: str, package: str) -> str:
 
 def check_sinks(logging_cfg) -> None:
     """Refuse, before anything starts, a sink that is switched on but not installed."""
-    for setting, on, package in (("logging.tensorboard", logging_cfg.tensorboard, "tensorboard"),
-                                 ("logging.wandb", logging_cfg.wandb, "wandb")):  # fmt: skip
+    for setting, on, package in (
+        ("logging.tensorboard", logging_cfg.tensorboard, "tensorboard"),
+        ("logging.wandb", logging_cfg.wandb, "wandb"),
+    ):
         if on and importlib.util.find_spec(package) is None:
             raise UserError(_missing(setting, package))
 
@@ -154,8 +171,9 @@ class MetricsLog:
         if wandb is not None:
             self.sinks.append(wandb)
         if progress is True:
-            progress = ProgressDisplay(0, stream=stream, live=False, step_key=step_key,
-                                       format_row=format_row)  # fmt: skip
+            progress = ProgressDisplay(
+                0, stream=stream, live=False, step_key=step_key, format_row=format_row
+            )
         self.display = progress or None
 
     def write(self, row: dict[str, Any], show: bool = True) -> None:

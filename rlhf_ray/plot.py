@@ -42,35 +42,68 @@ class Chart:
 
 # PPO: one PNG per entry, each holding one or two charts; overview.png holds them all.
 PPO_FIGURES: dict[str, list[Chart]] = {
-    "reward": [Chart("Reward: mean raw score ± std, and the shaped score", "score",
-                     [("rollout/reward_mean", "reward mean"),
-                      ("rollout/score_mean", "shaped score (PPO's reward)")],
-                     band={"rollout/reward_mean": "rollout/reward_std"})],
-    "kl": [Chart("KL to the reference", "KL (nats / sequence)", [("ppo/kl", "KL")],
-                 twin=("ppo/kl_coef", "KL coefficient β", "β"))],
+    "reward": [
+        Chart(
+            "Reward: mean raw score ± std, and the shaped score",
+            "score",
+            [
+                ("rollout/reward_mean", "reward mean"),
+                ("rollout/score_mean", "shaped score (PPO's reward)"),
+            ],
+            band={"rollout/reward_mean": "rollout/reward_std"},
+        )
+    ],
+    "kl": [
+        Chart(
+            "KL to the reference",
+            "KL (nats / sequence)",
+            [("ppo/kl", "KL")],
+            twin=("ppo/kl_coef", "KL coefficient β", "β"),
+        )
+    ],
     "entropy": [Chart("Policy entropy", "nats / token", [("ppo/entropy", "entropy")])],
-    "losses": [Chart("Policy loss", "loss", [("ppo/policy_loss", "policy loss")], hlines=(0,)),
-               Chart("Value loss", "loss", [("ppo/value_loss", "value loss")])],
-    "clipping": [Chart("Clip fraction", "fraction of tokens",
-                       [("ppo/clipfrac", "policy ratio clipped"),
-                        ("ppo/vf_clipfrac", "value clipped")]),
-                 Chart("Approximate KL (old -> new policy)", "nats / token",
-                       [("ppo/approx_kl", "approx KL")])],
-    "explained_variance": [Chart("Explained variance of the critic", "1 - Var(R - V) / Var(R)",
-                                 [("ppo/explained_variance", "explained variance")],
-                                 hlines=(0, 1))],
-    "responses": [Chart("Response length", "tokens", [("rollout/response_length", "length")]),
-                  Chart("EOS rate", "fraction of responses", [("rollout/eos_rate", "EOS rate")],
-                        hlines=(1,))],
-    "time": [Chart("Seconds per phase (stacked)", "seconds / round", [], stacked=True),
-             Chart("Generation throughput", "new tokens / s",
-                   [("rollout/tokens_per_s", "tokens/s")])],
-}  # fmt: skip
+    "losses": [
+        Chart("Policy loss", "loss", [("ppo/policy_loss", "policy loss")], hlines=(0,)),
+        Chart("Value loss", "loss", [("ppo/value_loss", "value loss")]),
+    ],
+    "clipping": [
+        Chart(
+            "Clip fraction",
+            "fraction of tokens",
+            [("ppo/clipfrac", "policy ratio clipped"), ("ppo/vf_clipfrac", "value clipped")],
+        ),
+        Chart(
+            "Approximate KL (old -> new policy)", "nats / token", [("ppo/approx_kl", "approx KL")]
+        ),
+    ],
+    "explained_variance": [
+        Chart(
+            "Explained variance of the critic",
+            "1 - Var(R - V) / Var(R)",
+            [("ppo/explained_variance", "explained variance")],
+            hlines=(0, 1),
+        )
+    ],
+    "responses": [
+        Chart("Response length", "tokens", [("rollout/response_length", "length")]),
+        Chart("EOS rate", "fraction of responses", [("rollout/eos_rate", "EOS rate")], hlines=(1,)),
+    ],
+    "time": [
+        Chart("Seconds per phase (stacked)", "seconds / round", [], stacked=True),
+        Chart("Generation throughput", "new tokens / s", [("rollout/tokens_per_s", "tokens/s")]),
+    ],
+}
 
-STAGE_PREFIXES = (("train/", "train (per step)"), ("eval/", "eval"),
-                  ("epoch/train_", "train (epoch end)"))  # fmt: skip
-STAGE_YLABELS = {"loss": "loss", "accuracy": "accuracy (chosen > rejected)",
-                 "margin": "score margin (chosen - rejected)"}  # fmt: skip
+STAGE_PREFIXES = (
+    ("train/", "train (per step)"),
+    ("eval/", "eval"),
+    ("epoch/train_", "train (epoch end)"),
+)
+STAGE_YLABELS = {
+    "loss": "loss",
+    "accuracy": "accuracy (chosen > rejected)",
+    "margin": "score margin (chosen - rejected)",
+}
 
 
 def run_kind(rows: Rows) -> str:
@@ -80,8 +113,9 @@ def run_kind(rows: Rows) -> str:
         return "ppo"
     if "step" in keys and any(k.startswith(p) for k in keys for p, _ in STAGE_PREFIXES):
         return "train-rm" if any(k.endswith("accuracy") for k in keys) else "sft"
-    raise UserError("cannot tell what kind of run wrote these metrics (no ppo/, rollout/ or "
-                    "step + train/ keys)")  # fmt: skip
+    raise UserError(
+        "cannot tell what kind of run wrote these metrics (no ppo/, rollout/ or step + train/ keys)"
+    )
 
 
 def load_run(run_dir: Path) -> Run:
@@ -103,10 +137,15 @@ def stage_charts(rows: Rows) -> dict[str, list[Chart]]:
                 names.append(key[6:])
     names.sort(key=lambda n: (n != "loss", n != "accuracy", n))
     return {
-        name: [Chart(name.replace("_", " ").capitalize(), STAGE_YLABELS.get(name, name),
-                     [(prefix + name, label) for prefix, label in STAGE_PREFIXES])]
+        name: [
+            Chart(
+                name.replace("_", " ").capitalize(),
+                STAGE_YLABELS.get(name, name),
+                [(prefix + name, label) for prefix, label in STAGE_PREFIXES],
+            )
+        ]
         for name in names
-    }  # fmt: skip
+    }
 
 
 def _xy(rows: Rows, x_key: str, key: str) -> tuple[list[float], list[float]]:
@@ -151,18 +190,21 @@ def draw_chart(ax: Any, chart: Chart, runs: list[Run], x_key: str) -> None:
             if len(xs) >= SMOOTH_FROM:  # noisy per-step curves: faint raw, bold moving average
                 window = max(3, len(xs) // 15)
                 ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.3)
-                ax.plot(xs, moving_average(ys, window), label=f"{name} (mean of {window})",
-                        **style)  # fmt: skip
+                ax.plot(xs, moving_average(ys, window), label=f"{name} (mean of {window})", **style)
             else:
-                ax.plot(xs, ys, label=name, marker="o" if sparse else None, markersize=3,
-                        **style)  # fmt: skip
+                ax.plot(xs, ys, label=name, marker="o" if sparse else None, markersize=3, **style)
             std_key = chart.band.get(key)
             if std_key:
                 _, stds = _xy(run.rows, x_key, std_key)
                 if len(stds) == len(ys):
-                    ax.fill_between(xs, [y - d for y, d in zip(ys, stds, strict=True)],
-                                    [y + d for y, d in zip(ys, stds, strict=True)],
-                                    color=color, alpha=0.15, label=f"{name} ± std")  # fmt: skip
+                    ax.fill_between(
+                        xs,
+                        [y - d for y, d in zip(ys, stds, strict=True)],
+                        [y + d for y, d in zip(ys, stds, strict=True)],
+                        color=color,
+                        alpha=0.15,
+                        label=f"{name} ± std",
+                    )
     for y in chart.hlines:
         ax.axhline(y, color="grey", linewidth=0.6, linestyle=":")
     if chart.twin:
@@ -175,8 +217,15 @@ def draw_chart(ax: Any, chart: Chart, runs: list[Run], x_key: str) -> None:
     if handles:
         ax.legend(fontsize=7, loc="best")
     else:
-        ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center",
-                transform=ax.transAxes, color="grey")  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "not logged by this run",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
 
 
 def _draw_twin(ax: Any, twin: tuple[str, str, str], runs: list[Run], x_key: str) -> None:
@@ -212,8 +261,13 @@ def _draw_phases(ax: Any, runs: list[Run], x_key: str) -> None:
     for r, run in enumerate(runs):
         for s, phase in enumerate(phases):
             xs, ys = _xy(run.rows, x_key, phase)
-            ax.plot(xs, ys, STYLES[s % 4], color=f"C{r}",
-                    label=f"{run.label}: {phase.removeprefix('time/')}")  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                STYLES[s % 4],
+                color=f"C{r}",
+                label=f"{run.label}: {phase.removeprefix('time/')}",
+            )
 
 
 def _save(path: Path, charts: list[Chart], runs: list[Run], x_key: str, cols: int) -> Path:
@@ -252,8 +306,10 @@ def plot_runs(run_dirs: list[Path], out_dir: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     x_key = "round" if kind == "ppo" else "step"
     figures = PPO_FIGURES if kind == "ppo" else stage_charts([r for run in runs for r in run.rows])
-    written = [_save(out / f"{name}.png", charts, runs, x_key, cols=len(charts))
-               for name, charts in figures.items()]  # fmt: skip
+    written = [
+        _save(out / f"{name}.png", charts, runs, x_key, cols=len(charts))
+        for name, charts in figures.items()
+    ]
     every: list[Chart] = [c for charts in figures.values() for c in charts]
     if len(every) > 1:
         written.append(_save(out / "overview.png", every, runs, x_key, cols=3))

@@ -176,8 +176,11 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: Sequence[str]):
     """Every check of a PPO run, cheapest first; raises the first ``UserError``."""
-    for setting, spec in (("policy.model", cfg.policy.model), ("value.model", cfg.value.model),
-                          ("reference.model", cfg.reference.model)):  # fmt: skip
+    for setting, spec in (
+        ("policy.model", cfg.policy.model),
+        ("value.model", cfg.value.model),
+        ("reference.model", cfg.reference.model),
+    ):
         if setting != "value.model" or has_critic(cfg):  # no critic: value.* is unused
             check_model(setting, spec)
     tokenizer = check_tokenizer(policy_tokenizer(cfg))

@@ -31,8 +31,11 @@ def run_ppo_recovering(
         except LearnerLostError as exc:
             restarts += 1
             _check_can_restart(cfg, run_dir, exc, restarts)
-            print(f"[rlhf_ray] {exc}: restarting the learners from {latest_checkpoint(run_dir)} "
-                  f"({restarts}/{cfg.train.max_restarts})", flush=True)  # fmt: skip
+            print(
+                f"[rlhf_ray] {exc}: restarting the learners from {latest_checkpoint(run_dir)} "
+                f"({restarts}/{cfg.train.max_restarts})",
+                flush=True,
+            )
             restart = getattr(workers, "restart_learners", None)
             if restart is None:
                 raise

@@ -55,33 +55,38 @@ def sample_rows(
 ) -> list[dict[str, Any]]:
     """One JSON-ready dict per sample of the round."""
     mask = rollout.response_mask
-    rewards, kl = kl_penalized_rewards(shaped_scores, kl_logprobs(scored),
-                                       scored["ref_logprobs"], mask, kl_coef,
-                                       kl_estimator)  # fmt: skip
+    rewards, kl = kl_penalized_rewards(
+        shaped_scores, kl_logprobs(scored), scored["ref_logprobs"], mask, kl_coef, kl_estimator
+    )
     rows = []
     for i in range(len(rollout)):
         m = mask[i].bool()
-        rows.append({
-            "round": round_index,
-            "row": i,
-            "prompt_index": int(rollout.prompt_index[i]),
-            "prompt": rollout.prompts[i],
-            "response": rollout.responses[i],
-            "prompt_ids": rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist(),
-            "response_ids": rollout.response_ids[i][m].tolist(),
-            "has_eos": bool(rollout.has_eos[i]),
-            "score": float(scored["scores"][i]),
-            "shaped_score": float(shaped_scores[i]),
-            "kl": float(kl[i].sum()),
-            "kl_penalized_return": float(rewards[i].sum()),
-            "advantage": _masked_summary(batch.advantages[i], mask[i]),
-            "value_mean": _masked_summary(batch.old_values[i], mask[i])["mean"],
-            "weight_version": int(rollout.weight_version[i]),
-            "worker": int(rollout.worker_id[i]),
-            "columns": rollout.columns[i],
-            "score_parts": {k.removeprefix("reward_term/"): float(v[i])
-                            for k, v in scored.items() if k.startswith("reward_term/")},
-        })  # fmt: skip
+        rows.append(
+            {
+                "round": round_index,
+                "row": i,
+                "prompt_index": int(rollout.prompt_index[i]),
+                "prompt": rollout.prompts[i],
+                "response": rollout.responses[i],
+                "prompt_ids": rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist(),
+                "response_ids": rollout.response_ids[i][m].tolist(),
+                "has_eos": bool(rollout.has_eos[i]),
+                "score": float(scored["scores"][i]),
+                "shaped_score": float(shaped_scores[i]),
+                "kl": float(kl[i].sum()),
+                "kl_penalized_return": float(rewards[i].sum()),
+                "advantage": _masked_summary(batch.advantages[i], mask[i]),
+                "value_mean": _masked_summary(batch.old_values[i], mask[i])["mean"],
+                "weight_version": int(rollout.weight_version[i]),
+                "worker": int(rollout.worker_id[i]),
+                "columns": rollout.columns[i],
+                "score_parts": {
+                    k.removeprefix("reward_term/"): float(v[i])
+                    for k, v in scored.items()
+                    if k.startswith("reward_term/")
+                },
+            }
+        )
     return rows
 
 
@@ -117,8 +122,9 @@ def save_ppo_batch(batch: PPOBatch, path: Path, info: dict[str, Any] | None = No
         else:
             other[f.name] = value
     tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"fields": json.dumps(other),
-                                           "info": json.dumps(info or {})})  # fmt: skip
+    save_file(
+        tensors, str(tmp), metadata={"fields": json.dumps(other), "info": json.dumps(info or {})}
+    )
     tmp.rename(path)
 
 

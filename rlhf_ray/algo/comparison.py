@@ -24,8 +24,9 @@ def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
     """Fraction of prompts on which the policy's score beats the baseline's, ties counting half:
     ``mean(1[s > b] + 0.5 * 1[s == b])``. Both ``(B,)``, row ``i`` = the same prompt."""
     if scores.shape != baseline_scores.shape or scores.ndim != 1 or len(scores) == 0:
-        raise ValueError(f"need two equal, non-empty (B,) tensors: {scores.shape} vs "
-                         f"{baseline_scores.shape}")  # fmt: skip
+        raise ValueError(
+            f"need two equal, non-empty (B,) tensors: {scores.shape} vs {baseline_scores.shape}"
+        )
     wins = (scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()
     return float(wins.mean())
 

@@ -41,9 +41,12 @@ def apply_missing_eos_penalty(
 
 
 def append_eos(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor, eos_id: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    has_eos: torch.Tensor,
+    eos_id: int,
     pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response rows ``(B, T)`` (responses right-padded after their EOS) with one more
     column: EOS after each row that has none (``has_eos`` False: its response filled all its
     columns), padding after the others. Returns ``(input_ids, attention_mask)``, ``(B, T + 1)``.

@@ -19,8 +19,13 @@ from typing import Any, Literal
 from rlhf_ray.data.preference import hh_pair, render_transcript
 from rlhf_ray.data.sources import BUILTIN_PROMPTS, load_table, select_columns
 
-__all__ = ["BUILTIN_PROMPTS", "PromptSet", "load_prompt_conversations", "load_prompt_set",
-           "load_prompts"]  # fmt: skip
+__all__ = [
+    "BUILTIN_PROMPTS",
+    "PromptSet",
+    "load_prompt_conversations",
+    "load_prompt_set",
+    "load_prompts",
+]
 
 PromptFormat = Literal["auto", "plain", "hh"]
 

@@ -149,8 +149,7 @@ def _load_json_lines(path: str, skip_bad_lines: bool) -> tuple[JsonRows, RowLoca
     if bad and not skip_bad_lines:
         more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
         raise ValueError(bad[0] + more)
-    return JsonRows(rows), RowLocator(path, json_lines=True, lines=tuple(lines),
-                                      skipped=tuple(bad))  # fmt: skip
+    return JsonRows(rows), RowLocator(path, json_lines=True, lines=tuple(lines), skipped=tuple(bad))
 
 
 def _load_builtin(name: str = BUILTIN_PROMPTS) -> tuple[datasets.Dataset, RowLocator]:

@@ -240,10 +240,13 @@ def encode_pairs(
 ) -> PairBatch:
     """Chosen and rejected sequences (prompt + reply + EOS, EOS kept when too long: see the
     module docstring), left-padded to one width."""
-    chosen = [_pair_sequence(tokenizer, p.prompt, p.chosen, max_tokens, max_prompt_tokens)
-              for p in pairs]  # fmt: skip
-    rejected = [_pair_sequence(tokenizer, p.prompt, p.rejected, max_tokens, max_prompt_tokens)
-                for p in pairs]  # fmt: skip
+    chosen = [
+        _pair_sequence(tokenizer, p.prompt, p.chosen, max_tokens, max_prompt_tokens) for p in pairs
+    ]
+    rejected = [
+        _pair_sequence(tokenizer, p.prompt, p.rejected, max_tokens, max_prompt_tokens)
+        for p in pairs
+    ]
     ids, mask = left_pad(chosen + rejected, tokenizer.pad_id, max_tokens)
     n = len(pairs)
     return PairBatch(ids[:n], mask[:n], ids[n:], mask[n:])

@@ -119,8 +119,7 @@ def get_all(
 
 def raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
     named = ", ".join(n or "an actor" for n in late)
-    message = (f"{named} did not answer within train.phase_timeout_s={timeout_s:g}s "
-               f"during {phase}")  # fmt: skip
+    message = f"{named} did not answer within train.phase_timeout_s={timeout_s:g}s during {phase}"
     if any(_is_learner(n) for n in late):
         raise LearnerLostError(message)
     raise PhaseTimeoutError(message)
@@ -140,18 +139,31 @@ def wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
 
 
 def spawn_actor(
-    cls: type, name: str, cpus: float, gpus: float, *args: Any, restarts: int = 0,
-    strategy: Any = None, **kwargs: Any,
-) -> Any:  # fmt: skip
+    cls: type,
+    name: str,
+    cpus: float,
+    gpus: float,
+    *args: Any,
+    restarts: int = 0,
+    strategy: Any = None,
+    **kwargs: Any,
+) -> Any:
     """A named actor of ``cls`` with its resources and at most its CPU share of threads;
     ``restarts`` > 0 lets Ray restart it and retry its calls (stateless scorers only);
     ``strategy`` places it (a placement-group bundle)."""
     return (
         ray.remote(cls)
-        .options(name=name, num_cpus=cpus, num_gpus=gpus, runtime_env=_env(cpus, gpus),
-                 max_restarts=restarts, max_task_retries=restarts, scheduling_strategy=strategy)
+        .options(
+            name=name,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            runtime_env=_env(cpus, gpus),
+            max_restarts=restarts,
+            max_task_retries=restarts,
+            scheduling_strategy=strategy,
+        )
         .remote(*args, num_threads=_threads(cpus), **kwargs)
-    )  # fmt: skip
+    )
 
 
 def spread_strategy(cfg: Config | EvalConfig) -> str | None:

@@ -63,13 +63,29 @@ class RayEvalWorkers:
         try:
             s, t = cfg.scorer, cfg.rollout.temperature
             for m in MODELS:  # frozen and pure: Ray may restart them and retry a call
-                self.scorers[m] = spawn_actor(ReferenceScorer, f"scorer-{m}", s.num_cpus, s.num_gpus,
-                                         specs[m], tok, t, restarts=3,
-                                         strategy=spread_strategy(cfg))  # fmt: skip
+                self.scorers[m] = spawn_actor(
+                    ReferenceScorer,
+                    f"scorer-{m}",
+                    s.num_cpus,
+                    s.num_gpus,
+                    specs[m],
+                    tok,
+                    t,
+                    restarts=3,
+                    strategy=spread_strategy(cfg),
+                )
             w = cfg.reward
-            self.reward = spawn_actor(RewardScorer, "reward", w.num_cpus, w.num_gpus, w, tok,
-                                 search_path=[os.getcwd()], restarts=3,
-                                 strategy=spread_strategy(cfg))  # fmt: skip
+            self.reward = spawn_actor(
+                RewardScorer,
+                "reward",
+                w.num_cpus,
+                w.num_gpus,
+                w,
+                tok,
+                search_path=[os.getcwd()],
+                restarts=3,
+                strategy=spread_strategy(cfg),
+            )
             for pool in self.pools.values():
                 pool.grow(cfg.rollout.num_workers)
             handles = {f"scorer-{m}": h for m, h in self.scorers.items()}
@@ -80,15 +96,16 @@ class RayEvalWorkers:
 
     def generate(self, prompts: PromptBatch, step: int) -> dict[str, Rollout]:
         with ThreadPoolExecutor(len(MODELS)) as threads:  # both pools sample at once
-            shards = {m: threads.submit(pool.generate, prompts, step, LOADED)
-                      for m, pool in self.pools.items()}  # fmt: skip
+            shards = {
+                m: threads.submit(pool.generate, prompts, step, LOADED)
+                for m, pool in self.pools.items()
+            }
             return {m: Rollout.concat(f.result()) for m, f in shards.items()}
 
     def score(self, samples: dict[str, Rollout]) -> dict[str, torch.Tensor]:
         refs = {m: ray.put(samples[m]) for m in MODELS}
         calls = {f"{m}/scores": self.reward.score.remote(refs[m]) for m in MODELS}
-        calls |= {f"{m}/logprobs": self.scorers[m].logprobs.remote(refs["policy"])
-                  for m in MODELS}  # fmt: skip
+        calls |= {f"{m}/logprobs": self.scorers[m].logprobs.remote(refs["policy"]) for m in MODELS}
         return dict(zip(calls, get_all(list(calls.values())), strict=True))
 
     def close(self) -> None:

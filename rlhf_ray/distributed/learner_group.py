@@ -30,9 +30,15 @@ class LearnerGroup:
     """``num_ranks`` learner actors in one placement group, joined by torch.distributed."""
 
     def __init__(
-        self, role: str, cls: type, role_cfg, timeout_s: float, dist_timeout_s: int,
-        resources: dict[str, float] | None = None, **kwargs: Any,
-    ):  # fmt: skip
+        self,
+        role: str,
+        cls: type,
+        role_cfg,
+        timeout_s: float,
+        dist_timeout_s: int,
+        resources: dict[str, float] | None = None,
+        **kwargs: Any,
+    ):
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
         # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
@@ -46,10 +52,18 @@ class LearnerGroup:
                 f"{role}.num_ranks or use larger nodes (`rlhf-ray plan` checks this)"
             )
         self.actors = [
-            spawn_actor(cls, f"{role}-{rank}", cpus, gpus, rank=rank, world_size=n,
-                   strategy=PlacementGroupSchedulingStrategy(self.pg, rank), **kwargs)
+            spawn_actor(
+                cls,
+                f"{role}-{rank}",
+                cpus,
+                gpus,
+                rank=rank,
+                world_size=n,
+                strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
+                **kwargs,
+            )
             for rank in range(n)
-        ]  # fmt: skip
+        ]
         self.handles = {f"{role}-{r}": a for r, a in enumerate(self.actors)}
         self.names = list(self.handles)
         self.role, self.cfg, self.dist_timeout_s = role, role_cfg, dist_timeout_s
@@ -60,8 +74,11 @@ class LearnerGroup:
         strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
         addr, port = ray.get(rendezvous_address.options(scheduling_strategy=strategy).remote())
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        get_all(self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
-                 self.names, "rendezvous")  # fmt: skip
+        get_all(
+            self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+            self.names,
+            "rendezvous",
+        )
         return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:

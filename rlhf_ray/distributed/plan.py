@@ -36,8 +36,11 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
     """The actors of a run (a scorer role: one per replica); no value group for a critic-free
     estimator (``algo.estimator``)."""
     value = cfg.value
-    critic = [RolePlan("value", value.num_ranks, value.num_cpus_per_rank, value.num_gpus_per_rank,
-                       True)] if has_critic(cfg) else []  # fmt: skip
+    critic = (
+        [RolePlan("value", value.num_ranks, value.num_cpus_per_rank, value.num_gpus_per_rank, True)]
+        if has_critic(cfg)
+        else []
+    )
     return [
         RolePlan(
             "policy",
@@ -164,8 +167,9 @@ def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
         finally:
             ray.shutdown()
     if cfg.cluster.nodes:
-        nodes = [Node(n.cpus, n.gpus, n.gpu_memory_gb) for n in cfg.cluster.nodes
-                 for _ in range(n.count)]  # fmt: skip
+        nodes = [
+            Node(n.cpus, n.gpus, n.gpu_memory_gb) for n in cfg.cluster.nodes for _ in range(n.count)
+        ]
         return nodes, "cluster.nodes of the config"
     import torch
 

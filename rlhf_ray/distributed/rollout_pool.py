@@ -73,10 +73,17 @@ class RolloutPool:
         r = self.cfg.rollout
         name = f"{self.prefix}-{self._next_id}"
         handle = spawn_actor(
-            generator_class(r), name, r.num_cpus_per_worker, r.num_gpus_per_worker,
-            self.model_spec, self.tokenizer_cfg, r, worker_id=self._next_id,
-            strategy=strategy or spread_strategy(self.cfg), from_sync=self.from_sync,
-        )  # fmt: skip
+            generator_class(r),
+            name,
+            r.num_cpus_per_worker,
+            r.num_gpus_per_worker,
+            self.model_spec,
+            self.tokenizer_cfg,
+            r,
+            worker_id=self._next_id,
+            strategy=strategy or spread_strategy(self.cfg),
+            from_sync=self.from_sync,
+        )
         self._next_id += 1
         return name, handle
 
@@ -86,8 +93,13 @@ class RolloutPool:
         new = dict(self._spawn(strategy) for _ in range(n))
         try:
             wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            ray.get([w.load_bucket.remote(ref, self._version, k, self._count)
-                     for w in new.values() for k, ref in enumerate(self._buckets)])  # fmt: skip
+            ray.get(
+                [
+                    w.load_bucket.remote(ref, self._version, k, self._count)
+                    for w in new.values()
+                    for k, ref in enumerate(self._buckets)
+                ]
+            )
         except BaseException as exc:
             if isinstance(exc, ray.exceptions.RayActorError):
                 for handle in new.values():

@@ -105,27 +105,49 @@ class RayWorkers:
         )
         pinned = cfg.cluster.learner_resources
         self.policy = LearnerGroup(
-            "policy", PolicyLearner, cfg.policy, timeout, dist_timeout, pinned,
-            policy_cfg=cfg.policy, ppo_cfg=ppo, tokenizer_cfg=tok,
-            temperature=cfg.rollout.temperature, seed=seed, max_bad_steps=bad,
-            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+            "policy",
+            PolicyLearner,
+            cfg.policy,
+            timeout,
+            dist_timeout,
+            pinned,
+            policy_cfg=cfg.policy,
+            ppo_cfg=ppo,
+            tokenizer_cfg=tok,
+            temperature=cfg.rollout.temperature,
+            seed=seed,
+            max_bad_steps=bad,
+            top_k=cfg.rollout.top_k,
+            top_p=cfg.rollout.top_p,
             total_steps=policy_optimizer_steps(cfg),
-        )  # fmt: skip
+        )
         self.value: LearnerGroup | None = None
         if has_critic(cfg):  # a critic-free estimator has no value group
             self.value = LearnerGroup(
-                "value", ValueLearner, cfg.value, timeout, dist_timeout, pinned,
-                value_cfg=cfg.value, ppo_cfg=ppo, tokenizer_cfg=tok, seed=seed,
-                model_spec=value_init_spec(cfg), max_bad_steps=bad,
+                "value",
+                ValueLearner,
+                cfg.value,
+                timeout,
+                dist_timeout,
+                pinned,
+                value_cfg=cfg.value,
+                ppo_cfg=ppo,
+                tokenizer_cfg=tok,
+                seed=seed,
+                model_spec=value_init_spec(cfg),
+                max_bad_steps=bad,
                 total_steps=optimizer_steps(cfg),
-            )  # fmt: skip
+            )
         self.learners = [g for g in (self.policy, self.value) if g is not None]
 
     def _start_learners(self) -> None:
         """Rendezvous and build the engines of every learner group (their actors must be
         alive)."""
-        counts = get_all([r for g in self.learners for r in g.start()],
-                          [n for g in self.learners for n in g.names], "setup")  # fmt: skip
+        counts = get_all(
+            [r for g in self.learners for r in g.start()],
+            [n for g in self.learners for n in g.names],
+            "setup",
+        )
         self.param_counts = {}
         for group in self.learners:
             self.param_counts[group.role] = counts[: group.cfg.num_ranks]
@@ -171,16 +193,30 @@ class RayWorkers:
         if name.startswith("reference-"):
             ref = cfg.reference
             return spawn_actor(
-                ReferenceScorer, name, ref.num_cpus, ref.num_gpus,
-                ref.model or cfg.policy.model, tok, cfg.rollout.temperature,
-                chunk_size=ref.score_micro_batch_size, restarts=3, strategy=strategy,
-            )  # fmt: skip
+                ReferenceScorer,
+                name,
+                ref.num_cpus,
+                ref.num_gpus,
+                ref.model or cfg.policy.model,
+                tok,
+                cfg.rollout.temperature,
+                chunk_size=ref.score_micro_batch_size,
+                restarts=3,
+                strategy=strategy,
+            )
         rew = cfg.reward
         return spawn_actor(
-            RewardScorer, name, rew.num_cpus, rew.num_gpus, rew, tok,
-            search_path=[os.getcwd()], chunk_size=rew.score_micro_batch_size, restarts=3,
+            RewardScorer,
+            name,
+            rew.num_cpus,
+            rew.num_gpus,
+            rew,
+            tok,
+            search_path=[os.getcwd()],
+            chunk_size=rew.score_micro_batch_size,
+            restarts=3,
             strategy=strategy,
-        )  # fmt: skip
+        )
 
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
@@ -193,8 +229,7 @@ class RayWorkers:
             get_all(refs[1:], self.policy.names[1:], "sync", timeout)  # they return None
             ready, _ = ray.wait(refs[:1], fetch_local=False, timeout=timeout)
             # rank 0's answer is left unfetched: a cheap call tells whether rank 0 is alive
-            get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync",
-                     timeout)  # fmt: skip
+            get_all([self.policy.actors[0].ping.remote()], self.policy.names[:1], "sync", timeout)
             if not ready:
                 raise_late(self.policy.names[:1], "sync", timeout)
             return refs[0]
@@ -238,8 +273,11 @@ class RayWorkers:
         if not late or any(n not in handles for n in late) or self.scorer_restarts >= 3:
             return False
         for name in late:
-            print(f"[rlhf_ray] {name} did not answer within train.phase_timeout_s; restarting "
-                  "it and retrying its call", flush=True)  # fmt: skip
+            print(
+                f"[rlhf_ray] {name} did not answer within train.phase_timeout_s; restarting "
+                "it and retrying its call",
+                flush=True,
+            )
             self.scorer_restarts += 1
             ray.kill(handles[name], no_restart=False)
         return True
@@ -309,9 +347,13 @@ class RayWorkers:
         )
         names = [*self.scorers, *(n for g in self.learners for n in g.names)]
         out = get_all(
-            refs, names, "score", self.cfg.train.phase_timeout_s, self._restart_late_scorers,
+            refs,
+            names,
+            "score",
+            self.cfg.train.phase_timeout_s,
+            self._restart_late_scorers,
             lambda name: self._retry_scorer(name, parts),
-        )  # fmt: skip
+        )
         n_ref = sum(n.startswith("reference-") for n in self.scorers)
         ranks, rewards = out[len(self.scorers) :], out[n_ref : len(self.scorers)]
         return {
@@ -334,17 +376,21 @@ class RayWorkers:
 
     def probe_sync(self, version: int) -> tuple[float, int]:
         worker = self.pool.workers[version % len(self.pool.workers)]
-        refs = self.policy.call("probe_logprobs") + [worker.probe_logprobs.remote(),
-                                                     worker.ping.remote()]  # fmt: skip
+        refs = self.policy.call("probe_logprobs") + [
+            worker.probe_logprobs.remote(),
+            worker.ping.remote(),
+        ]
         learner, *_, sampled, worker_id = get_all(refs)
         return float((learner - sampled).abs().max()), worker_id
 
     def info(self) -> dict[str, float]:
-        return {"rollout/num_workers": len(self.pool.workers),
-                "rollout/worker_restarts": self.pool.restarts,
-                "train/learner_restarts": self.learner_restarts,
-                "train/scorer_restarts": self.scorer_restarts,
-                "recovery/replacements": self.pool.health.replacements}  # fmt: skip
+        return {
+            "rollout/num_workers": len(self.pool.workers),
+            "rollout/worker_restarts": self.pool.restarts,
+            "train/learner_restarts": self.learner_restarts,
+            "train/scorer_restarts": self.scorer_restarts,
+            "recovery/replacements": self.pool.health.replacements,
+        }
 
     def save(self, directory: Path) -> None:
         self._on_learners("save", directory)

@@ -46,9 +46,15 @@ class RayStage:
 
     def _start(self) -> None:
         role, timeout = self.role, self.cluster.actor_start_timeout_s
-        self.group = LearnerGroup(role.name, role.cls, role.role_cfg, timeout,
-                                  self.dist_timeout_s, learner_cfg=role.role_cfg,
-                                  **role.kwargs)  # fmt: skip
+        self.group = LearnerGroup(
+            role.name,
+            role.cls,
+            role.role_cfg,
+            timeout,
+            self.dist_timeout_s,
+            learner_cfg=role.role_cfg,
+            **role.kwargs,
+        )
         try:
             wait_ready(self.group.handles, timeout)
             counts = self._all("setup", self.group.start())

@@ -97,17 +97,29 @@ def sample_responses(
     rows = len(prompt_ids)
     step = chunk_rows or max(rows, 1)
     parts = [
-        _sample_chunk(model, prompt_ids[i : i + step], prompt_mask[i : i + step], params,
-                      eos_id, pad_id, None if seeds is None else seeds[i : i + step])
+        _sample_chunk(
+            model,
+            prompt_ids[i : i + step],
+            prompt_mask[i : i + step],
+            params,
+            eos_id,
+            pad_id,
+            None if seeds is None else seeds[i : i + step],
+        )
         for i in range(0, rows, step)
-    ]  # fmt: skip
+    ]
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def _sample_chunk(
-    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
-    eos_id: int, pad_id: int, seeds: list[int] | None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    seeds: list[int] | None,
+) -> dict[str, torch.Tensor]:
     uniforms = None
     if seeds is not None:
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -142,12 +154,23 @@ def _sample_chunk(
 
 
 def greedy_continuation(
-    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-    eos_id: int, pad_id: int,
-) -> torch.Tensor:  # fmt: skip
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
     """Greedy response ids ``(B, max_new_tokens)`` on the model's device, returned on the CPU
     (the weight-sync parity check between learners and rollout workers)."""
     device = next(model.parameters()).device
-    out = sample_responses(model, prompt_ids.to(device), prompt_mask.to(device),
-                           SamplingParams(max_new_tokens), eos_id, pad_id, seeds=None)  # fmt: skip
+    out = sample_responses(
+        model,
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        SamplingParams(max_new_tokens),
+        eos_id,
+        pad_id,
+        seeds=None,
+    )
     return out["response_ids"].cpu()

@@ -138,10 +138,15 @@ class TorchEngine:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         # tied weights share storage, which safetensors refuses: store each one as its own copy
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
-                  str(Path(directory) / "torch_engine.safetensors"))  # fmt: skip
-        meta = {"param_groups": optim["param_groups"], "scalars": scalars,
-                "scheduler": self.scheduler.state_dict()}  # fmt: skip
+        save_file(
+            {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+            str(Path(directory) / "torch_engine.safetensors"),
+        )
+        meta = {
+            "param_groups": optim["param_groups"],
+            "scalars": scalars,
+            "scheduler": self.scheduler.state_dict(),
+        }
         (Path(directory) / "torch_engine.json").write_text(json.dumps(meta))
 
     def load_state(self, directory: str) -> None:
@@ -149,8 +154,9 @@ class TorchEngine:
 
         tensors = load_file(str(Path(directory) / "torch_engine.safetensors"))
         meta = json.loads((Path(directory) / "torch_engine.json").read_text())
-        module = {k.removeprefix("module."): v for k, v in tensors.items()
-                  if k.startswith("module.")}  # fmt: skip
+        module = {
+            k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")
+        }
         self.module.load_state_dict(module)
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -277,9 +283,15 @@ class DeepSpeedEngine:
         self.zero_stage = zero_stage
         self.accumulation = accumulation
         config = config or deepspeed_config(
-            zero_stage, micro_batch, self.world_size, optim.grad_clip, dtype, offload_optimizer,
-            accumulation, offload_params,
-        )  # fmt: skip
+            zero_stage,
+            micro_batch,
+            self.world_size,
+            optim.grad_clip,
+            dtype,
+            offload_optimizer,
+            accumulation,
+            offload_params,
+        )
         optimizer = None if offload_optimizer else make_adamw(module, optim)
         if offload_optimizer:
             config["optimizer"] = {
@@ -357,8 +369,9 @@ class DeepSpeedEngine:
             if out is None:
                 dist.gather(part, dst=0)
                 continue
-            whole = torch.empty(part.numel() * self.world_size, dtype=part.dtype,
-                                device=part.device)  # fmt: skip
+            whole = torch.empty(
+                part.numel() * self.world_size, dtype=part.dtype, device=part.device
+            )
             dist.gather(part, gather_list=list(whole.chunk(self.world_size)), dst=0)
             zero3: Any = tensor  # DeepSpeed's attributes of a partitioned parameter
             out[name] = whole[: zero3.ds_numel].view(zero3.ds_shape).to("cpu")

@@ -51,11 +51,19 @@ def _hidden_and_head(
         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
     )
     if plain:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids, use_cache=False)  # fmt: skip
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
         return out.logits, lambda x: x
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False)  # fmt: skip
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
     assert head is not None
     return out.last_hidden_state, head
 

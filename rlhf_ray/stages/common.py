@@ -40,8 +40,7 @@ def start_run(cfg: StageConfigBase, run_dir: Path) -> tuple[MetricsLog, PhaseTim
 
 def stage_log(run_dir: Path, logging: LoggingConfig) -> MetricsLog:
     """``metrics.jsonl`` and the sinks ``logging`` switches on (TensorBoard, W&B)."""
-    return open_metrics_log(run_dir, logging, total=0, step_key="step",
-                            format_row=format_stage_row)  # fmt: skip
+    return open_metrics_log(run_dir, logging, total=0, step_key="step", format_row=format_stage_row)
 
 
 _SHOWN = (
@@ -115,8 +114,10 @@ def train_epochs(
             with timer.phase("step"):
                 stats = workers.train_step(epoch, i)
             step += 1
-            log.write({"step": step, "epoch": epoch, **prefixed(stats, "train/"), **timer.pop()},
-                      show=step % train.log_every == 0)  # fmt: skip
+            log.write(
+                {"step": step, "epoch": epoch, **prefixed(stats, "train/"), **timer.pop()},
+                show=step % train.log_every == 0,
+            )
 
             # 3. evaluate: the held-out split (and, at the epoch's end, the whole train split)
             end = i == steps - 1

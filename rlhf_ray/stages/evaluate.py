@@ -107,8 +107,9 @@ def compare(
 ) -> list[dict[str, Any]]:
     """One row per prompt: both responses, both scores, the policy sample's KL to the baseline."""
     mine = samples["policy"]
-    kl = sequence_kl(scored["policy/logprobs"], scored["baseline/logprobs"], mine.response_mask,
-                     estimator)  # fmt: skip
+    kl = sequence_kl(
+        scored["policy/logprobs"], scored["baseline/logprobs"], mine.response_mask, estimator
+    )
     rows = []
     for i in range(len(mine)):
         row: dict[str, Any] = {"prompt_index": int(mine.prompt_index[i]), "prompt": mine.prompts[i]}
@@ -179,8 +180,9 @@ def eval_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], table_row
         "|---|---|---|",
     ]
     for name in ("reward_mean", "reward_std", "response_length", "eos_rate"):
-        lines.append(f"| {name} | {summary[f'policy/{name}']:.4f} | "
-                     f"{summary[f'baseline/{name}']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {summary[f'policy/{name}']:.4f} | {summary[f'baseline/{name}']:.4f} |"
+        )
     lines += [
         "",
         f"- win_rate: **{summary['win_rate']:.4f}** (policy score above the baseline's on the "
@@ -253,8 +255,13 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
 
         # 1. generate: both policies sample every prompt, with the same seed per prompt
         with timer.phase("generate"):
-            batch, _ = tokenize_prompts(tokenizer, prompts, index, cfg.data.max_prompt_tokens,
-                                        chat_template_start(tokenizer))  # fmt: skip
+            batch, _ = tokenize_prompts(
+                tokenizer,
+                prompts,
+                index,
+                cfg.data.max_prompt_tokens,
+                chat_template_start(tokenizer),
+            )
             samples = workers.generate(batch, step)
             for rollout in samples.values():
                 check_rollout(rollout, LOADED, index)
@@ -266,8 +273,14 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
         # 3. compare: per-prompt rows, the step's figures logged
         step_rows = compare(samples, scored, cfg.eval.kl_estimator)
         rows += step_rows
-        log.write({"step": step, **summarize(step_rows), **timer.pop(),
-                   "time/step": time.perf_counter() - started})  # fmt: skip
+        log.write(
+            {
+                "step": step,
+                **summarize(step_rows),
+                **timer.pop(),
+                "time/step": time.perf_counter() - started,
+            }
+        )
 
     # 4. report: eval.json (figures), eval.md (figures + sample table), samples.jsonl (all)
     summary = write_report(cfg, rows, run_dir, dropped)

@@ -48,8 +48,11 @@ from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 
 def rm_role(cfg: RewardModelConfig) -> StageRole:
     """The learner group of the stage (actors ``rm-0``, ``rm-1`` ...)."""
-    kwargs = {"tokenizer_cfg": stage_tokenizer(cfg), "batch_size": cfg.train.batch_size,
-              "seed": cfg.train.seed}  # fmt: skip
+    kwargs = {
+        "tokenizer_cfg": stage_tokenizer(cfg),
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+    }
     return StageRole("rm", RewardLearner, learner_role(cfg), kwargs)
 
 
@@ -67,9 +70,13 @@ def score_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     """Bradley-Terry figures of a split's final scores, and their mean and std."""
     loss, stats = bradley_terry_loss(chosen, rejected)
     both = torch.cat([chosen, rejected])
-    return {"loss": float(loss), "accuracy": float(stats["accuracy"]),
-            "margin": float(stats["margin"]), "score_mean": float(both.mean()),
-            "score_std": float(both.std()) if len(both) > 1 else 0.0}  # fmt: skip
+    return {
+        "loss": float(loss),
+        "accuracy": float(stats["accuracy"]),
+        "margin": float(stats["margin"]),
+        "score_mean": float(both.mean()),
+        "score_std": float(both.std()) if len(both) > 1 else 0.0,
+    }
 
 
 def run_train_rm(
@@ -99,8 +106,11 @@ def run_train_rm(
             else None
         )
         workers.load_data(train_set, eval_set)
-    print(f"[rlhf_ray] train-rm: {len(train_pairs)} train / {len(eval_pairs)} eval pairs"
-          f" ({skipped} bad rows skipped) from {data.path}", flush=True)  # fmt: skip
+    print(
+        f"[rlhf_ray] train-rm: {len(train_pairs)} train / {len(eval_pairs)} eval pairs"
+        f" ({skipped} bad rows skipped) from {data.path}",
+        flush=True,
+    )
 
     # 2-3. train and evaluate, epoch by epoch
     start = restore(workers, checkpoint)
@@ -124,8 +134,11 @@ def run_train_rm(
         write_score_stats(output, train_stats["score_mean"], train_stats["score_std"])
     log.close()
     split = "eval" if eval_set is not None else "train"
-    print(f"[rlhf_ray] train-rm done: {split} accuracy {final[f'final/{split}_accuracy']:.3f}, "
-          f"margin {final[f'final/{split}_margin']:+.3f}; train scores mean "
-          f"{train_stats['score_mean']:+.4f} std {train_stats['score_std']:.4f}; "
-          f"reward model saved to {output}", flush=True)  # fmt: skip
+    print(
+        f"[rlhf_ray] train-rm done: {split} accuracy {final[f'final/{split}_accuracy']:.3f}, "
+        f"margin {final[f'final/{split}_margin']:+.3f}; train scores mean "
+        f"{train_stats['score_mean']:+.4f} std {train_stats['score_std']:.4f}; "
+        f"reward model saved to {output}",
+        flush=True,
+    )
     return StageResult(run_dir=run_dir, output=output, final=final)

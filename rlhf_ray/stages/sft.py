@@ -24,8 +24,11 @@ from rlhf_ray.workers.stage_learners import SFTLearner, StageRole
 
 def sft_role(cfg: SFTConfig) -> StageRole:
     """The learner group of the stage (actors ``sft-0``, ``sft-1`` ...)."""
-    kwargs = {"tokenizer_cfg": stage_tokenizer(cfg), "batch_size": cfg.train.batch_size,
-              "seed": cfg.train.seed}  # fmt: skip
+    kwargs = {
+        "tokenizer_cfg": stage_tokenizer(cfg),
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+    }
     return StageRole("sft", SFTLearner, learner_role(cfg), kwargs)
 
 
@@ -55,8 +58,11 @@ def run_sft(
             else None
         )
         workers.load_data(train_set, eval_set)
-    print(f"[rlhf_ray] sft: {len(train_examples)} train / {len(eval_examples)} eval examples"
-          f" ({skipped} bad rows skipped) from {data.path}", flush=True)  # fmt: skip
+    print(
+        f"[rlhf_ray] sft: {len(train_examples)} train / {len(eval_examples)} eval examples"
+        f" ({skipped} bad rows skipped) from {data.path}",
+        flush=True,
+    )
 
     # 2-3. train and evaluate, epoch by epoch
     start = restore(workers, checkpoint)

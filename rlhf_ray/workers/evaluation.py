@@ -44,7 +44,9 @@ class InProcessEvalWorkers:
         self.cfg = cfg
         tok = eval_tokenizer(cfg)
         specs = {"policy": cfg.policy, "baseline": cfg.baseline}
-        self.generators = {m: generator_class(cfg.rollout)(specs[m], tok, cfg.rollout) for m in MODELS}
+        self.generators = {
+            m: generator_class(cfg.rollout)(specs[m], tok, cfg.rollout) for m in MODELS
+        }
         temperature = cfg.rollout.temperature
         self.scorers = {m: ReferenceScorer(specs[m], tok, temperature) for m in MODELS}
         self.reward = RewardScorer(cfg.reward, tok, search_path=[os.getcwd()])

@@ -95,9 +95,11 @@ class InProcessWorkers:
             ref_spec, tok, cfg.rollout.temperature, chunk_size=cfg.reference.score_micro_batch_size
         )
         self.reward = RewardScorer(
-            cfg.reward, tok, search_path=[os.getcwd()],
+            cfg.reward,
+            tok,
+            search_path=[os.getcwd()],
             chunk_size=cfg.reward.score_micro_batch_size,
-        )  # fmt: skip
+        )
         self.generators = [
             generator_class(cfg.rollout)(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)
             for i in range(cfg.rollout.num_workers)
@@ -137,8 +139,9 @@ class InProcessWorkers:
                 )
             )
         if new:  # the policy still holds the weights of the last sync: stream them again
-            self._stream(lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n)
-                                               for g in new])  # fmt: skip
+            self._stream(
+                lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n) for g in new]
+            )
             self.generators.extend(new)
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:

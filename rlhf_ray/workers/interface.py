@@ -96,8 +96,12 @@ def in_chunks(
 ) -> torch.Tensor:
     """``fn`` over ``rollout`` in chunks of ``size`` rows moved to ``device`` (bounded memory
     for scoring forwards), results concatenated on the CPU."""
-    return torch.cat([fn(rollout.select(slice(i, i + size)).to(device)).cpu()
-                      for i in range(0, len(rollout), size)])  # fmt: skip
+    return torch.cat(
+        [
+            fn(rollout.select(slice(i, i + size)).to(device)).cpu()
+            for i in range(0, len(rollout), size)
+        ]
+    )
 
 
 def split_rows(num_rows: int, num_parts: int) -> list[slice]:

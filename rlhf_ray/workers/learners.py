@@ -120,11 +120,16 @@ class LearnerRank:
         import torch.distributed as dist
 
         config = deepspeed_config(
-            cfg.zero_stage, self.micro_batch, dist.get_world_size(), cfg.optim.grad_clip,
-            cfg.model.dtype, cfg.offload_optimizer, self.accumulation,
+            cfg.zero_stage,
+            self.micro_batch,
+            dist.get_world_size(),
+            cfg.optim.grad_clip,
+            cfg.model.dtype,
+            cfg.offload_optimizer,
+            self.accumulation,
             getattr(cfg, "offload_params", False),
             cfg.zero_buckets.resolve(on_gpu=self.device.type != "cpu"),
-        )  # fmt: skip
+        )
         zero_init = cfg.zero_stage == 3 and self.model_path is not None
         with zero3_construction(config, enabled=zero_init):
             module = self._build()
@@ -132,9 +137,15 @@ class LearnerRank:
             module = module.to(self.device)
         self._prepare(module)
         self.engine = DeepSpeedEngine(
-            module, cfg.optim, cfg.zero_stage, self.micro_batch, cfg.model.dtype,
-            cfg.offload_optimizer, total_steps=self.total_steps, config=config,
-        )  # fmt: skip
+            module,
+            cfg.optim,
+            cfg.zero_stage,
+            self.micro_batch,
+            cfg.model.dtype,
+            cfg.offload_optimizer,
+            total_steps=self.total_steps,
+            config=config,
+        )
         return self.engine.local_param_count()
 
     def _prepare(self, module: torch.nn.Module) -> None:
@@ -328,8 +339,7 @@ class PolicyLearner(LearnerRank):
             total_steps=total_steps,
         )
         self.tokenizer = tok
-        self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k,
-                                         "top_p": top_p}  # fmt: skip
+        self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.loss_agg = ppo_cfg.loss_agg
 
     @torch.no_grad()
@@ -369,15 +379,22 @@ class PolicyLearner(LearnerRank):
         """The learner's own greedy continuation (collective under ZeRO-3: call on all ranks)."""
         assert self.engine is not None, "call setup() first"
         with self.engine.full_params():
-            return greedy_continuation(self.module, prompt_ids, prompt_mask, max_new_tokens,
-                                       self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
+            return greedy_continuation(
+                self.module,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens,
+                self.tokenizer.eos_id,
+                self.tokenizer.pad_id,
+            )
 
     @torch.no_grad()
     def probe_logprobs(self) -> torch.Tensor:
         """Log-probs ``(T-1,)`` of the sync probe (collective under ZeRO-3: call on all ranks)."""
         ids, mask = probe_batch(self.tokenizer)
-        out = response_logprobs(self.module, ids.to(self.device), mask.to(self.device), 1,
-                                self.sampling["temperature"])[0]  # fmt: skip
+        out = response_logprobs(
+            self.module, ids.to(self.device), mask.to(self.device), 1, self.sampling["temperature"]
+        )[0]
         return out[0].cpu()
 
     def train(self, batch: PPOBatch, round_index: int) -> dict[str, float]:

@@ -107,15 +107,22 @@ class RolloutGenerator:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
         """Greedy continuation (parity checks between workers and learners)."""
-        return greedy_continuation(self.model, prompt_ids, prompt_mask, max_new_tokens,
-                                   self.tokenizer.eos_id, self.tokenizer.pad_id)  # fmt: skip
+        return greedy_continuation(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens,
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+        )
 
     @torch.no_grad()
     def probe_logprobs(self) -> torch.Tensor:
         """Log-probs ``(T-1,)`` of the sync probe under the weights this worker holds."""
         ids, mask = probe_batch(self.tokenizer)
-        out = response_logprobs(self.model, ids.to(self.device), mask.to(self.device), 1,
-                                self.params.temperature)[0]  # fmt: skip
+        out = response_logprobs(
+            self.model, ids.to(self.device), mask.to(self.device), 1, self.params.temperature
+        )[0]
         return out[0].cpu()
 
     def ping(self) -> int:

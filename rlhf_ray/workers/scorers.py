@@ -57,8 +57,9 @@ class ReferenceScorer:
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         def forward(part: Rollout) -> torch.Tensor:
-            return response_logprobs(self.model, part.input_ids, part.attention_mask,
-                                     part.prompt_len, self.temperature)[0]  # fmt: skip
+            return response_logprobs(
+                self.model, part.input_ids, part.attention_mask, part.prompt_len, self.temperature
+            )[0]
 
         return in_chunks(rollout, self.chunk_size, self.device, forward) * rollout.response_mask
 
@@ -126,8 +127,9 @@ class RewardScorer:
         with EOS appended to the rows cut before it when ``append_eos``."""
         if not self.append_eos:
             return rollout.input_ids, rollout.attention_mask
-        ids, mask = append_eos(rollout.input_ids, rollout.attention_mask, rollout.has_eos,
-                               self.eos_id, self.pad_id)  # fmt: skip
+        ids, mask = append_eos(
+            rollout.input_ids, rollout.attention_mask, rollout.has_eos, self.eos_id, self.pad_id
+        )
         return ids[:, -self.max_length :], mask[:, -self.max_length :]  # the last that fit
 
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -143,11 +145,19 @@ class RewardScorer:
         model = self.model
         assert model is not None
         if self.text_tokenizer is None:
-            return in_chunks(rollout, self.chunk_size, self.device,
-                             lambda part: model.sequence_scores(*self.token_input(part)))  # fmt: skip
+            return in_chunks(
+                rollout,
+                self.chunk_size,
+                self.device,
+                lambda part: model.sequence_scores(*self.token_input(part)),
+            )
         ids, mask = self.encode_text(rollout)
-        return torch.cat([
-            model.sequence_scores(ids[i : i + self.chunk_size].to(self.device),
-                                  mask[i : i + self.chunk_size].to(self.device)).cpu()
-            for i in range(0, len(ids), self.chunk_size)
-        ])  # fmt: skip
+        return torch.cat(
+            [
+                model.sequence_scores(
+                    ids[i : i + self.chunk_size].to(self.device),
+                    mask[i : i + self.chunk_size].to(self.device),
+                ).cpu()
+                for i in range(0, len(ids), self.chunk_size)
+            ]
+        )

@@ -43,8 +43,16 @@ class _StageRank(LearnerRank):
         seed: int,
         num_threads: int | None,
     ):
-        super().__init__(role_cfg, None, build, rank, world_size, seed, num_threads,
-                         micro_batch=batch_size // world_size)  # fmt: skip
+        super().__init__(
+            role_cfg,
+            None,
+            build,
+            rank,
+            world_size,
+            seed,
+            num_threads,
+            micro_batch=batch_size // world_size,
+        )
         self.batch_size = batch_size
         self.data: dict[str, Any] = {}
 
@@ -123,8 +131,15 @@ class SFTLearner(_StageRank):
         num_threads: int | None = None,
     ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(learner_cfg, lambda: build_causal_lm(learner_cfg.model, tok), batch_size,
-                         rank, world_size, seed, num_threads)  # fmt: skip
+        super().__init__(
+            learner_cfg,
+            lambda: build_causal_lm(learner_cfg.model, tok),
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            num_threads,
+        )
 
     def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # position t predicts token t + 1: logprobs of tokens 1.. against the mask's tokens 1..
@@ -149,8 +164,15 @@ class RewardLearner(_StageRank):
         num_threads: int | None = None,
     ):
         tok = build_tokenizer(tokenizer_cfg)
-        super().__init__(learner_cfg, lambda: build_scalar_model(learner_cfg.model, tok), batch_size,
-                         rank, world_size, seed, num_threads)  # fmt: skip
+        super().__init__(
+            learner_cfg,
+            lambda: build_scalar_model(learner_cfg.model, tok),
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            num_threads,
+        )
 
     def pair_scores(self, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and of the rejected sequences (one forward)."""
@@ -169,8 +191,10 @@ class RewardLearner(_StageRank):
     def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected scores ``(N,)`` of every pair of ``split``, on the CPU."""
         data = self.data[split]
-        parts = [self.pair_scores(data.select(slice(i, i + self.micro_batch)).to(self.device))
-                 for i in range(0, len(data), self.micro_batch)]  # fmt: skip
+        parts = [
+            self.pair_scores(data.select(slice(i, i + self.micro_batch)).to(self.device))
+            for i in range(0, len(data), self.micro_batch)
+        ]
         return torch.cat([c for c, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
 
 
