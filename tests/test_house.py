@@ -48,3 +48,20 @@ def test_the_survey_sees_a_circle_a_private_import_and_an_upward_import(tmp_path
     broken = house.broken_rules(found)
     assert any(b.startswith("rlhf_ray.algo imports rlhf_ray.config") for b in broken)
     assert "rlhf_ray.driver imports ray: only distributed/ and cli.py may" in broken
+
+
+def test_no_file_over_500_lines_and_no_hand_packed_layout():
+    found = house.survey()
+    assert found.big_files == [] and found.fmt_skips == 0
+
+
+def test_ruff_format_decides_the_layout():
+    import subprocess
+
+    package = TOOL.parent.parent / "rlhf_ray"
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", str(package)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

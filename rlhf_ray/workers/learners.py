@@ -1,12 +1,10 @@
 """PolicyLearner and ValueLearner: one data-parallel rank each.
 
-Every rank receives the whole round's batch and derives its rows from a permutation seeded by
-(seed, round, epoch), identical on every rank. Minibatch ``k`` of an epoch is the same global set
-of rows whatever the number of ranks, and each rank's loss is rescaled so that the gradient
-averaged over ranks equals the gradient of the loss over the global minibatch (token mean, or
-the per-sequence means of ``ppo.loss_agg``). So 1 rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same
-optimizer steps (up to float rounding).
-"""
+Every rank receives the whole round's batch and takes its rows from a permutation seeded by
+(seed, round, epoch): minibatch ``k`` is the same global rows whatever the number of ranks, and
+each rank's loss is rescaled so that the gradient averaged over ranks is that of the loss over
+the global minibatch (any ``ppo.loss_agg``). So 1 rank, 2 ranks, ZeRO-1 and ZeRO-3 take the same
+optimizer steps (up to float rounding)."""
 
 from __future__ import annotations
 
