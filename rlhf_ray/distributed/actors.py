@@ -34,21 +34,30 @@ def _env(cpus: float, gpus: float) -> dict[str, Any]:
 
 
 def kill_actors(handles: list[Any], timeout_s: float = 30.0) -> None:
-    """Kill actors and wait until Ray has released them (and so their names)."""
+    """Kill actors and wait until Ray has released them (and so their names).
+
+    Death is confirmed by a ``ping`` sent without retries: a scorer is started with
+    ``max_task_retries`` (Ray retries its calls across restarts), and a retried ping of a
+    killed actor is what Ray reports as "Task ... failed ... killed by `ray.kill`". Every ping
+    is fetched, since one dropped unfetched is printed as an unhandled error too."""
     for h in handles:
         ray.kill(h)
     deadline = time.monotonic() + timeout_s
     for h in handles:
-        ping, patience = h.ping.remote(), time.monotonic() + 5.0
+        ping, patience = _ping_once(h), time.monotonic() + 5.0
         while time.monotonic() < min(deadline, patience):
-            try:  # every ping is fetched: one dropped unfetched is printed as an unhandled
-                ray.get(ping, timeout=1)  # "killed by ray.kill" error when Ray collects it
+            try:
+                ray.get(ping, timeout=1)
             except ray.exceptions.GetTimeoutError:
                 continue  # the same ping, waited on again (an unreachable actor: 5 s at most)
             except ray.exceptions.RayActorError:
                 break  # dead (or unreachable, ActorUnavailableError is a RayActorError)
             time.sleep(0.1)  # answered before the kill took effect: ask again
-            ping = h.ping.remote()
+            ping = _ping_once(h)
+
+
+def _ping_once(handle: Any) -> Any:
+    return handle.ping.options(max_task_retries=0).remote()
 
 
 def check_namespace_free() -> None:
