@@ -84,6 +84,34 @@ class Workers(Protocol):
         """Release every worker."""
 
 
+def sampled_rollout(
+    prompts: PromptBatch, out: dict[str, torch.Tensor], tokenizer, version: int, worker_id: int
+) -> Rollout:
+    """The ``Rollout`` of a rollout worker (either backend) from its sampler's output
+    (``response_ids``, ``response_mask``, ``has_eos``, ``sampler_logprobs``): the prompts'
+    rows, including their ``columns``, with the decoded responses and who sampled them."""
+    responses = [
+        tokenizer.decode(ids[m.bool()].tolist())
+        for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)
+    ]
+    n = len(prompts)
+    return Rollout(
+        prompt_ids=prompts.prompt_ids,
+        prompt_mask=prompts.prompt_mask,
+        prompt_index=prompts.prompt_index,
+        sample_index=prompts.sample_index,
+        response_ids=out["response_ids"],
+        response_mask=out["response_mask"],
+        has_eos=out["has_eos"],
+        sampler_logprobs=out["sampler_logprobs"],
+        weight_version=torch.full((n,), version, dtype=torch.long),
+        prompts=list(prompts.prompts),
+        responses=responses,
+        worker_id=torch.full((n,), worker_id, dtype=torch.long),
+        columns=list(prompts.columns),
+    )
+
+
 def kl_logprobs(scored: dict[str, torch.Tensor]) -> torch.Tensor:
     """The policy's log-probs the KL to the reference is taken with: the unfiltered,
     temperature-scaled ones (``full_logprobs``; ``models/logprobs.py`` says why), else, from a

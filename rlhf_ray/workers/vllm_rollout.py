@@ -26,7 +26,12 @@ from rlhf_ray.models.build import max_positions
 from rlhf_ray.models.weights import NumpyWeights, weight_tensors
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.interface import StaleWeightsError, probe_batch, row_seeds
+from rlhf_ray.workers.interface import (
+    StaleWeightsError,
+    probe_batch,
+    row_seeds,
+    sampled_rollout,
+)
 
 
 def generator_class(rollout_cfg: Any) -> type:
@@ -127,25 +132,7 @@ class VLLMRolloutGenerator:
             self.tokenizer.eos_id,
             self.tokenizer.pad_id,
         )
-        responses = [
-            self.tokenizer.decode(ids[m.bool()].tolist())
-            for ids, m in zip(out["response_ids"], out["response_mask"], strict=True)
-        ]
-        n = len(prompts)
-        return Rollout(
-            prompt_ids=prompts.prompt_ids,
-            prompt_mask=prompts.prompt_mask,
-            prompt_index=prompts.prompt_index,
-            sample_index=prompts.sample_index,
-            response_ids=out["response_ids"],
-            response_mask=out["response_mask"],
-            has_eos=out["has_eos"],
-            sampler_logprobs=out["sampler_logprobs"],
-            weight_version=torch.full((n,), self.version, dtype=torch.long),
-            prompts=list(prompts.prompts),
-            responses=responses,
-            worker_id=torch.full((n,), self.worker_id, dtype=torch.long),
-        )
+        return sampled_rollout(prompts, out, self.tokenizer, self.version, self.worker_id)
 
     def greedy(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int

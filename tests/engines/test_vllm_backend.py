@@ -70,6 +70,7 @@ def setup():
         prompt_index=torch.arange(n),
         sample_index=torch.zeros(n, dtype=torch.long),
         prompts=PROMPTS,
+        columns=[{"label": f"row {i}"} for i in range(n)],  # per-prompt data for the reward
     )
     return cfg, tok, worker, trained, prompts
 
@@ -101,6 +102,7 @@ def test_samples_have_the_hf_shapes_and_processed_logprobs(setup):
     assert out.response_ids.shape == out.response_mask.shape == out.sampler_logprobs.shape
     assert out.response_ids.shape == (n, width) and out.has_eos.shape == (n,)
     assert torch.equal(out.weight_version, torch.full((n,), 3))
+    assert out.columns == prompts.columns  # each sample keeps its prompt row's columns
     pad = out.response_mask == 0
     assert (out.response_ids[pad] == tok.pad_id).all() and (out.sampler_logprobs[pad] == 0).all()
     for row in range(n):  # the mask ends with the first EOS, or covers the row
