@@ -10,6 +10,7 @@ import json
 
 import pytest
 from model_dirs import save_policy
+from transformers import GenerationConfig
 
 from rlhf_ray.config import load_config
 from rlhf_ray.driver import run_ppo
@@ -50,8 +51,19 @@ def test_the_models_generation_config_does_not_reach_the_sampler(shipped_penalti
 def test_a_round_off_the_learners_distribution_stops_naming_the_cause(
     shipped_penalties, tmp_path, monkeypatch
 ):
-    # let the model's generation config leak into generate, as transformers does by default
-    monkeypatch.setattr(generation, "own_generation_config", lambda model: contextlib.nullcontext())
+    # let the shipped generation_config.json leak into generate, as transformers does by default
+    # for a model loaded with from_pretrained (PPO's workers are built from config.json alone
+    # and never read it, so the leak is put in by hand)
+    @contextlib.contextmanager
+    def leaking(model):
+        saved = model.generation_config
+        model.generation_config = GenerationConfig.from_pretrained(shipped_penalties)
+        try:
+            yield
+        finally:
+            model.generation_config = saved
+
+    monkeypatch.setattr(generation, "own_generation_config", leaking)
     with pytest.raises(LogprobGapError, match="generation_config.json") as caught:
         _run(shipped_penalties, tmp_path)
     assert "rollout.max_logprob_gap" in str(caught.value)

@@ -89,10 +89,11 @@ class NodeHealth:
         return None if node is None else NodeAffinitySchedulingStrategy(node, soft=True)
 
     def record(self, what: str, cause: str, detail: str = "") -> None:
-        """Count one replacement and name it in the log with its cause."""
+        """Count one replacement and name it in the log with its cause: ``what`` and ``cause``
+        read as one sentence ("rollout worker 1" "died while generating")."""
         self.replacements += 1
         extra = f" ({detail})" if detail else ""
         print(
-            f"[rlhf_ray] replacing {what}: {cause}{extra} [replacement {self.replacements}]",
+            f"[rlhf_ray] {what} {cause}{extra}; replacing it [replacement {self.replacements}]",
             flush=True,
         )

@@ -183,7 +183,7 @@ class RolloutPool:
                 self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                cause = f"its replacement died before it was ready ({type(exc).__name__})"
+                cause = f"had its replacement die before it was ready ({type(exc).__name__})"
         else:
             raise RuntimeError(
                 f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "

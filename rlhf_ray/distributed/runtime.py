@@ -247,7 +247,7 @@ class RayWorkers:
         a checkpoint). Rollout workers and scorers keep running."""
         self.learner_restarts += 1
         print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
-        cause = "a learner rank was lost"
+        cause = "lost a rank"
         for _ in range(MAX_TRIES):  # a group placed on a dying node is itself replaced
             self.pool.health.record("the learner groups", cause)
             self._kill_learners()
@@ -258,7 +258,7 @@ class RayWorkers:
                 self._start_learners()
                 return
             except (ray.exceptions.RayActorError, LearnerLostError) as exc:
-                cause = f"a restarted rank died before it was ready ({type(exc).__name__})"
+                cause = f"had a restarted rank die before it was ready ({type(exc).__name__})"
         raise LearnerLostError(f"the learner groups died {MAX_TRIES} times while starting")
 
     def _learners(self, phase: str, refs: list[Any]) -> list[Any]:
@@ -292,7 +292,7 @@ class RayWorkers:
         self.scorer_restarts += 1
         old = self.scorers[name]
         node = self.pool.health.lost(old)
-        cause = f"lost during score (node {node or 'unknown'}); its rows are scored again"
+        cause = f"was lost during score (node {node or 'unknown'}); its rows are scored again"
         self.pool.health.record(name, cause)
         kill_actors([old])
         role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward

@@ -34,10 +34,10 @@ def test_a_replacement_avoids_nodes_that_lost_actors_or_miss_their_heartbeat(clu
     silent.add("head")  # the head does not answer its heartbeat now
     assert health.healthy_node(1.0) is None and health.suspect("head")
     health.record("rollout worker 1", "died while generating (node second)")
-    health.record("rollout worker 1", "its replacement died before it was ready")
+    health.record("rollout worker 1", "had its replacement die before it was ready")
     assert health.replacements == 2
     out = capsys.readouterr().out
-    assert "replacing rollout worker 1: died while generating (node second)" in out
+    assert "rollout worker 1 died while generating (node second); replacing it" in out
     assert "[replacement 2]" in out
 
 
@@ -74,8 +74,8 @@ def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypa
     assert pool.workers == ["w0", "new", "w2"]  # in the lost one's place
     assert pool.restarts == 3 and pool.health.replacements == 3
     out = capsys.readouterr().out
-    assert "replacing rollout worker 1: died while loading weights (node second)" in out
-    assert out.count("its replacement died before it was ready (ActorDiedError)") == 2
+    assert "rollout worker 1 died while loading weights (node second); replacing it" in out
+    assert out.count("had its replacement die before it was ready (ActorDiedError)") == 2
 
     deaths = iter([True] * replacement.MAX_TRIES)
     with pytest.raises(RuntimeError, match="replacements in a row died before they were ready"):

@@ -146,9 +146,12 @@ def learnable(tmp_path_factory):
     cli("ppo", "--in-process", "--run-dir", tmp / "ppo", *PPO, f"policy.model.path={policy}",
         f"reward.model.path={rm}", "data.chat_template=true", "train.rounds=15",
         "rollout.batch_size=64", "ppo.minibatch_size=32")  # fmt: skip
+    # on PPO's own (builtin) prompts, as this check always was: eval's held-out default would
+    # leave none of them (docs/design.md, eval)
     cli("eval", "--in-process", "--run-dir", tmp / "eval", "--policy", tmp / "ppo/policy",
         "--baseline", policy, "--reward-model", rm, "data.chat_template=true",
-        "eval.num_prompts=64", "logging.progress=false")  # fmt: skip
+        "eval.num_prompts=64", "eval.exclude_trained_prompts=false",
+        "logging.progress=false")  # fmt: skip
     return tmp
 
 

@@ -36,7 +36,9 @@ def _weights(run_dir: Path, command: str) -> dict[str, torch.Tensor]:
 
 def _kill_after_first_checkpoint(command: str, run_dir: Path) -> None:
     """Run the stage as a user would and SIGKILL it once its first checkpoint is complete."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    # the torch threads of this process, which makes the uninterrupted and the resumed parts:
+    # another count sums in another order (float differences above 1e-6 by the end)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     args = [sys.executable, "-m", "rlhf_ray.cli", command, "--run-dir", str(run_dir), *SMALL]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
