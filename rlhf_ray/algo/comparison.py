@@ -13,9 +13,9 @@ reward difference, so the prompt-to-prompt spread that both policies share cance
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import torch
-from scipy import stats
 
 from rlhf_ray.algo.kl import estimate_kl
 
@@ -47,7 +47,7 @@ def win_rate_interval(win_rate: float, n: int, confidence: float = 0.95) -> tupl
     """Wilson score interval ``(low, high)`` of a win rate measured on ``n`` paired prompts."""
     if n < 1 or not 0.0 <= win_rate <= 1.0:
         raise ValueError(f"need n >= 1 and a win rate in [0, 1], got n={n}, {win_rate}")
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     centre = (win_rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(win_rate * (1 - win_rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -61,6 +61,8 @@ def mean_difference_interval(
     d = differences.double().numpy()
     if len(d) < 2 or float(d.std()) == 0.0:
         return float(d.mean()), float(d.mean())
+    from scipy import stats  # (imported here: scipy costs each process a second to import)
+
     ci = stats.ttest_1samp(d, 0.0).confidence_interval(confidence)
     return float(ci.low), float(ci.high)
 
@@ -70,5 +72,5 @@ def prompts_to_exclude_half(win_rate: float, confidence: float = 0.95) -> int | 
     0.5 (``n = z^2 p (1 - p) / (p - 0.5)^2``); None at exactly 0.5."""
     if win_rate == 0.5:
         return None
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     return math.ceil(z * z * max(win_rate * (1 - win_rate), 1e-3) / (win_rate - 0.5) ** 2)

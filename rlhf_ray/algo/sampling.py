@@ -21,7 +21,6 @@ log-prob is finite) and reports it, so the run can count it.
 from __future__ import annotations
 
 import torch
-from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 
 def process_logits(
@@ -30,6 +29,9 @@ def process_logits(
     """``logits (N, V)`` -> float32 processed scores ``(N, V)``: divided by ``temperature``,
     then every token outside the ``top_k`` largest and outside the smallest set whose
     probability reaches ``top_p`` set to ``-inf`` (0 / 1.0: that filter is off)."""
+    # (imported here: transformers' generation package costs the driver seconds at start-up)
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     scores = logits.float()
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)  # type: ignore[arg-type]

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rlhf_ray.algo import inverse_cdf_sample, process_logits, row_uniforms, truncate_after_eos
 
@@ -36,8 +35,12 @@ class SamplingParams:
     top_p: float = 1.0
 
 
-class RowSampler(LogitsProcessor):
+class RowSampler:
     """Samples each row from its own uniforms, and records what it sampled from.
+
+    A logits processor: ``generate`` calls any ``(input_ids, scores) -> scores`` callable in its
+    ``LogitsProcessorList`` (transformers is imported by the functions below, not here: its
+    generation package costs a process that samples nothing, such as the driver, seconds).
 
     ``generate`` runs greedy with this as its logits processor: it turns the raw scores into
     the processed distribution (``algo.process_logits``: temperature, top-k, top-p), records
@@ -67,6 +70,8 @@ class RowSampler(LogitsProcessor):
 def own_generation_config(model: Any) -> Iterator[None]:
     """Set the model's ``generation_config`` aside (a neutral one in its place) while inside,
     so that ``generate`` takes nothing from it; restored on exit."""
+    from transformers import GenerationConfig
+
     saved = model.generation_config
     model.generation_config = GenerationConfig()
     try:
@@ -120,6 +125,8 @@ def _sample_chunk(
     pad_id: int,
     seeds: list[int] | None,
 ) -> dict[str, torch.Tensor]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
     uniforms = None
     if seeds is not None:
         generators = [torch.Generator().manual_seed(s) for s in seeds]

@@ -9,24 +9,20 @@ trained elsewhere loads here. We read the head at every token (values) or at the
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    GPT2Config,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-)
-from transformers.initialization import no_init_weights
-from transformers.utils import logging as hf_logging
 
 from rlhf_ray.accelerator import default_device  # noqa: F401 (exported here too)
 from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# transformers' model classes are imported inside the builders: importing them costs a few CPU
+# seconds (torch._dynamo, torch.distributed.tensor), which a process that builds no model (the
+# driver, a reward-function scorer) should not pay at start-up.
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +51,8 @@ class SpecialIds(Protocol):
 
 def preset_config(spec: ModelSource, tok: SpecialIds) -> PretrainedConfig:
     """A tiny GPT-2 or Llama config sized to the tokenizer, dropout off, special ids explicit."""
+    from transformers import GPT2Config, LlamaConfig
+
     bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
     common: dict[str, Any] = dict(
         vocab_size=tok.vocab_size,
@@ -134,6 +132,10 @@ def build_causal_lm(
     from its ``config.json`` alone, straight on ``device`` and in its dtype, with its
     parameters left uninitialised (``no_init_weights``; buffers such as rotary frequencies are
     computed as usual): no checkpoint is read. The caller must not use it before a sync."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.utils import logging as hf_logging
+
     if spec.path is not None and not weights:
         config = AutoConfig.from_pretrained(spec.path)
         with torch.device(device), no_init_weights():
@@ -204,6 +206,9 @@ def build_scalar_model(
 ) -> ScalarHeadModel:
     """A value/reward model from ``spec.path`` (a sequence-classification or causal-LM
     checkpoint: the head is new in the latter case) or a seeded random preset."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
     if spec.path is not None:
         hf_logging.disable_progress_bar()
         config = AutoConfig.from_pretrained(spec.path)
