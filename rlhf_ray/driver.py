@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from rlhf_ray.algo import (
     rloo_advantages,
     sequence_rewards,
 )
-from rlhf_ray.batches import build_prompts, check_rollout, tokenize_prompts
+from rlhf_ray.batches import PromptTexts, build_prompts, check_rollout, tokenize_prompts
 from rlhf_ray.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -38,12 +39,12 @@ from rlhf_ray.checkpoint import (
 from rlhf_ray.config import AlgoConfig, Config, PPOConfig, policy_tokenizer, to_yaml
 from rlhf_ray.control import requested_rollout_workers
 from rlhf_ray.data.sampler import PromptSampler
-from rlhf_ray.metrics import PhaseTimer, open_metrics_log
+from rlhf_ray.metrics import MetricsLog, PhaseTimer, open_metrics_log
 from rlhf_ray.reward_shaping import ScoreShaper
 from rlhf_ray.rollout_dump import dump_due, dump_round
 from rlhf_ray.sampling_check import check_logprob_gap
-from rlhf_ray.tokenization import build_tokenizer, chat_template_start
-from rlhf_ray.types import PPOBatch, Rollout
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start
+from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import Workers, check_sync, kl_logprobs
 from rlhf_ray.workers.reward_parts import reward_metrics
 
@@ -150,18 +151,104 @@ class RunResult:
     rounds: int
 
 
+@dataclass
+class DriverState:
+    """What the driver itself carries from round to round; saved with every checkpoint."""
+
+    sampler: PromptSampler
+    kl_ctl: FixedKLController | AdaptiveKLController
+    shaper: ScoreShaper  # normalise, missing-EOS penalty, clip
+
+    def state_dict(self, round_index: int) -> dict:
+        return {
+            "round": round_index,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "score_shaper": self.shaper.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "score_shaper" in state:
+            self.shaper.load_state_dict(state["score_shaper"])
+
+
+@dataclass
+class PromptFeed:
+    """The prompts a run samples from, and the round's batch of them, tokenized."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    prompts: PromptTexts
+    sampler: PromptSampler
+
+    @classmethod
+    def build(cls, cfg: Config) -> PromptFeed:
+        tokenizer = build_tokenizer(policy_tokenizer(cfg))
+        prompts = build_prompts(cfg, tokenizer)
+        return cls(
+            cfg,
+            tokenizer,
+            prompts,
+            PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed),
+        )
+
+    def next_batch(self) -> tuple[list[int], PromptBatch, dict[str, float]]:
+        """The next prompts' row index (``samples_per_prompt`` rows each), their batch, and the
+        data figures: prompts cut to ``data.max_prompt_tokens`` (a chat template's start is
+        kept, as in sft/rm) and rows of the prompt set skipped when it was loaded."""
+        index = expand_groups(self.sampler.next_batch(), self.cfg.rollout.samples_per_prompt)
+        batch, truncated = tokenize_prompts(
+            self.tokenizer,
+            self.prompts,
+            index,
+            self.cfg.data.max_prompt_tokens,
+            chat_template_start(self.tokenizer),
+        )
+        stats = {
+            "data/truncated_prompts": truncated,
+            "data/skipped_rows": len(self.prompts.skipped),
+        }
+        return index, batch, stats
+
+
+def round_metrics(
+    round_index: int,
+    cfg: Config,
+    rollout: Rollout,
+    scored: dict[str, Any],
+    adv_stats: dict[str, float],
+    train_stats: dict[str, float],
+    times: dict[str, float],
+) -> dict[str, float]:
+    """The round's figures from its rollout, scores, advantages and updates (metrics.jsonl)."""
+    return {
+        "round": round_index,
+        "weights/version": round_index,  # the weights that sampled: after `round` updates
+        "ppo/critic_warmup": float(round_index < cfg.ppo.critic_warmup_rounds),
+        **rollout_stats(rollout, scored["scores"], times["time/generate"]),
+        **reward_metrics(scored),  # reward/<part>_mean, reward/remote_*
+        **adv_stats,
+        **{f"ppo/{k}": v for k, v in train_stats.items()},
+        "ppo/skipped_steps": sum(v for k, v in train_stats.items() if k.endswith("skipped_steps")),
+        **times,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
 
-def resume_from_checkpoint(
-    cfg: Config,
-    workers: Workers,
-    run_dir: Path,
-    sampler: PromptSampler,
-    kl_ctl: FixedKLController | AdaptiveKLController,
-    shaper: ScoreShaper | None = None,
-) -> int:
+def start_log(cfg: Config, run_dir: Path, start: int) -> MetricsLog:
+    """Write ``RUN/config.yaml`` and open ``RUN/metrics.jsonl`` (and the progress display) for
+    rounds ``start`` on."""
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dumped = cfg.model_dump(mode="json")
+    return open_metrics_log(run_dir, cfg.logging, cfg.train.rounds, start, dumped)
+
+
+def resume_from_checkpoint(cfg: Config, workers: Workers, run_dir: Path, state: DriverState) -> int:
     """Restore the newest complete checkpoint of ``run_dir``; returns the round to start at."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -169,49 +256,35 @@ def resume_from_checkpoint(
         truncate_metrics(run_dir / "metrics.jsonl", -1)
         return 0
     check_resumable(checkpoint, cfg)
-    state = json.loads((checkpoint / "driver_state.json").read_text())
+    saved = json.loads((checkpoint / "driver_state.json").read_text())
     workers.load_state(checkpoint)
-    sampler.load_state_dict(state["sampler"])
-    kl_ctl.load_state_dict(state["kl_ctl"])
-    if shaper is not None and "score_shaper" in state:
-        shaper.load_state_dict(state["score_shaper"])
-    truncate_metrics(run_dir / "metrics.jsonl", state["round"])
+    state.load_state_dict(saved)
+    truncate_metrics(run_dir / "metrics.jsonl", saved["round"])
     print(f"[rlhf_ray] resumed from {checkpoint}", flush=True)
-    return state["round"] + 1
+    return saved["round"] + 1
 
 
 def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) -> RunResult:
     """Generate -> score -> advantage -> update -> sync -> log, ``cfg.train.rounds`` times
     (from the newest checkpoint of ``run_dir`` on, if ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(policy_tokenizer(cfg))
-    prompts = build_prompts(cfg, tokenizer)
-    sampler = PromptSampler(len(prompts), cfg.rollout.batch_size, cfg.train.seed)
-    kl_ctl = build_kl_controller(cfg.ppo)
-    shaper = ScoreShaper(cfg.reward)  # normalise, missing-EOS penalty, clip
-    template_start = chat_template_start(tokenizer)  # kept when a prompt is cut, as in sft/rm
-    start = resume_from_checkpoint(cfg, workers, run_dir, sampler, kl_ctl, shaper) if resume else 0
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log = open_metrics_log(
-        run_dir, cfg.logging, cfg.train.rounds, start, cfg.model_dump(mode="json")
-    )
+    feed = PromptFeed.build(cfg)
+    state = DriverState(feed.sampler, build_kl_controller(cfg.ppo), ScoreShaper(cfg.reward))
+    start = resume_from_checkpoint(cfg, workers, run_dir, state) if resume else 0
+    log = start_log(cfg, run_dir, start)  # RUN/config.yaml, RUN/metrics.jsonl
     timer = PhaseTimer()
     workers.sync(version=start)  # rollout workers start from the learner's weights
     check_sync(workers, cfg.sync, start, cfg.policy.model.dtype)
 
     for round_index in range(start, cfg.train.rounds):
-        version = round_index  # weights after `round_index` updates
-        started = time.perf_counter()
+        version, started = round_index, time.perf_counter()  # after `round_index` updates
 
         # 0. scale: apply a requested rollout pool size (`rlhf-ray scale RUN --rollout-workers N`)
         workers.scale_rollout(requested_rollout_workers(run_dir, cfg.rollout.num_workers))
 
         # 1. generate: n samples per prompt (a group of rows each), split over the rollout pool
         with timer.phase("generate"):
-            index = expand_groups(sampler.next_batch(), cfg.rollout.samples_per_prompt)
-            batch, truncated = tokenize_prompts(
-                tokenizer, prompts, index, cfg.data.max_prompt_tokens, template_start
-            )
+            index, batch, data_stats = feed.next_batch()
             rollout = workers.generate(batch, round_index, version)
             check_rollout(rollout, version, index)
 
@@ -221,64 +294,33 @@ def run_ppo(cfg: Config, workers: Workers, run_dir: Path, resume: bool = False) 
 
         # 3. advantage: KL-penalised per-token rewards, then the estimator (on the driver)
         with timer.phase("advantage"):
-            shaped = {**scored, "scores": shaper(scored["scores"], rollout.has_eos)}
+            shaped = {**scored, "scores": state.shaper(scored["scores"], rollout.has_eos)}
+            kl_coef, group = state.kl_ctl.value, cfg.rollout.samples_per_prompt
             ppo_batch, adv_stats = compute_advantages(
-                rollout, shaped, kl_ctl.value, cfg.ppo, cfg.algo, cfg.rollout.samples_per_prompt
+                rollout, shaped, kl_coef, cfg.ppo, cfg.algo, group
             )
             check_logprob_gap(adv_stats["rollout/logprob_gap"], cfg, round_index)
 
         # 4. update: PPO epochs x minibatches on the policy (and value) learners
         with timer.phase("update"):
             train_stats = workers.update(ppo_batch, round_index)
-        kl_ctl.update(adv_stats["ppo/kl"], len(rollout))
+        state.kl_ctl.update(adv_stats["ppo/kl"], len(rollout))
 
         # 5. sync: the new policy weights go to every rollout worker, versioned
         with timer.phase("sync"):
             workers.sync(version=version + 1)
             sync_stats = check_sync(workers, cfg.sync, version + 1, cfg.policy.model.dtype)
 
-        # 6. log / checkpoint
-        times = timer.pop()
-        row = {
-            "round": round_index,
-            "weights/version": version,
-            **rollout_stats(rollout, scored["scores"], times["time/generate"]),
-            **reward_metrics(scored),  # reward/<part>_mean, reward/remote_*
-            **adv_stats,
-            **shaper.stats(),
-            "data/truncated_prompts": truncated,
-            "ppo/critic_warmup": float(round_index < cfg.ppo.critic_warmup_rounds),
-            **{f"ppo/{k}": v for k, v in train_stats.items()},
-            "ppo/skipped_steps": sum(
-                v for k, v in train_stats.items() if k.endswith("skipped_steps")
-            ),
-            **sync_stats,
-            **workers.info(),
-            "data/skipped_rows": len(prompts.skipped),
-            **times,
-            "time/round": time.perf_counter() - started,
-        }
-        log.write(row)
-        if dump_due(cfg.logging.dump_rollouts_every, round_index):  # RUN/rollouts/, for replay
-            dump_round(
-                run_dir,
-                round_index,
-                rollout,
-                scored,
-                ppo_batch,
-                shaped["scores"],
-                adv_stats["ppo/kl_coef"],
-                cfg.ppo.kl_estimator,
-            )
+        # 6. log, dump (RUN/rollouts/, for replay) and checkpoint
+        row = round_metrics(round_index, cfg, rollout, scored, adv_stats, train_stats, timer.pop())
+        row.update(**state.shaper.stats(), **data_stats, **sync_stats, **workers.info())
+        log.write({**row, "time/round": time.perf_counter() - started})
+        if dump_due(cfg.logging.dump_rollouts_every, round_index):
+            kl = (adv_stats["ppo/kl_coef"], cfg.ppo.kl_estimator)
+            dump_round(run_dir, round_index, rollout, scored, ppo_batch, shaped["scores"], *kl)
         if cfg.checkpoint.every and (round_index + 1) % cfg.checkpoint.every == 0:
-            state = {
-                "round": round_index,
-                "kl_ctl": kl_ctl.state_dict(),
-                "sampler": sampler.state_dict(),
-                "score_shaper": shaper.state_dict(),
-            }
-            save_checkpoint(workers, tokenizer, cfg, run_dir, state)
+            save_checkpoint(workers, feed.tokenizer, cfg, run_dir, state.state_dict(round_index))
 
-    save_model_dirs(workers, tokenizer, run_dir)
+    save_model_dirs(workers, feed.tokenizer, run_dir)
     log.close()
     return RunResult(run_dir=run_dir, rounds=cfg.train.rounds)
