@@ -15,8 +15,9 @@ What it measures
       first row          the first round (with the first sync) and its metrics row
 
     It also prints the CPU seconds of all the run's processes (the driver, Ray's and the
-    actors', as reaped through the process tree): less disturbed by other work than wall time,
-    and on 2 idle cores the wall time cannot be below half of it.
+    actors': the launched process and every descendant, sampled every 0.1 s with psutil),
+    at the first row and at the end: less disturbed by other work than wall time, and on 2
+    idle cores the wall time cannot be below half of it.
 
     The marks wrap functions of ``rlhf_ray.distributed.runtime`` in the child only; the run
     itself is the product's.
@@ -35,14 +36,16 @@ import argparse
 import functools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 MARK = "[startup] "
 
@@ -79,39 +82,94 @@ def _child(launched: float) -> int:
     return cli.main(sys.argv[2:])
 
 
+class TreeCPU:
+    """CPU seconds used so far by a process and all its descendants (the last sample of each
+    process is kept after it exits)."""
+
+    def __init__(self, pid: int):
+        self.root, self.seen = psutil.Process(pid), dict[int, float]()
+        self.names: dict[int, str] = {}
+
+    def sample(self) -> float:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                self.seen[proc.pid] = times.user + times.system
+                known = self.names.get(proc.pid, "")
+                if not known.startswith("ray::") or known == "ray::IDLE":  # until it is named
+                    self.names[proc.pid] = _short(proc.cmdline())
+            except psutil.Error:
+                pass
+        return sum(self.seen.values())
+
+    def by_process(self) -> dict[str, float]:
+        """CPU seconds per kind of process (actors by class, Ray's daemons by program)."""
+        out: dict[str, float] = {}
+        for pid, seconds in self.seen.items():
+            name = self.names.get(pid, "?")
+            out[name] = out.get(name, 0.0) + seconds
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _short(cmdline: list[str]) -> str:
+    """``ray::PolicyLearner`` for an actor, the program's name for anything else."""
+    if cmdline and cmdline[0].startswith("ray::"):  # ray::Class.method while a call runs
+        return cmdline[0].split()[0].split(".")[0]
+    words = [w for w in cmdline if not w.startswith("-")]
+    for word in words[1:] if words and "python" in words[0] else words:
+        return Path(word).name
+    return "?"
+
+
 def run_once(workdir: Path) -> dict[str, float]:
     """One default run in a new process; the marks and the first-row / end times (s)."""
     run_dir = workdir / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_before = before.ru_utime + before.ru_stime
     launched = time.time()
     env["STARTUP_LAUNCHED"] = repr(launched)
     args = [sys.executable, __file__, "--child", "ppo", "--run-dir", str(run_dir)]
     proc = subprocess.Popen(args, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True)
-    first_row = None
+    first_row = first_row_cpu = None
+    at_first_row: dict[str, float] = {}
+    tree = TreeCPU(proc.pid)
     marks: dict[str, float] = {}
-    os.set_blocking(proc.stderr.fileno(), False)
-    while proc.poll() is None:
+
+    def read_stderr() -> None:  # marks are ours; everything else is the run's console
         for line in proc.stderr:
             if line.startswith(MARK):
                 name, seconds = line[len(MARK) :].split()
                 marks[name] = float(seconds)
             else:
                 sys.stderr.write(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    while proc.poll() is None:
         metrics = run_dir / "metrics.jsonl"
+        cpu = tree.sample()
         if first_row is None and metrics.exists() and metrics.read_text().strip():
-            first_row = time.time() - launched
-        time.sleep(0.05)
+            first_row, first_row_cpu = time.time() - launched, cpu
+            at_first_row = tree.by_process()
+        time.sleep(0.1)
     end = time.time() - launched
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = usage.ru_utime + usage.ru_stime - cpu_before
+    reader.join(timeout=5)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"the run failed (exit {proc.returncode})")
-    return {**marks, "first_row": first_row or end, "end": end, "cpu": cpu}
+    print(
+        "CPU seconds by process at the first row: "
+        + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in at_first_row.items() if seconds >= 0.3
+        )
+    )
+    out = {**marks, "first_row": first_row or end, "end": end, "cpu": cpu}
+    return {**out, "cpu_first_row": first_row_cpu or cpu}
 
 
 def main() -> None:
@@ -136,7 +194,9 @@ def main() -> None:
         previous = at
     print(
         f"first metrics row after {statistics.median(r['first_row'] for r in runs):.1f} s; "
-        f"whole run {statistics.median(r['end'] for r in runs):.1f} s"
+        f"whole run {statistics.median(r['end'] for r in runs):.1f} s; CPU seconds of the "
+        f"run's processes: {statistics.median(r['cpu_first_row'] for r in runs):.1f} by the "
+        f"first row, {statistics.median(r['cpu'] for r in runs):.1f} in all"
     )
 
 
