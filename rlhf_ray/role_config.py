@@ -136,11 +136,12 @@ ZERO_BUCKETS_GPU: dict[str, int] = dict(
 ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}
 
 
-class PolicyConfig(Section):
-    """The trained policy: its model, optimizer and the learner group that trains it."""
+class LearnerConfig(Section):
+    """A learner group: the data-parallel ranks that train one model with one engine. PPO's
+    ``policy`` and ``value`` sections are this plus their model and optimizer; the ``learner``
+    section of ``rlhf-ray sft`` and ``train-rm`` is this (their model and optimizer are the
+    stage's ``model`` and ``optim``). One section, so every stage trains alike."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy weights source.")
-    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
     engine: Literal["deepspeed", "torch"] = Field(
         "deepspeed",
         description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
@@ -159,7 +160,10 @@ class PolicyConfig(Section):
         "keeping them (less memory, ~30% more compute).",
     )
     score_micro_batch_size: int = Field(
-        16, gt=0, description="Rows per forward when this learner scores a round (no grad)."
+        16,
+        gt=0,
+        description="Rows per forward when this learner scores without gradients (a PPO "
+        "round's log-probs or values, a stage's evaluation).",
     )
     zero_buckets: ZeroBuckets = Field(
         default_factory=ZeroBuckets,
@@ -167,15 +171,9 @@ class PolicyConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _engine_ranks(self) -> PolicyConfig:
+    def _engine_ranks(self) -> LearnerConfig:
         if self.engine == "torch" and self.num_ranks != 1:
             raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
-        if self.engine == "torch" and self.model.dtype != "float32":
-            raise ValueError(
-                f"engine 'torch' with model.dtype {self.model.dtype} would run AdamW on "
-                "half-precision weights with no fp32 master copy (small updates round away); "
-                "use model.dtype float32, or engine deepspeed (fp32 master weights)"
-            )
         if self.offload_params and (self.engine != "deepspeed" or self.zero_stage != 3):
             raise ValueError("offload_params needs engine deepspeed with zero_stage 3")
         if self.num_ranks > 1 and 0 < self.num_gpus_per_rank < 1:
@@ -190,6 +188,27 @@ class PolicyConfig(Section):
                 "GPU (data parallel, the first GPU Ray assigns it, LOCAL_RANK 0), so the others "
                 "would sit idle; use more num_ranks instead"
             )
+        return self
+
+    def check_model(self, model: ModelSpec) -> None:
+        """Raise ValueError if this group cannot train ``model`` (its dtype)."""
+        if self.engine == "torch" and model.dtype != "float32":
+            raise ValueError(
+                f"engine 'torch' with model.dtype {model.dtype} would run AdamW on "
+                "half-precision weights with no fp32 master copy (small updates round away); "
+                "use model.dtype float32, or engine deepspeed (fp32 master weights)"
+            )
+
+
+class PolicyConfig(LearnerConfig):
+    """The trained policy: its model, optimizer and the learner group that trains it."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy weights source.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+
+    @model_validator(mode="after")
+    def _trains_model(self) -> PolicyConfig:
+        self.check_model(self.model)
         return self
 
 

@@ -16,21 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from rlhf_ray.config import (
     ClusterConfig,
     DataConfig,
+    LearnerConfig,
     LoggingConfig,
     ModelSpec,
     OptimSpec,
-    PolicyConfig,
     RewardConfig,
     RolloutConfig,
     ScorerConfig,
     Section,
     TokenizerConfig,
-    ZeroBuckets,
     load_schema,
     resolve_tokenizer,
 )
@@ -38,25 +37,6 @@ from rlhf_ray.data.sources import BUILTIN_HH_RLHF
 
 # the files a saved Hugging Face tokenizer leaves in a model directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-class LearnerSpec(Section):
-    """The learner group that trains the stage's model (the fields of ``policy`` in ``ppo``
-    other than its model and optimizer, which are this config's ``model`` and ``optim``)."""
-
-    engine: Literal["deepspeed", "torch"] = Field(
-        "deepspeed",
-        description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
-    )
-    num_ranks: int = Field(2, ge=1, description="Data-parallel learner ranks (one actor each).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank.")
-    num_cpus_per_rank: float = Field(1.0, gt=0, description="CPUs per rank.")
-    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
-    zero_buckets: ZeroBuckets = Field(
-        default_factory=ZeroBuckets,
-        description="DeepSpeed ZeRO bucket sizes (elements); unset ones follow the device.",
-    )
 
 
 class StageDataBase(Section):
@@ -123,6 +103,19 @@ class StageTrainConfig(Section):
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps (0: only at the end of each epoch)."
     )
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences (sft) or pairs (train-rm) per forward/backward on one rank; "
+        "gradients accumulate over a rank's share of batch_size (null: the whole share at once, "
+        "no accumulation).",
+    )
+    max_bad_steps: int = Field(
+        3,
+        gt=0,
+        description="Stop after this many optimizer steps in a row with a non-finite loss or "
+        "gradient (each one is skipped and counted as train/skipped_steps).",
+    )
     log_every: int = Field(1, gt=0, description="A progress line every N steps.")
     seed: int = Field(0, description="Seed of the held-out split and of the example order.")
     dist_timeout_s: int = Field(600, gt=0, description="torch.distributed collective timeout.")
@@ -145,7 +138,11 @@ class StageConfigBase(Section):
         default_factory=ModelSpec, description="Initial weights: an HF directory or a preset."
     )
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
-    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="Learner group.")
+    learner: LearnerConfig = Field(
+        default_factory=LearnerConfig,
+        description="The learner group (the section of ppo's `policy` other than its model and "
+        "optimizer, which are `model` and `optim` here).",
+    )
     tokenizer: TokenizerConfig | None = Field(
         None,
         description="Null: the tokenizer saved in `model.path` if it holds one, else the "
@@ -160,16 +157,21 @@ class StageConfigBase(Section):
 
     @model_validator(mode="after")
     def _learner_fits(self) -> StageConfigBase:
-        try:  # the PolicyConfig rules: torch engine = one rank, one NCCL rank per GPU
-            learner_role(self)
-        except ValidationError as exc:
-            msgs = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
-            raise ValueError("learner: " + "; ".join(msgs)) from None
+        try:  # the rules of every learner group: e.g. engine torch trains float32 weights
+            self.learner.check_model(self.model)
+        except ValueError as exc:
+            raise ValueError(f"learner: {exc}") from None
         ranks = self.learner.num_ranks
         if self.train.batch_size % ranks:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be divisible by "
                 f"learner.num_ranks ({ranks})"
+            )
+        micro, share = self.train.micro_batch_size, self.train.batch_size // ranks
+        if micro is not None and share % micro:
+            raise ValueError(
+                f"train.micro_batch_size ({micro}) must divide each rank's share of a batch "
+                f"(train.batch_size / learner.num_ranks = {share})"
             )
         if self.learner.num_gpus_per_rank == 0 and self.model.dtype == "float16":
             raise ValueError("model.dtype float16 needs GPUs; use bfloat16 on CPU")
@@ -191,12 +193,6 @@ class RewardModelConfig(StageConfigBase):
 
 
 StageConfig = SFTConfig | RewardModelConfig
-
-
-def learner_role(cfg: StageConfigBase) -> PolicyConfig:
-    """The stage's model, optimizer and learner group as the ``PolicyConfig`` that the learner
-    machinery (``workers.learners.LearnerRank``, ``distributed.runtime.LearnerGroup``) reads."""
-    return PolicyConfig(model=cfg.model, optim=cfg.optim, **cfg.learner.model_dump())
 
 
 def stage_tokenizer(cfg: StageConfigBase) -> TokenizerConfig:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from test_config import _undescribed
 
-from rlhf_ray.config import ConfigError, PolicyConfig, TokenizerConfig, to_yaml
+from rlhf_ray.config import ConfigError, LearnerConfig, PolicyConfig, TokenizerConfig, to_yaml
 from rlhf_ray.stage_config import (
     RewardModelConfig,
     SFTConfig,
-    learner_role,
     load_rm_config,
     load_sft_config,
     stage_tokenizer,
@@ -45,11 +44,20 @@ def test_bad_settings_fail_in_one_paragraph(overrides, names):
     assert "\n" not in msg and all(n in msg for n in names), msg
 
 
-def test_learner_role_is_the_policy_section_the_machinery_reads():
-    cfg = load_sft_config(None, ["learner.num_ranks=1", "learner.zero_stage=3", "optim.lr=0.5"])
-    role = learner_role(cfg)
-    assert isinstance(role, PolicyConfig)
-    assert (role.num_ranks, role.zero_stage, role.optim.lr, role.model) == (1, 3, 0.5, cfg.model)
+def test_the_learner_section_is_the_one_ppo_roles_use():
+    """A stage's `learner` is the learner-group section of PPO's `policy` (no copy of its
+    fields), so a stage takes gradient checkpointing, parameter offload and micro-batches."""
+    cfg = load_sft_config(None, ["learner.num_ranks=1", "learner.zero_stage=3",
+                                 "learner.offload_params=true", "learner.gradient_checkpointing=true",
+                                 "train.batch_size=8", "train.micro_batch_size=2"])  # fmt: skip
+    assert type(cfg.learner) is LearnerConfig and issubclass(PolicyConfig, LearnerConfig)
+    assert (cfg.learner.offload_params, cfg.learner.gradient_checkpointing) == (True, True)
+    assert cfg.train.micro_batch_size == 2
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_sft_config(None, ["learner.num_ranks=2", "train.batch_size=8",
+                               "train.micro_batch_size=3"])  # fmt: skip
+    with pytest.raises(ConfigError, match="offload_params"):
+        load_sft_config(None, ["learner.offload_params=true", "learner.zero_stage=2"])
 
 
 def test_tokenizer_comes_from_the_model_dir_unless_set(tmp_path):

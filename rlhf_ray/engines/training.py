@@ -35,26 +35,43 @@ class OptimSource(Protocol):
     grad_clip: float
 
 
-def _schedule(optim: OptimSource, total_steps: int | None):
-    """``step -> LR factor`` of ``optim``'s schedule (``decay_steps`` overrides the run's)."""
-    from rlhf_ray.algo.schedule import lr_multiplier
+class LRSchedule:
+    """``step -> LR factor`` of ``optim``'s schedule over ``total_steps`` optimizer steps
+    (``decay_steps`` overrides them). A callable object rather than a closure: ``LambdaLR``
+    saves and restores its fields with the scheduler's state, and ``respan`` can set its length
+    once the learner knows it (a stage learns its data size after the engine is built)."""
 
-    kind = getattr(optim, "lr_schedule", "constant")
-    warmup = getattr(optim, "warmup_steps", 0)
-    min_ratio = getattr(optim, "min_lr_ratio", 0.0)
-    total = getattr(optim, "decay_steps", None) or total_steps or 1
+    def __init__(self, optim: OptimSource, total_steps: int | None):
+        self.kind = getattr(optim, "lr_schedule", "constant")
+        self.warmup = getattr(optim, "warmup_steps", 0)
+        self.min_ratio = getattr(optim, "min_lr_ratio", 0.0)
+        self.decay_steps = getattr(optim, "decay_steps", None)
+        self.total = self.decay_steps or total_steps or 1
 
-    def factor(step: int) -> float:
-        return lr_multiplier(step, warmup, total, kind, min_ratio)
+    def __call__(self, step: int) -> float:
+        from rlhf_ray.algo.schedule import lr_multiplier
 
-    return factor
+        return lr_multiplier(step, self.warmup, self.total, self.kind, self.min_ratio)
 
 
 def make_scheduler(
     optimizer: torch.optim.Optimizer, optim: OptimSource, total_steps: int | None
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR schedule of ``optim``, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(optim, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(optim, total_steps))
+
+
+def respan(scheduler: torch.optim.lr_scheduler.LRScheduler, total_steps: int) -> None:
+    """Make ``scheduler`` (made by ``make_scheduler``) span ``total_steps`` optimizer steps
+    (unless ``decay_steps`` fixes its span), and set the current LR to match."""
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    schedules = [s for s in scheduler.lr_lambdas if isinstance(s, LRSchedule)]
+    for schedule in schedules:
+        schedule.total = schedule.decay_steps or total_steps
+    groups = scheduler.optimizer.param_groups
+    for group, base, schedule in zip(groups, scheduler.base_lrs, schedules, strict=True):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 
 def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
@@ -107,6 +124,10 @@ class TorchEngine:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def respan(self, total_steps: int) -> None:
+        """The LR schedule spans ``total_steps`` optimizer steps (see ``respan``)."""
+        respan(self.scheduler, total_steps)
 
     def all_reduce_sum(self, value: float) -> float:
         return value
@@ -303,7 +324,7 @@ class DeepSpeedEngine:
                     "weight_decay": optim.weight_decay,
                 },
             }
-        factor = _schedule(optim, total_steps)
+        factor = LRSchedule(optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -317,6 +338,10 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the caller scales micro-batch losses
+
+    def respan(self, total_steps: int) -> None:
+        """The LR schedule spans ``total_steps`` optimizer steps (see ``respan``)."""
+        respan(self.scheduler, total_steps)
 
     def step(self) -> bool | None:
         """End of a micro-batch; DeepSpeed reduces and steps at its accumulation boundary.

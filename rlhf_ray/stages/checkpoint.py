@@ -84,7 +84,9 @@ def check_stage_resumable(checkpoint: Path, cfg: StageConfigBase) -> None:
     """Refuse to resume with settings that change the steps the stage takes."""
     import yaml
 
-    old = _flat(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    # through the schema: settings added since the checkpoint was written take their defaults
+    old = _flat(type(cfg).model_validate(saved).model_dump(mode="json"))
     new = _flat(cfg.model_dump(mode="json"))
     changed = sorted(
         k

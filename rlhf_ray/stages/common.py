@@ -1,5 +1,5 @@
-"""What the stage drivers share: the run dir and metrics log, the held-out split, and the
-epoch loop (steps 2 and 3 of every stage: train, evaluate).
+"""What the stage drivers share: the learner group, the run dir and metrics log, the data step
+(step 1: load, hold out, tokenize) and the epoch loop (steps 2 and 3: train, evaluate).
 
 Metric rows (``metrics.jsonl``): one per optimizer step (``step``, ``epoch``, ``train/*``,
 ``time/step``), one per mid-epoch evaluation (``eval/*``), and one at the end of each epoch with
@@ -18,8 +18,13 @@ from rlhf_ray.config import LoggingConfig, to_yaml
 from rlhf_ray.data.stage_data import held_out_split
 from rlhf_ray.errors import UserError
 from rlhf_ray.metrics import MetricsLog, PhaseTimer, open_metrics_log
-from rlhf_ray.stage_config import StageConfigBase, StageDataBase, StageTrainConfig
+from rlhf_ray.stage_config import StageConfigBase, StageDataBase, StageTrainConfig, stage_tokenizer
+from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import StageWorkers
+from rlhf_ray.workers.learner import Learner
+from rlhf_ray.workers.objectives import Objective
+from rlhf_ray.workers.stage_learners import ModelBuilder, StageRole
 
 Item = TypeVar("Item")
 
@@ -29,6 +34,27 @@ class StageResult:
     run_dir: Path
     output: Path  # the saved model directory
     final: dict[str, float] = field(default_factory=dict)  # the last epoch's figures
+
+
+def stage_role(
+    cfg: StageConfigBase, name: str, cls: type[Learner], objective: Objective, kind: str
+) -> StageRole:
+    """The stage's learner group: ``cfg.learner`` ranks (actors ``{name}-0`` ...) of ``cls``
+    training ``cfg.model`` (built as ``kind``: "causal_lm" or "scalar") on ``objective``, a
+    step per ``train.batch_size`` examples in micro-batches of ``train.micro_batch_size``."""
+    train = cfg.train
+    kwargs = {
+        "model": cfg.model,
+        "optim": cfg.optim,
+        "build": ModelBuilder(kind, cfg.model, stage_tokenizer(cfg)),
+        "objective": objective,
+        "minibatch": train.batch_size,
+        "micro_batch": train.micro_batch_size,
+        "epochs": train.epochs,
+        "seed": train.seed,
+        "max_bad_steps": train.max_bad_steps,
+    }
+    return StageRole(name, cls, cfg.learner, kwargs)
 
 
 def start_run(cfg: StageConfigBase, run_dir: Path) -> tuple[MetricsLog, PhaseTimer]:
@@ -82,6 +108,43 @@ def split_examples(
         raise UserError(str(exc)) from None
     train, held = held_out_split(len(items), data.eval_fraction, seed)
     return [items[i] for i in train], [items[i] for i in held]
+
+
+def load_stage_data(
+    cfg: Any,
+    workers: StageWorkers,
+    read: Callable[..., tuple[list, int]],
+    encode: Callable[..., Rows],
+    stage: str,
+    noun: str,
+) -> tuple[Tokenizer, Rows, Rows | None]:
+    """Step 1 of a stage: read ``cfg.data`` with ``read(path, format, split, skip_bad_rows)
+    -> (items, bad rows)``, hold out the eval split, tokenize on the driver with
+    ``encode(items, tokenizer, max_tokens, max_prompt_tokens)`` and give every rank both sets.
+    Returns the tokenizer, the train set and the eval set (None: no held-out items)."""
+    data, skipped = cfg.data, 0
+
+    def load(path: str) -> list:
+        nonlocal skipped
+        items, bad = read(path, data.format, data.split, data.skip_bad_rows)
+        skipped += bad
+        return items
+
+    tokenizer = build_tokenizer(stage_tokenizer(cfg))
+    train_items, eval_items = split_examples(data, cfg.train.seed, load)
+    train_set = encode(train_items, tokenizer, data.max_tokens, data.max_prompt_tokens)
+    eval_set = (
+        encode(eval_items, tokenizer, data.max_tokens, data.max_prompt_tokens)
+        if eval_items
+        else None
+    )
+    workers.load_data(train_set, eval_set)
+    print(
+        f"[rlhf_ray] {stage}: {len(train_items)} train / {len(eval_items)} eval {noun}"
+        f" ({skipped} bad rows skipped) from {data.path}",
+        flush=True,
+    )
+    return tokenizer, train_set, eval_set
 
 
 def train_epochs(

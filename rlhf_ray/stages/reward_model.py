@@ -38,22 +38,24 @@ import torch
 from rlhf_ray.algo import bradley_terry_loss
 from rlhf_ray.data.stage_data import encode_pairs, load_pairs
 from rlhf_ray.models import write_score_stats
-from rlhf_ray.stage_config import RewardModelConfig, learner_role, stage_tokenizer
+from rlhf_ray.stage_config import RewardModelConfig
 from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
-from rlhf_ray.stages.common import StageResult, split_examples, start_run, train_epochs
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.stages.common import (
+    StageResult,
+    load_stage_data,
+    stage_role,
+    start_run,
+    train_epochs,
+)
+from rlhf_ray.tokenization import Tokenizer
 from rlhf_ray.workers.interface import StageWorkers
+from rlhf_ray.workers.objectives import RewardObjective
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 
 
 def rm_role(cfg: RewardModelConfig) -> StageRole:
     """The learner group of the stage (actors ``rm-0``, ``rm-1`` ...)."""
-    kwargs = {
-        "tokenizer_cfg": stage_tokenizer(cfg),
-        "batch_size": cfg.train.batch_size,
-        "seed": cfg.train.seed,
-    }
-    return StageRole("rm", RewardLearner, learner_role(cfg), kwargs)
+    return stage_role(cfg, "rm", RewardLearner, RewardObjective(), "scalar")
 
 
 def save_rm_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
@@ -86,31 +88,12 @@ def run_train_rm(
     checkpoint, if ``resume``)."""
     checkpoint = prepare_resume(cfg, run_dir) if resume else None
     log, timer = start_run(cfg, run_dir)
-    data = cfg.data
-    skipped = 0
-
-    def load(path: str) -> list:
-        nonlocal skipped
-        pairs, bad = load_pairs(path, data.format, data.split, data.skip_bad_rows)
-        skipped += bad
-        return pairs
 
     # 1. data: load, hold out, tokenize on the driver; every rank receives both sets
     with timer.phase("data"):
-        tokenizer = build_tokenizer(stage_tokenizer(cfg))
-        train_pairs, eval_pairs = split_examples(data, cfg.train.seed, load)
-        train_set = encode_pairs(train_pairs, tokenizer, data.max_tokens, data.max_prompt_tokens)
-        eval_set = (
-            encode_pairs(eval_pairs, tokenizer, data.max_tokens, data.max_prompt_tokens)
-            if eval_pairs
-            else None
+        tokenizer, train_set, eval_set = load_stage_data(
+            cfg, workers, load_pairs, encode_pairs, "train-rm", "pairs"
         )
-        workers.load_data(train_set, eval_set)
-    print(
-        f"[rlhf_ray] train-rm: {len(train_pairs)} train / {len(eval_pairs)} eval pairs"
-        f" ({skipped} bad rows skipped) from {data.path}",
-        flush=True,
-    )
 
     # 2-3. train and evaluate, epoch by epoch
     start = restore(workers, checkpoint)

@@ -14,22 +14,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_ray.data.stage_data import encode_sft, load_sft_examples
-from rlhf_ray.stage_config import SFTConfig, learner_role, stage_tokenizer
+from rlhf_ray.stage_config import SFTConfig
 from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
-from rlhf_ray.stages.common import StageResult, split_examples, start_run, train_epochs
-from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.stages.common import (
+    StageResult,
+    load_stage_data,
+    stage_role,
+    start_run,
+    train_epochs,
+)
 from rlhf_ray.workers.interface import StageWorkers
-from rlhf_ray.workers.stage_learners import SFTLearner, StageRole
+from rlhf_ray.workers.learner import Learner
+from rlhf_ray.workers.objectives import SFTObjective
+from rlhf_ray.workers.stage_learners import StageRole
 
 
 def sft_role(cfg: SFTConfig) -> StageRole:
     """The learner group of the stage (actors ``sft-0``, ``sft-1`` ...)."""
-    kwargs = {
-        "tokenizer_cfg": stage_tokenizer(cfg),
-        "batch_size": cfg.train.batch_size,
-        "seed": cfg.train.seed,
-    }
-    return StageRole("sft", SFTLearner, learner_role(cfg), kwargs)
+    return stage_role(cfg, "sft", Learner, SFTObjective(), "causal_lm")
 
 
 def run_sft(
@@ -38,31 +40,12 @@ def run_sft(
     """Data -> (train -> evaluate) x epochs -> save (from the newest checkpoint, if ``resume``)."""
     checkpoint = prepare_resume(cfg, run_dir) if resume else None
     log, timer = start_run(cfg, run_dir)
-    data = cfg.data
-    skipped = 0
-
-    def load(path: str) -> list:
-        nonlocal skipped
-        examples, bad = load_sft_examples(path, data.format, data.split, data.skip_bad_rows)
-        skipped += bad
-        return examples
 
     # 1. data: load, hold out, tokenize on the driver; every rank receives both sets
     with timer.phase("data"):
-        tokenizer = build_tokenizer(stage_tokenizer(cfg))
-        train_examples, eval_examples = split_examples(data, cfg.train.seed, load)
-        train_set = encode_sft(train_examples, tokenizer, data.max_tokens, data.max_prompt_tokens)
-        eval_set = (
-            encode_sft(eval_examples, tokenizer, data.max_tokens, data.max_prompt_tokens)
-            if eval_examples
-            else None
+        tokenizer, train_set, eval_set = load_stage_data(
+            cfg, workers, load_sft_examples, encode_sft, "sft", "examples"
         )
-        workers.load_data(train_set, eval_set)
-    print(
-        f"[rlhf_ray] sft: {len(train_examples)} train / {len(eval_examples)} eval examples"
-        f" ({skipped} bad rows skipped) from {data.path}",
-        flush=True,
-    )
 
     # 2-3. train and evaluate, epoch by epoch
     start = restore(workers, checkpoint)

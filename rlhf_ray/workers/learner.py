@@ -1,0 +1,349 @@
+"""``Learner``: one data-parallel rank training one model with one engine on one objective.
+
+Every trained model of rlhf_ray is trained here: PPO's policy and critic
+(``workers.learners``), the SFT model and the reward model (``workers.stage_learners``). They
+differ only in their ``workers.objectives`` objective and in how data reaches ``step``, the ONE
+minibatch step: micro-batch accumulation, the non-finite skip, gradient checkpointing, ZeRO
+and its offloads and the LR schedule behave the same in every stage.
+
+Rows: every rank receives the whole batch (a PPO round's, or a stage's train set) and takes its
+contiguous share of each minibatch's rows, which come from a permutation seeded by (seed, round)
+in PPO and (seed, epoch) in a stage, identical on every rank. Each micro-batch's loss is
+weighted by its share of the GLOBAL minibatch's units (tokens, sequences or pairs): ranks'
+gradients are averaged and micro-batches' add up, so 1 rank, N ranks, ZeRO-1/2/3 and any
+micro-batch size take the same optimizer steps (up to float rounding). Stats are weighted the
+same way: their mean over ranks is the figure of the global minibatch. A stage drops the last
+partial batch of an epoch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_ray.accelerator import check_deepspeed_accelerator
+from rlhf_ray.engines.training import (
+    DeepSpeedEngine,
+    TorchEngine,
+    deepspeed_config,
+    init_distributed,
+    zero3_construction,
+)
+from rlhf_ray.errors import UserError
+from rlhf_ray.models import default_device
+from rlhf_ray.models.weights import (
+    NumpyWeights,
+    full_nbytes,
+    plan_buckets,
+    state_dict_to_numpy,
+    weight_tensors,
+)
+from rlhf_ray.types import Rows
+from rlhf_ray.workers.objectives import Objective
+
+
+class NonFiniteLossError(UserError):
+    """``max_bad_steps`` updates in a row had a non-finite loss or gradient."""
+
+
+class Learner:
+    """One rank of a learner group: an engine around a model, trained on ``objective``."""
+
+    def __init__(
+        self,
+        learner_cfg,
+        model,
+        optim,
+        build: Callable[[], torch.nn.Module],
+        objective: Objective,
+        minibatch: int,
+        micro_batch: int | None = None,
+        epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+        max_bad_steps: int = 3,
+        total_steps: int | None = None,
+        idle_rounds: int = 0,
+    ):
+        """``learner_cfg``: a ``config.LearnerConfig``; ``model``, ``optim``: the
+        ``ModelSpec`` that ``build()`` builds and its ``OptimSpec``. ``minibatch``: global rows
+        per optimizer step; ``micro_batch``: rows per forward/backward on a rank (default:
+        the rank's whole share). ``epochs``: passes over the data given (a PPO round's batch,
+        a stage's train set). ``total_steps``: optimizer steps the LR schedule spans (default:
+        a stage's, counted when its data arrives). ``idle_rounds``: PPO rounds that
+        ``train`` skips (the policy during ``ppo.critic_warmup_rounds``)."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg, self.model_spec, self.optim = learner_cfg, model, optim
+        self.objective = objective
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.minibatch, self.epochs = minibatch, epochs
+        share = minibatch // world_size
+        self.micro_batch = micro_batch or share
+        self.accumulation = share // self.micro_batch
+        self.score_batch = learner_cfg.score_micro_batch_size
+        self.total_steps, self.idle_rounds = total_steps, idle_rounds
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
+        self._build = build
+        self.engine: TorchEngine | DeepSpeedEngine | None = None
+        self.data: dict[str, Rows] = {}  # a stage's "train" and "eval" sets
+        self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
+
+    # -- the engine ---------------------------------------------------------------------------
+
+    def init_process_group(
+        self, master_addr: str, master_port: int, timeout_s: int, backend: str = "gloo"
+    ) -> None:
+        init_distributed(self.rank, self.world_size, master_addr, master_port, timeout_s, backend)
+
+    def setup(self) -> tuple[int, int]:
+        """Build the model and engine; returns (parameters held here, parameters in all).
+
+        Under ZeRO-3 a model loaded from a path is partitioned while it is loaded
+        (``zero3_construction``): no rank ever holds all of it. A preset (tiny, random) is
+        built whole, then partitioned (transformers' ZeRO-3 init would not reproduce its
+        seeded random weights)."""
+        self.device = default_device()
+        cfg, dtype = self.cfg, self.model_spec.dtype
+        if cfg.engine == "torch":
+            module = self._build().to(self.device)
+            self._prepare(module)
+            self.engine = TorchEngine(module, self.optim, self.accumulation, self.total_steps)
+            return self.engine.local_param_count()
+        import torch.distributed as dist
+
+        check_deepspeed_accelerator(self.device)
+        config = deepspeed_config(
+            cfg.zero_stage,
+            self.micro_batch,
+            dist.get_world_size(),
+            self.optim.grad_clip,
+            dtype,
+            cfg.offload_optimizer,
+            self.accumulation,
+            cfg.offload_params,
+            cfg.zero_buckets.resolve(on_gpu=self.device.type != "cpu"),
+        )
+        zero_init = cfg.zero_stage == 3 and self.model_spec.path is not None
+        with zero3_construction(config, enabled=zero_init):
+            module = self._build()
+        if not zero_init:
+            module = module.to(self.device)
+        self._prepare(module)
+        self.engine = DeepSpeedEngine(
+            module,
+            self.optim,
+            cfg.zero_stage,
+            self.micro_batch,
+            dtype,
+            cfg.offload_optimizer,
+            total_steps=self.total_steps,
+            config=config,
+        )
+        return self.engine.local_param_count()
+
+    def _prepare(self, module: torch.nn.Module) -> None:
+        module.train()
+        if self.cfg.gradient_checkpointing:
+            hf: Any = getattr(module, "seq_cls", module)  # ScalarHeadModel wraps the HF model
+            kwargs = {"use_reentrant": False}  # reentrant checkpoints lose grads of frozen inputs
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
+        assert self.engine is not None, "call setup() first"
+        return self.engine.module
+
+    def my_rows(self, n: int) -> slice:
+        per = n // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    # -- the one minibatch step ---------------------------------------------------------------
+
+    def step(self, data: Rows, rows: torch.Tensor, where: str) -> tuple[dict[str, float], bool]:
+        """One optimizer step on the global minibatch ``rows`` of ``data``: this rank's share,
+        as ``accumulation`` micro-batches. Returns this rank's unit-weighted stats (their mean
+        over ranks is the global minibatch's) and whether the step was applied: it is not when
+        a micro-batch's loss is non-finite on some rank (agreed by one all-reduce, so every rank
+        does the same) or the engine skipped it for a non-finite gradient. ``max_bad_steps``
+        such steps in a row raise ``NonFiniteLossError`` (``where``: the round or epoch).
+
+        A non-finite micro-batch is left out of the gradient. With one micro-batch per step that
+        skips the whole update; with several, the engine still steps (ZeRO's accumulation
+        boundary stays aligned on every rank) on the other micro-batches' gradients."""
+        assert self.engine is not None, "call setup() first"
+        mine = rows[self.my_rows(len(rows))]
+        total = self.objective.units(data.select(rows))
+        stats: dict[str, float] = defaultdict(float)
+        clean, applied = True, None
+        for first in range(0, len(mine), self.micro_batch):
+            mb = data.select(mine[first : first + self.micro_batch]).to(self.device)
+            loss, parts = self.objective.loss(self.module, mb)
+            weight = self.objective.units(mb) * self.world_size / total
+            for key, value in {"loss": loss, **parts}.items():
+                stats[key] += float(torch.as_tensor(value).detach()) * weight
+            if not self._finite_everywhere(loss):
+                clean = False
+                if self.accumulation == 1:
+                    break  # nothing accumulated: the engine does not step at all
+            else:
+                self.engine.backward(loss * weight)
+            applied = self.engine.step()
+            last = first + self.micro_batch >= len(mine)
+            if (applied is not None) != last:
+                raise RuntimeError(
+                    "engine and learner disagree on the accumulation boundary (micro-batch "
+                    f"ending at row {first + self.micro_batch} of {len(mine)}, engine at a "
+                    f"boundary: {applied is not None})"
+                )
+        ok = clean and bool(applied)
+        self._count_bad(ok, where)
+        return dict(stats), ok
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one all-reduce: all ranks decide alike)."""
+        assert self.engine is not None
+        bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+        return self.engine.all_reduce_sum(bad) == 0.0
+
+    def _count_bad(self, ok: bool, where: str) -> None:
+        self.bad_in_row = 0 if ok else self.bad_in_row + 1
+        if self.bad_in_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"the {self.objective.name} learner: {self.bad_in_row} updates in a row had a "
+                f"non-finite loss or gradient ({where}; train.max_bad_steps="
+                f"{self.max_bad_steps}); the run stops rather than train on them. Lower the "
+                "learning rate, check the data or rewards, or resume from the last checkpoint."
+            )
+
+    # -- PPO: epochs over a round's batch -----------------------------------------------------
+
+    def train(self, batch: Rows, round_index: int) -> dict[str, float]:
+        """``epochs`` passes over a PPO round's batch in minibatches; no step (and no stats) in
+        the first ``idle_rounds`` rounds. Stats are the applied steps' means, keyed
+        ``{name}_loss``, ``{name}_lr`` (the next step's) and ``{name}_skipped_steps``."""
+        if round_index < self.idle_rounds:
+            return {}
+        n, size = len(batch), self.minibatch
+        gen = torch.Generator().manual_seed(self.seed * 7919 + round_index)
+        sums: dict[str, float] = defaultdict(float)
+        steps = skipped = 0
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, size):
+                stats, ok = self.step(batch, perm[start : start + size], f"round {round_index}")
+                steps, skipped = steps + ok, skipped + (not ok)
+                for key, value in stats.items() if ok else ():
+                    sums[key] += value
+        out = {k: v / steps for k, v in sums.items()} if steps else {"loss": float("nan")}
+        name = self.objective.name
+        out[f"{name}_loss"] = out.pop("loss")
+        out[f"{name}_lr"] = self.engine.lr()  # type: ignore[union-attr]
+        out[f"{name}_skipped_steps"] = float(skipped)
+        return out
+
+    # -- a stage: a train set held here, one step per driver call -----------------------------
+
+    def load_data(self, train: Rows, eval_set: Rows | None = None) -> int:
+        """Hold a stage's train (and eval) set; the LR schedule spans all its steps."""
+        assert self.engine is not None, "call setup() first"
+        self.data = {"train": train} if eval_set is None else {"train": train, "eval": eval_set}
+        if self.total_steps is None:
+            self.engine.respan(self.epochs * (len(train) // self.minibatch))
+        return len(train)
+
+    def train_step(self, epoch: int, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` of epoch ``epoch`` of a stage: rows
+        ``perm_e[step*B : (step+1)*B]`` of a permutation seeded by (seed, epoch)."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        perm = torch.randperm(len(self.data["train"]), generator=gen)
+        rows = perm[step * self.minibatch : (step + 1) * self.minibatch]
+        stats, ok = self.step(self.data["train"], rows, f"epoch {epoch}, step {step}")
+        return {**stats, "skipped_steps": 0.0 if ok else 1.0}
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """The loss and stats over the whole ``split`` ("train" or "eval"), unit-weighted.
+        Every rank scores the whole split (identical forwards keep ZeRO-3's gathers in step)."""
+        data = self.data[split]
+        sums: dict[str, float] = defaultdict(float)
+        count = 0.0
+        for start in range(0, len(data), self.score_batch):
+            part = data.select(slice(start, start + self.score_batch)).to(self.device)
+            loss, stats = self.objective.loss(self.module, part)
+            weight = self.objective.units(part)
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] += float(v) * weight
+            count += weight
+        return {k: v / count for k, v in sums.items()}
+
+    # -- weights out and state ----------------------------------------------------------------
+
+    def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
+        if self._buckets is None or self._buckets[0] != bucket_mb:
+            tensors = list(weight_tensors(self.module).items())
+            sizes = [full_nbytes(t) for _, t in tensors]
+            groups = plan_buckets(sizes, int(bucket_mb * 2**20))
+            self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups])
+        return self._buckets[1]
+
+    def num_weight_buckets(self, bucket_mb: float) -> int:
+        """How many buckets of about ``bucket_mb`` MB the weights travel in."""
+        return len(self._bucket_names(bucket_mb))
+
+    def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
+        """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
+        bucket ``index`` as numpy arrays, the others None."""
+        assert self.engine is not None, "call setup() first"
+        tensors = weight_tensors(self.module)
+        names = self._bucket_names(bucket_mb)[index]
+        if getattr(self.engine, "zero_stage", 0) == 3:  # the partitions are sent to rank 0
+            assert isinstance(self.engine, DeepSpeedEngine)
+            whole = self.engine.whole_on_rank0({n: tensors[n] for n in names})
+            return None if whole is None else state_dict_to_numpy(whole)
+        if self.rank != 0:
+            return None
+        # on CPU the arrays view the live parameters: Ray copies them into the object store
+        bucket = {n: tensors[n].detach() for n in names}
+        if self.device.type != "cpu":
+            bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
+        return state_dict_to_numpy(bucket)
+
+    def full_weights(self) -> NumpyWeights | None:
+        """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""
+        assert self.engine is not None, "call setup() first"
+        state = self.engine.full_state_dict()
+        return None if state is None else state_dict_to_numpy(state)
+
+    def save(self, directory: str) -> None:
+        """Collective; rank 0 writes the full model in Hugging Face format (no progress bar)."""
+        from transformers.utils import logging as hf_logging
+
+        assert self.engine is not None, "call setup() first"
+        state = self.engine.full_state_dict()
+        if state is not None:
+            hf_logging.disable_progress_bar()
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(directory, state_dict=state)
+
+    def save_state(self, directory: str) -> None:
+        """Collective: everything this group needs to resume training exactly."""
+        assert self.engine is not None, "call setup() first"
+        self.engine.save_state(directory)
+
+    def load_state(self, directory: str) -> None:
+        assert self.engine is not None, "call setup() first"
+        self.engine.load_state(directory)
+
+    def ping(self) -> int:
+        return self.rank
