@@ -334,10 +334,18 @@ def _seq_len(cfg: Config) -> int:
 
 def role_memory(cfg: Config) -> dict[str, Estimate | str]:
     """Per role: the estimate per device, or why there is none."""
+    seq, tok = _seq_len(cfg), policy_tokenizer(cfg)
+    return {
+        **learners_memory(cfg, tok, seq),
+        **scorers_memory(cfg, tok, seq),
+        "rollout": generator_memory(cfg, tok, seq),
+    }
+
+
+def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]:
+    """The policy's and (with a critic) the value learner's estimates, or why there is none."""
     out: dict[str, Estimate | str] = {}
-    seq, resp = _seq_len(cfg), cfg.rollout.max_new_tokens
     micro = cfg.ppo.micro_batch_size
-    tok = policy_tokenizer(cfg)
     learners = [("policy", cfg.policy, cfg.policy.model, True)]
     if has_critic(cfg):  # a critic-free estimator has no value group
         learners.append(("value", cfg.value, value_init_spec(cfg), False))
@@ -357,12 +365,18 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             offload_params=role_cfg.offload_params,
             micro_batch=micro or cfg.ppo.minibatch_size // role_cfg.num_ranks,
             seq_len=seq,
-            response_len=resp,
+            response_len=cfg.rollout.max_new_tokens,
             checkpointing=role_cfg.gradient_checkpointing,
             on_gpu=role_cfg.num_gpus_per_rank > 0,
             buckets=role_cfg.zero_buckets.resolve(role_cfg.num_gpus_per_rank > 0),
         )
         out[role] = Estimate(parts, source)
+    return out
+
+
+def scorers_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]:
+    """The reference's and the reward's estimates (a reward function or service: none)."""
+    out: dict[str, Estimate | str] = {}
     ref_spec = cfg.reference.model or cfg.policy.model
     scorers: list[tuple[str, Any, ModelSpec, bool, Any]] = [
         ("reference", cfg.reference, ref_spec, True, tok)
@@ -391,25 +405,28 @@ def role_memory(cfg: Config) -> dict[str, Estimate | str]:
             on_gpu=sc.num_gpus > 0,
         )
         out[role] = Estimate(parts, source)
+    return out
+
+
+def generator_memory(cfg: Config, tok: Any, seq: int) -> Estimate | str:
+    """A rollout worker's estimate, or why there is none."""
     config, source = read_model_config(cfg.policy.model, tok)
     if config is None:
-        out["rollout"] = source
-    else:
-        r = cfg.rollout
-        # a worker generates its shard at once, or in micro-batches of rollout.micro_batch_size
-        rows = math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers)
-        rows = min(rows, r.micro_batch_size or rows)
-        parts = rollout_memory(
-            ModelShape.from_config(config),
-            dtype=cfg.policy.model.dtype,
-            rows=rows,
-            seq_len=seq,
-            on_gpu=r.num_gpus_per_worker > 0,
-        )
-        if r.backend == "vllm":  # vLLM reserves its KV cache up front, at the configured size
-            parts["kv_cache"] = float(r.vllm_kv_cache_gib * 2**30)
-        out["rollout"] = Estimate(parts, source)
-    return out
+        return source
+    r = cfg.rollout
+    # a worker generates its shard at once, or in micro-batches of rollout.micro_batch_size
+    rows = math.ceil(r.batch_size * r.samples_per_prompt / r.num_workers)
+    rows = min(rows, r.micro_batch_size or rows)
+    parts = rollout_memory(
+        ModelShape.from_config(config),
+        dtype=cfg.policy.model.dtype,
+        rows=rows,
+        seq_len=seq,
+        on_gpu=r.num_gpus_per_worker > 0,
+    )
+    if r.backend == "vllm":  # vLLM reserves its KV cache up front, at the configured size
+        parts["kv_cache"] = float(r.vllm_kv_cache_gib * 2**30)
+    return Estimate(parts, source)
 
 
 def memory_problems(

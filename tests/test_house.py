@@ -65,3 +65,7 @@ def test_ruff_format_decides_the_layout():
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_function_over_60_lines():
+    assert house.survey().long_functions == []

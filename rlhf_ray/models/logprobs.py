@@ -13,6 +13,7 @@ log-prob of a kept token is ``log p - log(kept mass)``, so a KL from it would be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,31 @@ def _hidden_and_head(
     return out.last_hidden_state, head
 
 
+def _chunk_logprobs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+    h: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One chunk of ``response_logprobs``: hidden states ``h (N, H)`` and labels ``y (N,)`` ->
+    (log-probs, outside the filter, full log-probs[, entropy]), each ``(N,)``."""
+    scaled = head(h).float() / temperature
+    processed = process_logits(scaled, 1.0, top_k, top_p)
+    logp, out = label_logprobs(scaled, processed, y)
+    filtered = bool(top_k) or top_p < 1.0
+    full_logp = (
+        torch.log_softmax(scaled, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1) if filtered else logp
+    )
+    if not with_entropy:
+        return logp, out, full_logp
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        return logp, out, full_logp, entropy_of_scores(scaled)
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -102,22 +128,9 @@ def response_logprobs(
     flat = hidden[:, prompt_len - 1 : -1].reshape(B * R, -1)
     labels = input_ids[:, prompt_len:].reshape(B * R)
 
-    filtered = bool(top_k) or top_p < 1.0
-
-    def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        scaled = head(h).float() / temperature
-        processed = process_logits(scaled, 1.0, top_k, top_p)
-        logp, out = label_logprobs(scaled, processed, y)
-        full_logp = (
-            torch.log_softmax(scaled, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            if filtered
-            else logp
-        )
-        if not with_entropy:
-            return logp, out, full_logp
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            return logp, out, full_logp, entropy_of_scores(scaled)
-
+    chunk = functools.partial(
+        _chunk_logprobs, head, temperature, top_k, top_p, with_entropy, entropy_grad
+    )
     results = []
     for i in range(0, B * R, chunk_tokens):
         h, y = flat[i : i + chunk_tokens], labels[i : i + chunk_tokens]

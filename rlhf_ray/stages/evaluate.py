@@ -225,9 +225,9 @@ def _source(spec: Any) -> str:
 # the stage
 
 
-def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, Any]:
-    """Generate -> score -> compare over the held-out prompts, then write the report.
-    Returns the summary (what ``eval.json`` holds)."""
+def start_eval(cfg: EvalConfig, run_dir: Path) -> tuple[Tokenizer, PromptTexts, int, MetricsLog]:
+    """Create ``run_dir`` with ``config.yaml``; the tokenizer, the prompts (and how many
+    were left out as the policy's PPO prompts) and the open ``metrics.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(eval_tokenizer(cfg))
@@ -245,6 +245,26 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
         format_row=format_eval_progress,
         step_key="step",
     )
+    return tokenizer, prompts, dropped, log
+
+
+def print_summary(summary: dict[str, Any], num_prompts: int) -> None:
+    """The closing console lines: a warning if any, then the headline figures."""
+    if summary["warning"]:
+        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
+    print(
+        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
+        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
+        f"[{summary['win_rate_ci_low']:.3f}, {summary['win_rate_ci_high']:.3f}], "
+        f"kl {summary['kl_to_baseline']:.4f} over {num_prompts} prompts",
+        flush=True,
+    )
+
+
+def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, Any]:
+    """Generate -> score -> compare over the held-out prompts, then write the report.
+    Returns the summary (what ``eval.json`` holds)."""
+    tokenizer, prompts, dropped, log = start_eval(cfg, run_dir)
     timer = PhaseTimer()
     rows: list[dict[str, Any]] = []
     size = cfg.rollout.batch_size
@@ -285,15 +305,7 @@ def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, 
     # 4. report: eval.json (figures), eval.md (figures + sample table), samples.jsonl (all)
     summary = write_report(cfg, rows, run_dir, dropped)
     log.close()
-    if summary["warning"]:
-        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
-    print(
-        f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
-        f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
-        f"[{summary['win_rate_ci_low']:.3f}, {summary['win_rate_ci_high']:.3f}], "
-        f"kl {summary['kl_to_baseline']:.4f} over {len(rows)} prompts",
-        flush=True,
-    )
+    print_summary(summary, len(rows))
     return summary
 
 
