@@ -119,7 +119,7 @@ def test_micro_batches_are_exact_for_per_sequence_aggregation(agg):
 
 
 def test_deepspeed_accumulates_to_the_same_gradient():
-    """DeepSpeed's accumulation boundary agrees with the learner's (else run_epochs raises),
+    """DeepSpeed's accumulation boundary agrees with the learner's (else the step raises),
     and its accumulated gradient is the one-pass gradient."""
     whole = grads_of("policy", "policy.engine=deepspeed", "policy.zero_stage=2")
     accumulated = grads_of(
