@@ -31,7 +31,10 @@ Stats = dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
-    name: str  # "policy", "value", "sft", "reward model": error messages, PPO's stat keys
+    @property
+    def name(self) -> str:
+        """ "policy", "value", "sft", "reward model": error messages, PPO's stat keys."""
+        ...
 
     def loss(self, module: Any, batch: Any) -> tuple[torch.Tensor, Stats]:
         """The loss of ``batch`` (a mean over its ``units``) and detached stats."""

@@ -42,7 +42,8 @@ class RewardLearner(Learner):
     @torch.no_grad()
     def scores(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected scores ``(N,)`` of every pair of ``split``, on the CPU."""
-        data, size = self.data[split], self.score_batch
+        data: Any = self.data[split]  # a PairBatch
+        size = self.score_batch
         parts = [
             pair_scores(self.module, data.select(slice(i, i + size)).to(self.device))
             for i in range(0, len(data), size)
