@@ -17,7 +17,7 @@ import ray
 import torch
 
 from rlhf_ray.config import ClusterConfig
-from rlhf_ray.distributed.actors import get_all, wait_ready
+from rlhf_ray.distributed.actors import dead_peer, get_all, wait_ready
 from rlhf_ray.distributed.learner_group import LearnerGroup
 from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
 from rlhf_ray.errors import UserError
@@ -78,6 +78,11 @@ class RayStage:
         except ray.exceptions.RayActorError as exc:
             names = ", ".join(self.group.names)
             raise LearnerLostError(f"a learner of {names} died during {phase}") from exc
+        except ray.exceptions.RayTaskError as exc:  # a rank's peers may fail before it reads dead
+            dead = dead_peer(refs, self.group.names)
+            if dead is None:
+                raise
+            raise LearnerLostError(f"learner {dead} died during {phase}") from exc
 
     def restart(self) -> None:
         """Kill the group and start it again with the data it had (the caller restores a

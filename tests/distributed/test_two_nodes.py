@@ -46,10 +46,14 @@ def _placement() -> dict[str, str]:
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(monkeypatch):
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rr2-", dir="/tmp")
+    # Cluster writes its address to <default temp dir>/ray and the second node lives there:
+    # keep both in this test's dir (a missing /tmp/ray failed the fixture; a shared one mixes)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cluster = Cluster(
         initialize_head=True,
