@@ -59,9 +59,9 @@ def two_nodes(monkeypatch):
         initialize_head=True,
         head_node_args={"num_cpus": 3, "temp_dir": temp_dir, "include_dashboard": False},
     )
-    worker = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, namespace="rlhf_ray", logging_level="WARNING")
-    try:
+    try:  # a node that fails to start (its raylet times out on a loaded machine) ends it too
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, namespace="rlhf_ray", logging_level="WARNING")
         yield cluster, worker
     finally:
         ray.shutdown()
