@@ -259,3 +259,33 @@ def test_a_stage_learner_group_restart_is_bounded_and_counted_in_its_rows(monkey
     deaths = iter([True] * replacement.MAX_TRIES)
     with pytest.raises(LearnerLostError, match="died 4 times while starting"):
         stage.restart()
+
+
+def test_a_rank_whose_peer_failed_first_in_a_collective_is_reported_as_lost(monkeypatch):
+    """A SIGKILLed rank's peer fails in gloo ("Connection reset by peer") and that task error
+    may come back before the rank's death: it is still a lost learner, which recovery handles."""
+    import ray
+
+    from rlhf_ray.distributed import actors
+    from rlhf_ray.workers.interface import LearnerLostError
+
+    reset = ray.exceptions.RayTaskError("train", "", RuntimeError("Connection reset by peer"))
+    outcome: dict[str, Exception | None] = {}
+
+    def wait(refs, num_returns=1, timeout=None, **kwargs):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(refs, timeout=None):
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if outcome[ref] is not None:
+                raise outcome[ref]
+        return refs
+
+    monkeypatch.setattr(actors.ray, "wait", wait)
+    monkeypatch.setattr(actors.ray, "get", get)
+    outcome.update({"p0": reset, "p1": ray.exceptions.ActorDiedError()})
+    with pytest.raises(LearnerLostError, match="learner policy-1 died during update"):
+        actors.get_all(["p0", "p1"], ["policy-0", "policy-1"], "update")
+    outcome["p1"] = None  # the peer is fine: the failure is the rank's own, and raised as such
+    with pytest.raises(ray.exceptions.RayTaskError):
+        actors.get_all(["p0", "p1"], ["policy-0", "policy-1"], "update")
