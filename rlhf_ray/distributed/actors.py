@@ -77,6 +77,27 @@ class PhaseTimeoutError(UserError):
     """Some actors of a phase did not answer within ``train.phase_timeout_s``."""
 
 
+PEER_GRACE_S = 15.0  # how long a failed collective's peers are given to show a dead rank
+
+
+def dead_peer(refs: list[Any], names: list[str], grace_s: float = PEER_GRACE_S) -> str | None:
+    """After one rank's call failed inside its actor, the name of a rank among ``refs`` whose
+    call shows that its actor died, waiting at most ``grace_s``; None if none does. A killed
+    rank's peers fail in their collective ("Connection reset by peer") and that error can
+    arrive before Ray reports the death itself."""
+    deadline, pending = time.monotonic() + grace_s, list(refs)
+    while pending and (left := deadline - time.monotonic()) > 0:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return names[refs.index(ref)]
+            except ray.exceptions.RayError:
+                continue  # another peer's failed collective
+    return None
+
+
 def _is_learner(name: str) -> bool:
     return name.startswith(("policy-", "value-"))
 
@@ -96,7 +117,9 @@ def get_all(
     ``on_timeout(late names)`` may restart them and return True to wait again; otherwise a
     late learner raises ``LearnerLostError``, anything else ``PhaseTimeoutError``. A dead
     learner (``names`` given) raises ``LearnerLostError`` naming it and the phase; the call of
-    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref."""
+    another dead or unreachable actor is sent again if ``resubmit(name)`` gives a new ref. A
+    learner whose call failed because a peer rank died (``dead_peer``) raises
+    ``LearnerLostError`` naming the dead rank."""
     refs = list(refs)
     label = dict(zip(refs, names or [""] * len(refs), strict=True))
     slot = {r: i for i, r in enumerate(refs)}
@@ -123,6 +146,15 @@ def get_all(
             refs[slot[ready[0]]] = again
             label[again], slot[again] = name, slot[ready[0]]
             pending.append(again)
+        except ray.exceptions.RayTaskError:
+            name = label[ready[0]]
+            peers = [r for r in pending if _is_learner(label[r])]
+            dead = dead_peer(peers, [label[r] for r in peers]) if _is_learner(name) else None
+            if dead is None:
+                raise
+            raise LearnerLostError(
+                f"learner {dead} died during {phase} ({name} failed in a collective with it)"
+            ) from None
     return ray.get(refs)
 
 

@@ -1,5 +1,7 @@
 """``LearnerGroup``: ``num_ranks`` learner actors of one role in a strictly packed placement
-group, joined by torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+group, joined by torch.distributed (NCCL on GPUs, gloo on CPUs). A restarted group is steered
+off the nodes it is told to avoid (``distributed/replacement.py``), placed anywhere if it
+cannot be within ``PLACE_OFF_SUSPECTS_S``."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from rlhf_ray.distributed.actors import (
     kill_actors,
     spawn_actor,
 )
+from rlhf_ray.distributed.replacement import PLACE_OFF_SUSPECTS_S, avoid_selector
 from rlhf_ray.errors import UserError
 
 
@@ -24,6 +27,29 @@ def rendezvous_address() -> tuple[str, int]:
         s.bind(("", 0))
         port = s.getsockname()[1]
     return ray.util.get_node_ip_address(), port
+
+
+def _place_off(role: str, bundles: list[dict], avoid: list[str], timeout_s: float) -> Any:
+    """The group's placement group on nodes other than ``avoid``, or None: nothing to avoid,
+    or no place off them within ``PLACE_OFF_SUSPECTS_S`` (then it is placed anywhere)."""
+    if not avoid:
+        return None
+    pg = placement_group(
+        bundles,
+        strategy="STRICT_PACK",
+        name=f"rlhf_ray-{role}",
+        bundle_label_selector=[avoid_selector(avoid)] * len(bundles),
+    )
+    wait_s = min(PLACE_OFF_SUSPECTS_S, timeout_s)
+    if pg.wait(timeout_seconds=int(wait_s)):
+        return pg
+    remove_placement_group(pg)
+    print(
+        f"[rlhf_ray] the {role} learner group could not be placed off the suspect node(s) "
+        f"{', '.join(avoid)} within {wait_s:g}s; placing it on any node",
+        flush=True,
+    )
+    return None
 
 
 class LearnerGroup:
@@ -37,12 +63,16 @@ class LearnerGroup:
         timeout_s: float,
         dist_timeout_s: int,
         resources: dict[str, float] | None = None,
+        avoid: list[str] | None = None,
         **kwargs: Any,
     ):
+        """``avoid``: node ids the group should stay off (a restart after a lost rank)."""
         n, cpus, gpus = role_cfg.num_ranks, role_cfg.num_cpus_per_rank, role_cfg.num_gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(resources or {})}
-        # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
-        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
+        self.pg = _place_off(role, [bundle] * n, avoid or [], timeout_s)
+        if self.pg is None:
+            # all ranks on one node: a soft PACK silently spans nodes and runs NCCL over TCP
+            self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"rlhf_ray-{role}")
         if not self.pg.wait(timeout_seconds=int(timeout_s)):
             remove_placement_group(self.pg)
             raise UserError(

@@ -6,8 +6,11 @@ cancelled before it started running"). So a replacement is placed away from the 
 just lost an actor of the run and from nodes that do not answer a heartbeat now (a zero-CPU
 task pinned to the node, ``heartbeat_s``), with ``NodeAffinitySchedulingStrategy(soft=True)``
 on a healthy node that has the CPUs free; a replacement that dies before it is ready is itself
-replaced, at most ``MAX_TRIES`` times in a row. ``NodeHealth.replacements`` counts every
-replacement (``recovery/replacements`` in ``metrics.jsonl``).
+replaced, at most ``MAX_TRIES`` times in a row. A restarted learner group's placement group is
+steered the same way, by a bundle label selector on the node id (``avoid_selector``); if it
+cannot be placed off those nodes within ``PLACE_OFF_SUSPECTS_S`` it is placed anywhere.
+``NodeHealth.replacements`` counts every replacement (``recovery/replacements`` in
+``metrics.jsonl``), those Ray makes itself of a scorer started with ``max_restarts`` included.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 MAX_TRIES = 4  # replacements of one lost actor that may die before they are ready
 SUSPECT_S = 120.0  # how long a node that lost an actor is avoided
+PLACE_OFF_SUSPECTS_S = 30.0  # how long a learner group waits for a place off suspect nodes
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -36,6 +41,31 @@ def actor_node(handle: Any) -> str | None:
         return (entry.get("Address") or {}).get("NodeID") or None
     except Exception:  # the table is best effort: placement then falls back to Ray's choice
         return None
+
+
+def actor_state(handle: Any) -> str | None:
+    """The actor's state in Ray's actor table (``ALIVE``, ``RESTARTING``, ``DEAD`` ...)."""
+    from ray._private import state
+
+    try:
+        return state.actors(actor_id=handle._actor_id.hex()).get("State")
+    except Exception:  # best effort, as actor_node
+        return None
+
+
+def actor_restarts(handle: Any) -> int:
+    """How many times Ray has restarted the actor itself (``max_restarts``); 0 if unknown."""
+    from ray._private import state
+
+    try:
+        return int(state.actors(actor_id=handle._actor_id.hex()).get("NumRestarts") or 0)
+    except Exception:  # best effort, as actor_node
+        return 0
+
+
+def avoid_selector(nodes: list[str]) -> dict[str, str]:
+    """A label selector matching every node but ``nodes`` (for a placement group's bundles)."""
+    return {NODE_ID_LABEL: f"!in({','.join(sorted(nodes))})"}
 
 
 def _answers(node_id: str, timeout_s: float) -> bool:
@@ -82,6 +112,22 @@ class NodeHealth:
                 return node
             self._suspect[node] = time.monotonic()  # missed its heartbeat
         return None
+
+    def lost_dead(self, handles: list[Any]) -> list[str]:
+        """Note the nodes of those ``handles`` that Ray's actor table no longer shows alive
+        (a learner group's dead ranks); returns them."""
+        return sorted({n for h in handles if actor_state(h) != "ALIVE" and (n := self.lost(h))})
+
+    def avoid(self) -> list[str]:
+        """The live nodes new actors should stay off: those that lost an actor lately and
+        those that miss a heartbeat now. Empty when no other live node is left (avoiding
+        every node would only delay the placement)."""
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        for node in alive:
+            if not self.suspect(node) and not _answers(node, self.heartbeat_s):
+                self._suspect[node] = time.monotonic()  # missed its heartbeat
+        avoid = [n for n in alive if self.suspect(n)]
+        return avoid if len(avoid) < len(alive) else []
 
     def strategy(self, cpus: float) -> Any:
         """Where a replacement goes: soft affinity to a healthy node (None: Ray's default)."""

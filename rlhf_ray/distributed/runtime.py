@@ -46,7 +46,7 @@ from rlhf_ray.distributed.actors import (
 from rlhf_ray.distributed.cluster import cluster_nodes
 from rlhf_ray.distributed.learner_group import LearnerGroup
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
-from rlhf_ray.distributed.replacement import MAX_TRIES
+from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -58,6 +58,8 @@ from rlhf_ray.workers.interface import (
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.sync import stream_buckets
+
+SCORER_RESTARTS = 3  # restarts Ray makes of a scorer itself (max_restarts), each counted
 
 
 def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
@@ -87,6 +89,7 @@ class RayWorkers:
         self.pool = RolloutPool(cfg)
         self.learner_restarts = 0
         self.scorer_restarts = 0
+        self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
         self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:
             self._start(cfg)
@@ -94,7 +97,8 @@ class RayWorkers:
             self.close()  # leave nothing pending or half-started behind
             raise
 
-    def _make_learners(self, cfg: Config) -> None:
+    def _make_learners(self, cfg: Config, avoid: list[str] | None = None) -> None:
+        """Both learner groups, off the nodes ``avoid`` (a restart) where they fit."""
         timeout = cfg.cluster.actor_start_timeout_s
         dist_timeout = cfg.train.dist_timeout_s
         tok, ppo, seed, bad = (
@@ -111,6 +115,7 @@ class RayWorkers:
             timeout,
             dist_timeout,
             pinned,
+            avoid,
             policy_cfg=cfg.policy,
             ppo_cfg=ppo,
             tokenizer_cfg=tok,
@@ -130,6 +135,7 @@ class RayWorkers:
                 timeout,
                 dist_timeout,
                 pinned,
+                avoid,
                 value_cfg=cfg.value,
                 ppo_cfg=ppo,
                 tokenizer_cfg=tok,
@@ -201,7 +207,7 @@ class RayWorkers:
                 tok,
                 cfg.rollout.temperature,
                 chunk_size=ref.score_micro_batch_size,
-                restarts=3,
+                restarts=SCORER_RESTARTS,
                 strategy=strategy,
             )
         rew = cfg.reward
@@ -214,7 +220,7 @@ class RayWorkers:
             tok,
             search_path=[os.getcwd()],
             chunk_size=rew.score_micro_batch_size,
-            restarts=3,
+            restarts=SCORER_RESTARTS,
             strategy=strategy,
         )
 
@@ -244,20 +250,24 @@ class RayWorkers:
 
     def restart_learners(self) -> None:
         """Kill both learner groups and start them again (fresh weights: the caller restores
-        a checkpoint). Rollout workers and scorers keep running."""
+        a checkpoint), off the nodes of their dead ranks and nodes that miss a heartbeat.
+        Rollout workers and scorers keep running."""
         self.learner_restarts += 1
         print(f"[rlhf_ray] restarting the learner groups ({self.learner_restarts})", flush=True)
-        cause = "lost a rank"
+        health = self.pool.health
+        dead = health.lost_dead([a for g in self.learners for a in g.actors])
+        cause = f"lost a rank (node {', '.join(dead) or 'unknown'})"
         for _ in range(MAX_TRIES):  # a group placed on a dying node is itself replaced
-            self.pool.health.record("the learner groups", cause)
+            health.record("the learner groups", cause)
             self._kill_learners()
             try:
-                self._make_learners(self.cfg)
+                self._make_learners(self.cfg, health.avoid())
                 handles = {n: h for g in self.learners for n, h in g.handles.items()}
                 wait_ready(handles, self.cfg.cluster.actor_start_timeout_s)
                 self._start_learners()
                 return
             except (ray.exceptions.RayActorError, LearnerLostError) as exc:
+                health.lost_dead([a for g in self.learners for a in g.actors])
                 cause = f"had a restarted rank die before it was ready ({type(exc).__name__})"
         raise LearnerLostError(f"the learner groups died {MAX_TRIES} times while starting")
 
@@ -289,20 +299,42 @@ class RayWorkers:
         failing."""
         if self.scorer_restarts >= 10:
             return None
-        self.scorer_restarts += 1
-        old = self.scorers[name]
-        node = self.pool.health.lost(old)
+        health, old = self.pool.health, self.scorers[name]
+        node = health.lost(old)
         cause = f"was lost during score (node {node or 'unknown'}); its rows are scored again"
-        self.pool.health.record(name, cause)
-        kill_actors([old])
-        role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
-        for _ in range(10):  # Ray may take a moment to release the dead actor's name
+        for _ in range(MAX_TRIES):  # a replica that dies before it is ready is replaced too
+            self.scorer_restarts += 1
+            health.record(name, cause)
+            kill_actors([old])
+            old = self.scorers[name] = self._respawn_scorer(name)
             try:
-                self.scorers[name] = self._scorer(name, self.pool.health.strategy(role.num_cpus))
-                break
+                wait_ready({name: old}, self.cfg.cluster.actor_start_timeout_s)
+                return _score_call(old, name, parts[name])
+            except ray.exceptions.RayActorError as exc:
+                health.lost(old)
+                cause = f"had its replacement die before it was ready ({type(exc).__name__})"
+        raise RuntimeError(f"{name}: {MAX_TRIES} replacements in a row died before they were ready")
+
+    def _respawn_scorer(self, name: str) -> Any:
+        """A fresh replica ``name`` on a healthy node (``distributed/replacement.py``)."""
+        role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
+        strategy = self.pool.health.strategy(role.num_cpus)
+        for _ in range(9):  # Ray may take a moment to release the dead actor's name
+            try:
+                return self._scorer(name, strategy)
             except ValueError:
                 time.sleep(1.0)
-        return _score_call(self.scorers[name], name, parts[name])
+        return self._scorer(name, strategy)
+
+    def _count_ray_restarts(self) -> None:
+        """Ray restarts a scorer itself (``max_restarts``) when its process or node is lost:
+        each such restart is a replacement too, counted and named in the log."""
+        for name, handle in self.scorers.items():
+            key, done = handle._actor_id.hex(), actor_restarts(handle)
+            for k in range(self._ray_restarts.get(key, 0) + 1, done + 1):
+                cause = f"was restarted by Ray (restart {k} of {SCORER_RESTARTS})"
+                self.pool.health.record(name, cause, "its process or node was lost")
+            self._ray_restarts[key] = max(done, self._ray_restarts.get(key, 0))
 
     # -- Workers ------------------------------------------------------------------------------
 
@@ -384,6 +416,7 @@ class RayWorkers:
         return float((learner - sampled).abs().max()), worker_id
 
     def info(self) -> dict[str, float]:
+        self._count_ray_restarts()
         return {
             "rollout/num_workers": len(self.pool.workers),
             "rollout/worker_restarts": self.pool.restarts,

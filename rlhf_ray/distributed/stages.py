@@ -3,7 +3,10 @@
 The group is the PPO runtime's ``LearnerGroup`` (one placement group, DeepSpeed ranks joined by
 torch.distributed: gloo on CPU, NCCL on GPUs) with the stage learner class; actors are named
 ``{role}-{rank}`` (``sft-0``, ``rm-0`` ...) in the run's namespace. Each call is submitted to
-every rank, then waited on once.
+every rank, then waited on once. A lost rank restarts the group off the nodes of its dead ranks
+(``distributed/replacement.py``), at most ``MAX_TRIES`` times in a row if the restarted ranks
+die before they are ready; each train step's row carries the counts
+(``train/learner_restarts``, ``train/replacements``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import ray
 import torch
 
 from rlhf_ray.config import ClusterConfig
-from rlhf_ray.distributed.actors import get_all, wait_ready
+from rlhf_ray.distributed.actors import dead_peer, get_all, wait_ready
 from rlhf_ray.distributed.learner_group import LearnerGroup
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
 from rlhf_ray.errors import UserError
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import LearnerLostError, mean_stats
@@ -41,10 +45,11 @@ class RayStage:
         _check_name_free(f"{role.name}-0")
         self.role, self.cluster, self.dist_timeout_s = role, cluster, dist_timeout_s
         self.restarts = 0
+        self.health = NodeHealth()  # where a restarted group goes; counts the replacements
         self._data: tuple = ()  # the object refs of the loaded data (a restart loads them again)
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, avoid: list[str] | None = None) -> None:
         role, timeout = self.role, self.cluster.actor_start_timeout_s
         self.group = LearnerGroup(
             role.name,
@@ -52,6 +57,7 @@ class RayStage:
             role.role_cfg,
             timeout,
             self.dist_timeout_s,
+            avoid=avoid,
             learner_cfg=role.role_cfg,
             **role.kwargs,
         )
@@ -59,6 +65,7 @@ class RayStage:
             wait_ready(self.group.handles, timeout)
             counts = self._all("setup", self.group.start())
         except BaseException:
+            self.health.lost_dead(self.group.actors)  # before the kill: it kills them all
             self.group.kill()  # leave nothing pending or half-started behind
             raise
         held = ", ".join(f"rank {r}: {loc:,}/{tot:,}" for r, (loc, tot) in enumerate(counts))
@@ -71,6 +78,11 @@ class RayStage:
         except ray.exceptions.RayActorError as exc:
             names = ", ".join(self.group.names)
             raise LearnerLostError(f"a learner of {names} died during {phase}") from exc
+        except ray.exceptions.RayTaskError as exc:  # a rank's peers may fail before it reads dead
+            dead = dead_peer(refs, self.group.names)
+            if dead is None:
+                raise
+            raise LearnerLostError(f"learner {dead} died during {phase}") from exc
 
     def restart(self) -> None:
         """Kill the group and start it again with the data it had (the caller restores a
@@ -78,17 +90,28 @@ class RayStage:
         self.restarts += 1
         name = self.role.name
         print(f"[rlhf_ray] restarting the {name} learner group ({self.restarts})", flush=True)
-        self.group.kill()
-        self._start()
-        if self._data:
-            self._all("load_data", self.group.call("load_data", *self._data))
+        dead = self.health.lost_dead(self.group.actors)
+        cause = f"lost a rank (node {', '.join(dead) or 'unknown'})"
+        for _ in range(MAX_TRIES):  # a group placed on a dying node is itself replaced
+            self.health.record(f"the {name} learner group", cause)
+            self.group.kill()
+            try:
+                self._start(self.health.avoid())
+                if self._data:
+                    self._all("load_data", self.group.call("load_data", *self._data))
+                return
+            except (ray.exceptions.RayActorError, LearnerLostError) as exc:
+                cause = f"had a restarted rank die before it was ready ({type(exc).__name__})"
+        raise LearnerLostError(f"the {name} learner group died {MAX_TRIES} times while starting")
 
     def load_data(self, train: Rows, eval_set: Rows | None) -> None:
         self._data = (ray.put(train), ray.put(eval_set))
         self._all("load_data", self.group.call("load_data", *self._data))
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        return mean_stats(self._all("train_step", self.group.call("train_step", epoch, step)))
+        stats = mean_stats(self._all("train_step", self.group.call("train_step", epoch, step)))
+        counts = {"learner_restarts": self.restarts, "replacements": self.health.replacements}
+        return stats | {k: float(v) for k, v in counts.items()}
 
     def evaluate(self, split: str) -> dict[str, float]:
         return self._all("evaluate", self.group.call("evaluate", split))[0]

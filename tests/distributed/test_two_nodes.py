@@ -46,18 +46,22 @@ def _placement() -> dict[str, str]:
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(monkeypatch):
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rr2-", dir="/tmp")
+    # Cluster writes its address to <default temp dir>/ray and the second node lives there:
+    # keep both in this test's dir (a missing /tmp/ray failed the fixture; a shared one mixes)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 3, "temp_dir": temp_dir, "include_dashboard": False},
     )
-    worker = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, namespace="rlhf_ray", logging_level="WARNING")
-    try:
+    try:  # a node that fails to start (its raylet times out on a loaded machine) ends it too
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, namespace="rlhf_ray", logging_level="WARNING")
         yield cluster, worker
     finally:
         ray.shutdown()
