@@ -96,7 +96,7 @@ def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
             raise UserError(
                 f"{setting}: attention head size {head} (hidden size {config.hidden_size} / "
                 f"{config.num_attention_heads} heads) is not one vLLM's CPU attention supports "
-                f"({', '.join(map(str, sizes))}); e.g. policy.model.num_heads=2 for the tiny "
+                f"({', '.join(map(str, sizes))}); e.g. fewer policy.model.num_heads for a "
                 "preset, GPUs (rollout.num_gpus_per_worker), or rollout.backend hf"
             )
 

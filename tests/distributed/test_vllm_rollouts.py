@@ -54,10 +54,7 @@ def _disrupt(run_dir, stop: threading.Event) -> None:
 def rows(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("vllm") / "run"
     run_dir.mkdir()
-    # the default config but for the head size: vLLM's CPU attention needs >= 32 (64 / 2 heads)
-    cfg = load_config(
-        None, ["rollout.backend=vllm", "policy.model.num_heads=2", "logging.progress=false"]
-    )
+    cfg = load_config(None, ["rollout.backend=vllm", "logging.progress=false"])  # the default
     workers = RayWorkers(cfg)
     stop = threading.Event()
     thread = threading.Thread(target=_disrupt, args=(run_dir, stop))
