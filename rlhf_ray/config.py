@@ -163,7 +163,9 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _vllm_sampling(self) -> RolloutConfig:
-        low, high = 1e-5, 2.0  # vllm.SamplingParams: below 1e-5 is greedy, above 2 refused
+        # vllm.SamplingParams (0.32): above 2 is refused, and a temperature in (0, 1e-2) is
+        # raised to 1e-2 with a warning, so the learner's log-probs would be at another one
+        low, high = 1e-2, 2.0
         if self.backend == "vllm" and not low <= self.temperature <= high:
             raise ValueError(
                 f"rollout.temperature {self.temperature:g} cannot be honoured by "

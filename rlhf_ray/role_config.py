@@ -28,7 +28,12 @@ class ModelSpec(Section):
     )
     hidden_size: int = Field(64, gt=0, description="Preset only: hidden size.")
     num_layers: int = Field(2, gt=0, description="Preset only: number of transformer layers.")
-    num_heads: int = Field(4, gt=0, description="Preset only: attention heads.")
+    num_heads: int = Field(
+        2,
+        gt=0,
+        description="Preset only: attention heads (2: head size 32 at the default hidden size, "
+        "the smallest vLLM's CPU attention runs).",
+    )
     max_positions: int = Field(256, gt=0, description="Preset only: maximum sequence length.")
     init_seed: int = Field(0, description="Preset only: seed of the random initialisation.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

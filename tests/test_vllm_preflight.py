@@ -11,7 +11,7 @@ from rlhf_ray.errors import UserError
 from rlhf_ray.preflight import preflight_ppo
 
 
-@pytest.mark.parametrize("temperature", ["0.000001", "2.5"])
+@pytest.mark.parametrize("temperature", ["0.000001", "0.005", "2.5"])
 def test_a_temperature_vllm_cannot_honour_is_refused(temperature):
     with pytest.raises(ConfigError, match="cannot be honoured by rollout.backend vllm"):
         load_config(None, ["rollout.backend=vllm", f"rollout.temperature={temperature}"])

@@ -11,7 +11,8 @@ token prompts and returns tokens: no tokenizer (``skip_tokenizer_init``), no det
 - Log-probs: of the distribution vLLM sampled from (``logprobs_mode="processed_logprobs"``:
   after temperature, top-k and top-p), like the HF backend's ``RowSampler``.
 - Weights: loaded in place through vLLM's own ``reload_weights`` on its worker, called by the
-  worker extension ``WeightReloader`` (no pickled callables: ``collective_rpc`` by method name).
+  worker extension ``WeightReloader`` (no pickled callables: ``collective_rpc`` by method name);
+  then the prefix cache is emptied (its KV blocks belong to the old weights).
 - Memory: on a GPU the KV cache gets exactly ``rollout.vllm_kv_cache_gib`` (``kv_cache_memory_bytes``,
   not a fraction of the GPU); on the CPU the same size goes to ``VLLM_CPU_KVCACHE_SPACE``.
 
@@ -96,7 +97,7 @@ def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
             raise UserError(
                 f"{setting}: attention head size {head} (hidden size {config.hidden_size} / "
                 f"{config.num_attention_heads} heads) is not one vLLM's CPU attention supports "
-                f"({', '.join(map(str, sizes))}); e.g. policy.model.num_heads=2 for the tiny "
+                f"({', '.join(map(str, sizes))}); e.g. fewer policy.model.num_heads for a "
                 "preset, GPUs (rollout.num_gpus_per_worker), or rollout.backend hf"
             )
 
@@ -116,8 +117,10 @@ class WeightReloader:
 
 def engine_env(kv_cache_gib: int, num_threads: int | None) -> dict[str, str]:
     """Environment for an in-process engine: KV-cache bytes on CPU, no thread binding (the
-    worker's Ray CPU share decides its threads, ``OMP_NUM_THREADS``)."""
+    worker's Ray CPU share decides its threads, ``OMP_NUM_THREADS``), and vLLM's warnings but
+    not its ~20 INFO lines per engine start (``VLLM_LOGGING_LEVEL`` set by the user wins)."""
     env = {
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -143,6 +146,10 @@ class VLLMSampler:
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
         from vllm import LLM
+
+        from rlhf_ray.quiet import quiet_vllm
+
+        quiet_vllm()
 
         memory: dict[str, Any] = {}
         if on_gpu:
@@ -220,11 +227,16 @@ class VLLMSampler:
         }
 
     def load(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Every tensor of the model, loaded in place on each vLLM worker."""
+        """Every tensor of the model, loaded in place on each vLLM worker. The prefix cache
+        is emptied after: its KV blocks were computed with the old weights, and a later prompt
+        sharing a cached prefix (a repeated prompt, a chat template's opening) would read them."""
         from safetensors.torch import save
 
         blob = save({k: v.contiguous() for k, v in tensors.items()})
-        return self.llm.collective_rpc("rlhf_reload", args=(blob,))[0]
+        count = self.llm.collective_rpc("rlhf_reload", args=(blob,))[0]
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not empty its prefix cache after a weight reload")
+        return count
 
     def prompt_logprobs(self, ids: list[int], temperature: float) -> torch.Tensor:
         """Log-probs ``(T-1,)`` of ``ids[1:]`` under the model at ``temperature``. vLLM's prompt

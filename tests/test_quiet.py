@@ -1,0 +1,33 @@
+"""The console filter for vLLM drops exactly the records it names: the chat-template warmup's
+failure caused by the tokenizer we skip on purpose, and the no-EOS/BOS notices; any other
+failure of the warmup still prints, traceback and all."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rlhf_ray.quiet import VLLM_CHAT_WARMUP, VLLM_RENDERER_LOGGER, quiet_vllm
+
+
+def _log_failure(logger: logging.Logger, exc: Exception) -> None:
+    try:
+        raise exc
+    except Exception:
+        logger.warning(VLLM_CHAT_WARMUP, exc_info=sys.exc_info())
+
+
+def test_only_the_skipped_tokenizers_warmup_failure_is_dropped(caplog):
+    quiet_vllm()
+    quiet_vllm()  # idempotent: one filter
+    logger = logging.getLogger(VLLM_RENDERER_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger=VLLM_RENDERER_LOGGER):
+        _log_failure(logger, ValueError("Tokenizer not available when `skip_tokenizer_init=True`"))
+        logger.warning("Using None for EOS token id because tokenizer is not initialized")
+        _log_failure(logger, ValueError("template syntax error"))
+        _log_failure(logger, RuntimeError("skip_tokenizer_init"))
+        logger.warning("something else")
+    kept = [(r.getMessage(), r.exc_info[1] if r.exc_info else None) for r in caplog.records]
+    assert [m for m, _ in kept] == [VLLM_CHAT_WARMUP, VLLM_CHAT_WARMUP, "something else"]
+    assert [str(e) for _, e in kept[:2]] == ["template syntax error", "skip_tokenizer_init"]
