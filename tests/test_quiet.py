@@ -17,17 +17,35 @@ def _log_failure(logger: logging.Logger, exc: Exception) -> None:
         logger.warning(VLLM_CHAT_WARMUP, exc_info=sys.exc_info())
 
 
-def test_only_the_skipped_tokenizers_warmup_failure_is_dropped(caplog):
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_only_the_skipped_tokenizers_warmup_failure_is_dropped():
     quiet_vllm()
     quiet_vllm()  # idempotent: one filter
     logger = logging.getLogger(VLLM_RENDERER_LOGGER)
     assert len(logger.filters) == 1
-    with caplog.at_level(logging.INFO, logger=VLLM_RENDERER_LOGGER):
+    # Our own handler on the logger itself: once vLLM is imported in this process (other test
+    # modules do), its "vllm" logger stops propagating to the root, where caplog listens.
+    kept_records = _Kept()
+    logger.addHandler(kept_records)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
         _log_failure(logger, ValueError("Tokenizer not available when `skip_tokenizer_init=True`"))
         logger.warning("Using None for EOS token id because tokenizer is not initialized")
         _log_failure(logger, ValueError("template syntax error"))
         _log_failure(logger, RuntimeError("skip_tokenizer_init"))
         logger.warning("something else")
-    kept = [(r.getMessage(), r.exc_info[1] if r.exc_info else None) for r in caplog.records]
+    finally:
+        logger.removeHandler(kept_records)
+        logger.setLevel(level)
+    kept = [(r.getMessage(), r.exc_info[1] if r.exc_info else None) for r in kept_records.records]
     assert [m for m, _ in kept] == [VLLM_CHAT_WARMUP, VLLM_CHAT_WARMUP, "something else"]
     assert [str(e) for _, e in kept[:2]] == ["template syntax error", "skip_tokenizer_init"]
