@@ -170,11 +170,7 @@ def start_group(cfg) -> LearnerGroup:
         "policy", MeasuredPolicy, cfg.policy, 600, 600, policy_cfg=cfg.policy, ppo_cfg=cfg.ppo,
         tokenizer_cfg=cfg.tokenizer, temperature=1.0, seed=0,
     )  # fmt: skip
-    strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(group.pg, 0)
-    from rlhf_ray.distributed.learner_group import rendezvous_address
-
-    addr, port = ray.get(rendezvous_address.options(scheduling_strategy=strategy).remote())
-    get_all(group.call("init_process_group", addr, port, 600, "gloo"))
+    group.join()
     return group
 
 

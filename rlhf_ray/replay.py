@@ -153,7 +153,7 @@ def _train_all_ranks(
 
     import torch.distributed as dist
 
-    from rlhf_ray.workers.inprocess import free_port
+    from rlhf_ray.engines.training import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the spawned ranks inherit it
     context = multiprocessing.get_context("spawn")

@@ -5,7 +5,6 @@ cannot be within ``PLACE_OFF_SUSPECTS_S``."""
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import ray
@@ -21,12 +20,10 @@ from rlhf_ray.distributed.replacement import PLACE_OFF_SUSPECTS_S, avoid_selecto
 from rlhf_ray.errors import UserError
 
 
-@ray.remote(num_cpus=0)
-def rendezvous_address() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+def bundle_node_ip(pg: Any, bundle: int) -> str:
+    """The address of the node that holds ``bundle`` of the placed group ``pg``."""
+    node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][bundle]
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
 
 
 def _place_off(role: str, bundles: list[dict], avoid: list[str], timeout_s: float) -> Any:
@@ -101,15 +98,21 @@ class LearnerGroup:
 
     def start(self) -> list[Any]:
         """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
-        strategy = PlacementGroupSchedulingStrategy(self.pg, 0)
-        addr, port = ray.get(rendezvous_address.options(scheduling_strategy=strategy).remote())
+        self.join()
+        return [a.setup.remote() for a in self.actors]
+
+    def join(self) -> None:
+        """Join the ranks by torch.distributed, rank 0 hosting the rendezvous on a port it
+        found free (no extra task, so no extra worker process to start)."""
+        port = get_all([self.actors[0].free_port.remote()], self.names[:1], "rendezvous")[0]
         backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
         get_all(
-            self.call("init_process_group", addr, port, self.dist_timeout_s, backend),
+            self.call(
+                "init_process_group", bundle_node_ip(self.pg, 0), port, self.dist_timeout_s, backend
+            ),
             self.names,
             "rendezvous",
         )
-        return [a.setup.remote() for a in self.actors]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(a, method).remote(*args) for a in self.actors]

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,6 +190,14 @@ class TorchEngine:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         if "scheduler" in meta:
             self.scheduler.load_state_dict(meta["scheduler"])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now ("" for every address of this node): where rank 0
+    hosts a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(

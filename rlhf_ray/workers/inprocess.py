@@ -9,7 +9,6 @@ runtime, so a run here is the distributed run without the distribution. A critic
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from rlhf_ray.config import (
     policy_tokenizer,
     value_init_spec,
 )
+from rlhf_ray.engines.training import free_port
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -29,12 +29,6 @@ from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 from rlhf_ray.workers.sync import stream_buckets
 from rlhf_ray.workers.vllm_rollout import generator_class
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_learner(

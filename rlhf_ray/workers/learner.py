@@ -30,6 +30,7 @@ from rlhf_ray.engines.training import (
     DeepSpeedEngine,
     TorchEngine,
     deepspeed_config,
+    free_port,
     init_distributed,
     zero3_construction,
 )
@@ -97,6 +98,10 @@ class Learner:
         self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
 
     # -- the engine ---------------------------------------------------------------------------
+
+    def free_port(self) -> int:
+        """A port free on this rank's node now (rank 0's hosts the group's rendezvous)."""
+        return free_port(host="")
 
     def init_process_group(
         self, master_addr: str, master_port: int, timeout_s: int, backend: str = "gloo"
