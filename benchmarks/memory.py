@@ -73,7 +73,7 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.distributed.actors import get_all
-from rlhf_ray.distributed.learner_group import LearnerGroup
+from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.distributed.runtime import RayWorkers
 from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
@@ -170,7 +170,7 @@ def start_group(cfg) -> LearnerGroup:
         "policy", MeasuredPolicy, cfg.policy, 600, 600, policy_cfg=cfg.policy, ppo_cfg=cfg.ppo,
         tokenizer_cfg=cfg.tokenizer, temperature=1.0, seed=0,
     )  # fmt: skip
-    group.join()
+    join_groups([group])
     return group
 
 

@@ -98,21 +98,8 @@ class LearnerGroup:
 
     def start(self) -> list[Any]:
         """Rendezvous then build engines; returns the refs of each rank's (local, total) params."""
-        self.join()
-        return [a.setup.remote() for a in self.actors]
-
-    def join(self) -> None:
-        """Join the ranks by torch.distributed, rank 0 hosting the rendezvous on a port it
-        found free (no extra task, so no extra worker process to start)."""
-        port = get_all([self.actors[0].free_port.remote()], self.names[:1], "rendezvous")[0]
-        backend = "nccl" if self.cfg.num_gpus_per_rank else "gloo"
-        get_all(
-            self.call(
-                "init_process_group", bundle_node_ip(self.pg, 0), port, self.dist_timeout_s, backend
-            ),
-            self.names,
-            "rendezvous",
-        )
+        join_groups([self])
+        return self.call("setup")
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(a, method).remote(*args) for a in self.actors]
@@ -122,3 +109,19 @@ class LearnerGroup:
             self._alive = False
             kill_actors(self.actors)
             remove_placement_group(self.pg)
+
+
+def join_groups(groups: list[LearnerGroup]) -> None:
+    """Join each group's ranks by torch.distributed, all groups at once. A group's rank 0 hosts
+    its rendezvous on a port it found free on its node (no extra task, so no extra worker
+    process to start)."""
+    ports = get_all(
+        [g.actors[0].free_port.remote() for g in groups], [g.names[0] for g in groups], "rendezvous"
+    )
+    refs, names = [], []
+    for group, port in zip(groups, ports, strict=True):
+        backend = "nccl" if group.cfg.num_gpus_per_rank else "gloo"
+        address = bundle_node_ip(group.pg, 0)
+        refs += group.call("init_process_group", address, port, group.dist_timeout_s, backend)
+        names += group.names
+    get_all(refs, names, "rendezvous")

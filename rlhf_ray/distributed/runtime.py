@@ -44,7 +44,7 @@ from rlhf_ray.distributed.actors import (
     wait_ready,
 )
 from rlhf_ray.distributed.cluster import cluster_nodes
-from rlhf_ray.distributed.learner_group import LearnerGroup
+from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts
 from rlhf_ray.distributed.rollout_pool import RolloutPool
@@ -149,8 +149,9 @@ class RayWorkers:
     def _start_learners(self) -> None:
         """Rendezvous and build the engines of every learner group (their actors must be
         alive)."""
+        join_groups(self.learners)  # every group's rendezvous at once
         counts = get_all(
-            [r for g in self.learners for r in g.start()],
+            [r for g in self.learners for r in g.call("setup")],
             [n for g in self.learners for n in g.names],
             "setup",
         )
