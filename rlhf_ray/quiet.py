@@ -28,6 +28,26 @@ VLLM_NO_TOKENIZER_IDS = (
     "Using None for BOS token id because tokenizer is not initialized",
 )
 
+# vLLM's notices at each engine start that describe the settings we chose on purpose
+# (engines/vllm_engine.py), by logger and the start of the message: eager mode, one global
+# seed (each request names its own), an in-process engine; and, on the CPU build, that it runs
+# without Triton, without the preloaded allocator / OpenMP libraries it suggests for speed,
+# and without letting torch.set_num_threads change the threads it pinned. None is an error.
+VLLM_KNOWN_NOTICES = {
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    "vllm.config.vllm": (
+        "Enforce eager set",
+        "Inductor compilation was disabled by user settings",
+        "Model Runner V2 requires Triton",
+    ),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type to float32"),
+    "vllm.v1.worker.cpu_worker": (
+        "%s is not found in LD_PRELOAD",
+        "CPU backend doesn't allow to use `torch.set_num_threads`",
+    ),
+}
+
 
 def quiet_dependencies() -> None:
     """Filter the torch.distributed deprecation warnings and turn off transformers' progress
@@ -54,15 +74,34 @@ class _NoTokenizerNotices(logging.Filter):
         )
 
 
+class _KnownNotices(logging.Filter):
+    """Drops the records of one logger whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def _add_once(logger: logging.Logger, made: logging.Filter) -> None:
+    if not any(type(f) is type(made) for f in logger.filters):
+        logger.addFilter(made)
+
+
 def quiet_vllm() -> None:
-    """Before a vLLM engine starts in this process. ``LLM()`` warms up chat-template rendering,
-    which needs a tokenizer; our engines take token ids (``skip_tokenizer_init``) and never
-    render a chat, so the warmup's ValueError and its traceback (one per engine start) say
-    nothing. vLLM logs it as a warning with the traceback; only that record is dropped, with
-    the notices that the missing tokenizer gives no EOS/BOS id (each request names its stop)."""
-    logger = logging.getLogger(VLLM_RENDERER_LOGGER)
-    if not any(isinstance(f, _NoTokenizerNotices) for f in logger.filters):
-        logger.addFilter(_NoTokenizerNotices())
+    """Before vLLM is imported in this process (some notices come at import).
+
+    ``LLM()`` warms up chat-template rendering, which needs a tokenizer; our engines take token
+    ids (``skip_tokenizer_init``) and never render a chat, so the warmup's ValueError and its
+    traceback (one per engine start) say nothing. vLLM logs it as a warning with the
+    traceback; only that record is dropped, with the notices that the missing tokenizer gives
+    no EOS/BOS id (each request names its stop). The ``VLLM_KNOWN_NOTICES`` are dropped too;
+    any other warning of vLLM still prints."""
+    _add_once(logging.getLogger(VLLM_RENDERER_LOGGER), _NoTokenizerNotices())
+    for name, starts in VLLM_KNOWN_NOTICES.items():
+        _add_once(logging.getLogger(name), _KnownNotices(starts))
 
 
 def quiet_local_ray() -> None:

@@ -1,13 +1,14 @@
 """The console filter for vLLM drops exactly the records it names: the chat-template warmup's
-failure caused by the tokenizer we skip on purpose, and the no-EOS/BOS notices; any other
-failure of the warmup still prints, traceback and all."""
+failure caused by the tokenizer we skip on purpose, the no-EOS/BOS notices and the engine-start
+notices about settings we chose (``VLLM_KNOWN_NOTICES``); any other failure of the warmup, or
+other warning of those loggers, still prints, traceback and all."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from rlhf_ray.quiet import VLLM_CHAT_WARMUP, VLLM_RENDERER_LOGGER, quiet_vllm
+from rlhf_ray.quiet import VLLM_CHAT_WARMUP, VLLM_KNOWN_NOTICES, VLLM_RENDERER_LOGGER, quiet_vllm
 
 
 def _log_failure(logger: logging.Logger, exc: Exception) -> None:
@@ -49,3 +50,22 @@ def test_only_the_skipped_tokenizers_warmup_failure_is_dropped():
     kept = [(r.getMessage(), r.exc_info[1] if r.exc_info else None) for r in kept_records.records]
     assert [m for m, _ in kept] == [VLLM_CHAT_WARMUP, VLLM_CHAT_WARMUP, "something else"]
     assert [str(e) for _, e in kept[:2]] == ["template syntax error", "skip_tokenizer_init"]
+
+
+def test_the_known_vllm_notices_are_dropped_and_other_warnings_of_their_loggers_kept():
+    quiet_vllm()
+    for name, starts in VLLM_KNOWN_NOTICES.items():
+        logger = logging.getLogger(name)
+        kept = _Kept()
+        logger.addHandler(kept)
+        try:
+            for start in starts:
+                logger.warning(
+                    start + " (the rest of vLLM's message)", *(["x"] if "%s" in start else [])
+                )
+            logger.warning("Node %s is not in available memory nodes %s.", 1, [0])
+        finally:
+            logger.removeHandler(kept)
+        assert [r.getMessage() for r in kept.records] == [
+            "Node 1 is not in available memory nodes [0]."
+        ], name

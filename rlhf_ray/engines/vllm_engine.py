@@ -55,6 +55,9 @@ def require_vllm() -> None:
 def supported_architectures() -> set[str]:
     """The model architectures (``config.architectures`` names) this vLLM can load."""
     require_vllm()
+    from rlhf_ray.quiet import quiet_vllm
+
+    quiet_vllm()
     try:
         from vllm import ModelRegistry
     except Exception as exc:  # e.g. a CUDA torchvision beside CPU torch: many types
@@ -145,11 +148,11 @@ class VLLMSampler:
     ):
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
-        from vllm import LLM
+        from rlhf_ray.quiet import quiet_dependencies, quiet_vllm
 
-        from rlhf_ray.quiet import quiet_vllm
-
+        quiet_dependencies()
         quiet_vllm()
+        from vllm import LLM
 
         memory: dict[str, Any] = {}
         if on_gpu:
@@ -165,6 +168,7 @@ class VLLMSampler:
             generation_config="vllm",
             worker_extension_cls=f"{__name__}.WeightReloader",
             seed=0,
+            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bars
             max_logprobs=-1 if rollout_cfg.temperature != 1.0 else 20,  # the probe at T != 1
             **memory,
         )

@@ -24,6 +24,7 @@ from rlhf_ray.engines.vllm_engine import VLLMSampler
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy
 from rlhf_ray.models.build import max_positions
 from rlhf_ray.models.weights import NumpyWeights, weight_tensors
+from rlhf_ray.quiet import quiet_dependencies
 from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
@@ -71,6 +72,7 @@ class VLLMRolloutGenerator:
         built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        quiet_dependencies()  # no "Writing model shards" bar for the start-up weights
         self.worker_id, self.cfg = worker_id, rollout_cfg
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
