@@ -13,6 +13,9 @@ What it measures
       reference loaded   the reference scorer's weights streamed from policy rank 0 (the
                          end of the ``RayWorkers`` construction)
       first row          the first round (with the first sync) and its metrics row
+      models saved       the last round, then ``RUN/policy`` and ``RUN/value`` written
+      actors stopped     ``RayWorkers.close``: every actor and placement group gone
+      ray down           ``disconnect``: the local Ray stopped; then the summary and exit
 
     It also prints the CPU seconds of all the run's processes (the driver, Ray's and the
     actors': the launched process and every descendant, sampled every 0.1 s with psutil),
@@ -76,9 +79,14 @@ def _child(launched: float) -> int:
     after(runtime, "wait_ready", "actors_alive")
     after(runtime.RayWorkers, "_start_learners", "learners_set_up")
     after(runtime.RayWorkers, "__init__", "reference_loaded")
+    from rlhf_ray import driver
+
+    after(driver, "save_model_dirs", "models_saved")
+    after(runtime.RayWorkers, "close", "actors_stopped")
+    after(cluster, "disconnect", "ray_down")
     import rlhf_ray.distributed as package
 
-    package.connect = cluster.connect  # what cli.open_workers calls
+    package.connect, package.disconnect = cluster.connect, cluster.disconnect  # cli.open_workers
     return cli.main(sys.argv[2:])
 
 
@@ -184,7 +192,7 @@ def main() -> None:
             runs.append(run_once(Path(tmp)))
         print(f"run {i}: {json.dumps({k: round(v, 2) for k, v in runs[-1].items()})}")
     order = ["imports", "ray_up", "actors_alive", "learners_set_up", "reference_loaded"]
-    order += ["first_row", "end"]
+    order += ["first_row", "models_saved", "actors_stopped", "ray_down", "end"]
     print(f"load average {os.getloadavg()[0]:.1f} (2 idle cores: about 0)")
     print(f"{'step':<18} {'at (s)':>8} {'took (s)':>9}")
     previous = 0.0
