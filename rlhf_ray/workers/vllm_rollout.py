@@ -93,11 +93,6 @@ class VLLMRolloutGenerator:
         self._loading: tuple[int, set[int], dict[str, torch.Tensor]] | None = None
         self.last_reload_tensors = 0
 
-    def set_weights(self, weights: NumpyWeights, version: int) -> int:
-        self._reload(state_dict_from_numpy(weights))
-        self.version = version
-        return version
-
     def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
         """Bucket ``index`` of ``count`` of weights ``version``. Until every bucket arrived the
         worker's version is -1 and it refuses to generate; the last one reloads the engine."""
