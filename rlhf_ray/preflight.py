@@ -184,6 +184,10 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
         if setting != "value.model" or has_critic(cfg):  # no critic: value.* is unused
             check_model(setting, spec)
     tokenizer = check_tokenizer(policy_tokenizer(cfg))
+    readers = [("policy.model", cfg.policy.model), ("reference.model", cfg.reference.model)]
+    if has_critic(cfg):
+        readers.append(("value.model", cfg.value.model))
+    check_sequence_length(cfg.data, cfg.rollout, readers)
     check_rollout_backend(cfg.rollout, "policy.model", cfg.policy.model)
     check_reward(cfg.reward, search_path)
     check_model_tokenizers(cfg)
@@ -193,6 +197,37 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_remote_rewards(cfg.reward, columns[0] if columns else None)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
+
+
+def model_positions(spec: ModelSpec) -> int | None:
+    """How many positions the model of ``spec`` covers (None: unbounded or unknown here)."""
+    if spec.path is None:
+        return spec.max_positions
+    from transformers import AutoConfig
+
+    from rlhf_ray.models.build import max_positions
+
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(spec.path))
+    except Exception:  # check_model has named what is wrong with the path
+        return None
+    return max_positions(config, default=0) or None
+
+
+def check_sequence_length(data: Any, rollout: Any, models: list[tuple[str, Any]]) -> None:
+    """A round's sequences (``data.max_prompt_tokens`` + ``rollout.max_new_tokens`` tokens)
+    fit each of ``models`` (``(setting, ModelSpec or None)``) that reads them. Else the first
+    forward past a model's positions fails on an actor (HF) or vLLM refuses the requests."""
+    need = data.max_prompt_tokens + rollout.max_new_tokens
+    for setting, spec in models:
+        positions = None if spec is None else model_positions(spec)
+        if positions is not None and need > positions:
+            raise UserError(
+                f"{setting} covers {positions} positions, but a round's sequences take up to "
+                f"{need} tokens (data.max_prompt_tokens {data.max_prompt_tokens} + "
+                f"rollout.max_new_tokens {rollout.max_new_tokens}): lower one of them"
+                + (f", or raise {setting}.max_positions" if spec and spec.path is None else "")
+            )
 
 
 def check_rollout_backend(rollout: Any, setting: str, spec: ModelSpec) -> None:
@@ -261,6 +296,9 @@ def check_eval_models(cfg: EvalConfig) -> None:
     tok = load_tokenizer(tok_cfg, "the policy's tokenizer")
     check_rollout_backend(cfg.rollout, "policy.path", cfg.policy)
     check_rollout_backend(cfg.rollout, "baseline.path", cfg.baseline)
+    check_sequence_length(
+        cfg.data, cfg.rollout, [("policy", cfg.policy), ("baseline", cfg.baseline)]
+    )
     own = model_tokenizer(cfg.baseline.path)
     if own is not None and cfg.tokenizer.kind == "auto":
         baseline_tok = load_tokenizer(own, "the baseline's tokenizer")

@@ -164,3 +164,36 @@ def _fails_as(capsys, command: str, *args: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith("rlhf-ray:") and "Traceback" not in err
     return err
+
+
+def test_sequences_longer_than_a_models_positions_are_refused(no_ray, capsys):
+    from rlhf_ray.tokenization import build_tokenizer
+    from tests.model_dirs import save_policy
+
+    # the default preset covers 256 positions; 48 prompt tokens + 300 new ones do not fit
+    err = _fails(capsys, *SMALL, "rollout.max_new_tokens=300")
+    for name in ["policy.model", "256 positions", "348", "rollout.max_new_tokens", "max_positions"]:
+        assert name in err
+    assert _fails(capsys, *SMALL, "value.model.max_positions=32").count("value.model") == 2
+    # a model directory: its config's positions count
+    tok = build_tokenizer(load_config(None, []).tokenizer)
+    ref = save_policy(no_ray / "ref", tok)
+    capsys.readouterr()  # the save's progress bar
+    positions = json.loads((ref / "config.json").read_text())["n_positions"]
+    new_tokens = positions - 48 + 1
+    longer = f"policy.model.max_positions={positions * 2}"
+    assert (
+        _fails(capsys, *SMALL, longer, f"rollout.max_new_tokens={new_tokens}").count("value") == 2
+    )
+    err = _fails(
+        capsys,
+        *SMALL,
+        longer,
+        f"value.model.max_positions={positions * 2}",
+        f"reference.model.path={ref}",
+        f"rollout.max_new_tokens={new_tokens}",
+    )
+    assert f"reference.model covers {positions} positions" in err and "max_positions" not in err
+    # eval samples both policies the same way
+    args = ["--policy", str(ref), "--baseline", str(ref), f"rollout.max_new_tokens={new_tokens}"]
+    assert f"policy covers {positions} positions" in _fails_as(capsys, "eval", *args)
