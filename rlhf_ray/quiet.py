@@ -29,12 +29,16 @@ VLLM_NO_TOKENIZER_IDS = (
 )
 
 # vLLM's notices at each engine start that describe the settings we chose on purpose
-# (engines/vllm_engine.py), by logger and the start of the message: eager mode, one global
-# seed (each request names its own), an in-process engine; and, on the CPU build, that it runs
-# without Triton, without the preloaded allocator / OpenMP libraries it suggests for speed,
-# and without letting torch.set_num_threads change the threads it pinned. None is an error.
+# (engines/vllm_engine.py), by logger and the start of the message as printed: eager mode, one
+# global seed (each request names its own), an in-process engine; on the CPU build, that it
+# runs without Triton, without the preloaded allocator / OpenMP libraries it suggests for
+# speed, and without letting torch.set_num_threads change the threads it pinned; and, when a
+# second engine starts in one process (`--in-process` runs two rollout workers), that vLLM
+# registers its own kernels again and sees the VLLM_DIST_IDENT it set itself. None is an error;
+# any other warning of these loggers still prints.
 VLLM_KNOWN_NOTICES = {
     "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    "vllm.triton_utils.dispatcher": ("Kernel vllm.",),
     "vllm.engine.arg_utils": ("The global random seed is set to",),
     "vllm.config.vllm": (
         "Enforce eager set",
@@ -42,8 +46,10 @@ VLLM_KNOWN_NOTICES = {
         "Model Runner V2 requires Triton",
     ),
     "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type to float32"),
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
     "vllm.v1.worker.cpu_worker": (
-        "%s is not found in LD_PRELOAD",
+        "libtcmalloc is not found in LD_PRELOAD",
+        "libiomp is not found in LD_PRELOAD",
         "CPU backend doesn't allow to use `torch.set_num_threads`",
     ),
 }
@@ -75,14 +81,15 @@ class _NoTokenizerNotices(logging.Filter):
 
 
 class _KnownNotices(logging.Filter):
-    """Drops the records of one logger whose message starts with one of ``starts``."""
+    """Drops the records of one logger whose message, as printed, starts with one of
+    ``starts``."""
 
     def __init__(self, starts: tuple[str, ...]):
         super().__init__()
         self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        return not record.getMessage().startswith(self.starts)
 
 
 def _add_once(logger: logging.Logger, made: logging.Filter) -> None:
