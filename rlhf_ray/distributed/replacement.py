@@ -32,35 +32,30 @@ def _heartbeat() -> bool:
     return True
 
 
-def actor_node(handle: Any) -> str | None:
-    """The id of the node an actor runs (or ran) on, from Ray's actor table; None if unknown."""
-    from ray._private import state  # the GCS actor table: also knows dead actors
-
-    try:
-        entry = state.actors(actor_id=handle._actor_id.hex())
-        return (entry.get("Address") or {}).get("NodeID") or None
-    except Exception:  # the table is best effort: placement then falls back to Ray's choice
-        return None
-
-
-def actor_state(handle: Any) -> str | None:
-    """The actor's state in Ray's actor table (``ALIVE``, ``RESTARTING``, ``DEAD`` ...)."""
+def _actor_entry(handle: Any) -> dict[str, Any]:
+    """The actor's entry in Ray's GCS actor table (which also knows dead actors); empty if it
+    cannot be read: the table is best effort, and each reader below falls back."""
     from ray._private import state
 
     try:
-        return state.actors(actor_id=handle._actor_id.hex()).get("State")
-    except Exception:  # best effort, as actor_node
-        return None
+        return state.actors(actor_id=handle._actor_id.hex()) or {}
+    except Exception:  # placement then falls back to Ray's choice
+        return {}
+
+
+def actor_node(handle: Any) -> str | None:
+    """The id of the node an actor runs (or ran) on; None if unknown."""
+    return (_actor_entry(handle).get("Address") or {}).get("NodeID") or None
+
+
+def actor_state(handle: Any) -> str | None:
+    """The actor's state (``ALIVE``, ``RESTARTING``, ``DEAD`` ...); None if unknown."""
+    return _actor_entry(handle).get("State")
 
 
 def actor_restarts(handle: Any) -> int:
     """How many times Ray has restarted the actor itself (``max_restarts``); 0 if unknown."""
-    from ray._private import state
-
-    try:
-        return int(state.actors(actor_id=handle._actor_id.hex()).get("NumRestarts") or 0)
-    except Exception:  # best effort, as actor_node
-        return 0
+    return int(_actor_entry(handle).get("NumRestarts") or 0)
 
 
 def avoid_selector(nodes: list[str]) -> dict[str, str]:
