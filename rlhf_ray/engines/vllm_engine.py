@@ -148,9 +148,8 @@ class VLLMSampler:
     ):
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
-        from rlhf_ray.quiet import quiet_dependencies, quiet_vllm
+        from rlhf_ray.quiet import quiet_vllm
 
-        quiet_dependencies()
         quiet_vllm()
         from vllm import LLM
 

@@ -72,7 +72,9 @@ class VLLMRolloutGenerator:
         built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does."""
         if num_threads:
             torch.set_num_threads(num_threads)
-        quiet_dependencies()  # no "Writing model shards" bar for the start-up weights
+        # before the start-up weights are saved (no "Writing model shards" bar) and the engine
+        # starts (no torch.distributed deprecation warning from vLLM's kernel dispatcher)
+        quiet_dependencies()
         self.worker_id, self.cfg = worker_id, rollout_cfg
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
