@@ -270,8 +270,11 @@ def deepspeed_config(
 def zero3_construction(config: dict[str, Any], enabled: bool = True) -> Iterator[None]:
     """Models built inside are partitioned as they are built (``deepspeed.zero.Init``, through
     transformers' DeepSpeed integration, which also makes ``from_pretrained`` load each shard
-    into the partitions): no rank ever holds the whole model. Model classes must be imported
-    before (PLATFORM.md); ``rlhf_ray.models.build`` imports them at module level."""
+    into the partitions): no rank ever holds the whole model. ``rlhf_ray.models.build`` imports
+    transformers' model classes inside its builders, so a class may be imported for the first
+    time inside ``zero.Init``: with the transformers and DeepSpeed this project installs that
+    works (a fresh learner process loading a GPT-2 directory under ZeRO-3 was checked), though
+    older pairs failed there with a signature-mismatch TypeError."""
     if not enabled:
         yield
         return

@@ -1,5 +1,5 @@
-"""Token log-probabilities of responses after left-padded prompts (PLATFORM.md: transformers 5
-does not derive positions from the mask in a plain forward)."""
+"""Token log-probabilities of responses after left-padded prompts (transformers 5 does not
+derive positions from the mask in a plain forward, so ours pass them explicitly)."""
 
 from __future__ import annotations
 
