@@ -65,7 +65,7 @@ import _common
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from rlhf_ray.config import RolloutConfig
+from rlhf_ray.config.ppo import RolloutConfig
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
 from rlhf_ray.engines.vllm_engine import engine_env, vllm_installed
 
@@ -235,7 +235,7 @@ def _rank_file(vocab: int) -> str:
 
 
 def vllm_rollout_worker(bench: Bench) -> Run:
-    from rlhf_ray.config import ModelSpec, TokenizerConfig, load_config
+    from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig, load_config
     from rlhf_ray.types import PromptBatch
     from rlhf_ray.workers.vllm_rollout import VLLMRolloutGenerator
 

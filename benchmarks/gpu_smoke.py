@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-# Llama-3.2-1B's shape (its published config.json, as rlhf_ray/memory.py KNOWN_CONFIGS)
+# Llama-3.2-1B's shape (its published config.json, as rlhf_ray/models/memory.py KNOWN_CONFIGS)
 LLAMA_1B = dict(
     hidden_size=2048,
     intermediate_size=8192,
@@ -84,7 +84,7 @@ def build_assets(directory: Path, tiny: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     from rlhf_ray.data.prompts import load_prompts
-    from rlhf_ray.tokenization import EOS_TOKEN, HFTokenizer
+    from rlhf_ray.data.tokenization import EOS_TOKEN, HFTokenizer
 
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def smoke_config(model_dir: Path, rounds: int):
 
     Two 1.2B learners fit 28 GB each with ZeRO sub-groups and live parameters of 1e8 elements:
     DeepSpeed's 1e9 would step the whole model's fp32 gradient at once (~12 GB more)."""
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config.ppo import load_config
 
     learner = [
         "model.dtype=bfloat16",
@@ -208,7 +208,7 @@ def environment() -> dict[str, Any]:
 def plan(cfg) -> dict[str, Any]:
     """``rlhf-ray plan``'s table and verdict, and each role's estimate in GB."""
     from rlhf_ray.distributed.plan import check_plan
-    from rlhf_ray.memory import role_memory
+    from rlhf_ray.models.memory import role_memory
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -252,7 +252,7 @@ def nccl_learner(cfg, vocab: int) -> dict[str, Any]:
     """One ZeRO-3 bf16 policy rank on the whole GPU, joined over NCCL, one PPO step."""
     import ray
 
-    from rlhf_ray.config import policy_tokenizer
+    from rlhf_ray.config.ppo import policy_tokenizer
     from rlhf_ray.distributed.learner_group import LearnerGroup
     from rlhf_ray.workers.learners import PolicyLearner
 
@@ -289,10 +289,10 @@ def nccl_learner(cfg, vocab: int) -> dict[str, Any]:
 
 def generation(cfg) -> dict[str, Any]:
     """Rows of the bundled prompts sampled on each installed backend, in this process."""
-    from rlhf_ray.config import policy_tokenizer
+    from rlhf_ray.config.ppo import policy_tokenizer
     from rlhf_ray.data.prompts import load_prompts
-    from rlhf_ray.driver import tokenize_prompts
-    from rlhf_ray.tokenization import build_tokenizer
+    from rlhf_ray.data.tokenization import build_tokenizer
+    from rlhf_ray.ppo.loop import tokenize_prompts
     from rlhf_ray.workers.rollout import RolloutGenerator
 
     tok_cfg = policy_tokenizer(cfg)
@@ -338,7 +338,7 @@ def _vllm_rollout(cfg) -> tuple[Any, Any] | None:
     backend (``rollout.backend``) and vLLM are installed."""
     import importlib.util
 
-    from rlhf_ray.config import RolloutConfig
+    from rlhf_ray.config.ppo import RolloutConfig
 
     if "backend" not in RolloutConfig.model_fields or importlib.util.find_spec("vllm") is None:
         return None
@@ -363,11 +363,11 @@ def _peaks(handles: dict[str, Any]) -> dict[str, float]:
 
 def ppo_rounds(cfg, run_dir: Path) -> dict[str, Any]:
     """``cfg.train.rounds`` PPO rounds, then a resume for 2 more; figures from metrics.jsonl."""
-    from rlhf_ray.config import policy_tokenizer
+    from rlhf_ray.config.ppo import policy_tokenizer
     from rlhf_ray.distributed import RayWorkers
-    from rlhf_ray.driver import run_ppo
-    from rlhf_ray.memory import ModelShape, read_model_config
-    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.models.memory import ModelShape, read_model_config
+    from rlhf_ray.observe.metrics import read_metrics
+    from rlhf_ray.ppo.loop import run_ppo
 
     workers = RayWorkers(cfg)
     try:

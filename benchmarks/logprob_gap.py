@@ -27,11 +27,11 @@ import json
 
 import torch
 
-from rlhf_ray.config import ModelSpec, TokenizerConfig
+from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig
 from rlhf_ray.data import load_prompts
+from rlhf_ray.data.tokenization import build_tokenizer, encode_prompts
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
 from rlhf_ray.models import build_causal_lm, response_logprobs
-from rlhf_ray.tokenization import build_tokenizer, encode_prompts
 
 
 def main() -> None:

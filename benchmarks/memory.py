@@ -11,7 +11,7 @@ What it measures
     interpreter, torch, DeepSpeed) through model construction (ZeRO-3: under
     ``deepspeed.zero.Init``), engine set-up and one PPO minibatch of 2 rows per rank (forward,
     backward, Adam step). The figure is peak minus baseline, the largest over the ranks. Beside
-    it: ``rlhf_ray.memory.learner_memory``'s per-rank estimate for the same settings (model
+    it: ``rlhf_ray.models.memory.learner_memory``'s per-rank estimate for the same settings (model
     states, the optimizer step's transients and activations; the fixed GPU-process overhead is
     left out on CPU).
 
@@ -71,14 +71,14 @@ import _common
 import ray
 import torch
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.distributed.actors import get_all
 from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.distributed.runtime import RayWorkers
-from rlhf_ray.memory import ModelShape, learner_memory, read_model_config
 from rlhf_ray.models import build_causal_lm
-from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.models.memory import ModelShape, learner_memory, read_model_config
 from rlhf_ray.types import PPOBatch
 from rlhf_ray.workers.learners import PolicyLearner
 from rlhf_ray.workers.sync import stream_buckets

@@ -1,7 +1,7 @@
 """Benchmark: the real PPO job, end to end, on a private local Ray (or in-process).
 
 What it measures
-    Runs ``rlhf_ray.driver.run_ppo`` on the embedded default config (plus your overrides) with
+    Runs ``rlhf_ray.ppo.loop.run_ppo`` on the embedded default config (plus your overrides) with
     ``rlhf_ray.distributed.RayWorkers`` on a local Ray started by this script
     (``num_cpus=2``), writing to a temporary run dir, and prints:
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import _common
 import torch
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 
 PHASES = ["generate", "score", "advantage", "update", "sync", "round"]
 
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
         f"logging.progress={'true' if args.progress else 'false'}",
     ]
     cfg = load_config(None, overrides)
-    from rlhf_ray.driver import run_ppo
+    from rlhf_ray.ppo.loop import run_ppo
 
     mode = "in-process (InProcessWorkers, no Ray)" if args.in_process else "Ray (RayWorkers)"
     _common.banner(f"ppo_round: {args.rounds} PPO rounds, {mode}")

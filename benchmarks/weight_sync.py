@@ -47,10 +47,10 @@ import _common
 import ray
 import torch
 
-from rlhf_ray.config import ModelSpec, RolloutConfig, SyncConfig, TokenizerConfig
+from rlhf_ray.config.ppo import ModelSpec, RolloutConfig, SyncConfig, TokenizerConfig
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy, state_dict_to_numpy
 from rlhf_ray.models.weights import full_nbytes, plan_buckets, weight_tensors
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.sync import stream_buckets
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.config import load_config, to_yaml
+from rlhf_ray.config.ppo import load_config, to_yaml
 from rlhf_ray.errors import UserError
 
 
@@ -158,11 +158,11 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if _printed(cfg, args):
         return 0
-    from rlhf_ray.console import ppo_summary, print_summary
-    from rlhf_ray.metrics import check_sinks, read_metrics
-    from rlhf_ray.preflight import preflight_ppo
-    from rlhf_ray.recovery import run_ppo_recovering
-    from rlhf_ray.runs import new_run_dir
+    from rlhf_ray.observe.console import ppo_summary, print_summary
+    from rlhf_ray.observe.metrics import check_sinks, read_metrics
+    from rlhf_ray.observe.runs import new_run_dir
+    from rlhf_ray.ppo.preflight import preflight_ppo
+    from rlhf_ray.ppo.recovery import run_ppo_recovering
 
     if args.resume and args.run_dir is None:
         raise UserError("--resume needs --run-dir: the run to continue")
@@ -179,16 +179,16 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """``sft`` / ``train-rm``: the stage's learner group in-process or on Ray."""
-    from rlhf_ray.stage_config import load_rm_config, load_sft_config
+    from rlhf_ray.config.stages import load_rm_config, load_sft_config
 
     sft = args.command == "sft"
     cfg = (load_sft_config if sft else load_rm_config)(args.config, args.overrides)
     if _printed(cfg, args):
         return 0
-    from rlhf_ray.console import print_summary, stage_summary
-    from rlhf_ray.metrics import check_sinks
-    from rlhf_ray.preflight import preflight_stage
-    from rlhf_ray.runs import new_run_dir
+    from rlhf_ray.observe.console import print_summary, stage_summary
+    from rlhf_ray.observe.metrics import check_sinks
+    from rlhf_ray.observe.runs import new_run_dir
+    from rlhf_ray.ppo.preflight import preflight_stage
     from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
     from rlhf_ray.stages.checkpoint import run_stage_recovering
 
@@ -208,8 +208,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from rlhf_ray.console import Summary, print_summary
-    from rlhf_ray.plot import plot_runs
+    from rlhf_ray.observe.console import Summary, print_summary
+    from rlhf_ray.observe.plot import plot_runs
 
     written = plot_runs(args.run_dirs, args.out)
     print_summary(
@@ -224,8 +224,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from rlhf_ray.console import Summary, print_summary
-    from rlhf_ray.replay import format_comparison, replay_json, replay_round
+    from rlhf_ray.observe.console import Summary, print_summary
+    from rlhf_ray.ppo.replay import format_comparison, replay_json, replay_round
 
     result = replay_round(args.run_dir, args.round)
     table, same = format_comparison(result, args.atol)
@@ -258,9 +258,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from rlhf_ray.config import load_config
-    from rlhf_ray.console import Summary, print_summary
-    from rlhf_ray.generate import format_samples, generate_samples, run_config_of
+    from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.observe.console import Summary, print_summary
+    from rlhf_ray.ppo.generate import format_samples, generate_samples, run_config_of
 
     config_path = args.config or run_config_of(args.policy)
     cfg = load_config(config_path, args.overrides)
@@ -291,7 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rlhf_ray.stage_config import load_eval_config
+    from rlhf_ray.config.stages import load_eval_config
 
     flags = {
         "policy.path": args.policy,
@@ -302,8 +302,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_eval_config(args.config, overrides)
     if _printed(cfg, args):
         return 0
-    from rlhf_ray.preflight import check_eval_models
-    from rlhf_ray.runs import new_run_dir
+    from rlhf_ray.observe.runs import new_run_dir
+    from rlhf_ray.ppo.preflight import check_eval_models
     from rlhf_ray.stages.evaluate import run_eval
 
     check_eval_models(cfg)
@@ -324,7 +324,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from rlhf_ray.control import request_rollout_workers
+    from rlhf_ray.ppo.control import request_rollout_workers
 
     request_rollout_workers(args.run_dir, args.rollout_workers)
     print(

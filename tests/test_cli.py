@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf_ray.config import load_config, to_yaml
+from rlhf_ray.config.ppo import load_config, to_yaml
 
 ROLES = ("policy", "value", "reference", "reward", "rollout")
 

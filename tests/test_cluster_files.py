@@ -19,7 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from rlhf_ray.cli import build_parser
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +341,6 @@ def test_docker_build_context_installs_the_package(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = out.glob("rlhf_ray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "rlhf_ray/driver.py" in names and "rlhf_ray/data/prompts.jsonl" in names
+    assert "rlhf_ray/ppo/loop.py" in names and "rlhf_ray/data/prompts.jsonl" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rlhf-ray = rlhf_ray.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_no_processes_under
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -39,7 +39,7 @@ CORE_KEYS = {
 }
 
 
-# Known-harmless dependency output that the console must not show (rlhf_ray/quiet.py).
+# Known-harmless dependency output that the console must not show (rlhf_ray/observe/quiet.py).
 NOISE = (
     "Token authentication",  # Ray, starting a local cluster
     "Started a local Ray instance",

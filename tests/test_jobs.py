@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from rlhf_ray.cli import build_parser
-from rlhf_ray.config import Config, load_config
+from rlhf_ray.config.ppo import Config, load_config
+from rlhf_ray.config.stages import load_eval_config, load_rm_config, load_sft_config
 from rlhf_ray.distributed.plan import Node, resource_plan, shortfalls
-from rlhf_ray.stage_config import load_eval_config, load_rm_config, load_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -132,7 +132,7 @@ def test_debug_cpu_job_fits_two_cores_without_downloads():
     assert cfg.policy.model.path is None and cfg.value.model.path is None
     assert cfg.reference.model is None and cfg.reward.model is None
     assert cfg.tokenizer.kind == "bytes" and cfg.data.prompts == "builtin"
-    from rlhf_ray.rewards import load_reward_function
+    from rlhf_ray.rewards.functions import load_reward_function
 
     assert callable(load_reward_function(cfg.reward.function))
 

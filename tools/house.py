@@ -19,13 +19,56 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhf_ray"
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 60
 
-# (importer prefix, imported prefix, why): imports that would run upward.
+MAX_ROOT_MODULES = 6  # besides __init__.py: the CLI, errors, the batch types and little else
+
+# Which folders each folder may import (besides itself and the root's errors, types and
+# accelerator). A folder not named here may import anything below cli; the rules make the map in
+# docs/design.md true: dependencies run one way, from cli down to config.
+ROOT_SHARED = ("rlhf_ray.errors", "rlhf_ray.types", "rlhf_ray.accelerator")
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "rlhf_ray.config": ("rlhf_ray.data.sources",),  # the builtin data sets' names
+    "rlhf_ray.algo": (),
+    "rlhf_ray.observe": (),
+    "rlhf_ray.data": ("rlhf_ray.config",),
+    "rlhf_ray.rewards": ("rlhf_ray.config", "rlhf_ray.algo", "rlhf_ray.data"),
+    "rlhf_ray.models": ("rlhf_ray.config", "rlhf_ray.algo", "rlhf_ray.data"),
+    "rlhf_ray.engines": (
+        "rlhf_ray.config",
+        "rlhf_ray.algo",
+        "rlhf_ray.data",
+        "rlhf_ray.models",
+        "rlhf_ray.observe",
+    ),
+    "rlhf_ray.workers": (
+        "rlhf_ray.config",
+        "rlhf_ray.algo",
+        "rlhf_ray.data",
+        "rlhf_ray.models",
+        "rlhf_ray.engines",
+        "rlhf_ray.rewards",
+        "rlhf_ray.observe",
+    ),
+}
+WHY = {
+    "rlhf_ray.config": "config/ imports nothing above it",
+    "rlhf_ray.algo": "algo/ is pure math over tensors",
+    "rlhf_ray.observe": "observe/ (what a person sees) depends on no other folder",
+    "rlhf_ray.data": "data/ sits just above config/",
+    "rlhf_ray.rewards": "rewards/ sit below the workers that call them",
+    "rlhf_ray.models": "models/ sit below the engines and workers",
+    "rlhf_ray.engines": "engines/ sit below the workers",
+    "rlhf_ray.workers": "workers/ are plain classes below distributed/, ppo/ and stages/",
+}
+# (importer prefix, imported prefix, why): imports that would run upward within a folder or
+# into the recipes.
 FORBIDDEN = [
-    ("rlhf_ray.algo", "rlhf_ray.", "algo/ is pure math over tensors"),
-    ("rlhf_ray.tokenization", "rlhf_ray.data", "data/ sits above the tokenizer"),
-    ("rlhf_ray.", "rlhf_ray.driver", "only the PPO recipe's callers may import the PPO loop"),
+    ("rlhf_ray.data.tokenization", "rlhf_ray.data.preference", "data/ sits above the tokenizer"),
+    ("rlhf_ray.data.tokenization", "rlhf_ray.data.prompts", "data/ sits above the tokenizer"),
+    ("rlhf_ray.data.tokenization", "rlhf_ray.data.stage_data", "data/ sits above the tokenizer"),
+    ("rlhf_ray.", "rlhf_ray.ppo.loop", "only the PPO recipe's callers may import the PPO loop"),
+    ("rlhf_ray.", "rlhf_ray.cli", "nothing imports the CLI"),
 ]
-DRIVER_CALLERS = ("rlhf_ray.recovery", "rlhf_ray.replay")
+DRIVER_CALLERS = ("rlhf_ray.ppo.recovery", "rlhf_ray.ppo.replay")
 RAY_ALLOWED = ("rlhf_ray.distributed", "rlhf_ray.cli")
 
 
@@ -132,22 +175,35 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or module in MAY_IMPORT else module
+
+
 def broken_rules(house: House) -> list[str]:
     out = []
     for importer, targets in sorted(house.imports.items()):
         for target in sorted(targets):
+            home, there = _folder(importer), _folder(target)
+            allowed = MAY_IMPORT.get(home)
+            outside = allowed is not None and there != home
+            if outside and not target.startswith((*ROOT_SHARED, *allowed)):
+                out.append(f"{importer} imports {target}: {WHY[home]}")
             for src, dst, why in FORBIDDEN:
                 if not importer.startswith(src) or not target.startswith(dst):
                     continue
-                if dst == "rlhf_ray." and target.startswith("rlhf_ray.algo"):
-                    continue  # algo's own modules
-                if dst == "rlhf_ray.driver" and importer.startswith(DRIVER_CALLERS):
+                if dst == "rlhf_ray.ppo.loop" and importer.startswith(DRIVER_CALLERS):
                     continue
                 out.append(f"{importer} imports {target}: {why}")
     for user in sorted(set(house.ray_users)):
         if not user.startswith(RAY_ALLOWED):
             out.append(f"{user} imports ray: only distributed/ and cli.py may")
     return out
+
+
+def root_modules(package: Path = PACKAGE) -> list[str]:
+    """The modules loose at the package's root, besides ``__init__.py``."""
+    return sorted(p.stem for p in package.glob("*.py") if p.name != "__init__.py")
 
 
 def floors(graph: dict[str, set[str]]) -> dict[str, int]:
@@ -172,7 +228,10 @@ def report(house: House) -> int:
     print(f"{len(graph)} modules on {len(by_floor)} floors, {arrows} import arrows")
     for f in sorted(by_floor, reverse=True):
         print(f"  floor {f:2d}: {', '.join(by_floor[f])}")
+    loose = root_modules()
+    print(f"modules at the package root: {len(loose)} ({', '.join(loose)})")
     problems = {
+        f"root modules over {MAX_ROOT_MODULES}": loose[MAX_ROOT_MODULES:],
         "import circles": [" <-> ".join(c) for c in cycles(graph)],
         "layering rules broken": broken_rules(house),
         "private names imported across modules": house.private,

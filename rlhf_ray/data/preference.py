@@ -8,7 +8,7 @@ by a blank line, so conversations always alternate. Empty final replies are kept
 split prefer an empty reply).
 
 The same transcript style is the package's default chat format (see ``render_transcript``), so a
-prompt rendered here and by ``rlhf_ray.tokenization`` is the same text.
+prompt rendered here and by ``rlhf_ray.data.tokenization`` is the same text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_ray.chat_format import ROLE_LABELS, Message, render_transcript
+from rlhf_ray.data.chat_format import ROLE_LABELS, Message, render_transcript
 from rlhf_ray.data.sources import load_table, select_columns
 
 __all__ = [

@@ -34,7 +34,7 @@ from rlhf_ray.data.preference import (
     parse_hh_transcript,
 )
 from rlhf_ray.data.sources import load_table, select_columns
-from rlhf_ray.tokenization import (
+from rlhf_ray.data.tokenization import (
     Tokenizer,
     chat_template_start,
     encode_prompt,

@@ -12,11 +12,11 @@ from typing import Any
 import ray
 
 from rlhf_ray.accelerator import actor_env
-from rlhf_ray.config import (
+from rlhf_ray.config.ppo import (
     Config,
 )
+from rlhf_ray.config.stages import EvalConfig
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import EvalConfig
 from rlhf_ray.workers.interface import (
     LearnerLostError,
 )

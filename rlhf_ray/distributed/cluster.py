@@ -2,7 +2,7 @@
 
 ``connect`` joins the cluster of ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray; either
 way Ray's own notices about it (token authentication of a local cluster, "Started a local Ray
-instance") stay off the console (``rlhf_ray.quiet``). Ray is imported only when used, so
+instance") stay off the console (``rlhf_ray.observe.quiet``). Ray is imported only when used, so
 ``rlhf-ray plan`` against the config or this machine does not import it.
 """
 
@@ -12,9 +12,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-from rlhf_ray.config import Config
-from rlhf_ray.quiet import quiet_local_ray
-from rlhf_ray.stage_config import EvalConfig, StageConfig
+from rlhf_ray.config.ppo import Config
+from rlhf_ray.config.stages import EvalConfig, StageConfig
+from rlhf_ray.observe.quiet import quiet_local_ray
 
 NAMESPACE = "rlhf_ray"  # the default of cluster.namespace; actors join the driver's namespace
 

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.distributed.actors import (
     check_namespace_free,
     get_all,
@@ -25,7 +26,6 @@ from rlhf_ray.distributed.actors import (
 from rlhf_ray.distributed.cluster import cluster_nodes
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.evaluation import LOADED, MODELS
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer

@@ -3,7 +3,7 @@
 Ray leaves actors whose resources no node can provide PENDING forever (a learner rank left
 pending deadlocks the rendezvous of the others), so every run checks the plan first and fails
 within seconds, naming the shortfall. ``rlhf-ray plan`` also estimates each role's memory per
-device from its model's ``config.json`` (``rlhf_ray.memory``) and refuses a role that cannot
+device from its model's ``config.json`` (``rlhf_ray.models.memory``) and refuses a role that cannot
 fit its GPUs.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ray.config import Config, has_critic
+from rlhf_ray.config.ppo import Config, has_critic
 from rlhf_ray.distributed.cluster import NAMESPACE, Node, cluster_nodes
 
 
@@ -120,7 +120,7 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
 
 
 def format_plan(plan: list[RolePlan], nodes: list[Node], memory: dict | None = None) -> str:
-    """The placement table; with ``memory`` (``rlhf_ray.memory.role_memory``) a column of the
+    """The placement table; with ``memory`` (``rlhf_ray.models.memory.role_memory``) a column of the
     estimated GB per device (params+grads+optimizer / activations+KV cache)."""
     mem_head = f" {'GB/device':>9} {'(states/acts)':>13}" if memory else ""
     lines = [
@@ -193,7 +193,7 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     """Print the placement table; exit status 1 (with the shortfall) if it cannot fit."""
     import sys
 
-    from rlhf_ray.memory import memory_problems, role_memory
+    from rlhf_ray.models.memory import memory_problems, role_memory
 
     plan = resource_plan(cfg)
     nodes, where = visible_nodes(cfg, address)

@@ -9,12 +9,13 @@ from typing import Any
 
 import ray
 
-from rlhf_ray.config import (
+from rlhf_ray.config.ppo import (
     Config,
     ModelSpec,
     TokenizerConfig,
     policy_tokenizer,
 )
+from rlhf_ray.config.stages import EvalConfig
 from rlhf_ray.distributed.actors import (
     kill_actors,
     spawn_actor,
@@ -22,7 +23,6 @@ from rlhf_ray.distributed.actors import (
     wait_ready,
 )
 from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
-from rlhf_ray.stage_config import EvalConfig
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     round_seed,

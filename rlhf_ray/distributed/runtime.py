@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import torch
 
-from rlhf_ray.config import (
+from rlhf_ray.config.ppo import (
     Config,
     has_critic,
     optimizer_steps,

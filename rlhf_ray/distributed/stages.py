@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 import torch
 
-from rlhf_ray.config import ClusterConfig
+from rlhf_ray.config.ppo import ClusterConfig
 from rlhf_ray.distributed.actors import dead_peer, get_all, wait_ready
 from rlhf_ray.distributed.learner_group import LearnerGroup
 from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth

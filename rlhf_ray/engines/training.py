@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rlhf_ray.config import ZERO_BUCKETS_CPU
+from rlhf_ray.config.ppo import ZERO_BUCKETS_CPU
 
 
 class OptimSource(Protocol):
@@ -206,7 +206,7 @@ def init_distributed(
     """Join the learner group's process group (all five variables must be set, or DeepSpeed tries MPI)."""
     import deepspeed
 
-    from rlhf_ray.quiet import quiet_dependencies, skip_shm_comm_op
+    from rlhf_ray.observe.quiet import quiet_dependencies, skip_shm_comm_op
 
     quiet_dependencies()
     if backend == "gloo":
@@ -237,7 +237,7 @@ def deepspeed_config(
     buckets: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """``buckets``: ``config.ZeroBuckets.resolve(...)`` (default: the CPU sizes); the memory
-    estimate (``rlhf_ray.memory``) counts the same ones."""
+    estimate (``rlhf_ray.models.memory``) counts the same ones."""
     b = buckets or ZERO_BUCKETS_CPU
     zero: dict[str, Any] = {
         "stage": zero_stage,

@@ -55,7 +55,7 @@ def require_vllm() -> None:
 def supported_architectures() -> set[str]:
     """The model architectures (``config.architectures`` names) this vLLM can load."""
     require_vllm()
-    from rlhf_ray.quiet import quiet_vllm
+    from rlhf_ray.observe.quiet import quiet_vllm
 
     quiet_vllm()
     try:
@@ -73,9 +73,9 @@ def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
     ``config.ModelSpec``): its architecture, and on CPU its attention head size; else a
     ``UserError`` naming the setting."""
     if spec.path is None:
-        from rlhf_ray.config import TokenizerConfig
+        from rlhf_ray.config.ppo import TokenizerConfig
+        from rlhf_ray.data.tokenization import build_tokenizer
         from rlhf_ray.models.build import preset_config
-        from rlhf_ray.tokenization import build_tokenizer
 
         config = preset_config(spec, build_tokenizer(TokenizerConfig()))
         archs = [PRESET_ARCHITECTURES[spec.preset]]
@@ -148,7 +148,7 @@ class VLLMSampler:
     ):
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
-        from rlhf_ray.quiet import quiet_vllm
+        from rlhf_ray.observe.quiet import quiet_vllm
 
         quiet_vllm()
         from vllm import LLM

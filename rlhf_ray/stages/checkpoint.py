@@ -4,7 +4,7 @@ A checkpoint is ``RUN/checkpoints/step_XXXXXX/`` written every ``checkpoint.ever
 steps: ``state/`` (the learner group's training state: weights and optimizer, ZeRO-partitioned
 per rank under DeepSpeed, as PPO's ``policy_state/``), ``stage_state.json`` (the data cursor:
 global step, epoch and step within it) and the resolved ``config.yaml``. As in
-``rlhf_ray/checkpoint.py`` it is written to a temp dir, fsynced, renamed into place, and only
+``rlhf_ray/ppo/checkpoint.py`` it is written to a temp dir, fsynced, renamed into place, and only
 then are checkpoints beyond ``checkpoint.keep_last`` removed. No RNG state is saved: the
 example order of epoch ``e`` is a permutation seeded by ``(train.seed, e)`` (see
 ``workers/stage_learners.py``), so the cursor is all a resumed run needs to take the same steps.
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.checkpoint import fsync_dir, fsync_tree, truncate_metrics
-from rlhf_ray.config import to_yaml
+from rlhf_ray.config.ppo import to_yaml
+from rlhf_ray.config.stages import StageConfigBase
 from rlhf_ray.errors import UserError
-from rlhf_ray.stage_config import StageConfigBase
+from rlhf_ray.ppo.checkpoint import fsync_dir, fsync_tree, truncate_metrics
 from rlhf_ray.workers.interface import LearnerLostError
 
 PARTS = ("state", "config.yaml", "stage_state.json")  # stage_state.json is written last

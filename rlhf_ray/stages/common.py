@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rlhf_ray.config import LoggingConfig, to_yaml
+from rlhf_ray.config.ppo import LoggingConfig, to_yaml
+from rlhf_ray.config.stages import StageConfigBase, StageDataBase, StageTrainConfig, stage_tokenizer
 from rlhf_ray.data.stage_data import held_out_split
+from rlhf_ray.data.tokenization import Tokenizer, build_tokenizer
 from rlhf_ray.errors import UserError
-from rlhf_ray.metrics import MetricsLog, PhaseTimer, open_metrics_log
-from rlhf_ray.stage_config import StageConfigBase, StageDataBase, StageTrainConfig, stage_tokenizer
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer
+from rlhf_ray.observe.metrics import MetricsLog, PhaseTimer, open_metrics_log
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.interface import StageWorkers
 from rlhf_ray.workers.learner import Learner

@@ -37,13 +37,13 @@ from rlhf_ray.algo import (
     win_rate,
     win_rate_interval,
 )
-from rlhf_ray.batches import PromptTexts, check_rollout, tokenize_prompts
-from rlhf_ray.chat_format import render_transcript
-from rlhf_ray.config import ConfigError, load_config, to_yaml
+from rlhf_ray.config.ppo import ConfigError, load_config, to_yaml
+from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
+from rlhf_ray.data.chat_format import render_transcript
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set
-from rlhf_ray.metrics import MetricsLog, PhaseTimer
-from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
-from rlhf_ray.tokenization import Tokenizer, build_tokenizer, chat_template_start
+from rlhf_ray.data.tokenization import Tokenizer, build_tokenizer, chat_template_start
+from rlhf_ray.observe.metrics import MetricsLog, PhaseTimer
+from rlhf_ray.ppo.batches import PromptTexts, check_rollout, tokenize_prompts
 from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
 
 # --------------------------------------------------------------------------------------------

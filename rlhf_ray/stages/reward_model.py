@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.algo import bradley_terry_loss
+from rlhf_ray.config.stages import RewardModelConfig
 from rlhf_ray.data.stage_data import encode_pairs, load_pairs
+from rlhf_ray.data.tokenization import Tokenizer
 from rlhf_ray.models import write_score_stats
-from rlhf_ray.stage_config import RewardModelConfig
 from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
 from rlhf_ray.stages.common import (
     StageResult,
@@ -47,7 +48,6 @@ from rlhf_ray.stages.common import (
     start_run,
     train_epochs,
 )
-from rlhf_ray.tokenization import Tokenizer
 from rlhf_ray.workers.interface import StageWorkers
 from rlhf_ray.workers.objectives import RewardObjective
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole

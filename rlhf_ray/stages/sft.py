@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf_ray.config.stages import SFTConfig
 from rlhf_ray.data.stage_data import encode_sft, load_sft_examples
-from rlhf_ray.stage_config import SFTConfig
 from rlhf_ray.stages.checkpoint import prepare_resume, restore, saver
 from rlhf_ray.stages.common import (
     StageResult,

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf_ray.stage_config import EvalConfig, eval_tokenizer
+from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer

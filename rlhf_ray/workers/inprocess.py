@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import (
+from rlhf_ray.config.ppo import (
     has_critic,
     optimizer_steps,
     policy_optimizer_steps,

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks, probe_batch
 from rlhf_ray.workers.learner import Learner, NonFiniteLossError

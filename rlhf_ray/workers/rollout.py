@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
 from rlhf_ray.models import (
     build_causal_lm,
@@ -11,7 +12,6 @@ from rlhf_ray.models import (
     response_logprobs,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     StaleWeightsError,

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algo import append_eos
-from rlhf_ray.config import reward_tokenizer
+from rlhf_ray.config.ppo import reward_tokenizer
 from rlhf_ray.data.stage_data import render_for
+from rlhf_ray.data.tokenization import (
+    Tokenizer,
+    build_tokenizer,
+    encode_prompt,
+    left_pad,
+    same_tokenizer,
+)
 from rlhf_ray.models import (
     ScalarHeadModel,
     build_causal_lm,
@@ -16,16 +23,9 @@ from rlhf_ray.models import (
     response_logprobs,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
-from rlhf_ray.tokenization import (
-    Tokenizer,
-    build_tokenizer,
-    encode_prompt,
-    left_pad,
-    same_tokenizer,
-)
+from rlhf_ray.rewards.terms import RewardParts
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
-from rlhf_ray.workers.reward_parts import RewardParts
 
 
 class ReferenceScorer:

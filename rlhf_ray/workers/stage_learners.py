@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import build_causal_lm, build_scalar_model
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.learner import Learner
 from rlhf_ray.workers.objectives import pair_scores
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.config import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
-from rlhf_ray.rewards import call_reward_function, load_reward_function
-from rlhf_ray.tokenization import build_tokenizer, left_pad
+from rlhf_ray.config.ppo import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
+from rlhf_ray.data.tokenization import build_tokenizer, left_pad
+from rlhf_ray.rewards.functions import call_reward_function, load_reward_function
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.scorers import RewardScorer
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.vllm_engine import VLLMSampler
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy
 from rlhf_ray.models.build import max_positions
 from rlhf_ray.models.weights import NumpyWeights, weight_tensors
-from rlhf_ray.quiet import quiet_dependencies
-from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.observe.quiet import quiet_dependencies
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     StaleWeightsError,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_ray.algo.schedule import lr_multiplier
-from rlhf_ray.config import OptimSpec
+from rlhf_ray.config.ppo import OptimSpec
 from rlhf_ray.engines.training import TorchEngine
 
 

@@ -16,8 +16,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf_ray.data.preference import PreferencePair
 from rlhf_ray.data.stage_data import SFTExample, encode_pairs, encode_sft, reply_text
-from rlhf_ray.driver import tokenize_prompts
-from rlhf_ray.tokenization import HFTokenizer, chat_template_start
+from rlhf_ray.data.tokenization import HFTokenizer, chat_template_start
+from rlhf_ray.ppo.loop import tokenize_prompts
 
 CORPUS = ["Human: how are you today? Assistant: fine, thanks for asking."] * 20 + [
     "The quick brown fox jumps over the lazy dog. 0123456789 !?,.:;'\"\n\n"

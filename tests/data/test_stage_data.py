@@ -14,7 +14,7 @@ from rlhf_ray.data.stage_data import (
     load_pairs,
     load_sft_examples,
 )
-from rlhf_ray.tokenization import TiktokenTokenizer
+from rlhf_ray.data.tokenization import TiktokenTokenizer
 
 TOK = TiktokenTokenizer.byte_level()  # one token per byte: easy to count by hand
 HH = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"

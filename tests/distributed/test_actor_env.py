@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhf_ray.accelerator import AcceleratorError, default_device
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import actors, learner_group
 from rlhf_ray.distributed.plan import resource_plan
 from rlhf_ray.workers.learners import PolicyLearner

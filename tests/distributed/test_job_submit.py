@@ -23,8 +23,8 @@ import yaml
 from conftest import REPO, wait_no_processes_under
 
 from rlhf_ray.cli import main
-from rlhf_ray.metrics import read_metrics
 from rlhf_ray.models import read_score_stats
+from rlhf_ray.observe.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_ray.config import load_config
-from rlhf_ray.control import request_rollout_workers
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.control import request_rollout_workers
+from rlhf_ray.ppo.loop import run_ppo
 
 pytestmark = pytest.mark.ray
 

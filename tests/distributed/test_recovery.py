@@ -15,12 +15,12 @@ import torch
 from ray._private import state as ray_state
 from safetensors.torch import load_file
 
-from rlhf_ray.checkpoint import latest_checkpoint
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.recovery import run_ppo_recovering
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.checkpoint import latest_checkpoint
+from rlhf_ray.ppo.loop import run_ppo
+from rlhf_ray.ppo.recovery import run_ppo_recovering
 from rlhf_ray.workers.inprocess import InProcessWorkers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -11,10 +11,10 @@ import time
 import pytest
 import ray
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.loop import run_ppo
 from rlhf_ray.workers.inprocess import InProcessWorkers
 
 pytestmark = pytest.mark.ray

@@ -15,13 +15,13 @@ from statistics import mean
 import pytest
 from ray._private import state as ray_state
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.rollout_dump import read_dump
-from tests.reward_fns import labelled_prompts
-from tests.reward_servers import RewardServer
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.dumps import read_dump
+from rlhf_ray.ppo.loop import run_ppo
+from tests.helpers.reward_fns import labelled_prompts
+from tests.helpers.reward_servers import RewardServer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
     server = RewardServer()
     prompts = labelled_prompts(root / "prompts.jsonl")
-    term = "[{name: label, weight: 1.0, function: 'tests.reward_fns:label_term'}]"
+    term = "[{name: label, weight: 1.0, function: 'tests.helpers.reward_fns:label_term'}]"
     overrides = [
         f"data.prompts={prompts}",
         "rollout.batch_size=8",

@@ -54,7 +54,7 @@ def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
 def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypatch, capsys):
     import ray
 
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config.ppo import load_config
     from rlhf_ray.distributed import rollout_pool
 
     pool = rollout_pool.RolloutPool(load_config(None, ["rollout.num_workers=3"]))
@@ -139,7 +139,7 @@ class FakeActor:
 
 def _workers(monkeypatch):
     """A RayWorkers with fake actors: the replacement logic without a cluster."""
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config.ppo import load_config
     from rlhf_ray.distributed import runtime
 
     workers = object.__new__(runtime.RayWorkers)

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.loop import run_ppo
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

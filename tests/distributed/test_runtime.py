@@ -10,12 +10,12 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.distributed import RayWorkers
 from rlhf_ray.distributed.plan import resource_plan
-from rlhf_ray.driver import build_kl_controller, build_prompts, compute_advantages, run_ppo
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.tokenization import build_tokenizer
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.loop import build_kl_controller, build_prompts, compute_advantages, run_ppo
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from rlhf_ray.workers.interface import StaleWeightsError, check_sync

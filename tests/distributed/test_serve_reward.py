@@ -18,10 +18,10 @@ import httpx
 import pytest
 from conftest import wait_no_processes_under
 
-from rlhf_ray.config import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
-from rlhf_ray.stage_config import load_rm_config
+from rlhf_ray.config.ppo import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
+from rlhf_ray.config.stages import load_rm_config
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.stages import rm_role, run_train_rm
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.workers.inprocess import InProcessStage
 from rlhf_ray.workers.scorers import RewardScorer
 from rlhf_ray.workers.text_reward import text_rollout

@@ -21,11 +21,11 @@ from conftest import wait_no_processes_under
 from ray._private import ray_constants
 from ray._private import state as ray_state
 
-from rlhf_ray.checkpoint import latest_checkpoint
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.recovery import run_ppo_recovering
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.checkpoint import latest_checkpoint
+from rlhf_ray.ppo.recovery import run_ppo_recovering
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -20,13 +20,13 @@ from statistics import mean
 import pytest
 from ray._private import state as ray_state
 
-from rlhf_ray.config import load_config
-from rlhf_ray.control import request_rollout_workers
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.distributed import RayWorkers
-from rlhf_ray.driver import run_ppo
 from rlhf_ray.engines.vllm_engine import vllm_installed
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.recovery import run_ppo_recovering
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.control import request_rollout_workers
+from rlhf_ray.ppo.loop import run_ppo
+from rlhf_ray.ppo.recovery import run_ppo_recovering
 
 pytestmark = [
     pytest.mark.ray,
@@ -119,9 +119,9 @@ def test_a_resumed_vllm_run_redoes_its_rounds_as_they_were(run, rows):
 
 
 def test_eval_on_ray_samples_both_policies_with_vllm(run, tmp_path):
+    from rlhf_ray.config.stages import load_eval_config
     from rlhf_ray.distributed.evaluation import RayEvalWorkers
-    from rlhf_ray.preflight import check_eval_models
-    from rlhf_ray.stage_config import load_eval_config
+    from rlhf_ray.ppo.preflight import check_eval_models
     from rlhf_ray.stages.evaluate import run_eval
 
     cfg = load_eval_config(

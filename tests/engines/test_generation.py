@@ -9,10 +9,10 @@ from torch import nn
 from transformers import GenerationConfig
 
 from rlhf_ray.algo import truncate_after_eos
-from rlhf_ray.config import ModelSpec, TokenizerConfig
+from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import SamplingParams, sample_responses
 from rlhf_ray.models import build_causal_lm, response_logprobs
-from rlhf_ray.tokenization import build_tokenizer
 
 PRESETS = ["gpt2-tiny", "llama-tiny"]
 PROMPTS = [

@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 
-from rlhf_ray.config import ModelSpec, TokenizerConfig, load_config
+from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig, load_config
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import greedy_continuation
 from rlhf_ray.engines.vllm_engine import check_backend, vllm_installed
 from rlhf_ray.errors import UserError
 from rlhf_ray.models import build_causal_lm, response_logprobs
 from rlhf_ray.models.weights import plan_buckets, state_dict_to_numpy, weight_tensors
-from rlhf_ray.tokenization import build_tokenizer
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.interface import StaleWeightsError, probe_batch
 

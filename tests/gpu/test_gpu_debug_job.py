@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 from test_end_to_end import first_last, run_cli
 
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -13,10 +13,10 @@ import tempfile
 
 import pytest
 import torch
-from model_dirs import bpe_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from rlhf_ray.config import RolloutConfig, load_config
+from rlhf_ray.config.ppo import RolloutConfig, load_config
+from tests.helpers.model_dirs import bpe_tokenizer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -134,8 +134,8 @@ def test_bf16_llama_zero3_rounds_on_one_gpu(gpu_ray, llama_dir, tmp_path):
     import ray
 
     from rlhf_ray.distributed import RayWorkers
-    from rlhf_ray.driver import run_ppo
-    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.observe.metrics import read_metrics
+    from rlhf_ray.ppo.loop import run_ppo
 
     cfg = gpu_run(llama_dir)
     workers = RayWorkers(cfg)
@@ -161,8 +161,8 @@ def test_vllm_rollout_backend_when_installed(gpu_ray, llama_dir, tmp_path):
     if "backend" not in RolloutConfig.model_fields:
         pytest.skip("vLLM is installed but this build has no rollout.backend setting")
     from rlhf_ray.distributed import RayWorkers
-    from rlhf_ray.driver import run_ppo
-    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.observe.metrics import read_metrics
+    from rlhf_ray.ppo.loop import run_ppo
 
     cfg = gpu_run(llama_dir, "rollout.backend=vllm")
     workers = RayWorkers(cfg)

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_ray.config import ModelSpec, TokenizerConfig
+from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import ScalarHeadModel, build_causal_lm, build_scalar_model
 from rlhf_ray.models.logprobs import position_ids_from_mask
-from rlhf_ray.tokenization import build_tokenizer
 
 PRESETS = ["gpt2-tiny", "llama-tiny"]
 TEXTS = ["Hello there, how are you?", "a", "The quick brown fox", "ok then"]

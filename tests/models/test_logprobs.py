@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.config import ModelSpec, TokenizerConfig
+from rlhf_ray.config.ppo import ModelSpec, TokenizerConfig
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import (
     build_causal_lm,
     last_token_index,
     position_ids_from_mask,
     response_logprobs,
 )
-from rlhf_ray.tokenization import build_tokenizer
 
 
 def logprobs_from_logits(

@@ -9,15 +9,15 @@ from statistics import mean
 
 import pytest
 import yaml
-from model_dirs import save_policy
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import ModelSpec
+from rlhf_ray.config.ppo import ModelSpec
+from rlhf_ray.config.stages import EvalConfig, load_eval_config
+from rlhf_ray.data.tokenization import TiktokenTokenizer
 from rlhf_ray.models import build_scalar_model
-from rlhf_ray.stage_config import EvalConfig, load_eval_config
 from rlhf_ray.stages.evaluate import run_eval
-from rlhf_ray.tokenization import TiktokenTokenizer
 from rlhf_ray.workers.evaluation import InProcessEvalWorkers
+from tests.helpers.model_dirs import save_policy
 
 KEYS = ("policy/reward_mean", "baseline/reward_mean", "win_rate", "kl_to_baseline",
         "policy/response_length", "baseline/response_length", "num_prompts")  # fmt: skip
@@ -91,7 +91,7 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(models, tmp_path):
 
 
 def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
-    from model_dirs import bpe_tokenizer
+    from tests.helpers.model_dirs import bpe_tokenizer
 
     other = save_policy(tmp_path / "bpe_policy", bpe_tokenizer(tmp_path / "bpe"))
     code = main(["eval", "--in-process", "--policy", str(models["policy"]),
@@ -102,7 +102,7 @@ def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
 def test_eval_leaves_out_the_prompts_the_policys_ppo_run_trained_on(tmp_path):
     """A policy saved in a PPO run (RUN/policy beside RUN/config.yaml): eval drops every prompt
     of that run's data.prompts, and refuses when none is left."""
-    from rlhf_ray.config import load_config, to_yaml
+    from rlhf_ray.config.ppo import load_config, to_yaml
     from rlhf_ray.stages.evaluate import eval_prompts
 
     rows = [{"prompt": f"question {i}"} for i in range(10)]
@@ -126,7 +126,7 @@ def test_eval_leaves_out_the_prompts_the_policys_ppo_run_trained_on(tmp_path):
 
 
 def test_eval_rewards_get_the_prompt_columns(models, tmp_path):
-    from tests.reward_fns import labelled_prompts
+    from tests.helpers.reward_fns import labelled_prompts
 
     prompts = labelled_prompts(tmp_path / "prompts.jsonl", 6)
     cfg = load_eval_config(
@@ -134,7 +134,7 @@ def test_eval_rewards_get_the_prompt_columns(models, tmp_path):
         [
             f"policy.path={models['policy']}",
             f"baseline.path={models['policy']}",
-            "reward.function=tests.reward_fns:label_term",
+            "reward.function=tests.helpers.reward_fns:label_term",
             f"data.prompts={prompts}",
             "eval.num_prompts=6",
             "rollout.max_new_tokens=8",

@@ -18,21 +18,21 @@ from statistics import mean
 
 import pytest
 from conftest import HH_RLHF
-from model_dirs import bpe_tokenizer, lowercase_count, lowercase_pairs, save_policy
 from transformers import AutoConfig
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import TokenizerConfig
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.stage_config import load_eval_config
-from rlhf_ray.stages.evaluate import run_eval
-from rlhf_ray.tokenization import (
+from rlhf_ray.config.ppo import TokenizerConfig
+from rlhf_ray.config.stages import load_eval_config
+from rlhf_ray.data.tokenization import (
     TiktokenTokenizer,
     build_tokenizer,
     same_tokenizer,
     write_tiktoken_bpe,
 )
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.stages.evaluate import run_eval
 from rlhf_ray.workers.evaluation import MODELS
+from tests.helpers.model_dirs import bpe_tokenizer, lowercase_count, lowercase_pairs, save_policy
 
 pytestmark = pytest.mark.slow
 

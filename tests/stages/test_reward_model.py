@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.config.stages import load_rm_config
 from rlhf_ray.models import read_score_stats
-from rlhf_ray.stage_config import load_rm_config
+from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.stages import rm_role, run_train_rm
 from rlhf_ray.workers.inprocess import InProcessStage
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ray.config import ModelSpec
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.config.ppo import ModelSpec
+from rlhf_ray.config.stages import load_sft_config
+from rlhf_ray.data.tokenization import TiktokenTokenizer
 from rlhf_ray.models import build_causal_lm
-from rlhf_ray.stage_config import load_sft_config
+from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.stages import run_sft, sft_role
-from rlhf_ray.tokenization import TiktokenTokenizer
 from rlhf_ray.workers.inprocess import InProcessStage
 
 WORDS = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from rlhf_ray.cli import main
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.observe.metrics import read_metrics
 
 SMALL = ["--in-process", "learner.engine=torch", "learner.num_ranks=1", "train.epochs=1",
          "train.batch_size=128", "data.max_tokens=32", "data.max_prompt_tokens=24"]  # fmt: skip

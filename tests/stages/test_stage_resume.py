@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.cli import main
+from rlhf_ray.config.stages import load_sft_config
 from rlhf_ray.errors import UserError
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.stage_config import load_sft_config
+from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.stages import run_sft, sft_role
 from rlhf_ray.stages.checkpoint import complete_checkpoints, run_stage_recovering
 from rlhf_ray.workers.inprocess import InProcessStage

@@ -12,10 +12,10 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from rlhf_ray.config import TokenizerConfig
-from rlhf_ray.stage_config import load_rm_config, load_sft_config, stage_tokenizer
+from rlhf_ray.config.ppo import TokenizerConfig
+from rlhf_ray.config.stages import load_rm_config, load_sft_config, stage_tokenizer
+from rlhf_ray.data.tokenization import build_tokenizer, write_tiktoken_bpe
 from rlhf_ray.stages import rm_role, run_sft, run_train_rm, sft_role
-from rlhf_ray.tokenization import build_tokenizer, write_tiktoken_bpe
 from rlhf_ray.workers.inprocess import InProcessStage
 
 COMMON = ["learner.engine=torch", "learner.num_ranks=1", "train.epochs=1", "train.batch_size=8",

@@ -12,8 +12,8 @@ import torch
 from test_sft import sft_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.stage_config import load_sft_config
+from rlhf_ray.config.stages import load_sft_config
+from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.stages import run_sft, sft_role
 from rlhf_ray.stages.checkpoint import run_stage_recovering
 from rlhf_ray.workers.inprocess import InProcessStage

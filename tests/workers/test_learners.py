@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rlhf_ray.engines.training as training
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.types import PPOBatch
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 
@@ -140,8 +140,8 @@ def test_zero3_loads_a_checkpoint_into_partitions(tmp_path):
     """Under ZeRO-3 a model from a path is loaded inside deepspeed.zero.Init (through
     transformers' DeepSpeed integration): its parameters are partitions from the start, and
     they hold the checkpoint's weights."""
+    from rlhf_ray.data.tokenization import build_tokenizer
     from rlhf_ray.models import build_causal_lm
-    from rlhf_ray.tokenization import build_tokenizer
 
     base = load_config(None, [])
     saved = build_causal_lm(base.policy.model, build_tokenizer(base.tokenizer))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.types import PPOBatch
 from rlhf_ray.workers.learners import NonFiniteLossError, PolicyLearner
 

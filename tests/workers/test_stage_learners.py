@@ -12,10 +12,10 @@ import socket
 import pytest
 import torch
 
+from rlhf_ray.config.stages import load_rm_config, load_sft_config, stage_tokenizer
 from rlhf_ray.data.stage_data import encode_pairs, encode_sft, load_pairs, load_sft_examples
-from rlhf_ray.stage_config import load_rm_config, load_sft_config, stage_tokenizer
+from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.stages import rm_role, sft_role
-from rlhf_ray.tokenization import build_tokenizer
 
 ROWS = 8  # one batch: one optimizer step per epoch
 BASE = [

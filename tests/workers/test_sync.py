@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config.ppo import load_config
 from rlhf_ray.models.weights import plan_buckets
 from rlhf_ray.types import PromptBatch
 from rlhf_ray.workers.interface import StaleWeightsError
@@ -65,8 +65,8 @@ def test_worker_gets_the_learners_exact_weights_bucket_by_bucket():
 def test_a_worker_whose_weights_come_by_sync_reads_no_checkpoint(tmp_path, preset):
     """PPO's rollout workers are built from the model's config.json alone: with the weights
     file gone they still start, and after one sync they compute what the learner computes."""
+    from rlhf_ray.data.tokenization import build_tokenizer
     from rlhf_ray.models import build_causal_lm
-    from rlhf_ray.tokenization import build_tokenizer
 
     cfg = load_config(
         None, ["policy.engine=torch", "policy.num_ranks=1", f"policy.model.preset={preset}"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.config import load_config
-from rlhf_ray.driver import run_ppo
+from rlhf_ray.config.ppo import load_config
+from rlhf_ray.ppo.loop import run_ppo
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from rlhf_ray.workers.interface import SyncCheckError, check_sync
 

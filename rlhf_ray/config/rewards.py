@@ -1,0 +1,71 @@
+"""Config sections of the reward sources beyond a model or a local function: a remote reward
+service (``reward.remote``) and weighted reward terms (``reward.terms``). ``config.RewardConfig``
+holds them; the service contract is in ``rlhf_ray.rewards.remote``."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlparse
+
+from pydantic import Field, model_validator
+
+from rlhf_ray.config.sections import Section
+
+
+class RemoteRewardConfig(Section):
+    """A reward service: ``POST url`` with ``{"prompts", "responses"[, "metadata"]}``, answered
+    ``{"scores": [float]}`` (see README, "Remote rewards")."""
+
+    url: str = Field(description="The service endpoint, http:// or https://.")
+    token_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding a bearer token, sent as "
+        "'Authorization: Bearer <token>' (null: no header).",
+    )
+    batch_size: int = Field(64, gt=0, description="Responses per request.")
+    max_concurrency: int = Field(
+        4, gt=0, description="Requests in flight at once, per reward replica."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one request, in seconds.")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries of a request after a connection error, a timeout, 429 or 5xx, "
+        "waiting backoff_s * 2^k (k = 0, 1, ...) times a random 1-1.5 between them.",
+    )
+    backoff_s: float = Field(1.0, gt=0, description="First wait before a retry, in seconds.")
+
+    @model_validator(mode="after")
+    def _http_url(self) -> RemoteRewardConfig:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"url {self.url!r} must be an http:// or https:// URL with a host")
+        return self
+
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RewardTerm(Section):
+    """A weighted extra term: ``total = main + sum(weight * term)``, each logged
+    ``reward/<name>_mean``."""
+
+    name: str = Field(description="Metric name of the term (letters, digits, '_'; not 'main').")
+    weight: float = Field(description="Multiplies the term's score before it is added.")
+    function: str | None = Field(
+        None, description="'package.module:callable', called as a reward function."
+    )
+    remote: RemoteRewardConfig | None = Field(None, description="A reward service.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardTerm:
+        if not _NAME.match(self.name) or self.name == "main":
+            raise ValueError(f"term name {self.name!r} must be an identifier other than 'main'")
+        if (self.function is None) == (self.remote is None):
+            raise ValueError(f"term {self.name!r}: set exactly one of `function` and `remote`")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(
+                f"term {self.name!r}: function {self.function!r} must look like "
+                "'package.module:callable'"
+            )
+        return self

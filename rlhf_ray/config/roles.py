@@ -1,0 +1,380 @@
+"""The config sections of the models and their roles: weights, optimizer, ZeRO buckets, the
+policy and value learners, the frozen scorers (reference, reward) and the tokenizer.
+``rlhf_ray.config.ppo`` re-exports every name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_ray.config.rewards import RemoteRewardConfig, RewardTerm
+from rlhf_ray.config.sections import Section
+
+
+class ModelSpec(Section):
+    """Where a model's weights come from: a tiny preset built from a config, or an HF path."""
+
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face model directory or hub id (hub needs network). "
+        "When set, the preset settings below are not used.",
+    )
+    preset: Literal["gpt2-tiny", "llama-tiny"] = Field(
+        "gpt2-tiny",
+        description="Tiny architecture built from a config with random weights (when no path).",
+    )
+    hidden_size: int = Field(64, gt=0, description="Preset only: hidden size.")
+    num_layers: int = Field(2, gt=0, description="Preset only: number of transformer layers.")
+    num_heads: int = Field(
+        2,
+        gt=0,
+        description="Preset only: attention heads (2: head size 32 at the default hidden size, "
+        "the smallest vLLM's CPU attention runs).",
+    )
+    max_positions: int = Field(256, gt=0, description="Preset only: maximum sequence length.")
+    init_seed: int = Field(0, description="Preset only: seed of the random initialisation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype (float16 needs GPUs)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.path is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+class OptimSpec(Section):
+    """AdamW settings of a trainable model, and its learning-rate schedule.
+
+    Defaults follow the PPO implementation-detail studies (OpenAI's lm-human-preferences, as
+    re-read by Huang et al.): Adam with eps 1e-5 and betas (0.9, 0.999), no weight decay.
+    """
+
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 as in the PPO studies).")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="After warmup: keep `lr`, or decay it linearly / by a cosine to "
+        "`min_lr_ratio * lr` at the last optimizer step.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Optimizer steps of linear warmup from lr/warmup_steps up to lr."
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate of a decay, as a fraction of `lr`."
+    )
+    decay_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Optimizer steps the schedule spans (null: every optimizer step of the "
+        "run, train.rounds x ppo.epochs x minibatches per round).",
+    )
+
+
+class ZeroBuckets(Section):
+    """DeepSpeed ZeRO's bucket sizes, in elements (``zero_optimization``). Unset (null): the
+    default of the rank's device, ``ZERO_BUCKETS_GPU`` (DeepSpeed's own: few large NCCL calls)
+    or ``ZERO_BUCKETS_CPU`` (1e7: small buffers for the small models of CPU runs)."""
+
+    reduce: int | None = Field(
+        None,
+        gt=0,
+        description="reduce_bucket_size: gradient elements per reduction (ZeRO-2/3 "
+        "allocate a buffer this large on the device).",
+    )
+    allgather: int | None = Field(
+        None,
+        gt=0,
+        description="allgather_bucket_size: parameter elements per all-gather "
+        "after a ZeRO-1/2 step.",
+    )
+    prefetch: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_prefetch_bucket_size: parameter elements ZeRO-3 "
+        "gathers ahead of their use.",
+    )
+    max_live: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_max_live_parameters: gathered parameter elements a "
+        "ZeRO-3 rank keeps alive at most.",
+    )
+    max_reuse_distance: int | None = Field(
+        None,
+        gt=0,
+        description="stage3_max_reuse_distance: a gathered ZeRO-3 parameter used "
+        "again within this many elements is kept rather than released.",
+    )
+    sub_group: int | None = Field(
+        None,
+        gt=0,
+        description="sub_group_size: parameter elements the ZeRO-3 optimizer steps at a time.",
+    )
+
+    def resolve(self, on_gpu: bool) -> dict[str, int]:
+        """Every size: the one set here, else the device's default."""
+        default = ZERO_BUCKETS_GPU if on_gpu else ZERO_BUCKETS_CPU
+        return {k: default[k] if v is None else v for k, v in self.model_dump().items()}
+
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py): 5e8 is larger than a Llama-8B layer
+ZERO_BUCKETS_GPU: dict[str, int] = dict(
+    reduce=500_000_000,
+    allgather=500_000_000,
+    prefetch=50_000_000,
+    max_live=1_000_000_000,
+    max_reuse_distance=1_000_000_000,
+    sub_group=1_000_000_000,
+)
+# CPU runs train models of at most ~100M parameters in host memory: 1e7 keeps ZeRO's buffers
+# (allocated at the full bucket size) small and ZeRO-3 gathering a few layers at a time
+ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}
+
+
+class LearnerConfig(Section):
+    """A learner group: the data-parallel ranks that train one model with one engine. PPO's
+    ``policy`` and ``value`` sections are this plus their model and optimizer; the ``learner``
+    section of ``rlhf-ray sft`` and ``train-rm`` is this (their model and optimizer are the
+    stage's ``model`` and ``optim``). One section, so every stage trains alike."""
+
+    engine: Literal["deepspeed", "torch"] = Field(
+        "deepspeed",
+        description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
+    )
+    num_ranks: int = Field(2, ge=1, description="Data-parallel learner ranks (one actor each).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs per rank (fractions colocate).")
+    num_cpus_per_rank: float = Field(0.25, gt=0, description="CPUs per rank.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU.")
+    offload_params: bool = Field(
+        False, description="ZeRO-3 parameter offload to CPU memory (zero_stage 3 only)."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them (less memory, ~30% more compute).",
+    )
+    score_micro_batch_size: int = Field(
+        16,
+        gt=0,
+        description="Rows per forward when this learner scores without gradients (a PPO "
+        "round's log-probs or values, a stage's evaluation).",
+    )
+    zero_buckets: ZeroBuckets = Field(
+        default_factory=ZeroBuckets,
+        description="DeepSpeed ZeRO bucket sizes (elements); unset ones follow the device.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_ranks(self) -> LearnerConfig:
+        if self.engine == "torch" and self.num_ranks != 1:
+            raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
+        if self.offload_params and (self.engine != "deepspeed" or self.zero_stage != 3):
+            raise ValueError("offload_params needs engine deepspeed with zero_stage 3")
+        if self.num_ranks > 1 and 0 < self.num_gpus_per_rank < 1:
+            raise ValueError(
+                f"num_gpus_per_rank {self.num_gpus_per_rank:g} < 1 with {self.num_ranks} ranks "
+                "would put ranks of one NCCL group on the same GPU, which NCCL refuses; "
+                "colocate different roles on a GPU instead, or use num_ranks=1"
+            )
+        if self.num_gpus_per_rank > 1:
+            raise ValueError(
+                f"num_gpus_per_rank {self.num_gpus_per_rank:g} > 1: a learner rank drives one "
+                "GPU (data parallel, the first GPU Ray assigns it, LOCAL_RANK 0), so the others "
+                "would sit idle; use more num_ranks instead"
+            )
+        return self
+
+    def check_model(self, model: ModelSpec) -> None:
+        """Raise ValueError if this group cannot train ``model`` (its dtype)."""
+        if self.engine == "torch" and model.dtype != "float32":
+            raise ValueError(
+                f"engine 'torch' with model.dtype {model.dtype} would run AdamW on "
+                "half-precision weights with no fp32 master copy (small updates round away); "
+                "use model.dtype float32, or engine deepspeed (fp32 master weights)"
+            )
+
+
+class PolicyConfig(LearnerConfig):
+    """The trained policy: its model, optimizer and the learner group that trains it."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy weights source.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+
+    @model_validator(mode="after")
+    def _trains_model(self) -> PolicyConfig:
+        self.check_model(self.model)
+        return self
+
+
+class ValueConfig(PolicyConfig):
+    """The critic: an LM backbone with a scalar head, trained like the policy."""
+
+    num_ranks: int = Field(1, ge=1, description="Data-parallel critic ranks.")
+    init_from_reward: bool = Field(
+        False, description="Initialise the critic from the reward model's weights."
+    )
+
+
+class ScorerConfig(Section):
+    """Resources of a frozen scoring role: data-parallel replicas that split each batch."""
+
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for each replica.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs for each replica.")
+    num_replicas: int = Field(
+        1, ge=1, description="Data-parallel replicas (actors <role>-0, <role>-1, ...)."
+    )
+    score_micro_batch_size: int = Field(16, gt=0, description="Rows per scoring forward.")
+
+
+class ReferenceConfig(ScorerConfig):
+    """The frozen reference policy (a copy of the initial policy unless `model` is set)."""
+
+    model: ModelSpec | None = Field(None, description="Null: the initial policy's weights.")
+
+
+DEFAULT_REWARD_FUNCTION = "rlhf_ray.rewards:lowercase_fraction"
+
+
+class RewardConfig(ScorerConfig):
+    """Where the scalar score of a response comes from: a function or a reward model."""
+
+    function: str | None = Field(
+        None,
+        description="'package.module:callable' called as fn(prompts, responses) -> list[float] "
+        "(parameters named after prompt-set columns, or **columns, get those columns). "
+        f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` or `remote` is given.",
+    )
+    model: ModelSpec | None = Field(
+        None,
+        description="Reward model (sequence-classification checkpoint, e.g. RUN/reward_model of "
+        "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
+        "tokenizer is fed the rollout text encoded with that tokenizer.",
+    )
+    normalize: Literal["auto", "running", "batch", "model", "none"] = Field(
+        "auto",
+        description="Standardise scores with: 'running' mean/std of every score so far (kept in "
+        "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
+        "statistics, or 'none'. 'auto': running for a reward model, none for a function.",
+    )
+    append_eos: bool = Field(
+        True,
+        description="A reward model reads every response as a finished reply, as "
+        "`rlhf-ray train-rm` trained it (prompt + reply + EOS): a response that "
+        "rollout.max_new_tokens cut before it sampled EOS is scored with the reward model's EOS "
+        "appended (to what the model reads, not to the sample). false: read it at its last "
+        "sampled token, where such a model was never trained. missing_eos_penalty still "
+        "applies. No effect on a reward function.",
+    )
+    clip: float | None = Field(
+        None, gt=0, description="Clip the shaped scores (after the penalty) to [-clip, clip]."
+    )
+    missing_eos_penalty: float | None = Field(
+        None,
+        ge=0,
+        description="Subtracted from the (normalised) score of a response that never emits EOS, "
+        "as TRL does: score - penalty, so a penalty of 1 costs one standard deviation when "
+        "scores are normalised (null: off).",
+    )
+    remote: RemoteRewardConfig | None = Field(
+        None, description="A reward service (see README, 'Remote rewards'); replaces the function."
+    )
+    terms: list[RewardTerm] = Field(
+        default_factory=list,
+        description="Weighted terms added to the main score (model, function or remote): "
+        "each {name, weight, function | remote}, logged as reward/<name>_mean.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_function(cls, data: Any) -> Any:
+        """An unset `function` means the built-in one only when no `model` or `remote` is given."""
+        if (
+            isinstance(data, dict)
+            and "function" not in data
+            and data.get("model") is None
+            and data.get("remote") is None
+        ):
+            return {**data, "function": DEFAULT_REWARD_FUNCTION}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if sum(x is not None for x in (self.function, self.model, self.remote)) != 1:
+            raise ValueError(
+                "set exactly one of `function`, `model` and `remote` (set function=null to use "
+                "the model or the remote service)"
+            )
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.terms names must differ, got {names}")
+        if self.normalize == "model" and (self.model is None or self.model.path is None):
+            raise ValueError(
+                "normalize 'model' reads the statistics stored with a saved reward model: "
+                "set model.path, or use normalize 'running'"
+            )
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")
+        return self
+
+
+class TokenizerConfig(Section):
+    """The tokenizer of the policy (shared by the policy, reference, critic and rollout roles;
+    a reward model directory with its own tokenizer uses that one)."""
+
+    kind: Literal["auto", "bytes", "tiktoken", "hf"] = Field(
+        "auto",
+        description="'auto': the policy model directory's own tokenizer if it holds one "
+        "(e.g. RUN/model of `rlhf-ray sft`), else 'bytes'; 'bytes': built-in offline byte-level "
+        "encoding; 'tiktoken': an encoding name or local .tiktoken file; 'hf': a Hugging Face "
+        "tokenizer path or hub id.",
+    )
+    name_or_path: str | None = Field(None, description="Encoding name, file or HF path.")
+
+    @model_validator(mode="after")
+    def _needs_name(self) -> TokenizerConfig:
+        if self.kind in ("tiktoken", "hf") and not self.name_or_path:
+            raise ValueError(f"kind {self.kind!r} needs `name_or_path`")
+        if self.kind in ("bytes", "auto") and self.name_or_path:
+            raise ValueError(f"kind {self.kind!r} takes no `name_or_path`")
+        return self
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:
+    """The tokenizer a model comes with: a local directory's saved Hugging Face tokenizer, or
+    (a path that is not local: a hub id) the hub repo's; None for a directory without one."""
+    if model_path is None:
+        return None
+    path = os.path.expanduser(model_path)
+    if not os.path.exists(path) or any(
+        os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES
+    ):
+        return TokenizerConfig(kind="hf", name_or_path=path)
+    return None
+
+
+def resolve_tokenizer(tok: TokenizerConfig, model_path: str | None) -> TokenizerConfig:
+    """``tok`` itself unless its kind is 'auto'; then the tokenizer the model at ``model_path``
+    comes with, else the built-in bytes."""
+    if tok.kind != "auto":
+        return tok
+    return model_tokenizer(model_path) or TokenizerConfig(kind="bytes")
+
+
+def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> TokenizerConfig:
+    """The reward model's own tokenizer when it comes with one, else the policy's."""
+    own = model_tokenizer(reward.model.path) if reward.model is not None else None
+    return own or policy_tok

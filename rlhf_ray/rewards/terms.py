@@ -1,0 +1,109 @@
+"""The reward of a rollout from its parts: the main score (a reward model, a function or a
+remote service) plus the weighted ``reward.terms``.
+
+``RewardParts.score`` returns ``scores`` (B,): ``main + sum(weight * term)``, and for the
+metrics ``reward_term/main`` and ``reward_term/<name>`` (B,) (each part's own score, before its
+weight) and, when a part is remote, ``reward_remote/latency_s`` and ``reward_remote/retries``
+(1,) per scorer replica. A function or a service gets each sample's prompt-row columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf_ray.errors import UserError
+from rlhf_ray.rewards.functions import call_reward_function, load_reward_function
+from rlhf_ray.rewards.remote import RemoteReward, RemoteStats
+from rlhf_ray.types import Rollout
+
+# A part: the rollout's scores (B,) and, for a remote part, its request stats.
+Part = Callable[[Rollout], tuple[torch.Tensor, RemoteStats | None]]
+
+
+class RewardTermError(UserError, RuntimeError):
+    """A reward term failed; the message names it."""
+
+
+def function_part(name: str, search_path: list[str]) -> Part:
+    fn = load_reward_function(name, search_path)
+
+    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
+        scores = call_reward_function(fn, name, rollout.prompts, rollout.responses, rollout.columns)
+        return torch.tensor(scores, dtype=torch.float32), None
+
+    return part
+
+
+def remote_part(cfg: Any, setting: str) -> Part:
+    client = RemoteReward(cfg, setting)
+
+    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
+        scores, stats = client.score(rollout.prompts, rollout.responses, rollout.columns)
+        return torch.tensor(scores, dtype=torch.float32), stats
+
+    return part
+
+
+def model_part(model_scores: Callable[[Rollout], torch.Tensor]) -> Part:
+    return lambda rollout: (model_scores(rollout).float().cpu(), None)
+
+
+class RewardParts:
+    """The main part of ``reward_cfg`` (``model_scores`` for a reward model) and its terms."""
+
+    def __init__(
+        self,
+        reward_cfg: Any,
+        search_path: list[str],
+        model_scores: Callable[[Rollout], torch.Tensor] | None = None,
+    ):
+        if reward_cfg.remote is not None:
+            self.main = remote_part(reward_cfg.remote, "reward.remote")
+        elif reward_cfg.function is not None:
+            self.main = function_part(reward_cfg.function, search_path)
+        else:
+            assert model_scores is not None, "a reward model needs model_scores"
+            self.main = model_part(model_scores)
+        self.terms: list[tuple[str, float, Part]] = []
+        for term in reward_cfg.terms:
+            setting = f"reward.terms[{term.name}]"
+            part = (
+                function_part(term.function, search_path)
+                if term.function is not None
+                else remote_part(term.remote, setting + ".remote")
+            )
+            self.terms.append((term.name, term.weight, part))
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        main, stats = self.main(rollout)
+        out = {"scores": main.clone(), "reward_term/main": main}
+        remote = [stats] if stats is not None else []
+        for name, weight, part in self.terms:
+            try:
+                value, stats = part(rollout)
+            except Exception as exc:
+                raise RewardTermError(f"reward term {name!r} failed: {exc}") from exc
+            out[f"reward_term/{name}"] = value
+            out["scores"] = out["scores"] + weight * value
+            remote += [stats] if stats is not None else []
+        if remote:
+            latency = sum(s.latency_s for s in remote) / len(remote)
+            out["reward_remote/latency_s"] = torch.tensor([latency])
+            out["reward_remote/retries"] = torch.tensor([float(sum(s.retries for s in remote))])
+        return out
+
+
+def reward_metrics(scored: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``reward/<part>_mean`` of each part, ``reward/remote_latency_s`` (mean over replicas)
+    and ``reward/remote_retries`` (their sum) from the scored round."""
+    out = {}
+    for key, value in scored.items():
+        if key.startswith("reward_term/"):
+            out[f"reward/{key.removeprefix('reward_term/')}_mean"] = float(value.float().mean())
+    if "reward_remote/latency_s" in scored:
+        out["reward/remote_latency_s"] = float(scored["reward_remote/latency_s"].mean())
+        out["reward/remote_retries"] = int(scored["reward_remote/retries"].sum())
+    return out
