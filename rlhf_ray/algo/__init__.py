@@ -10,6 +10,7 @@ from rlhf_ray.algo.advantages import (
 )
 from rlhf_ray.algo.comparison import (
     mean_difference_interval,
+    mean_interval,
     prompts_to_exclude_half,
     sequence_kl,
     win_rate,
@@ -83,6 +84,7 @@ __all__ = [
     "truncate_after_eos",
     "value_loss",
     "win_rate",
+    "mean_interval",
     "win_rate_interval",
     "mean_difference_interval",
     "prompts_to_exclude_half",

@@ -67,6 +67,23 @@ def mean_difference_interval(
     return float(ci.low), float(ci.high)
 
 
+def mean_interval(values: torch.Tensor, confidence: float = 0.95) -> tuple[float, float]:
+    """95% interval ``(low, high)`` of the mean of one model's per-prompt rewards ``(B,)``:
+    Wilson's interval when every value is 0 or 1 (an accuracy, e.g. a verifiable reward), else
+    the one-sample t interval; ``(mean, mean)`` when there is nothing to estimate from."""
+    v = values.double()
+    if len(v) == 0:
+        raise ValueError("need at least one value")
+    if bool(((v == 0) | (v == 1)).all()):
+        return win_rate_interval(float(v.mean()), len(v), confidence)
+    if len(v) < 2 or float(v.std()) == 0.0:
+        return float(v.mean()), float(v.mean())
+    from scipy import stats
+
+    ci = stats.ttest_1samp(v.numpy(), 0.0).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
 def prompts_to_exclude_half(win_rate: float, confidence: float = 0.95) -> int | None:
     """About how many prompts a win rate this far from 0.5 needs before its interval excludes
     0.5 (``n = z^2 p (1 - p) / (p - 0.5)^2``); None at exactly 0.5."""

@@ -14,6 +14,8 @@ logged; then (4) the summary goes to ``eval.json`` and ``eval.md``, every sample
   ``eval.kl_estimator`` (k1: log pi - log pi_baseline) at the sampling temperature: an estimate
   of KL(policy || baseline) per response, in nats; 0 when policy == baseline;
 - ``*/response_length``: mean response tokens (up to and including EOS);
+- ``*/reward_ci_low`` / ``_high``: the 95% interval of each model's mean reward (Wilson's when
+  every score is 0 or 1, an accuracy; else the t interval), ``algo.mean_interval``;
 - ``n``: the number of paired prompts; ``win_rate_ci_low`` / ``_high``: the 95% Wilson
   interval of the win rate, ``reward_margin_ci_low`` / ``_high``: the paired 95% t interval
   of the mean reward difference (``algo.comparison``). When the win-rate interval holds 0.5,
@@ -32,6 +34,7 @@ import torch
 
 from rlhf_ray.algo import (
     mean_difference_interval,
+    mean_interval,
     prompts_to_exclude_half,
     sequence_kl,
     win_rate,
@@ -132,6 +135,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
         out[f"{m}/reward_std"] = float(scores[m].std()) if len(rows) > 1 else 0.0
         out[f"{m}/response_length"] = sum(r[f"{m}/length"] for r in rows) / len(rows)
         out[f"{m}/eos_rate"] = sum(r[f"{m}/eos"] for r in rows) / len(rows)
+        out[f"{m}/reward_ci_low"], out[f"{m}/reward_ci_high"] = mean_interval(scores[m])
     out["win_rate"] = win_rate(scores["policy"], scores["baseline"])
     out["tie_rate"] = float((scores["policy"] == scores["baseline"]).float().mean())
     out["reward_margin"] = float((scores["policy"] - scores["baseline"]).mean())
@@ -183,6 +187,14 @@ def eval_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], table_row
         lines.append(
             f"| {name} | {summary[f'policy/{name}']:.4f} | {summary[f'baseline/{name}']:.4f} |"
         )
+    lines.append(
+        "| reward_mean 95% interval | "
+        + " | ".join(
+            f"[{summary[f'{m}/reward_ci_low']:.4f}, {summary[f'{m}/reward_ci_high']:.4f}]"
+            for m in MODELS
+        )
+        + " |"
+    )
     lines += [
         "",
         f"- win_rate: **{summary['win_rate']:.4f}** (policy score above the baseline's on the "

@@ -9,6 +9,7 @@ import torch
 
 from rlhf_ray.algo import (
     mean_difference_interval,
+    mean_interval,
     prompts_to_exclude_half,
     sequence_kl,
     win_rate,
@@ -66,3 +67,20 @@ def test_mean_difference_interval_is_the_paired_t_interval():
     low, high = mean_difference_interval(d)
     assert (low, high) == pytest.approx((2.5 - 2.054260, 2.5 + 2.054260), abs=1e-5)
     assert mean_difference_interval(torch.tensor([0.5, 0.5])) == (0.5, 0.5)
+
+
+def test_mean_interval_of_an_accuracy_is_wilsons():
+    # 3 right of 4: p = 0.75, n = 4, z = 1.95996; centre (0.75 + z^2/8) / (1 + z^2/4) = 0.6346,
+    # half z sqrt(0.75 * 0.25 / 4 + z^2 / 64) / (1 + z^2/4) = 0.3228
+    low, high = mean_interval(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert (low, high) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert (low, high) == win_rate_interval(0.75, 4)
+
+
+def test_mean_interval_of_other_rewards_is_the_t_interval():
+    # mean 2, sample std 1, n = 3: 2 +- t(0.975, 2) * 1 / sqrt(3) = 2 +- 4.3027 / 1.7321
+    low, high = mean_interval(torch.tensor([1.0, 2.0, 3.0]))
+    assert (low, high) == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-3)
+    assert mean_interval(torch.tensor([0.5, 0.5])) == (0.5, 0.5)
+    with pytest.raises(ValueError):
+        mean_interval(torch.zeros(0))
