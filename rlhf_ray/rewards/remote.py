@@ -320,7 +320,7 @@ def service_info(cfg: RemoteRewardConfig, setting: str = "reward.remote") -> dic
         )
     except httpx.TransportError as exc:
         raise RemoteRewardError(f"{setting}.url {url}: {type(exc).__name__}: {exc}") from None
-    if answer.status_code in (404, 405):
+    if answer.status_code in (404, 405, 501):  # no such route: not a serve-reward service
         return None
     try:
         info = answer.json() if answer.status_code == 200 else None
