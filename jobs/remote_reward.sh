@@ -17,7 +17,7 @@ model=${1:?usage: jobs/remote_reward.sh REWARD_MODEL_DIR [ppo overrides ...]}
 shift
 address=${RAY_JOBS_ADDRESS:-http://127.0.0.1:8265}
 port=${REWARD_PORT:-8000}
-url="http://127.0.0.1:${port}/score"
+url="http://127.0.0.1:${port}/reward/score"
 env_file=jobs/runtime_env_cpu.yaml
 
 serve_job=$(ray job submit --address "$address" --runtime-env "$env_file" --no-wait \

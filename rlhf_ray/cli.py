@@ -114,6 +114,10 @@ def _serve_reward_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--token-env", help="environment variable holding the bearer token")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument("--name", default="reward", help="Serve app name and route: /NAME/score")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting per replica")
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
 
 
 def _new(path: str, *args: Any) -> Callable[[], Any]:

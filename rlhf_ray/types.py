@@ -81,6 +81,16 @@ def _no_rows() -> torch.Tensor:
     return torch.empty(0, dtype=torch.long)
 
 
+def _per_row(name: str, value: Any, rows: int, what: str) -> bool:
+    """Whether a per-row field was given (not left empty); one of the wrong length raises,
+    naming both lengths (a silent default would hide a misalignment)."""
+    if len(value) == 0:
+        return rows == 0
+    if len(value) != rows:
+        raise ValueError(f"{what}: {name} has {len(value)} entries for {rows} rows")
+    return True
+
+
 @dataclass
 class PromptBatch(Rows):
     """A round's prompts, tokenized on the driver."""
@@ -96,10 +106,11 @@ class PromptBatch(Rows):
     columns: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.sample_index) != len(self.prompt_index):
+        rows = len(self.prompt_index)
+        if not _per_row("sample_index", self.sample_index, rows, "PromptBatch"):
             self.sample_index = occurrences(self.prompt_index)
-        if len(self.columns) != len(self.prompt_index):
-            self.columns = [{} for _ in range(len(self.prompt_index))]
+        if not _per_row("columns", self.columns, rows, "PromptBatch"):
+            self.columns = [{} for _ in range(rows)]
 
 
 @dataclass
@@ -121,10 +132,11 @@ class Rollout(Rows):
     columns: list[dict[str, Any]] = field(default_factory=list)  # (B,) as in PromptBatch
 
     def __post_init__(self) -> None:
-        if len(self.sample_index) != len(self.prompt_index):
+        rows = len(self.prompt_index)
+        if not _per_row("sample_index", self.sample_index, rows, "Rollout"):
             self.sample_index = occurrences(self.prompt_index)
-        if len(self.columns) != len(self.prompt_index):
-            self.columns = [{} for _ in range(len(self.prompt_index))]
+        if not _per_row("columns", self.columns, rows, "Rollout"):
+            self.columns = [{} for _ in range(rows)]
         if len(self.worker_id) != len(self.prompt_index):  # not told: unknown (-1)
             self.worker_id = torch.full_like(self.prompt_index, -1)
 

@@ -137,3 +137,50 @@ def test_ppo_batch_keeps_scalar_fields_through_select_and_concat():
 def test_concat_refuses_batches_with_different_prompt_lengths():
     with pytest.raises(ValueError, match="prompt_len"):
         PPOBatch.concat([_ppo_batch(2, prompt_len=3), _ppo_batch(2, prompt_len=5)])
+
+
+def _prompts(**kw) -> PromptBatch:
+    return PromptBatch(
+        prompt_ids=torch.zeros(3, 2, dtype=torch.long),
+        prompt_mask=torch.ones(3, 2, dtype=torch.long),
+        prompt_index=torch.tensor([7, 3, 7]),
+        prompts=["a", "b", "c"],
+        **kw,
+    )
+
+
+def test_per_row_fields_left_empty_get_their_defaults():
+    batch = _prompts()
+    assert batch.sample_index.tolist() == [0, 0, 1] and batch.columns == [{}, {}, {}]
+    given = _prompts(columns=[{"x": 1}, {"x": 2}, {"x": 3}], sample_index=torch.tensor([5, 6, 7]))
+    assert given.columns[2] == {"x": 3} and given.sample_index.tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("kw", "says"),
+    [
+        ({"columns": [{"x": 1}, {"x": 2}]}, "PromptBatch: columns has 2 entries for 3 rows"),
+        ({"sample_index": torch.tensor([0, 1])}, "PromptBatch: sample_index has 2 entries for 3"),
+    ],
+)
+def test_per_row_fields_of_the_wrong_length_raise_naming_both_lengths(kw, says):
+    with pytest.raises(ValueError, match=says):
+        _prompts(**kw)
+
+
+def test_a_rollout_with_misaligned_columns_raises():
+    n = 2
+    with pytest.raises(ValueError, match="Rollout: columns has 3 entries for 2 rows"):
+        Rollout(
+            prompt_ids=torch.zeros(n, 2, dtype=torch.long),
+            prompt_mask=torch.ones(n, 2, dtype=torch.long),
+            prompt_index=torch.arange(n),
+            response_ids=torch.zeros(n, 3, dtype=torch.long),
+            response_mask=torch.ones(n, 3, dtype=torch.long),
+            has_eos=torch.zeros(n, dtype=torch.bool),
+            sampler_logprobs=torch.zeros(n, 3),
+            weight_version=torch.zeros(n, dtype=torch.long),
+            prompts=["p"] * n,
+            responses=["r"] * n,
+            columns=[{}, {}, {}],
+        )

@@ -4,12 +4,23 @@ holds them; the service contract is in ``rlhf_ray.rewards.remote``."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
 from rlhf_ray.config.sections import Section
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class RemoteRewardConfig(Section):
@@ -34,12 +45,31 @@ class RemoteRewardConfig(Section):
         "waiting backoff_s * 2^k (k = 0, 1, ...) times a random 1-1.5 between them.",
     )
     backoff_s: float = Field(1.0, gt=0, description="First wait before a retry, in seconds.")
+    ca_bundle: str | None = Field(
+        None,
+        description="PEM file of the certificate authority (or the self-signed certificate) "
+        "that the https:// service's certificate must chain to (null: the system's trust store).",
+    )
+    allow_token_over_http: bool = Field(
+        False,
+        description="Send the token to a non-loopback host over plain http:// (it travels in "
+        "clear). Refused unless true: use https:// instead.",
+    )
 
     @model_validator(mode="after")
     def _http_url(self) -> RemoteRewardConfig:
         parsed = urlparse(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"url {self.url!r} must be an http:// or https:// URL with a host")
+        if self.ca_bundle is not None and parsed.scheme != "https":
+            raise ValueError(f"ca_bundle is set but url {self.url!r} is not https://")
+        plain = parsed.scheme == "http" and not is_loopback(parsed.hostname or "")
+        if plain and self.token_env is not None and not self.allow_token_over_http:
+            raise ValueError(
+                f"token_env {self.token_env!r} would send the token in clear over http:// to "
+                f"the non-loopback host of url {self.url!r}: use https:// (or set "
+                "allow_token_over_http=true)"
+            )
         return self
 
 

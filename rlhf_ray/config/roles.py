@@ -265,7 +265,9 @@ class RewardConfig(ScorerConfig):
         "auto",
         description="Standardise scores with: 'running' mean/std of every score so far (kept in "
         "checkpoints), 'batch' the round's own, 'model' the reward model's stored train-set "
-        "statistics, or 'none'. 'auto': running for a reward model, none for a function.",
+        "statistics (a reward.remote service: those its GET .../info reports), or 'none'. "
+        "'auto': running for a reward model, none for a function, and for a service what its "
+        "info route says (none without one).",
     )
     append_eos: bool = Field(
         True,
@@ -318,10 +320,11 @@ class RewardConfig(ScorerConfig):
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"reward.terms names must differ, got {names}")
-        if self.normalize == "model" and (self.model is None or self.model.path is None):
+        saved = self.model is not None and self.model.path is not None
+        if self.normalize == "model" and not saved and self.remote is None:
             raise ValueError(
-                "normalize 'model' reads the statistics stored with a saved reward model: "
-                "set model.path, or use normalize 'running'"
+                "normalize 'model' reads the statistics stored with a saved reward model (or "
+                "reported by a serve-reward service): set model.path, or use normalize 'running'"
             )
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")

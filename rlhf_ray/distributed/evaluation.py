@@ -26,6 +26,7 @@ from rlhf_ray.distributed.actors import (
 from rlhf_ray.distributed.cluster import cluster_nodes
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
+from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.evaluation import LOADED, MODELS
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -83,6 +84,7 @@ class RayEvalWorkers:
                 w,
                 tok,
                 search_path=[os.getcwd()],
+                remote=driver_options(w, cfg.eval.phase_timeout_s),  # tokens: never runtime_env
                 restarts=3,
                 strategy=spread_strategy(cfg),
             )

@@ -49,6 +49,7 @@ from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
+from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     LearnerLostError,
@@ -221,6 +222,7 @@ class RayWorkers:
             tok,
             search_path=[os.getcwd()],
             chunk_size=rew.score_micro_batch_size,
+            remote=driver_options(rew, cfg.train.phase_timeout_s),  # tokens: never runtime_env
             restarts=SCORER_RESTARTS,
             strategy=strategy,
         )

@@ -118,16 +118,17 @@ def _check_function(
         )
 
 
-def check_remote_rewards(reward: RewardConfig, first_row: dict[str, Any] | None = None) -> None:
-    """Every reward service (``reward.remote``, remote terms) answers one probe request with
-    scores: an unreachable URL or a refused token fails here, naming the URL and status."""
-    from rlhf_ray.rewards.remote import probe
+def check_remote_rewards(
+    reward: RewardConfig, columns: Sequence[dict[str, Any]] | None = None
+) -> None:
+    """Every prompt row's columns can be sent as JSON, and every reward service
+    (``reward.remote``, remote terms) answers one probe request (with the first row's columns)
+    with scores: an unreachable URL or a refused token fails here, naming the URL and status."""
+    from rlhf_ray.rewards.remote import check_metadata, probe, remote_configs
 
-    remotes = [("reward.remote", reward.remote)]
-    remotes += [(f"reward.terms[{t.name}].remote", t.remote) for t in reward.terms]
-    for setting, remote in remotes:
-        if remote is not None:
-            probe(remote, first_row, setting)
+    for setting, remote in remote_configs(reward):
+        check_metadata(columns or [], setting)
+        probe(remote, columns[0] if columns else None, setting)
 
 
 def check_prompts(cfg: Config, tokenizer: Tokenizer) -> int:
@@ -194,7 +195,7 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_prompts(cfg, tokenizer)
     columns = _prompt_columns(cfg, tokenizer)
     check_reward(cfg.reward, search_path, sorted(columns[0]) if columns else [])
-    check_remote_rewards(cfg.reward, columns[0] if columns else None)
+    check_remote_rewards(cfg.reward, columns)
     if resume and run_dir is not None:
         check_resume(cfg, run_dir)
 

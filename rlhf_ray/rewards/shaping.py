@@ -1,14 +1,17 @@
 """Raw scores -> the scores PPO trains on: normalise, subtract the missing-EOS penalty, clip.
 
 ``reward.normalize`` chooses the statistics (``auto``: ``running`` for a reward model, ``none``
-for a reward function):
+for a reward function; for ``reward.remote``, what the service's ``GET .../info`` says, so that a
+reward model behind ``rlhf-ray serve-reward`` is shaped as in process, and ``none`` for a
+service without that route):
 
 - ``running``: mean and std of every score seen so far in the run (OpenRLHF, TRL's
   ``RunningMoments``), including this round's; the state is stored in each checkpoint's
   ``driver_state.json`` and restored on resume;
 - ``batch``: this round's own mean and std;
 - ``model``: the mean and std of the reward model's train-set scores, stored in its
-  ``config.json`` as ``rlhf_ray_score_mean`` / ``rlhf_ray_score_std`` by ``rlhf-ray train-rm``;
+  ``config.json`` as ``rlhf_ray_score_mean`` / ``rlhf_ray_score_std`` by ``rlhf-ray train-rm``
+  (for a served model: as its info route reports them);
 - ``none`` (not ``off``, which YAML reads as false).
 
 The missing-EOS penalty is subtracted after normalising, so it is measured in standard
@@ -24,16 +27,30 @@ import torch
 from rlhf_ray.algo import RunningMoments, apply_missing_eos_penalty, standardize
 from rlhf_ray.config.ppo import RewardConfig
 from rlhf_ray.errors import UserError
+from rlhf_ray.rewards.remote import service_info
 
 STAT_KEYS = ("rlhf_ray_score_mean", "rlhf_ray_score_std")
 
 
-def normalize_mode(reward: RewardConfig) -> str:
+def normalize_mode(reward: RewardConfig, served: dict[str, Any] | None = None) -> str:
     """``reward.normalize`` with ``auto`` resolved: ``running`` for a model, ``none`` for a
-    function."""
+    function, and for a service what its info (``served``) says (``none`` without one)."""
     if reward.normalize != "auto":
         return reward.normalize
-    return "running" if reward.model is not None else "none"
+    if reward.model is not None:
+        return "running"
+    return served["normalize"] if served is not None else "none"
+
+
+def served_stats(served: dict[str, Any] | None, url: str) -> tuple[float, float]:
+    """(mean, std) of a served reward model's train-set scores, from its info."""
+    mean, std = (served or {}).get("score_mean"), (served or {}).get("score_std")
+    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)):
+        raise UserError(
+            f"reward.normalize=model: the service {url} reports no score statistics (its "
+            "GET .../info route: score_mean, score_std). Use reward.normalize=running instead."
+        )
+    return float(mean), float(std)
 
 
 def model_score_stats(path: str) -> tuple[float, float]:
@@ -61,10 +78,15 @@ class ScoreShaper:
 
     def __init__(self, reward: RewardConfig):
         self.reward = reward
-        self.mode = normalize_mode(reward)
+        served = None
+        if reward.remote is not None and reward.normalize in ("auto", "model"):
+            served = service_info(reward.remote)
+        self.mode = normalize_mode(reward, served)
         self.moments = RunningMoments()
         self.fixed: tuple[float, float] | None = None
-        if self.mode == "model":
+        if self.mode == "model" and reward.remote is not None:
+            self.fixed = served_stats(served, reward.remote.url)
+        elif self.mode == "model":
             path = reward.model.path if reward.model is not None else None
             if path is None:
                 raise UserError("reward.normalize=model needs reward.model.path (a saved model)")

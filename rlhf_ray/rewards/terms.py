@@ -16,7 +16,7 @@ import torch
 
 from rlhf_ray.errors import UserError
 from rlhf_ray.rewards.functions import call_reward_function, load_reward_function
-from rlhf_ray.rewards.remote import RemoteReward, RemoteStats
+from rlhf_ray.rewards.remote import RemoteOptions, RemoteReward, RemoteStats
 from rlhf_ray.types import Rollout
 
 # A part: the rollout's scores (B,) and, for a remote part, its request stats.
@@ -37,8 +37,8 @@ def function_part(name: str, search_path: list[str]) -> Part:
     return part
 
 
-def remote_part(cfg: Any, setting: str) -> Part:
-    client = RemoteReward(cfg, setting)
+def remote_part(cfg: Any, setting: str, options: RemoteOptions | None = None) -> Part:
+    client = RemoteReward(cfg, setting, options)
 
     def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
         scores, stats = client.score(rollout.prompts, rollout.responses, rollout.columns)
@@ -59,9 +59,10 @@ class RewardParts:
         reward_cfg: Any,
         search_path: list[str],
         model_scores: Callable[[Rollout], torch.Tensor] | None = None,
+        remote: RemoteOptions | None = None,
     ):
         if reward_cfg.remote is not None:
-            self.main = remote_part(reward_cfg.remote, "reward.remote")
+            self.main = remote_part(reward_cfg.remote, "reward.remote", remote)
         elif reward_cfg.function is not None:
             self.main = function_part(reward_cfg.function, search_path)
         else:
@@ -73,7 +74,7 @@ class RewardParts:
             part = (
                 function_part(term.function, search_path)
                 if term.function is not None
-                else remote_part(term.remote, setting + ".remote")
+                else remote_part(term.remote, setting + ".remote", remote)
             )
             self.terms.append((term.name, term.weight, part))
 

@@ -21,6 +21,7 @@ from rlhf_ray.config.ppo import (
     value_init_spec,
 )
 from rlhf_ray.engines.training import free_port
+from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
@@ -93,6 +94,7 @@ class InProcessWorkers:
             tok,
             search_path=[os.getcwd()],
             chunk_size=cfg.reward.score_micro_batch_size,
+            remote=driver_options(cfg.reward, cfg.train.phase_timeout_s),
         )
         self.generators = [
             generator_class(cfg.rollout)(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)

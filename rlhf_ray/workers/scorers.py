@@ -23,6 +23,7 @@ from rlhf_ray.models import (
     response_logprobs,
 )
 from rlhf_ray.models.weights import NumpyWeights, load_weights
+from rlhf_ray.rewards.remote import RemoteOptions
 from rlhf_ray.rewards.terms import RewardParts
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
@@ -84,6 +85,7 @@ class RewardScorer:
         search_path: list[str] | None = None,
         chunk_size: int = 16,
         num_threads: int | None = None,
+        remote: RemoteOptions | None = None,
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -103,7 +105,7 @@ class RewardScorer:
             if not same_tokenizer(tok, policy_tok):
                 self.text_tokenizer = tok
         # the main score (this model's, a function's or a service's) plus reward.terms
-        self.parts = RewardParts(reward_cfg, search_path or [], self.model_scores)
+        self.parts = RewardParts(reward_cfg, search_path or [], self.model_scores, remote)
 
     def ping(self) -> str:
         return "reward"

@@ -9,13 +9,20 @@ in-process one. A function gets the metadata fields as columns.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
 
 from rlhf_ray.config.ppo import ModelSpec, RewardConfig, TokenizerConfig, resolve_tokenizer
 from rlhf_ray.data.tokenization import build_tokenizer, left_pad
-from rlhf_ray.rewards.functions import call_reward_function, load_reward_function
+from rlhf_ray.rewards.functions import (
+    call_reward_function,
+    column_parameters,
+    load_reward_function,
+)
+from rlhf_ray.rewards.shaping import STAT_KEYS
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.scorers import RewardScorer
 
@@ -63,6 +70,7 @@ class TextRewardScorer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.function = function
+        self.reward_model = reward_model
         if function is not None:
             self.fn = load_reward_function(function, search_path or [])
             return
@@ -72,6 +80,23 @@ class TextRewardScorer:
         self.tokenizer = build_tokenizer(tok_cfg)
         # texts from anywhere: read as text in the model's tokenizer (RewardScorer.encode_text)
         self.scorer.text_tokenizer = self.tokenizer
+
+    def required_columns(self) -> list[str]:
+        """The metadata columns every request must carry (a function's required parameters)."""
+        return column_parameters(self.fn)[0] if self.function is not None else []
+
+    def shaping_info(self) -> dict[str, Any]:
+        """What shaping these scores expect, as an in-process ``reward.normalize: auto`` would
+        resolve it (``running`` for a model, ``none`` for a function), and the model's
+        train-set score statistics (``rlhf-ray train-rm`` stores them; null if absent)."""
+        stats: dict[str, Any] = {}
+        if self.reward_model is not None:
+            with open(os.path.join(self.reward_model, "config.json")) as f:
+                stats = json.load(f)
+        mean, std = (stats.get(key) for key in STAT_KEYS)
+        source = "function" if self.function is not None else "model"
+        normalize = "none" if self.function is not None else "running"
+        return {"source": source, "normalize": normalize, "score_mean": mean, "score_std": std}
 
     def score(
         self,

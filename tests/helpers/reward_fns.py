@@ -34,3 +34,11 @@ def length_term(prompts: list[str], responses: list[str], **columns: list) -> li
     """Response length in characters / 10; checks ``**columns`` got one value per response."""
     assert all(len(v) == len(responses) for v in columns.values()), columns
     return [len(r) / 10 for r in responses]
+
+
+def slow_length(prompts: list[str], responses: list[str]) -> list[float]:
+    """Each response's length, after 2 s: keeps a service's queue full for a while."""
+    import time
+
+    time.sleep(2.0)
+    return [float(len(r)) for r in responses]

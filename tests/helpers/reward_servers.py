@@ -5,6 +5,7 @@ and can misbehave on request (``mode``), go down and come back on the same port.
 from __future__ import annotations
 
 import json
+import ssl
 import string
 import threading
 import time
@@ -20,12 +21,14 @@ def lowercase_fraction(text: str) -> float:
 
 class RewardServer:
     """``mode``: 'ok' (lowercase fraction per response), 'not_json', 'no_scores', 'short',
-    'nan', '401', '500', '429', 'slow' (sleeps ``slow_s`` first); 'flaky:K' answers 500 to the
-    first K requests, 'fail_after:K' 500 to all after the first K. ``token``: the bearer token required (None: none). Every request body is
+    'nan', 'huge_int', 'huge_exp', '401', '500', '429', '503', 'slow' (sleeps ``slow_s`` first);
+    'flaky:K' answers 500 to the first K requests, 'busy:K' 503 with ``Retry-After: 2`` to the
+    first K, 'fail_after:K' 500 to all after the first K. ``tls``: serve https. ``token``: the bearer token required (None: none). Every request body is
     kept in ``requests``."""
 
-    def __init__(self, token: str | None = None, port: int = 0):
+    def __init__(self, token: str | None = None, port: int = 0, tls: tuple[str, str] | None = None):
         self.token = token
+        self.tls = tls  # (certificate, key) PEM files: serve https
         self.mode = "ok"
         self.slow_s = 2.0
         self.requests: list[dict[str, Any]] = []
@@ -37,7 +40,8 @@ class RewardServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/score"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/score"
 
     def start(self) -> None:
         server = self
@@ -60,12 +64,18 @@ class RewardServer:
             def answer(self, status: int, payload: Any) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
+                if status == 503:
+                    self.send_header("Retry-After", "2")
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -75,6 +85,8 @@ class RewardServer:
         mode = self.mode
         if mode.startswith("flaky:"):
             mode = "500" if count <= int(mode.split(":")[1]) else "ok"
+        if mode.startswith("busy:"):  # 503 with Retry-After: 2 to the first K requests
+            mode = "503" if count <= int(mode.split(":")[1]) else "ok"
         if mode.startswith("fail_after:"):
             mode = "500" if count > int(mode.split(":")[1]) else "ok"
         if mode == "slow":
@@ -87,6 +99,9 @@ class RewardServer:
             "401": (401, {"error": "no"}),
             "500": (500, {"error": "down"}),
             "429": (429, {"error": "slow down"}),
+            "503": (503, {"error": "queue full"}),
+            "huge_int": (200, b'{"scores": [' + b"9" * 5000 + b"]}"),
+            "huge_exp": (200, b'{"scores": [' + b", ".join([b"1e999"] * len(scores)) + b"]}"),
         }
         self.answered += 1
         return answers.get(mode, (200, {"scores": scores}))

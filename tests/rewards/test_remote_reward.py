@@ -14,7 +14,8 @@ import time
 import pytest
 
 from rlhf_ray.config.rewards import RemoteRewardConfig
-from rlhf_ray.rewards.remote import RemoteReward, RemoteRewardError, probe
+from rlhf_ray.rewards import remote
+from rlhf_ray.rewards.remote import RemoteOptions, RemoteReward, RemoteRewardError, probe
 from tests.helpers.reward_servers import RewardServer, lowercase_fraction
 
 PROMPTS = [f"prompt {i}" for i in range(5)]
@@ -67,12 +68,15 @@ def test_no_metadata_key_without_columns(server):
         ("no_scores", "no field 'scores'"),
         ("short", "field 'scores' has 4 values for 5 responses"),
         ("nan", "field 'scores'[0] is not a finite number"),
+        ("huge_int", "field 'scores'[0] is not a finite number: inf"),
+        ("huge_exp", "field 'scores'[0] is not a finite number: inf"),
     ],
 )
 def test_malformed_answers_name_the_field_and_are_not_retried(server, mode, field):
     server.mode = mode
+    n = 1 if mode == "huge_int" else 5  # its answer holds one (5000-digit) number
     with pytest.raises(RemoteRewardError, match=re.escape(field)) as err:
-        client(server).score(PROMPTS, RESPONSES)
+        client(server).score(PROMPTS[:n], RESPONSES[:n])
     assert server.url in str(err.value) and len(server.requests) == 1
 
 
@@ -158,3 +162,107 @@ def test_ppo_exits_2_within_seconds_before_any_actor(server, tmp_path, case):
     status = "HTTP 401" if case == "wrong token" else "unreachable"
     assert url in proc.stderr and status in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_metadata_is_strict_json_nan_becomes_null(server):
+    metadata = [{"x": float("nan"), "y": [1.0, float("inf")]}] + [{"x": 1.0}] * 4
+    client(server).score(PROMPTS, RESPONSES, metadata)
+    sent = server.requests[0]["metadata"]
+    assert sent[0] == {"x": None, "y": [1.0, None]} and sent[1] == {"x": 1.0}
+
+
+def test_a_column_json_cannot_hold_is_refused_naming_it_before_any_request(server):
+    import datetime
+
+    rows = [{"label": 1}, {"label": 2, "when": datetime.datetime(2026, 1, 1)}]
+    with pytest.raises(RemoteRewardError, match="column 'when' of prompt row 1 cannot be sent"):
+        remote.check_metadata(rows, "reward.remote")
+    with pytest.raises(RemoteRewardError, match="column 'when' of prompt row 1"):
+        client(server).score(PROMPTS[:2], RESPONSES[:2], rows)
+    assert server.requests == []
+
+
+def test_a_busy_service_is_waited_for_as_its_retry_after_asks(server, monkeypatch):
+    slept = []
+    monkeypatch.setattr(remote.time, "sleep", slept.append)
+    server.mode = "busy:2"  # 503 + Retry-After: 2, twice
+    scores, stats = client(server, max_retries=3).score(PROMPTS, RESPONSES)
+    assert len(scores) == 5 and stats.retries == 2
+    assert slept == [2.0, 2.0]  # not the 0.01 s backoff
+
+
+def test_retries_stop_at_the_budget_naming_url_attempts_and_last_status(server):
+    server.mode, server.slow_s = "slow", 1.5
+    options = RemoteOptions(budget_s=0.5)
+    cfg = RemoteRewardConfig(url=server.url, token_env="RR_TOKEN", max_retries=5, backoff_s=0.01)
+    with pytest.raises(RemoteRewardError) as err:
+        RemoteReward(cfg, options=options).score(PROMPTS, RESPONSES)
+    message = str(err.value)
+    assert server.url in message and "after 1 attempts" in message
+    assert "retry budget 0.5 s" in message and "ReadTimeout" in message
+    assert len(server.requests) == 1  # 5 retries allowed, none fitted in the budget
+
+
+def test_driver_options_carry_the_token_and_never_show_it(monkeypatch):
+    from rlhf_ray.config.ppo import RewardConfig
+
+    reward = RewardConfig(
+        function=None, remote={"url": "http://127.0.0.1:1/score", "token_env": "RR_TOKEN"}
+    )
+    options = remote.driver_options(reward, 100.0)
+    assert options.tokens == {"RR_TOKEN": "sesame"} and options.budget_s == pytest.approx(90.0)
+    assert "sesame" not in repr(options)
+    monkeypatch.delenv("RR_TOKEN")
+    with pytest.raises(RemoteRewardError, match="RR_TOKEN is not set"):
+        remote.driver_options(reward, 100.0)
+
+
+def test_the_actor_uses_the_token_it_was_handed_not_its_environment(server, monkeypatch):
+    monkeypatch.delenv("RR_TOKEN")  # an actor on another node: the driver's variable is absent
+    cfg = RemoteRewardConfig(url=server.url, token_env="RR_TOKEN")
+    scores, _ = RemoteReward(cfg, options=RemoteOptions({"RR_TOKEN": "sesame"})).score(
+        PROMPTS, RESPONSES
+    )
+    assert len(scores) == 5
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3", "reward.example"])
+def test_a_token_over_http_to_another_host_is_refused_by_the_config(host):
+    url = f"http://{host}:8000/score"
+    with pytest.raises(
+        ValueError,
+        match=f"in clear over http:// to the non-loopback host of url '{re.escape(url)}'",
+    ):
+        RemoteRewardConfig(url=url, token_env="RR_TOKEN")
+    RemoteRewardConfig(url=f"https://{host}/score", token_env="RR_TOKEN")  # TLS: fine
+    RemoteRewardConfig(url=url)  # no token to leak: fine
+    RemoteRewardConfig(url=url, token_env="RR_TOKEN", allow_token_over_http=True)  # opted in
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    from tests.helpers.certs import self_signed
+
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(root, "service")
+    other, _ = self_signed(root, "other")
+    s = RewardServer(token="sesame", tls=(cert, key))
+    yield s, cert, other
+    s.stop()
+
+
+def test_tls_is_verified_against_the_ca_bundle(tls_server):
+    s, cert, other = tls_server
+    assert s.url.startswith("https://127.0.0.1:")
+    ok = RemoteRewardConfig(url=s.url, token_env="RR_TOKEN", ca_bundle=cert)
+    assert len(RemoteReward(ok).score(PROMPTS, RESPONSES)[0]) == 5
+    probe(ok)
+    before = len(s.requests)
+    for ca in (other, None):  # another certificate; the system store (which lacks this one)
+        bad = RemoteRewardConfig(url=s.url, token_env="RR_TOKEN", ca_bundle=ca, max_retries=3)
+        with pytest.raises(RemoteRewardError, match="TLS certificate was refused") as err:
+            RemoteReward(bad).score(PROMPTS, RESPONSES)
+        assert s.url in str(err.value)
+        with pytest.raises(RemoteRewardError, match="CERTIFICATE_VERIFY_FAILED"):
+            probe(bad)
+    assert len(s.requests) == before  # nothing was sent over an unverified connection

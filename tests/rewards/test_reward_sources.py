@@ -142,25 +142,54 @@ def test_a_failing_service_stops_the_run_before_a_partial_batch_trains(tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0]  # round 1 never reached the update
     assert rows[0]["reward/remote_retries"] == 0 and rows[0]["reward/remote_latency_s"] > 0
-    assert json.loads(json.dumps(rows[0]))  # plain JSON
+    first_line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    strict = json.loads(first_line, parse_constant=lambda c: pytest.fail(f"{c} in metrics"))
+    assert strict == rows[0] and strict["round"] == 0  # strict JSON: no NaN/Infinity
     assert torch.isfinite(torch.tensor(rows[0]["rollout/reward_mean"]))
 
 
-def test_reward_config_sources_and_terms_are_checked():
+def test_reward_config_sources_default_to_the_documented_values():
     remote = load_config(None, ["reward.remote.url=http://127.0.0.1:9/score"])
     assert remote.reward.function is None and remote.reward.remote.max_retries == 5
-    bad = [
-        ["reward.remote.url=ftp://x"],
-        ["reward.function=a:b", "reward.remote.url=http://h/s"],
-        ["reward.terms=[{name: main, weight: 1, function: 'a:b'}]"],
-        ["reward.terms=[{name: t, weight: 1}]"],
-        [
-            "reward.terms=[{name: t, weight: 1, function: 'a:b'}, {name: t, weight: 2, function: 'a:b'}]"
-        ],
-    ]  # noqa: E501
-    for overrides in bad:
-        with pytest.raises(UserError, match="reward"):
-            load_config(None, overrides)
+    assert remote.reward.remote.ca_bundle is None
+
+
+TWO_TS = (
+    "reward.terms=[{name: t, weight: 1, function: 'a:b'}, {name: t, weight: 2, function: 'a:b'}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["reward.remote.url=ftp://x"], "`reward.remote`: url 'ftp://x' must be an http://"),
+        (
+            ["reward.function=a:b", "reward.remote.url=http://h/s"],
+            "`reward`: set exactly one of `function`, `model` and `remote`",
+        ),
+        (
+            ["reward.terms=[{name: main, weight: 1, function: 'a:b'}]"],
+            "`reward.terms.0`: term name 'main' must be an identifier other than 'main'",
+        ),
+        (
+            ["reward.terms=[{name: t, weight: 1}]"],
+            "`reward.terms.0`: term 't': set exactly one of `function` and `remote`",
+        ),
+        ([TWO_TS], "`reward`: reward.terms names must differ, got ['t', 't']"),
+        (
+            ["reward.remote={url: 'http://10.0.0.1/score', token_env: T}"],
+            "`reward.remote`: token_env 'T' would send the token in clear over http://",
+        ),
+        (
+            ["reward.remote={url: 'http://127.0.0.1/score', ca_bundle: ca.pem}"],
+            "`reward.remote`: ca_bundle is set but url 'http://127.0.0.1/score' is not https://",
+        ),
+    ],
+)
+def test_reward_config_errors_name_the_setting_and_the_problem(overrides, says):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert says in str(err.value)
 
 
 def test_plan_shows_a_service_as_a_row_without_resources():
