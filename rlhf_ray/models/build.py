@@ -106,12 +106,29 @@ def disable_dropout(model: nn.Module) -> None:
     model.eval()
 
 
+def grow_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
+    """Rows for the tokens our tokenizer added to a pretrained model's (its ``<|pad|>``).
+
+    transformers draws new rows at random from the old rows' distribution, so the policy, the
+    reference and the critic, each resizing in its own process, held different pad rows and the
+    exported model depended on the process's RNG. Every new row is the mean of the old rows
+    instead: the same in every process, and (input and output rows alike) a token the model
+    gives a negligible probability (about 1e-8 on SmolLM2-135M)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    weights = {id(layer.weight): layer.weight for layer in layers if layer is not None}
+    with torch.no_grad():
+        for weight in weights.values():
+            weight[old:] = weight[:old].mean(0, keepdim=True)
+
+
 def _finish(
     model: PreTrainedModel, tok: SpecialIds, spec: ModelSource, device: torch.device | str
 ) -> PreTrainedModel:
     embeddings: Any = model.get_input_embeddings()
     if embeddings.num_embeddings < tok.vocab_size:
-        model.resize_token_embeddings(tok.vocab_size)
+        grow_vocabulary(model, tok.vocab_size)
     model.config.pad_token_id = tok.pad_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_id

@@ -246,3 +246,31 @@ def test_scalar_model_from_a_causal_lm_checkpoint_keeps_its_backbone(tok, tmp_pa
 def test_scalar_head_model_rejects_a_model_without_a_head(tok):
     with pytest.raises(ValueError, match="score"):
         ScalarHeadModel(build_causal_lm(spec(), tok))
+
+
+def test_rows_for_added_tokens_are_the_same_in_every_process(tok, tmp_path):
+    """A pretrained model whose vocabulary lacks our added pad token: every builder (each role,
+    in its own process and RNG state) gets the same new row, the mean of the old rows, so the
+    policy, reference and critic agree and the export does not depend on an RNG."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaConfig(
+        vocab_size=tok.vocab_size - 1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(small).save_pretrained(tmp_path)
+    spec = ModelSpec(path=str(tmp_path))
+    built = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        built.append(build_causal_lm(spec, tok).get_input_embeddings().weight.detach().clone())
+    old = built[0][:-1]
+    assert built[0].shape[0] == tok.vocab_size
+    assert torch.equal(built[0], built[1])
+    assert torch.allclose(built[0][-1], old.mean(0))
