@@ -317,8 +317,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _local_models(cfg)
     from rlhf_ray.observe.runs import new_run_dir
     from rlhf_ray.ppo.preflight import check_eval_models
-    from rlhf_ray.stages.evaluate import run_eval
+    from rlhf_ray.stages.evaluate import run_eval, with_heldout_prompts
 
+    cfg = with_heldout_prompts(cfg)  # builtin:arithmetic's run: its held-out split by default
     check_eval_models(cfg)
     run_dir = args.run_dir or new_run_dir(prefix="eval")
     local = _new("rlhf_ray.workers.evaluation:InProcessEvalWorkers", cfg)
