@@ -323,3 +323,39 @@ def test_cli_resolves_before_anything_starts(tmp_path):
         pythonpath=str(Path(__file__).resolve().parents[2]),
     )
     assert_user_error(proc, "builtin:gpt5")
+
+
+def test_ppo_on_a_gguf_policy_converts_once_and_records_both_paths(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    """`rlhf-ray ppo --in-process` with policy.model.path a .gguf file: converted once on the
+    driver (the reference, a copy of the policy, reuses it), trained, and the run's config says
+    what was given and what was read."""
+    import yaml
+
+    from tests.test_cli import run_cli
+
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    monkeypatch.setenv("RLHF_RAY_CACHE", str(cache))
+    proc = run_cli(
+        "ppo",
+        "--in-process",
+        "--run-dir",
+        str(run_dir),
+        f"policy.model.path={tiny_gguf}",
+        "data.chat_template=true",
+        "train.rounds=1",
+        "rollout.batch_size=8",
+        "ppo.minibatch_size=8",
+        "policy.engine=torch",
+        "policy.num_ranks=1",
+        "value.engine=torch",
+        cwd=tmp_path,
+        pythonpath=str(Path(__file__).resolve().parents[2]),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("[rlhf_ray] converting tiny.Q8_0.gguf") == 1
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())["policy"]["model"]
+    assert written["resolved_from"] == str(tiny_gguf)
+    assert Path(written["path"]).parent == cache / "models"
+    assert (run_dir / "policy" / "config.json").exists()
