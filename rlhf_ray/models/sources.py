@@ -192,12 +192,17 @@ _Config = TypeVar("_Config", bound=BaseModel)
 def resolve_models(cfg: _Config, cache: Path | None = None) -> _Config:
     """``cfg`` with every model path that is a ``.gguf`` file or a ``builtin:`` name replaced by
     its converted local directory (the given name kept in ``resolved_from``), and every
-    Hugging Face tokenizer path likewise; ``cfg`` itself when there is none."""
+    Hugging Face tokenizer path likewise; ``cfg`` itself when there is none. A path resolved
+    before (a run's ``config.yaml``) whose directory is not here is resolved again from its
+    ``resolved_from``."""
     if isinstance(cfg, ModelSpec):
-        if not needs_resolving(cfg.path):
+        given = cfg.path
+        if cfg.resolved_from is not None and not Path(str(cfg.path)).expanduser().exists():
+            given = cfg.resolved_from  # a run's config from another machine or cache: again
+        if not needs_resolving(given):
             return cfg
-        local = resolve_model_source(str(cfg.path), cache)
-        return cfg.model_copy(update={"path": local, "resolved_from": cfg.path})
+        local = resolve_model_source(str(given), cache)
+        return cfg.model_copy(update={"path": local, "resolved_from": given})
     if isinstance(cfg, TokenizerConfig):
         if cfg.kind != "hf" or not needs_resolving(cfg.name_or_path):
             return cfg

@@ -183,6 +183,17 @@ def test_resolve_models_rewrites_every_gguf_path_and_records_it(tiny_gguf, conve
     assert resolve_models(again) is again
 
 
+def test_a_run_config_from_elsewhere_is_resolved_again(tiny_gguf, converted):
+    """A run's config.yaml names a converted directory that this machine lacks: the file it
+    was given as is converted (or found in the cache) again."""
+    cfg = load_config(
+        None, ["policy.model.path=/elsewhere/cache/x", f"policy.model.resolved_from={tiny_gguf}"]
+    )
+    out = resolve_models(cfg, cache=converted.parent.parent)
+    assert out.policy.model.path == str(converted)
+    assert out.policy.model.resolved_from == str(tiny_gguf)
+
+
 def load_config_text(text: str) -> Config:
     import yaml
 
