@@ -158,10 +158,19 @@ def _printed(cfg: Any, args: argparse.Namespace) -> bool:
     return args.print_config
 
 
+def _local_models(cfg: Any) -> Any:
+    """``cfg`` with every model path that is a .gguf file or a ``builtin:`` name converted
+    (once, into the cache) to a local directory: here on the driver, before any actor starts."""
+    from rlhf_ray.models.sources import resolve_models
+
+    return resolve_models(cfg)
+
+
 def cmd_ppo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if _printed(cfg, args):
         return 0
+    cfg = _local_models(cfg)
     from rlhf_ray.observe.console import ppo_summary, print_summary
     from rlhf_ray.observe.metrics import check_sinks, read_metrics
     from rlhf_ray.observe.runs import new_run_dir
@@ -189,6 +198,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = (load_sft_config if sft else load_rm_config)(args.config, args.overrides)
     if _printed(cfg, args):
         return 0
+    cfg = _local_models(cfg)
     from rlhf_ray.observe.console import print_summary, stage_summary
     from rlhf_ray.observe.metrics import check_sinks
     from rlhf_ray.observe.runs import new_run_dir
@@ -263,15 +273,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.models.sources import resolve_model_source
     from rlhf_ray.observe.console import Summary, print_summary
     from rlhf_ray.ppo.generate import format_samples, generate_samples, run_config_of
 
-    config_path = args.config or run_config_of(args.policy)
-    cfg = load_config(config_path, args.overrides)
-    samples = generate_samples(cfg, args.policy, args.prompt, args.num_prompts, args.seed)
+    policy = Path(resolve_model_source(str(args.policy)))
+    config_path = args.config or run_config_of(policy)
+    cfg = _local_models(load_config(config_path, args.overrides))
+    samples = generate_samples(cfg, policy, args.prompt, args.num_prompts, args.seed)
     print(format_samples(samples))
     artifacts: dict[str, Path | str] = {
-        "policy": args.policy.resolve(),
+        "policy": policy.resolve(),
         "config": config_path or "embedded default",
     }
     if args.out:
@@ -306,10 +318,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_eval_config(args.config, overrides)
     if _printed(cfg, args):
         return 0
+    cfg = _local_models(cfg)
     from rlhf_ray.observe.runs import new_run_dir
     from rlhf_ray.ppo.preflight import check_eval_models
-    from rlhf_ray.stages.evaluate import run_eval
+    from rlhf_ray.stages.evaluate import run_eval, with_heldout_prompts
 
+    cfg = with_heldout_prompts(cfg)  # builtin:arithmetic's run: its held-out split by default
     check_eval_models(cfg)
     run_dir = args.run_dir or new_run_dir(prefix="eval")
     local = _new("rlhf_ray.workers.evaluation:InProcessEvalWorkers", cfg)
@@ -322,6 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors first, before importing ray
+    cfg = _local_models(cfg)  # the memory estimate reads each model's config.json
     from rlhf_ray.distributed.plan import check_plan
 
     return check_plan(cfg, args.address)
@@ -340,6 +355,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     from rlhf_ray.distributed.reward_service import serve_from_args
+    from rlhf_ray.models.sources import resolve_model_source
+
+    if args.reward_model is not None:
+        args.reward_model = resolve_model_source(args.reward_model)
 
     return serve_from_args(args, [os.getcwd()])
 

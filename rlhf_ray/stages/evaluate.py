@@ -40,10 +40,11 @@ from rlhf_ray.algo import (
     win_rate,
     win_rate_interval,
 )
-from rlhf_ray.config.ppo import ConfigError, load_config, to_yaml
+from rlhf_ray.config.ppo import Config, ConfigError, load_config, to_yaml
 from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.data.chat_format import render_transcript
 from rlhf_ray.data.prompts import load_prompt_conversations, load_prompt_set
+from rlhf_ray.data.sources import HELDOUT_SPLITS
 from rlhf_ray.data.tokenization import Tokenizer, build_tokenizer, chat_template_start
 from rlhf_ray.observe.metrics import MetricsLog, PhaseTimer
 from rlhf_ray.ppo.batches import PromptTexts, check_rollout, tokenize_prompts
@@ -53,24 +54,53 @@ from rlhf_ray.workers.evaluation import LOADED, MODELS, EvalWorkers
 # setup helpers
 
 
-def trained_conversations(policy_path: str | None) -> tuple[set[str], Path | None]:
-    """The prompts (conversations, as JSON) of the PPO run ``policy_path`` comes from: the
-    first ``config.yaml`` of a PPO run in its directory or up to two levels above (RUN/policy,
-    RUN/checkpoints/round_N/policy), and that file; empty and None when there is none."""
+def trained_run(policy_path: str | None) -> tuple[Config | None, Path | None]:
+    """The config of the PPO run ``policy_path`` comes from: the first ``config.yaml`` of a
+    PPO run in its directory or up to two levels above (RUN/policy,
+    RUN/checkpoints/round_N/policy), and that file; None and None when there is none."""
     if not policy_path:
-        return set(), None
+        return None, None
     for directory in list(Path(policy_path).resolve().parents)[:3]:
         path = directory / "config.yaml"
         if not path.is_file():
             continue
         try:
-            ppo = load_config(path)
+            return load_config(path), path
         except ConfigError:
             continue  # another stage's config (sft, train-rm): not a PPO run
-        d = ppo.data
-        conversations = load_prompt_conversations(d.prompts, d.prompt_field, d.split, d.format)
-        return {json.dumps(c, sort_keys=True) for c in conversations}, path
-    return set(), None
+    return None, None
+
+
+def trained_conversations(policy_path: str | None) -> tuple[set[str], Path | None]:
+    """The prompts (conversations, as JSON) of the PPO run ``policy_path`` comes from
+    (``trained_run``), and its config file; empty and None when there is none."""
+    ppo, path = trained_run(policy_path)
+    if ppo is None:
+        return set(), None
+    d = ppo.data
+    conversations = load_prompt_conversations(d.prompts, d.prompt_field, d.split, d.format)
+    return {json.dumps(c, sort_keys=True) for c in conversations}, path
+
+
+def with_heldout_prompts(cfg: EvalConfig) -> EvalConfig:
+    """``cfg``, or, when ``data.prompts`` is unset and the policy's PPO run trained on a
+    built-in set with a held-out split (``builtin:arithmetic``), ``cfg`` with that run's data
+    section on the held-out split (``builtin:arithmetic-heldout``): the prompts rendered as
+    PPO rendered them (chat template, length), the data settings given to eval kept."""
+    if "prompts" in cfg.data.model_fields_set or not cfg.eval.exclude_trained_prompts:
+        return cfg
+    ppo, path = trained_run(cfg.policy.path)
+    if ppo is None or ppo.data.prompts not in HELDOUT_SPLITS:
+        return cfg
+    given = {name: getattr(cfg.data, name) for name in cfg.data.model_fields_set}
+    heldout = HELDOUT_SPLITS[ppo.data.prompts]
+    print(
+        f"[rlhf_ray] eval: prompts from {heldout}, the held-out split of the policy's PPO "
+        f"prompts {ppo.data.prompts} ({path}), since data.prompts is not set",
+        flush=True,
+    )
+    data = ppo.data.model_copy(update={**given, "prompts": heldout})
+    return cfg.model_copy(update={"data": data})
 
 
 def eval_prompts(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[PromptTexts, int]:
@@ -276,6 +306,7 @@ def print_summary(summary: dict[str, Any], num_prompts: int) -> None:
 def run_eval(cfg: EvalConfig, workers: EvalWorkers, run_dir: Path) -> dict[str, Any]:
     """Generate -> score -> compare over the held-out prompts, then write the report.
     Returns the summary (what ``eval.json`` holds)."""
+    cfg = with_heldout_prompts(cfg)  # (a no-op when the CLI has done it)
     tokenizer, prompts, dropped, log = start_eval(cfg, run_dir)
     timer = PhaseTimer()
     rows: list[dict[str, Any]] = []

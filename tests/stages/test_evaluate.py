@@ -143,3 +143,31 @@ def test_eval_rewards_get_the_prompt_columns(models, tmp_path):
     )
     report = run_eval(cfg, InProcessEvalWorkers(cfg), tmp_path / "run")  # label_term checks
     assert report["num_prompts"] == 6 and 0 <= report["policy/reward_mean"] <= 1
+
+
+def test_eval_after_arithmetic_training_uses_the_heldout_split(tmp_path, capsys):
+    """The policy's PPO run trained on builtin:arithmetic: with data.prompts unset, eval reads
+    builtin:arithmetic-heldout, rendered as that run rendered its prompts; a data.prompts given
+    is kept."""
+    from rlhf_ray.config.ppo import load_config, to_yaml
+    from rlhf_ray.stages.evaluate import eval_prompts, with_heldout_prompts
+
+    run = tmp_path / "ppo_run"
+    (run / "policy").mkdir(parents=True)
+    ppo = load_config(None, ["data.prompts=builtin:arithmetic", "data.max_prompt_tokens=80"])
+    (run / "config.yaml").write_text(to_yaml(ppo))
+    base = [f"policy.path={run / 'policy'}", "eval.num_prompts=null"]
+    cfg = with_heldout_prompts(load_eval_config(None, [*base, "data.on_bad_row=skip"]))
+    assert cfg.data.prompts == "builtin:arithmetic-heldout"
+    assert cfg.data.max_prompt_tokens == 80 and cfg.data.on_bad_row == "skip"
+    assert "held-out split" in capsys.readouterr().out
+    assert with_heldout_prompts(cfg) is cfg
+    prompts, dropped = eval_prompts(cfg, TiktokenTokenizer.byte_level())
+    assert len(prompts) == 221 and dropped == 0
+    assert prompts.columns[0]["label"] == int(prompts[0].split()[2]) + int(
+        prompts[0].split()[4][:-1]
+    )
+    given = load_eval_config(None, [*base, "data.prompts=builtin"])
+    assert with_heldout_prompts(given) is given
+    off = load_eval_config(None, [*base, "eval.exclude_trained_prompts=false"])
+    assert with_heldout_prompts(off) is off
