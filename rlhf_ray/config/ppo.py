@@ -219,6 +219,13 @@ class PPOConfig(Section):
         description="Rows per forward/backward on one rank; gradients accumulate over a "
         "rank's share of a minibatch (null: the whole share at once, no accumulation).",
     )
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="KL early stopping: once a minibatch's ppo/approx_kl (mean over ranks) "
+        "passes this, the policy skips the rest of the round's minibatches and epochs on every "
+        "rank; the critic trains on (README). Not kl_target (adaptive beta). null: off.",
+    )
     dual_clip: float | None = Field(
         None,
         gt=1,
