@@ -56,6 +56,11 @@ class RewardTerm(Section):
         None, description="'package.module:callable', called as a reward function."
     )
     remote: RemoteRewardConfig | None = Field(None, description="A reward service.")
+    kwargs: dict[str, float | int | str | bool] = Field(
+        default_factory=dict,
+        description="Fixed keyword arguments of `function` (e.g. {target: 40, unit: words} for "
+        "rlhf_ray.rewards:length_penalty); a parameter given here is not read from a column.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardTerm:
@@ -63,6 +68,8 @@ class RewardTerm(Section):
             raise ValueError(f"term name {self.name!r} must be an identifier other than 'main'")
         if (self.function is None) == (self.remote is None):
             raise ValueError(f"term {self.name!r}: set exactly one of `function` and `remote`")
+        if self.kwargs and self.function is None:
+            raise ValueError(f"term {self.name!r}: kwargs are a function's; set `function`")
         if self.function is not None and ":" not in self.function:
             raise ValueError(
                 f"term {self.name!r}: function {self.function!r} must look like "

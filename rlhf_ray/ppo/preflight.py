@@ -81,20 +81,25 @@ def check_reward(
     ``fn(prompts, responses, <columns>)``, asking only for columns the prompt set has (when
     ``column_names`` is given); a ``reward.model`` path exists."""
     check_model("reward.model", reward.model)
-    functions = [("reward.function", reward.function)]
-    functions += [(f"reward.terms[{t.name}].function", t.function) for t in reward.terms]
-    for setting, name in functions:
+    functions = [("reward.function", reward.function, {})]
+    functions += [(f"reward.terms[{t.name}].function", t.function, t.kwargs) for t in reward.terms]
+    for setting, name, kwargs in functions:
         if name is not None:
-            _check_function(setting, name, search_path, column_names)
+            _check_function(setting, name, search_path, column_names, kwargs)
 
 
 def _check_function(
-    setting: str, name: str, search_path: Sequence[str], column_names: Sequence[str] | None
+    setting: str,
+    name: str,
+    search_path: Sequence[str],
+    column_names: Sequence[str] | None,
+    kwargs: dict | None = None,
 ) -> None:
     from rlhf_ray.rewards.functions import column_parameters, load_reward_function, missing_columns
+    from rlhf_ray.rewards.terms import bind_kwargs
 
     try:
-        fn = load_reward_function(name, search_path)
+        fn = bind_kwargs(load_reward_function(name, search_path), kwargs or {}, setting)
     except ValueError as exc:
         raise UserError(str(exc).replace("reward.function", setting, 1)) from None
     except Exception as exc:  # the module itself fails to import (SyntaxError, NameError ...)

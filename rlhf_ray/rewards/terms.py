@@ -9,13 +9,14 @@ weight) and, when a part is remote, ``reward_remote/latency_s`` and ``reward_rem
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rlhf_ray.errors import UserError
-from rlhf_ray.rewards.functions import call_reward_function, load_reward_function
+from rlhf_ray.rewards.functions import RewardFn, call_reward_function, load_reward_function
 from rlhf_ray.rewards.remote import RemoteReward, RemoteStats
 from rlhf_ray.types import Rollout
 
@@ -27,8 +28,33 @@ class RewardTermError(UserError, RuntimeError):
     """A reward term failed; the message names it."""
 
 
-def function_part(name: str, search_path: list[str]) -> Part:
-    fn = load_reward_function(name, search_path)
+def bind_kwargs(fn: RewardFn, kwargs: dict[str, Any], setting: str) -> RewardFn:
+    """``fn`` with the fixed keyword arguments ``kwargs`` (a term's ``kwargs``): a parameter
+    bound so is left out of the signature, so it is never read from a prompt-set column."""
+    if not kwargs:
+        return fn
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in kwargs if k not in params or list(params).index(k) < 2)
+    if unknown and not takes_all:
+        raise ValueError(
+            f"{setting}.kwargs: {unknown} are not keyword parameters of the function "
+            f"(it takes {list(params)[2:]})"
+        )
+
+    def bound(*args: Any, **columns: Any) -> Any:
+        return fn(*args, **columns, **kwargs)
+
+    kept = [p for p in params.values() if p.name not in kwargs]
+    bound.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
+    return bound
+
+
+def function_part(
+    name: str, search_path: list[str], kwargs: dict[str, Any] | None = None, setting: str = ""
+) -> Part:
+    fn = bind_kwargs(load_reward_function(name, search_path), kwargs or {}, setting)
 
     def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
         scores = call_reward_function(fn, name, rollout.prompts, rollout.responses, rollout.columns)
@@ -71,7 +97,7 @@ class RewardParts:
         for term in reward_cfg.terms:
             setting = f"reward.terms[{term.name}]"
             part = (
-                function_part(term.function, search_path)
+                function_part(term.function, search_path, term.kwargs, setting)
                 if term.function is not None
                 else remote_part(term.remote, setting + ".remote")
             )
