@@ -222,9 +222,8 @@ class PPOConfig(Section):
     target_kl: float | None = Field(
         None,
         gt=0,
-        description="KL early stopping: once a minibatch's ppo/approx_kl (mean over ranks) "
-        "passes this, the policy skips the rest of the round's minibatches and epochs on every "
-        "rank; the critic trains on (README). Not kl_target (adaptive beta). null: off.",
+        description="KL early stopping: once a minibatch's ppo/approx_kl passes this, the policy "
+        "skips the rest of the round's update on every rank (README). null: off.",
     )
     dual_clip: float | None = Field(
         None,
@@ -435,8 +434,9 @@ class Config(Section):
                 )
             if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
-        if has_critic(self) and self.value.init_from_reward and self.reward.model is None:
-            raise ValueError("value.init_from_reward needs reward.model")
+        one_rm = isinstance(self.reward.model, ModelSpec)
+        if has_critic(self) and self.value.init_from_reward and not one_rm:
+            raise ValueError("value.init_from_reward needs one reward.model (not an ensemble)")
         return self
 
     @model_validator(mode="after")
@@ -486,7 +486,7 @@ def policy_optimizer_steps(cfg: Config) -> int:
 def value_init_spec(cfg: Config) -> ModelSpec:
     """The critic's initial weights: its own model, or the reward model's when
     ``value.init_from_reward`` (a common choice: the critic starts knowing what scores well)."""
-    if cfg.value.init_from_reward and cfg.reward.model is not None:
+    if cfg.value.init_from_reward and isinstance(cfg.reward.model, ModelSpec):
         return cfg.reward.model.model_copy(update={"dtype": cfg.value.model.dtype})
     return cfg.value.model
 

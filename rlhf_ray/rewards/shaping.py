@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.algo import RunningMoments, apply_missing_eos_penalty, standardize
-from rlhf_ray.config.ppo import RewardConfig
+from rlhf_ray.config.ppo import ModelSpec, RewardConfig
 from rlhf_ray.errors import UserError
 
 STAT_KEYS = ("rlhf_ray_score_mean", "rlhf_ray_score_std")
@@ -65,7 +65,8 @@ class ScoreShaper:
         self.moments = RunningMoments()
         self.fixed: tuple[float, float] | None = None
         if self.mode == "model":
-            path = reward.model.path if reward.model is not None else None
+            one = reward.model if isinstance(reward.model, ModelSpec) else None  # not a list
+            path = one.path if one is not None else None
             if path is None:
                 raise UserError("reward.normalize=model needs reward.model.path (a saved model)")
             self.fixed = model_score_stats(path)

@@ -4,7 +4,9 @@ remote service) plus the weighted ``reward.terms``.
 ``RewardParts.score`` returns ``scores`` (B,): ``main + sum(weight * term)``, and for the
 metrics ``reward_term/main`` and ``reward_term/<name>`` (B,) (each part's own score, before its
 weight) and, when a part is remote, ``reward_remote/latency_s`` and ``reward_remote/retries``
-(1,) per scorer replica. A function or a service gets each sample's prompt-row columns.
+(1,) per scorer replica. A function or a service gets each sample's prompt-row columns. A model
+part (the main reward model or ensemble, a term's ``model``) is scored by the caller's
+``model_scores``; an ensemble adds ``reward_member/<i>`` (B,) and ``reward_ensemble/std`` (B,).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from rlhf_ray.rewards.functions import RewardFn, call_reward_function, load_rewa
 from rlhf_ray.rewards.remote import RemoteReward, RemoteStats
 from rlhf_ray.types import Rollout
 
-# A part: the rollout's scores (B,) and, for a remote part, its request stats.
-Part = Callable[[Rollout], tuple[torch.Tensor, RemoteStats | None]]
+# A part: the rollout's scores (B,), for a remote part its request stats, and extra per-sample
+# figures (an ensemble's members) to report beside them.
+Part = Callable[[Rollout], tuple[torch.Tensor, RemoteStats | None, dict[str, torch.Tensor]]]
+# What scores a model part: ``scores`` (B,) and any extra figures.
+ModelScores = Callable[[Rollout], dict[str, torch.Tensor]]
 
 
 class RewardTermError(UserError, RuntimeError):
@@ -56,9 +61,9 @@ def function_part(
 ) -> Part:
     fn = bind_kwargs(load_reward_function(name, search_path), kwargs or {}, setting)
 
-    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
+    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None, dict]:
         scores = call_reward_function(fn, name, rollout.prompts, rollout.responses, rollout.columns)
-        return torch.tensor(scores, dtype=torch.float32), None
+        return torch.tensor(scores, dtype=torch.float32), None, {}
 
     return part
 
@@ -66,25 +71,31 @@ def function_part(
 def remote_part(cfg: Any, setting: str) -> Part:
     client = RemoteReward(cfg, setting)
 
-    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None]:
+    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None, dict]:
         scores, stats = client.score(rollout.prompts, rollout.responses, rollout.columns)
-        return torch.tensor(scores, dtype=torch.float32), stats
+        return torch.tensor(scores, dtype=torch.float32), stats, {}
 
     return part
 
 
-def model_part(model_scores: Callable[[Rollout], torch.Tensor]) -> Part:
-    return lambda rollout: (model_scores(rollout).float().cpu(), None)
+def model_part(model_scores: ModelScores) -> Part:
+    def part(rollout: Rollout) -> tuple[torch.Tensor, RemoteStats | None, dict]:
+        out = dict(model_scores(rollout))
+        return out.pop("scores").float().cpu(), None, out
+
+    return part
 
 
 class RewardParts:
-    """The main part of ``reward_cfg`` (``model_scores`` for a reward model) and its terms."""
+    """The main part of ``reward_cfg`` (``model_scores`` for a reward model or an ensemble)
+    and its terms (``term_models[name]`` for a term's ``model``)."""
 
     def __init__(
         self,
         reward_cfg: Any,
         search_path: list[str],
-        model_scores: Callable[[Rollout], torch.Tensor] | None = None,
+        model_scores: ModelScores | None = None,
+        term_models: dict[str, ModelScores] | None = None,
     ):
         if reward_cfg.remote is not None:
             self.main = remote_part(reward_cfg.remote, "reward.remote")
@@ -96,20 +107,22 @@ class RewardParts:
         self.terms: list[tuple[str, float, Part]] = []
         for term in reward_cfg.terms:
             setting = f"reward.terms[{term.name}]"
-            part = (
-                function_part(term.function, search_path, term.kwargs, setting)
-                if term.function is not None
-                else remote_part(term.remote, setting + ".remote")
-            )
+            if term.function is not None:
+                part = function_part(term.function, search_path, term.kwargs, setting)
+            elif term.remote is not None:
+                part = remote_part(term.remote, setting + ".remote")
+            else:
+                assert term_models is not None, "a term's reward model needs term_models"
+                part = model_part(term_models[term.name])
             self.terms.append((term.name, term.weight, part))
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        main, stats = self.main(rollout)
-        out = {"scores": main.clone(), "reward_term/main": main}
+        main, stats, extras = self.main(rollout)
+        out = {"scores": main.clone(), "reward_term/main": main, **extras}
         remote = [stats] if stats is not None else []
         for name, weight, part in self.terms:
             try:
-                value, stats = part(rollout)
+                value, stats, _ = part(rollout)
             except Exception as exc:
                 raise RewardTermError(f"reward term {name!r} failed: {exc}") from exc
             out[f"reward_term/{name}"] = value
@@ -123,12 +136,17 @@ class RewardParts:
 
 
 def reward_metrics(scored: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``reward/<part>_mean`` of each part, ``reward/remote_latency_s`` (mean over replicas)
-    and ``reward/remote_retries`` (their sum) from the scored round."""
+    """``reward/<part>_mean`` of each part, an ensemble's ``reward/member<i>_mean`` and
+    ``reward/ensemble_std``, ``reward/remote_latency_s`` (mean over replicas) and
+    ``reward/remote_retries`` (their sum) from the scored round."""
     out = {}
     for key, value in scored.items():
         if key.startswith("reward_term/"):
             out[f"reward/{key.removeprefix('reward_term/')}_mean"] = float(value.float().mean())
+        elif key.startswith("reward_member/"):  # an ensemble member's (standardised) scores
+            out[f"reward/member{key.removeprefix('reward_member/')}_mean"] = float(value.mean())
+    if "reward_ensemble/std" in scored:  # the members' disagreement, per sample, averaged
+        out["reward/ensemble_std"] = float(scored["reward_ensemble/std"].mean())
     if "reward_remote/latency_s" in scored:
         out["reward/remote_latency_s"] = float(scored["reward_remote/latency_s"].mean())
         out["reward/remote_retries"] = int(scored["reward_remote/retries"].sum())

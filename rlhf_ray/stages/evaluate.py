@@ -242,6 +242,14 @@ def _source(spec: Any) -> str:
     return spec.path or f"{spec.preset} preset (init_seed {spec.init_seed})"
 
 
+def reward_source(reward: Any) -> str:
+    """The reward model, or an ensemble's members and how they combine."""
+    if not isinstance(reward.model, list):
+        return _source(reward.model) if reward.model is not None else str(reward.remote.url)
+    members = ", ".join(_source(m) for m in reward.model)
+    return f"ensemble ({reward.ensemble.combine}) of {members}"
+
+
 # --------------------------------------------------------------------------------------------
 # the stage
 
@@ -343,7 +351,7 @@ def write_report(
         "win_rate_ties": "count half",
         "policy": _source(cfg.policy),
         "baseline": _source(cfg.baseline),
-        "reward": cfg.reward.function or _source(cfg.reward.model),
+        "reward": cfg.reward.function or reward_source(cfg.reward),
         "prompts": cfg.data.prompts,
         "excluded_trained_prompts": dropped,
     }
