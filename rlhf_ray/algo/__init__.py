@@ -16,6 +16,7 @@ from rlhf_ray.algo.comparison import (
     win_rate,
     win_rate_interval,
 )
+from rlhf_ray.algo.ensemble import ENSEMBLE_COMBINES, combine_ensemble, ensemble_std
 from rlhf_ray.algo.estimators import (
     discounted_returns,
     grpo_advantages,
@@ -52,6 +53,9 @@ from rlhf_ray.algo.sampling import (
 from rlhf_ray.algo.stage_losses import bradley_terry_loss, sft_loss
 
 __all__ = [
+    "ENSEMBLE_COMBINES",
+    "combine_ensemble",
+    "ensemble_std",
     "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
     "RunningMoments",

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_ray.config.cluster import ClusterConfig, NodeSpec
 from rlhf_ray.config.loading import ConfigError, load_schema, parse_overrides, to_yaml
 from rlhf_ray.config.roles import (
     DEFAULT_REWARD_FUNCTION,
@@ -222,6 +223,12 @@ class PPOConfig(Section):
         description="Rows per forward/backward on one rank; gradients accumulate over a "
         "rank's share of a minibatch (null: the whole share at once, no accumulation).",
     )
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="KL early stopping: once a minibatch's ppo/approx_kl passes this, the policy "
+        "skips the rest of the round's update on every rank (README). null: off.",
+    )
     dual_clip: float | None = Field(
         None,
         gt=1,
@@ -341,49 +348,6 @@ class SyncConfig(Section):
 SYNC_TOLERANCE: dict[str, float] = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.25}
 
 
-class NodeSpec(Section):
-    """One kind of node of a cluster described offline (for `rlhf-ray plan`)."""
-
-    cpus: float = Field(..., ge=0, description="CPUs per node.")
-    gpus: float = Field(0.0, ge=0, description="GPUs per node.")
-    count: int = Field(1, ge=1, description="Nodes of this kind.")
-    gpu_memory_gb: float | None = Field(
-        None, gt=0, description="Memory of each GPU in GB (null: the memory check is skipped)."
-    )
-
-
-class ClusterConfig(Section):
-    """How Ray is reached and how long actors may wait for resources."""
-
-    nodes: list[NodeSpec] | None = Field(
-        None,
-        description="The target cluster, for planning without connecting to it (null: the "
-        "cluster at --address/RAY_ADDRESS, else this machine).",
-    )
-
-    num_cpus: int | None = Field(
-        None, gt=0, description="CPUs of a locally started Ray (null: all of this machine)."
-    )
-    namespace: str = Field(
-        "rlhf_ray",
-        min_length=1,
-        description="Ray namespace of the run's named actors (one run per namespace at a time).",
-    )
-    actor_start_timeout_s: float = Field(
-        180.0, gt=0, description="Give up (clearly) if actors stay pending this long."
-    )
-    learner_resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources each learner rank also requests, to pin the learner "
-        "groups to nodes that offer them (e.g. {learner_node: 0.01}).",
-    )
-    spread: bool = Field(
-        True,
-        description="Spread rollout workers and scorers over the cluster's nodes (Ray SPREAD "
-        "scheduling), so that losing one node loses few of them.",
-    )
-
-
 class Config(Section):
     """A whole rlhf_ray PPO run."""
 
@@ -431,8 +395,9 @@ class Config(Section):
                 )
             if role.num_gpus_per_rank == 0 and role.model.dtype == "float16":
                 raise ValueError(f"{name}.model.dtype float16 needs GPUs; use bfloat16 on CPU")
-        if has_critic(self) and self.value.init_from_reward and self.reward.model is None:
-            raise ValueError("value.init_from_reward needs reward.model")
+        one_rm = isinstance(self.reward.model, ModelSpec)
+        if has_critic(self) and self.value.init_from_reward and not one_rm:
+            raise ValueError("value.init_from_reward needs one reward.model (not an ensemble)")
         return self
 
     @model_validator(mode="after")
@@ -482,7 +447,7 @@ def policy_optimizer_steps(cfg: Config) -> int:
 def value_init_spec(cfg: Config) -> ModelSpec:
     """The critic's initial weights: its own model, or the reward model's when
     ``value.init_from_reward`` (a common choice: the critic starts knowing what scores well)."""
-    if cfg.value.init_from_reward and cfg.reward.model is not None:
+    if cfg.value.init_from_reward and isinstance(cfg.reward.model, ModelSpec):
         return cfg.reward.model.model_copy(update={"dtype": cfg.value.model.dtype})
     return cfg.value.model
 

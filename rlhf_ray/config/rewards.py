@@ -1,15 +1,18 @@
 """Config sections of the reward sources beyond a model or a local function: a remote reward
-service (``reward.remote``) and weighted reward terms (``reward.terms``). ``config.RewardConfig``
-holds them; the service contract is in ``rlhf_ray.rewards.remote``."""
+service (``reward.remote``), weighted reward terms (``reward.terms``) and how the members of a
+reward-model ensemble combine (``reward.ensemble``). ``config.RewardConfig`` holds them; the
+service contract is in ``rlhf_ray.rewards.remote``."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
+from rlhf_ray.config.model_spec import ModelSpec
 from rlhf_ray.config.sections import Section
 
 
@@ -86,16 +89,50 @@ class RewardTerm(Section):
         None, description="'package.module:callable', called as a reward function."
     )
     remote: RemoteRewardConfig | None = Field(None, description="A reward service.")
+    model: ModelSpec | None = Field(
+        None,
+        description="A reward model (e.g. RUN/reward_model of `rlhf-ray train-rm`), held by the "
+        "reward actors beside the main one; its raw score is the term (reward.append_eos "
+        "applies; a directory with its own tokenizer reads the text in it).",
+    )
+    kwargs: dict[str, float | int | str | bool] = Field(
+        default_factory=dict,
+        description="Fixed keyword arguments of `function` (e.g. {target: 40, unit: words} for "
+        "rlhf_ray.rewards:length_penalty); a parameter given here is not read from a column.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardTerm:
         if not _NAME.match(self.name) or self.name == "main":
             raise ValueError(f"term name {self.name!r} must be an identifier other than 'main'")
-        if (self.function is None) == (self.remote is None):
-            raise ValueError(f"term {self.name!r}: set exactly one of `function` and `remote`")
+        if sum(x is not None for x in (self.function, self.remote, self.model)) != 1:
+            raise ValueError(
+                f"term {self.name!r}: set exactly one of `function`, `remote` and `model`"
+            )
+        if self.kwargs and self.function is None:
+            raise ValueError(f"term {self.name!r}: kwargs are a function's; set `function`")
         if self.function is not None and ":" not in self.function:
             raise ValueError(
                 f"term {self.name!r}: function {self.function!r} must look like "
                 "'package.module:callable'"
             )
         return self
+
+
+class RewardEnsemble(Section):
+    """How the scores of a list of reward models (``reward.model: [..]``) become one score per
+    sample (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization")."""
+
+    combine: Literal["mean", "min", "mean_minus_std"] = Field(
+        "mean",
+        description="'mean' of the members' scores, 'min' (worst case), or 'mean_minus_std': "
+        "mean - k * std across members (uncertainty weighted; std with divisor M).",
+    )
+    k: float = Field(1.0, ge=0, description="mean_minus_std: the weight k of the std.")
+    standardize: Literal["model", "none"] = Field(
+        "model",
+        description="Before combining, 'model' standardises each member with the train-set "
+        "mean/std `rlhf-ray train-rm` stored with it (members trained with other seeds score "
+        "on other scales: a Bradley-Terry model is defined up to a shift); 'none' combines raw "
+        "scores.",
+    )

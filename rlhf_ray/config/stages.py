@@ -236,6 +236,13 @@ class EvalSettings(Section):
     phase_timeout_s: float = Field(
         600.0, gt=0, description="Longest wait for a generation or scoring call (on Ray)."
     )
+    max_length_gain: float | None = Field(
+        0.2,
+        gt=0,
+        description="Warn when the policy wins (win_rate > 0.5) while its mean response length "
+        "is more than this fraction above the baseline's (0.2: 20% longer): the win may be "
+        "length bias of the reward rather than better answers. null: no warning.",
+    )
     exclude_trained_prompts: bool = Field(
         True,
         description="Drop every prompt of the PPO run the policy comes from (the `config.yaml` "

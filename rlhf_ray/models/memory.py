@@ -42,6 +42,7 @@ from rlhf_ray.config.ppo import (
     reward_tokenizer,
     value_init_spec,
 )
+from rlhf_ray.config.roles import reward_models
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -381,11 +382,11 @@ def scorers_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]
     scorers: list[tuple[str, Any, ModelSpec, bool, Any]] = [
         ("reference", cfg.reference, ref_spec, True, tok)
     ]
-    if cfg.reward.model is not None:
-        scorers.append(
-            ("reward", cfg.reward, cfg.reward.model, False, reward_tokenizer(cfg.reward, tok))
-        )
-    else:
+    # every reward model (main, ensemble members, terms' models) lives in each reward replica
+    reward_specs = reward_models(cfg.reward) + [t.model for t in cfg.reward.terms if t.model]
+    for spec in reward_specs:
+        scorers.append(("reward", cfg.reward, spec, False, reward_tokenizer(cfg.reward, tok, spec)))
+    if cfg.reward.model is None:
         remote = cfg.reward.remote
         source = f"remote service {remote.url}" if remote else f"function {cfg.reward.function}"
         out["reward"] = Estimate({}, source)
@@ -404,6 +405,10 @@ def scorers_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]
             seq_len=seq,
             on_gpu=sc.num_gpus > 0,
         )
+        held = out.get(role)
+        if isinstance(held, Estimate):  # another model of the same replica: they add up
+            parts = {k: held.parts.get(k, 0.0) + parts.get(k, 0.0) for k in {*held.parts, *parts}}
+            source = f"{held.source} + {source}"
         out[role] = Estimate(parts, source)
     return out
 

@@ -27,6 +27,7 @@ from rlhf_ray.config.ppo import (
     policy_tokenizer,
     reward_tokenizer,
 )
+from rlhf_ray.config.roles import reward_models
 from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.data.tokenization import Tokenizer, build_tokenizer, same_tokenizer
 from rlhf_ray.errors import UserError
@@ -80,21 +81,30 @@ def check_reward(
     """``reward.function`` and every term's function import and can be called as
     ``fn(prompts, responses, <columns>)``, asking only for columns the prompt set has (when
     ``column_names`` is given); a ``reward.model`` path exists."""
-    check_model("reward.model", reward.model)
-    functions = [("reward.function", reward.function)]
-    functions += [(f"reward.terms[{t.name}].function", t.function) for t in reward.terms]
-    for setting, name in functions:
+    members = reward_models(reward)
+    for i, spec in enumerate(members):
+        check_model(f"reward.model[{i}]" if len(members) > 1 else "reward.model", spec)
+    for term in reward.terms:
+        check_model(f"reward.terms[{term.name}].model", term.model)
+    functions = [("reward.function", reward.function, {})]
+    functions += [(f"reward.terms[{t.name}].function", t.function, t.kwargs) for t in reward.terms]
+    for setting, name, kwargs in functions:
         if name is not None:
-            _check_function(setting, name, search_path, column_names)
+            _check_function(setting, name, search_path, column_names, kwargs)
 
 
 def _check_function(
-    setting: str, name: str, search_path: Sequence[str], column_names: Sequence[str] | None
+    setting: str,
+    name: str,
+    search_path: Sequence[str],
+    column_names: Sequence[str] | None,
+    kwargs: dict | None = None,
 ) -> None:
     from rlhf_ray.rewards.functions import column_parameters, load_reward_function, missing_columns
+    from rlhf_ray.rewards.terms import bind_kwargs
 
     try:
-        fn = load_reward_function(name, search_path)
+        fn = bind_kwargs(load_reward_function(name, search_path), kwargs or {}, setting)
     except ValueError as exc:
         raise UserError(str(exc).replace("reward.function", setting, 1)) from None
     except Exception as exc:  # the module itself fails to import (SyntaxError, NameError ...)
@@ -278,9 +288,12 @@ def check_model_tokenizers(cfg: Config) -> None:
     policy_tok = load_tokenizer(policy_tok_cfg, "the policy's tokenizer")
     if cfg.reward.model is None:
         return
-    reward_tok = load_tokenizer(
-        reward_tokenizer(cfg.reward, policy_tok_cfg), "the reward model's tokenizer"
-    )
+    specs = reward_models(cfg.reward) + [t.model for t in cfg.reward.terms if t.model]
+    reward_toks = [
+        load_tokenizer(reward_tokenizer(cfg.reward, policy_tok_cfg, s), f"{s.path}'s tokenizer")
+        for s in specs
+    ]
+    reward_tok = reward_toks[0]
     if cfg.value.init_from_reward and not same_tokenizer(policy_tok, reward_tok):
         raise UserError(
             f"value.init_from_reward: the reward model {cfg.reward.model.path} has a tokenizer "
@@ -309,5 +322,5 @@ def check_eval_models(cfg: EvalConfig) -> None:
                 f"({tok_cfg.name_or_path or tok_cfg.kind}); eval compares the two token by "
                 "token: give both the same tokenizer"
             )
-    if cfg.reward.model is not None:
-        load_tokenizer(reward_tokenizer(cfg.reward, tok_cfg), "the reward model's tokenizer")
+    for spec in reward_models(cfg.reward) + [t.model for t in cfg.reward.terms if t.model]:
+        load_tokenizer(reward_tokenizer(cfg.reward, tok_cfg, spec), "the reward model's tokenizer")

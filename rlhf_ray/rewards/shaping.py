@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.algo import RunningMoments, apply_missing_eos_penalty, standardize
-from rlhf_ray.config.ppo import RewardConfig
+from rlhf_ray.config.ppo import ModelSpec, RewardConfig
 from rlhf_ray.errors import UserError
 from rlhf_ray.rewards.remote import service_info
 
@@ -87,7 +87,8 @@ class ScoreShaper:
         if self.mode == "model" and reward.remote is not None:
             self.fixed = served_stats(served, reward.remote.url)
         elif self.mode == "model":
-            path = reward.model.path if reward.model is not None else None
+            one = reward.model if isinstance(reward.model, ModelSpec) else None  # not a list
+            path = one.path if one is not None else None
             if path is None:
                 raise UserError("reward.normalize=model needs reward.model.path (a saved model)")
             self.fixed = model_score_stats(path)

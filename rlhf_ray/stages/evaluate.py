@@ -13,7 +13,9 @@ logged; then (4) the summary goes to ``eval.json`` and ``eval.md``, every sample
 - ``kl_to_baseline``: mean over the policy's samples of the summed per-token KL estimate
   ``eval.kl_estimator`` (k1: log pi - log pi_baseline) at the sampling temperature: an estimate
   of KL(policy || baseline) per response, in nats; 0 when policy == baseline;
-- ``*/response_length``: mean response tokens (up to and including EOS);
+- ``*/response_length``: mean response tokens (up to and including EOS); ``length_gain``:
+  the policy's over the baseline's, minus 1. A policy that wins (win rate above 0.5) with a
+  ``length_gain`` above ``eval.max_length_gain`` gets ``length_warning`` (length bias);
 - ``*/reward_ci_low`` / ``_high``: the 95% interval of each model's mean reward (Wilson's when
   every score is 0 or 1, an accuracy; else the t interval), ``algo.mean_interval``;
 - ``n``: the number of paired prompts; ``win_rate_ci_low`` / ``_high``: the 95% Wilson
@@ -166,6 +168,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
         out[f"{m}/response_length"] = sum(r[f"{m}/length"] for r in rows) / len(rows)
         out[f"{m}/eos_rate"] = sum(r[f"{m}/eos"] for r in rows) / len(rows)
         out[f"{m}/reward_ci_low"], out[f"{m}/reward_ci_high"] = mean_interval(scores[m])
+    base_length = out["baseline/response_length"]
+    out["length_gain"] = out["policy/response_length"] / base_length - 1 if base_length else 0.0
     out["win_rate"] = win_rate(scores["policy"], scores["baseline"])
     out["tie_rate"] = float((scores["policy"] == scores["baseline"]).float().mean())
     out["reward_margin"] = float((scores["policy"] - scores["baseline"]).mean())
@@ -192,6 +196,21 @@ def interval_warning(summary: dict[str, Any]) -> str | None:
     return (
         f"n={n} prompts: the 95% win-rate interval [{low:.3f}, {high:.3f}] holds 0.5, so this "
         f"eval cannot tell the policy from the baseline; {more} (eval.num_prompts)"
+    )
+
+
+def length_warning(summary: dict[str, Any], max_gain: float | None) -> str | None:
+    """A sentence when the policy wins with responses more than ``max_gain`` longer than the
+    baseline's (``eval.max_length_gain``): a reward that prefers length wins so too."""
+    gain = summary["length_gain"]
+    if max_gain is None or summary["win_rate"] <= 0.5 or gain <= max_gain:
+        return None
+    return (
+        f"the policy wins (win rate {summary['win_rate']:.3f}) with responses {gain:+.0%} longer "
+        f"than the baseline's ({summary['policy/response_length']:.1f} vs "
+        f"{summary['baseline/response_length']:.1f} tokens; eval.max_length_gain "
+        f"{max_gain:g}): the reward may prefer length (length bias); compare responses of like "
+        "length, or train with a length term (rlhf_ray.rewards:length_penalty)"
     )
 
 
@@ -234,6 +253,8 @@ def eval_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], table_row
         f"- reward_margin (policy - baseline, mean): {summary['reward_margin']:+.4f}; paired 95% "
         f"interval [{summary['reward_margin_ci_low']:+.4f}, {summary['reward_margin_ci_high']:+.4f}]",
         *([f"- **warning**: {summary['warning']}"] if summary.get("warning") else []),
+        f"- length_gain (policy / baseline mean length - 1): {summary['length_gain']:+.4f}",
+        *([f"- **warning**: {summary['length_warning']}"] if summary.get("length_warning") else []),
         f"- kl_to_baseline: {summary['kl_to_baseline']:.4f} nats per response "
         f"({summary['kl_estimator']} estimate on the policy's samples)",
         "",
@@ -261,6 +282,14 @@ def format_eval_progress(row: dict[str, Any]) -> str:
 
 def _source(spec: Any) -> str:
     return spec.path or f"{spec.preset} preset (init_seed {spec.init_seed})"
+
+
+def reward_source(reward: Any) -> str:
+    """The reward model, or an ensemble's members and how they combine."""
+    if not isinstance(reward.model, list):
+        return _source(reward.model) if reward.model is not None else str(reward.remote.url)
+    members = ", ".join(_source(m) for m in reward.model)
+    return f"ensemble ({reward.ensemble.combine}) of {members}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,8 +321,9 @@ def start_eval(cfg: EvalConfig, run_dir: Path) -> tuple[Tokenizer, PromptTexts, 
 
 def print_summary(summary: dict[str, Any], num_prompts: int) -> None:
     """The closing console lines: a warning if any, then the headline figures."""
-    if summary["warning"]:
-        print(f"[rlhf_ray] warning: {summary['warning']}", flush=True)
+    for key in ("warning", "length_warning"):
+        if summary.get(key):
+            print(f"[rlhf_ray] warning: {summary[key]}", flush=True)
     print(
         f"eval: policy reward {summary['policy/reward_mean']:+.4f} vs baseline "
         f"{summary['baseline/reward_mean']:+.4f}, win rate {summary['win_rate']:.3f} "
@@ -364,11 +394,12 @@ def write_report(
         "win_rate_ties": "count half",
         "policy": _source(cfg.policy),
         "baseline": _source(cfg.baseline),
-        "reward": cfg.reward.function or _source(cfg.reward.model),
+        "reward": cfg.reward.function or reward_source(cfg.reward),
         "prompts": cfg.data.prompts,
         "excluded_trained_prompts": dropped,
     }
     summary["warning"] = interval_warning(summary)
+    summary["length_warning"] = length_warning(summary, cfg.eval.max_length_gain)
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "eval.md").write_text(eval_markdown(summary, rows, cfg.eval.table_rows))
     with (run_dir / "samples.jsonl").open("w") as f:

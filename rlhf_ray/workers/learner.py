@@ -71,6 +71,7 @@ class Learner:
         max_bad_steps: int = 3,
         total_steps: int | None = None,
         idle_rounds: int = 0,
+        target_kl: float | None = None,
     ):
         """``learner_cfg``: a ``config.LearnerConfig``; ``model``, ``optim``: the
         ``ModelSpec`` that ``build()`` builds and its ``OptimSpec``. ``minibatch``: global rows
@@ -78,7 +79,8 @@ class Learner:
         the rank's whole share). ``epochs``: passes over the data given (a PPO round's batch,
         a stage's train set). ``total_steps``: optimizer steps the LR schedule spans (default:
         a stage's, counted when its data arrives). ``idle_rounds``: PPO rounds that
-        ``train`` skips (the policy during ``ppo.critic_warmup_rounds``)."""
+        ``train`` skips (the policy during ``ppo.critic_warmup_rounds``). ``target_kl``: stop a
+        round's epochs early once a minibatch's ``approx_kl`` stat passes it (``train``)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg, self.model_spec, self.optim = learner_cfg, model, optim
@@ -90,6 +92,7 @@ class Learner:
         self.accumulation = share // self.micro_batch
         self.score_batch = learner_cfg.score_micro_batch_size
         self.total_steps, self.idle_rounds = total_steps, idle_rounds
+        self.target_kl = target_kl
         self.max_bad_steps = max_bad_steps
         self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
         self._build = build
@@ -236,26 +239,56 @@ class Learner:
     def train(self, batch: Rows, round_index: int) -> dict[str, float]:
         """``epochs`` passes over a PPO round's batch in minibatches; no step (and no stats) in
         the first ``idle_rounds`` rounds. Stats are the applied steps' means, keyed
-        ``{name}_loss``, ``{name}_lr`` (the next step's) and ``{name}_skipped_steps``."""
+        ``{name}_loss``, ``{name}_lr`` (the next step's) and ``{name}_skipped_steps``.
+
+        With ``target_kl``, KL early stopping (Stable-Baselines3's, at the minibatch): after each
+        step the minibatch's ``approx_kl`` (measured in its forward, so it holds the updates
+        before it) is averaged over ranks by one all-reduce, so every rank makes the same
+        decision; once it passes ``target_kl`` the rest of the round's minibatches, in every
+        epoch, are skipped. The passing minibatch's own step is kept: its gradient is already
+        accumulated over its micro-batches (SB3, with one forward per minibatch, drops it).
+        Stats add ``early_stopped`` (1/0), ``early_stop_epoch`` and ``early_stop_minibatch``
+        (0-based; -1 when it ran to the end) and ``early_stop_kl`` (the KL that passed; 0)."""
         if round_index < self.idle_rounds:
             return {}
         n, size = len(batch), self.minibatch
         gen = torch.Generator().manual_seed(self.seed * 7919 + round_index)
         sums: dict[str, float] = defaultdict(float)
         steps = skipped = 0
-        for _ in range(self.epochs):
+        stop: tuple[int, int, float] | None = None  # (epoch, minibatch, KL) it stopped at
+        for epoch in range(self.epochs):
             perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, size):
+            for minibatch, start in enumerate(range(0, n, size)):
                 stats, ok = self.step(batch, perm[start : start + size], f"round {round_index}")
                 steps, skipped = steps + ok, skipped + (not ok)
                 for key, value in stats.items() if ok else ():
                     sums[key] += value
+                kl = self._kl_past_target(stats)
+                if kl is not None:
+                    stop = (epoch, minibatch, kl)
+                    break
+            if stop is not None:
+                break
         out = {k: v / steps for k, v in sums.items()} if steps else {"loss": float("nan")}
         name = self.objective.name
         out[f"{name}_loss"] = out.pop("loss")
         out[f"{name}_lr"] = self.engine.lr()  # type: ignore[union-attr]
         out[f"{name}_skipped_steps"] = float(skipped)
+        if self.target_kl is not None:
+            epoch, minibatch, kl = stop if stop is not None else (-1, -1, 0.0)
+            out["early_stopped"] = float(stop is not None)
+            out["early_stop_epoch"], out["early_stop_minibatch"] = float(epoch), float(minibatch)
+            out["early_stop_kl"] = kl
         return out
+
+    def _kl_past_target(self, stats: dict[str, float]) -> float | None:
+        """The minibatch's approx KL over all ranks (one all-reduce: every rank decides alike)
+        when it passes ``target_kl``, else None (also without a target)."""
+        if self.target_kl is None:
+            return None
+        assert self.engine is not None
+        kl = self.engine.all_reduce_sum(stats.get("approx_kl", 0.0)) / self.world_size
+        return kl if kl > self.target_kl else None
 
     # -- a stage: a train set held here, one step per driver call -----------------------------
 

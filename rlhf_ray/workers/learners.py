@@ -72,6 +72,7 @@ class PolicyLearner(Learner):
             max_bad_steps=max_bad_steps,
             total_steps=total_steps,
             idle_rounds=ppo_cfg.critic_warmup_rounds,  # the critic learns alone then
+            target_kl=ppo_cfg.target_kl,  # KL early stopping: the policy's only (README)
         )
 
     @torch.no_grad()

@@ -171,3 +171,41 @@ def test_eval_after_arithmetic_training_uses_the_heldout_split(tmp_path, capsys)
     assert with_heldout_prompts(given) is given
     off = load_eval_config(None, [*base, "eval.exclude_trained_prompts=false"])
     assert with_heldout_prompts(off) is off
+
+
+def _rows(policy: list[tuple[float, int]], baseline: list[tuple[float, int]]) -> list[dict]:
+    """``compare`` rows from (score, length) pairs of both models."""
+    rows = []
+    for i, ((ps, pl), (bs, bl)) in enumerate(zip(policy, baseline, strict=True)):
+        rows.append({"prompt_index": i, "prompt": "p", "kl_to_baseline": 0.0,
+                     "policy/response": "x" * pl, "policy/score": ps, "policy/length": pl,
+                     "policy/eos": True, "baseline/response": "x" * bl, "baseline/score": bs,
+                     "baseline/length": bl, "baseline/eos": True})  # fmt: skip
+    return rows
+
+
+def test_a_win_with_longer_responses_is_flagged_as_possible_length_bias(tmp_path, capsys):
+    from rlhf_ray.stages.evaluate import print_summary, write_report
+
+    # the policy wins 3 prompts and ties 1 (win rate 0.875); its mean length 12 against the baseline's 8: +50%
+    longer = _rows([(1.0, 12), (1.0, 14), (1.0, 10), (0.0, 12)], [(0.0, 8)] * 4)
+    cfg = load_eval_config(None, [])  # eval.max_length_gain 0.2 by default
+    summary = write_report(cfg, longer, tmp_path, 0)
+    assert summary["length_gain"] == pytest.approx(0.5)
+    assert "responses +50% longer" in summary["length_warning"]
+    assert "eval.max_length_gain 0.2" in summary["length_warning"]
+    assert json.loads((tmp_path / "eval.json").read_text())["length_warning"]
+    md = (tmp_path / "eval.md").read_text()
+    assert "length_gain (policy / baseline mean length - 1): +0.5000" in md
+    assert "length bias" in md
+    print_summary(summary, 4)
+    assert "warning: the policy wins (win rate 0.875)" in capsys.readouterr().out
+    # a gain under the threshold, a loss, or the warning off: none
+    for overrides, rows in (
+        (["eval.max_length_gain=0.6"], longer),
+        (["eval.max_length_gain=null"], longer),
+        ([], _rows([(0.0, 12)] * 4, [(1.0, 8)] * 4)),  # longer, but the policy loses
+        ([], _rows([(1.0, 9)] * 4, [(0.0, 8)] * 4)),  # wins, 12.5% longer
+    ):
+        summary = write_report(load_eval_config(None, overrides), rows, tmp_path, 0)
+        assert summary["length_warning"] is None, overrides
