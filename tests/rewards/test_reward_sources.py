@@ -173,7 +173,7 @@ TWO_TS = (
         ),
         (
             ["reward.terms=[{name: t, weight: 1}]"],
-            "`reward.terms.0`: term 't': set exactly one of `function` and `remote`",
+            "`reward.terms.0`: term 't': set exactly one of `function`, `remote` and `model`",
         ),
         ([TWO_TS], "`reward`: reward.terms names must differ, got ['t', 't']"),
         (
