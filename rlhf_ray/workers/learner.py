@@ -183,9 +183,12 @@ class Learner:
         does the same) or the engine skipped it for a non-finite gradient. ``max_bad_steps``
         such steps in a row raise ``NonFiniteLossError`` (``where``: the round or epoch).
 
-        A non-finite micro-batch is left out of the gradient. With one micro-batch per step that
-        skips the whole update; with several, the engine still steps (ZeRO's accumulation
-        boundary stays aligned on every rank) on the other micro-batches' gradients."""
+        A non-finite micro-batch skips its whole step, never just itself: every micro-batch
+        still runs its backward (ZeRO reduces gradients there, at the accumulation boundary
+        too, so ranks stay in step), but from the first non-finite one on the loss is scaled by
+        NaN on every rank, which makes every gradient it reaches NaN. The engine's own
+        non-finite-gradient check then skips the step (DeepSpeed agrees on it over ranks under
+        ZeRO-1/2/3), and the step is counted once as skipped."""
         assert self.engine is not None, "call setup() first"
         mine = rows[self.my_rows(len(rows))]
         total = self.objective.units(data.select(rows))
@@ -197,12 +200,8 @@ class Learner:
             weight = self.objective.units(mb) * self.world_size / total
             for key, value in {"loss": loss, **parts}.items():
                 stats[key] += float(torch.as_tensor(value).detach()) * weight
-            if not self._finite_everywhere(loss):
-                clean = False
-                if self.accumulation == 1:
-                    break  # nothing accumulated: the engine does not step at all
-            else:
-                self.engine.backward(loss * weight)
+            clean = self._finite_everywhere(loss) and clean
+            self.engine.backward(loss * (weight if clean else float("nan")))
             applied = self.engine.step()
             last = first + self.micro_batch >= len(mine)
             if (applied is not None) != last:
@@ -211,7 +210,9 @@ class Learner:
                     f"ending at row {first + self.micro_batch} of {len(mine)}, engine at a "
                     f"boundary: {applied is not None})"
                 )
-        ok = clean and bool(applied)
+        if not clean and applied:
+            raise RuntimeError("the engine applied a step whose gradient was made non-finite")
+        ok = bool(applied)
         self._count_bad(ok, where)
         return dict(stats), ok
 
