@@ -90,6 +90,7 @@ class Learner:
         self.accumulation = share // self.micro_batch
         self.score_batch = learner_cfg.score_micro_batch_size
         self.total_steps, self.idle_rounds = total_steps, idle_rounds
+        self.span = total_steps  # what the LR schedule spans in this run (None: not known yet)
         self.max_bad_steps = max_bad_steps
         self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
         self._build = build
@@ -265,7 +266,8 @@ class Learner:
         assert self.engine is not None, "call setup() first"
         self.data = {"train": train} if eval_set is None else {"train": train, "eval": eval_set}
         if self.total_steps is None:
-            self.engine.respan(self.epochs * (len(train) // self.minibatch))
+            self.span = self.epochs * (len(train) // self.minibatch)
+            self.engine.respan(self.span)
         return len(train)
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
@@ -348,8 +350,13 @@ class Learner:
         self.engine.save_state(directory)
 
     def load_state(self, directory: str) -> None:
+        """Resume training from ``save_state``'s directory. The LR schedule keeps its step but
+        spans THIS run's optimizer steps: the saved state holds the saved run's span, and a
+        resumed run may train more rounds or epochs (``load_data`` before or after)."""
         assert self.engine is not None, "call setup() first"
         self.engine.load_state(directory)
+        if self.span is not None:
+            self.engine.respan(self.span)
 
     def ping(self) -> int:
         return self.rank
