@@ -68,6 +68,9 @@ class RolloutPool:
         self._version = -1
         self._count = 0  # buckets of `_version`
         self._buckets: list[Any] = []  # object refs of the buckets received so far
+        # sends the current version again (set by RayWorkers): for buckets the object store
+        # lost (policy rank 0's node died), so that a joining worker can still get them
+        self.resync: Any = None
 
     def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -89,17 +92,24 @@ class RolloutPool:
 
     def grow(self, n: int, strategy: Any = None) -> None:
         """Add ``n`` workers, ready and holding the current weights; none if they cannot start
-        (the nodes of those that died meanwhile are avoided from then on)."""
+        (the nodes of those that died meanwhile are avoided from then on). Loading waits at
+        most ``train.phase_timeout_s``; buckets the object store lost are sent again
+        (``resync``) and loaded from there."""
         new = dict(self._spawn(strategy) for _ in range(n))
         try:
             wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            ray.get(
-                [
-                    w.load_bucket.remote(ref, self._version, k, self._count)
-                    for w in new.values()
-                    for k, ref in enumerate(self._buckets)
-                ]
-            )
+            try:
+                self._load_all(list(new.values()))
+            except ray.exceptions.ObjectLostError as exc:
+                if self.resync is None:
+                    raise
+                print(
+                    f"[rlhf_ray] weight buckets of version {self._version} were lost "
+                    f"({type(exc).__name__}); syncing them again",
+                    flush=True,
+                )
+                self.resync()  # a LearnerLostError if the policy is gone too: recovery's turn
+                self._load_all(list(new.values()))
         except BaseException as exc:
             if isinstance(exc, ray.exceptions.RayActorError):
                 for handle in new.values():
@@ -108,11 +118,27 @@ class RolloutPool:
             raise
         self.workers.extend(new.values())
 
+    def _load_all(self, workers: list[Any]) -> None:
+        """``workers`` load every bucket received so far, within ``train.phase_timeout_s``."""
+        ray.get(
+            [
+                w.load_bucket.remote(ref, self._version, k, self._count)
+                for w in workers
+                for k, ref in enumerate(self._buckets)
+            ],
+            timeout=self.timeout_s,
+        )
+
     def shrink(self, n: int) -> None:
         """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
         extra = self.workers[n:]
         del self.workers[n:]
         kill_actors(extra)
+
+    @property
+    def version(self) -> int:
+        """The weight version the pool was last sent (-1: none yet)."""
+        return self._version
 
     def begin(self, version: int, count: int) -> None:
         """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""

@@ -87,6 +87,7 @@ class RayWorkers:
             )
         check_namespace_free()
         self.pool = RolloutPool(cfg)
+        self.pool.resync = lambda: self.sync(self.pool.version)  # for lost weight buckets
         self.learner_restarts = 0
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
@@ -352,7 +353,8 @@ class RayWorkers:
         elif num_workers > current:
             try:  # new workers get the current weights before they generate
                 self.pool.grow(num_workers - current)
-            except UserError as exc:  # keep running on the pool we have
+            except (UserError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                # keep running on the pool we have
                 print(f"[rlhf_ray] could not grow the rollout pool: {exc}", flush=True)
                 return
         if num_workers != current:

@@ -289,3 +289,56 @@ def test_a_rank_whose_peer_failed_first_in_a_collective_is_reported_as_lost(monk
     outcome["p1"] = None  # the peer is fine: the failure is the rank's own, and raised as such
     with pytest.raises(ray.exceptions.RayTaskError):
         actors.get_all(["p0", "p1"], ["policy-0", "policy-1"], "update")
+
+
+class _FakeWorker:
+    """A rollout worker handle whose ``load_bucket.remote`` records the bucket it is sent."""
+
+    def __init__(self, loaded: list):
+        outer = self
+
+        class _Method:
+            def remote(self, ref, version, index, count):
+                loaded.append((outer, ref, version))
+                return ref
+
+        self.load_bucket = _Method()
+
+
+def test_a_joining_worker_gets_lost_buckets_by_a_resync_within_the_phase_timeout(monkeypatch):
+    """Policy rank 0's node held the buckets and died: a replacement's load raises
+    ObjectLostError; the pool syncs the current version again and loads that, never waiting
+    longer than train.phase_timeout_s on one load."""
+    import ray
+
+    from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.distributed import rollout_pool
+
+    pool = rollout_pool.RolloutPool(load_config(None, ["train.phase_timeout_s=42"]))
+    loaded: list = []
+    monkeypatch.setattr(pool, "_spawn", lambda strategy=None: ("rollout-9", _FakeWorker(loaded)))
+    monkeypatch.setattr(rollout_pool, "wait_ready", lambda handles, timeout: None)
+    monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
+    pool.begin(3, 1)
+    pool._buckets = ["lost"]
+    timeouts = []
+
+    def get(refs, timeout=None):
+        timeouts.append(timeout)
+        if "lost" in refs:
+            raise ray.exceptions.OwnerDiedError("ff" * 28, None, "")
+        return refs
+
+    monkeypatch.setattr(rollout_pool.ray, "get", get)
+    with pytest.raises(ray.exceptions.ObjectLostError):  # without a resync: the error stands
+        pool.grow(1)
+
+    def resync():
+        pool.begin(pool.version, 1)
+        pool._buckets = ["again"]
+
+    pool.resync = resync
+    pool.grow(1)
+    assert len(pool.workers) == 1
+    assert [(ref, version) for _, ref, version in loaded[-1:]] == [("again", 3)]
+    assert timeouts and all(t == 42 for t in timeouts)
