@@ -28,7 +28,7 @@ from rlhf_ray.workers.interface import (
     round_seed,
     shard_rows,
 )
-from rlhf_ray.workers.vllm_rollout import generator_class
+from rlhf_ray.workers.vllm_rollout import generator_class, generator_kwargs
 
 
 class RolloutPool:
@@ -86,6 +86,7 @@ class RolloutPool:
             worker_id=self._next_id,
             strategy=strategy or spread_strategy(self.cfg),
             from_sync=self.from_sync,
+            **generator_kwargs(self.cfg),
         )
         self._next_id += 1
         return name, handle
