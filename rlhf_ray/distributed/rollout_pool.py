@@ -17,12 +17,13 @@ from rlhf_ray.config.ppo import (
 )
 from rlhf_ray.config.stages import EvalConfig
 from rlhf_ray.distributed.actors import (
+    PlacementTimeoutError,
     kill_actors,
     spawn_actor,
     spread_strategy,
     wait_ready,
 )
-from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth, unplaced
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     round_seed,
@@ -195,26 +196,32 @@ class RolloutPool:
 
     def _replace(self, index: int, why: str) -> None:
         """A fresh worker, holding the current weights, takes the place of a lost one; it is
-        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
-        dies before it is ready, at most ``MAX_TRIES`` times."""
+        placed on a healthy node with its resources free (``distributed/replacement.py``), and
+        replaced in turn if it dies before it is ready or cannot be placed in time (then
+        elsewhere), at most ``MAX_TRIES`` times."""
         if self.restarts >= 10 * len(self.workers):
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         lost = self.workers.pop(index)
         node = self.health.lost(lost)
         kill_actors([lost])
         cause = f"{why} (node {node or 'unknown'})"
+        r = self.cfg.rollout
+        needs = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
         for _ in range(MAX_TRIES):
             self.restarts += 1
             self.health.record(f"rollout worker {index}", cause)
+            strategy = self.health.strategy(needs)
             try:
-                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
+                self.grow(1, strategy)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 cause = f"had its replacement die before it was ready ({type(exc).__name__})"
+            except PlacementTimeoutError:
+                cause = unplaced(self.health, strategy)
         else:
             raise RuntimeError(
                 f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
-                "were ready"
+                "were ready or were not placed in time"
             )
         self.workers.insert(index, self.workers.pop())
 

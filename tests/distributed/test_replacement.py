@@ -3,6 +3,8 @@ view is faked."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from ray._private import state
 
@@ -27,18 +29,61 @@ def cluster(monkeypatch):
 def test_a_replacement_avoids_nodes_that_lost_actors_or_miss_their_heartbeat(cluster, capsys):
     free, silent = cluster
     health = NodeHealth()
-    assert health.healthy_node(1.0) == "second"  # live, most CPUs free
+    assert health.healthy_node({"CPU": 1.0}) == "second"  # live, most CPUs free
     assert health.lost("second") == "second"  # a rollout worker there was lost
-    assert health.healthy_node(1.0) == "head"
-    assert health.healthy_node(2.0) is None  # head has 1 CPU free: Ray places it itself
+    assert health.healthy_node({"CPU": 1.0}) == "head"
+    assert health.healthy_node({"CPU": 2.0}) is None  # head has 1 CPU free: Ray places it itself
     silent.add("head")  # the head does not answer its heartbeat now
-    assert health.healthy_node(1.0) is None and health.suspect("head")
+    assert health.healthy_node({"CPU": 1.0}) is None and health.suspect("head")
     health.record("rollout worker 1", "died while generating (node second)")
     health.record("rollout worker 1", "had its replacement die before it was ready")
     assert health.replacements == 2
     out = capsys.readouterr().out
     assert "rollout worker 1 died while generating (node second); replacing it" in out
     assert "[replacement 2]" in out
+
+
+def test_a_replacement_goes_where_every_resource_it_needs_is_free(cluster):
+    """A GPU worker is not sent to the node with the most free CPUs but no free GPU; a custom
+    resource counts the same; with no such node Ray places it (None: anywhere)."""
+    free, _ = cluster
+    free["head"].update(GPU=1.0, fast_disk=1.0)
+    health = NodeHealth()
+    assert health.healthy_node({"CPU": 1.0, "GPU": 0.0}) == "second"  # most CPUs free
+    assert health.healthy_node({"CPU": 1.0, "GPU": 1.0}) == "head"  # the one with a GPU free
+    assert health.healthy_node({"CPU": 1.0, "fast_disk": 1.0}) == "head"
+    assert health.healthy_node({"CPU": 1.0, "GPU": 2.0}) is None
+
+
+def test_a_replacement_that_cannot_be_placed_is_tried_elsewhere(cluster, monkeypatch, capsys):
+    """The first replacement waits past cluster.actor_start_timeout_s on the node chosen for
+    it: it is not fatal, the next one goes to another node."""
+    from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.distributed import rollout_pool
+    from rlhf_ray.distributed.actors import PlacementTimeoutError
+
+    pool = rollout_pool.RolloutPool(load_config(None, ["rollout.num_workers=2"]))
+    pool.workers = ["w0", "w1"]
+    monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
+    tried = []
+
+    def grow(n, strategy=None):
+        tried.append(strategy.node_id if strategy is not None else None)
+        if len(tried) == 1:
+            raise PlacementTimeoutError("actors still pending")
+        pool.workers.append("new")
+
+    monkeypatch.setattr(pool, "grow", grow)
+    monkeypatch.setattr(replacement, "actor_node", lambda handle: None)  # lost: node unknown
+    monkeypatch.setattr(  # the faked nodes' ids are names, not Ray's hex ids
+        replacement,
+        "NodeAffinitySchedulingStrategy",
+        lambda node_id, soft: types.SimpleNamespace(node_id=node_id, soft=soft),
+    )
+    pool._replace(0, "died while generating")
+    assert pool.workers == ["new", "w1"]
+    assert tried[0] == "second" and tried[1] != "second"
+    assert "had its replacement not placed on node second" in capsys.readouterr().out
 
 
 def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
@@ -48,7 +93,7 @@ def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
     now = replacement.time.monotonic()
     monkeypatch.setattr(replacement.time, "monotonic", lambda: now + replacement.SUSPECT_S + 1)
     assert not health.suspect("second")
-    assert health.healthy_node(1.0) == "second"  # chosen again
+    assert health.healthy_node({"CPU": 1.0}) == "second"  # chosen again
 
 
 def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypatch, capsys):
@@ -61,7 +106,7 @@ def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypa
     pool.workers = ["w0", "w1", "w2"]
     monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
     monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
-    monkeypatch.setattr(NodeHealth, "strategy", lambda self, cpus: None)
+    monkeypatch.setattr(NodeHealth, "strategy", lambda self, needs: None)
     deaths = iter([True, True, False])  # two replacements die on the dying node, then one lives
 
     def grow(n, strategy=None):
@@ -151,6 +196,7 @@ def _workers(monkeypatch):
     workers.learners = []
     monkeypatch.setattr(runtime, "kill_actors", lambda handles: None)
     monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
+    monkeypatch.setattr(NodeHealth, "strategy", lambda self, needs: None)
     return runtime, workers
 
 
@@ -159,7 +205,7 @@ def test_a_scorer_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(m
 
     runtime, workers = _workers(monkeypatch)
     made = iter(FakeActor(f"new-{i}") for i in range(10))
-    monkeypatch.setattr(workers, "_respawn_scorer", lambda name: next(made))
+    monkeypatch.setattr(workers, "_respawn_scorer", lambda name, strategy: next(made))
     deaths = iter([True, True, False])  # two replicas die on the dying node, then one lives
 
     def wait_ready(handles, timeout):
