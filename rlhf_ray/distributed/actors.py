@@ -166,14 +166,19 @@ def raise_late(late: list[str], phase: str, timeout_s: float | None) -> None:
     raise PhaseTimeoutError(message)
 
 
+class PlacementTimeoutError(UserError):
+    """Actors stayed pending past ``cluster.actor_start_timeout_s``: no node could take them."""
+
+
 def wait_ready(handles: dict[str, Any], timeout_s: float) -> None:
-    """Wait until every named actor answers ``ping``; a clear error if some stay pending."""
+    """Wait until every named actor answers ``ping``; a clear error
+    (``PlacementTimeoutError``) if some stay pending."""
     refs = {h.ping.remote(): name for name, h in handles.items()}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     ray.get(ready)  # surface constructor errors
     if pending:
         names = ", ".join(refs[r] for r in pending)
-        raise UserError(
+        raise PlacementTimeoutError(
             f"actors still pending after {timeout_s:g}s (cluster.actor_start_timeout_s): {names}. "
             "The cluster cannot schedule them; check `rlhf-ray plan` and the Ray dashboard."
         )

@@ -9,6 +9,7 @@ fit its GPUs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rlhf_ray.config.ppo import Config, has_critic
@@ -76,12 +77,53 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _take_gpus(free: list[float], gpus: float) -> bool:
+    """Place one actor's ``gpus`` on a node's GPUs as Ray does, updating ``free`` (each GPU's
+    free fraction): a request below 1 on ONE GPU with that much left, a larger one on whole
+    free GPUs. False (``free`` unchanged) if it does not fit."""
+    if gpus <= 0:
+        return True
+    if gpus < 1:
+        for i, left in enumerate(free):
+            if left + 1e-9 >= gpus:
+                free[i] = left - gpus
+                return True
+        return False
+    whole = [i for i, left in enumerate(free) if left >= 1 - 1e-9]
+    need = math.ceil(gpus - 1e-9)
+    if len(whole) < need:
+        return False
+    for i in whole[:need]:
+        free[i] = 0.0
+    return True
+
+
+def _node_gpus(node: Node) -> list[float]:
+    """A node's GPUs as free fractions (a fractional GPU count keeps its remainder)."""
+    whole = int(node.gpus + 1e-9)
+    rest = node.gpus - whole
+    return [1.0] * whole + ([rest] if rest > 1e-9 else [])
+
+
+def _place(slot: tuple[list[float], list[float]], cpus: float, gpus: float, n: int) -> bool:
+    """``n`` actors of ``cpus`` and ``gpus`` each on one node (``slot``: its free CPUs, in a
+    one-item list, and its GPUs' free fractions), all or none."""
+    cpu, gpu = slot
+    trial = list(gpu)
+    if cpu[0] + 1e-9 < cpus * n or not all(_take_gpus(trial, gpus) for _ in range(n)):
+        return False
+    cpu[0] -= cpus * n
+    gpu[:] = trial
+    return True
+
+
 def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
     """Why ``nodes`` cannot hold ``plan`` (empty if they can).
 
     Totals first, then a first-fit-decreasing packing onto the nodes, which catches an actor
-    larger than any single node even when the totals suffice. A learner group packs as one
-    unit: its ranks are placed on one node (``STRICT_PACK``).
+    larger than any single node even when the totals suffice. GPUs are packed per GPU, as Ray
+    places them: a fraction below 1 must fit on one GPU (3 x 0.6 do not fit 2 GPUs). A learner
+    group packs as one unit: its ranks are placed on one node (``STRICT_PACK``).
     """
     need_cpu = sum(r.total_cpus for r in plan)
     need_gpu = sum(r.total_gpus for r in plan)
@@ -94,28 +136,25 @@ def shortfalls(plan: list[RolePlan], nodes: list[Node]) -> list[str]:
         problems.append(f"needs {_fmt(need_cpu)} CPUs, cluster has {_fmt(have_cpu)}")
     if problems:
         return problems
-    free = [[n.cpus, n.gpus] for n in nodes]
+    free = [([n.cpus], _node_gpus(n)) for n in nodes]
     # a learner group is one unit: its ranks share a node (STRICT_PACK, see LearnerGroup)
     units = [
         (r, r.actors if r.group else 1) for r in plan for _ in range(1 if r.group else r.actors)
     ]
     units.sort(key=lambda u: (u[0].gpus * u[1], u[0].cpus * u[1]), reverse=True)
     for r, n in units:
+        if any(_place(slot, r.cpus, r.gpus, n) for slot in free):
+            continue
         cpus, gpus = r.cpus * n, r.gpus * n
-        for slot in free:
-            if slot[0] + 1e-9 >= cpus and slot[1] + 1e-9 >= gpus:
-                slot[0] -= cpus
-                slot[1] -= gpus
-                break
-        else:
-            what = (
-                f"the {r.role} group ({n} ranks: {_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs on one "
-                "node, as NCCL groups must not span nodes)"
-                if r.group
-                else f"a {r.role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs)"
-            )
-            problems.append(f"{what} fits on no node once the others are placed")
-            break
+        what = (
+            f"the {r.role} group ({n} ranks: {_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs on one "
+            "node, as NCCL groups must not span nodes)"
+            if r.group
+            else f"a {r.role} actor ({_fmt(cpus)} CPUs, {_fmt(gpus)} GPUs"
+            + (", a fraction of ONE GPU, as Ray places it)" if 0 < r.gpus < 1 else ")")
+        )
+        problems.append(f"{what} fits on no node once the others are placed")
+        break
     return problems
 
 

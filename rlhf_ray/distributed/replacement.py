@@ -5,7 +5,9 @@ health checks): an actor placed there dies before it is ready ("The actor never 
 cancelled before it started running"). So a replacement is placed away from the nodes that
 just lost an actor of the run and from nodes that do not answer a heartbeat now (a zero-CPU
 task pinned to the node, ``heartbeat_s``), with ``NodeAffinitySchedulingStrategy(soft=True)``
-on a healthy node that has the CPUs free; a replacement that dies before it is ready is itself
+on a healthy node that has every resource the actor needs free (CPUs, GPUs, custom ones), or
+where Ray chooses if no node has; a replacement that dies before it is ready, or that cannot be
+placed within ``cluster.actor_start_timeout_s`` (its node is then avoided too), is itself
 replaced, at most ``MAX_TRIES`` times in a row. A restarted learner group's placement group is
 steered the same way, by a bundle label selector on the node id (``avoid_selector``); if it
 cannot be placed off those nodes within ``PLACE_OFF_SUSPECTS_S`` it is placed anywhere.
@@ -73,6 +75,14 @@ def _answers(node_id: str, timeout_s: float) -> bool:
         return False
 
 
+def unplaced(health: NodeHealth, strategy: Any) -> str:
+    """The cause logged for a replacement sent by ``strategy`` that could not be placed in
+    time; its node is avoided from then on, so the next try goes elsewhere."""
+    node = health.unplaceable(strategy)
+    where = f"on node {node}" if node else "anywhere"
+    return f"had its replacement not placed {where} within cluster.actor_start_timeout_s"
+
+
 class NodeHealth:
     """The run's view of which nodes new actors should avoid; counts the replacements."""
 
@@ -92,16 +102,19 @@ class NodeHealth:
         when = self._suspect.get(node_id)
         return when is not None and time.monotonic() - when < SUSPECT_S
 
-    def healthy_node(self, cpus: float) -> str | None:
-        """A live node with ``cpus`` free that lost no actor lately and answers a heartbeat;
-        most free CPUs first. None: no such node (Ray then places the actor itself)."""
+    def healthy_node(self, needs: dict[str, float]) -> str | None:
+        """A live node with every resource of ``needs`` (``{"CPU": 1, "GPU": 0.5, ...}``) free
+        that lost no actor lately and answers a heartbeat; most free CPUs first. None: no such
+        node (Ray then places the actor itself)."""
         from ray._private import state
 
         free = state.available_resources_per_node()
         alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
         ranked = sorted(alive, key=lambda n: -free.get(n, {}).get("CPU", 0.0))
         for node in ranked:
-            if free.get(node, {}).get("CPU", 0.0) + 1e-9 < cpus or self.suspect(node):
+            have = free.get(node, {})
+            short = any(have.get(k, 0.0) + 1e-9 < v for k, v in needs.items() if v > 0)
+            if short or self.suspect(node):
                 continue
             if _answers(node, self.heartbeat_s):
                 return node
@@ -124,10 +137,19 @@ class NodeHealth:
         avoid = [n for n in alive if self.suspect(n)]
         return avoid if len(avoid) < len(alive) else []
 
-    def strategy(self, cpus: float) -> Any:
-        """Where a replacement goes: soft affinity to a healthy node (None: Ray's default)."""
-        node = self.healthy_node(cpus)
+    def strategy(self, needs: dict[str, float]) -> Any:
+        """Where a replacement needing ``needs`` goes: soft affinity to a healthy node with
+        them free (None: Ray's default, anywhere)."""
+        node = self.healthy_node(needs)
         return None if node is None else NodeAffinitySchedulingStrategy(node, soft=True)
+
+    def unplaceable(self, strategy: Any) -> str | None:
+        """A replacement sent by ``strategy`` could not be placed in time: its node (if it
+        named one) is avoided for a while, so the next try goes elsewhere. Returns the node."""
+        node = getattr(strategy, "node_id", None)
+        if node is not None:
+            self._suspect[node] = time.monotonic()
+        return node
 
     def record(self, what: str, cause: str, detail: str = "") -> None:
         """Count one replacement and name it in the log with its cause: ``what`` and ``cause``

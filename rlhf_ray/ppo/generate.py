@@ -37,7 +37,7 @@ def generate_samples(
     from rlhf_ray.ppo.batches import build_prompts, tokenize_prompts
     from rlhf_ray.ppo.preflight import check_rollout_backend
     from rlhf_ray.workers.scorers import RewardScorer
-    from rlhf_ray.workers.vllm_rollout import generator_class
+    from rlhf_ray.workers.vllm_rollout import generator_class, generator_kwargs
 
     if not (policy_dir / "config.json").exists():
         from rlhf_ray.errors import UserError
@@ -48,7 +48,7 @@ def generate_samples(
     texts = prompts or build_prompts(cfg, tokenizer)[: num_prompts or cfg.rollout.batch_size]
     spec = cfg.policy.model.model_copy(update={"path": str(policy_dir)})
     check_rollout_backend(cfg.rollout, "--policy", spec)  # before the engine starts
-    generator = generator_class(cfg.rollout)(spec, tok_cfg, cfg.rollout)
+    generator = generator_class(cfg.rollout)(spec, tok_cfg, cfg.rollout, **generator_kwargs(cfg))
     batch, _ = tokenize_prompts(
         tokenizer,
         texts,

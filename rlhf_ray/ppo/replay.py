@@ -63,8 +63,9 @@ def checkpoint_before(run_dir: Path, round_index: int) -> Path | None:
 
 
 def _saved_ranks(state_dir: Path) -> int:
-    """How many data-parallel ranks wrote a learner's training state (1 for the torch engine)."""
-    return max(1, len(list(state_dir.glob("state/zero_pp_rank_*_optim_states.pt"))))
+    """How many data-parallel ranks wrote a learner's training state (1 for the torch engine):
+    one ``zero_pp_rank_R_..._optim_states.pt`` each (``bf16_zero_pp_rank_R_...`` in bf16)."""
+    return max(1, len(list(state_dir.glob("state/*zero_pp_rank_*_optim_states.pt"))))
 
 
 def roles_and_ranks(cfg: Config, checkpoint: Path | None, on_ray: bool) -> dict[str, int]:

@@ -16,7 +16,7 @@ from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import round_seed, shard_rows
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
-from rlhf_ray.workers.vllm_rollout import generator_class
+from rlhf_ray.workers.vllm_rollout import generator_class, generator_kwargs
 
 MODELS = ("policy", "baseline")
 LOADED = -1
@@ -45,7 +45,8 @@ class InProcessEvalWorkers:
         tok = eval_tokenizer(cfg)
         specs = {"policy": cfg.policy, "baseline": cfg.baseline}
         self.generators = {
-            m: generator_class(cfg.rollout)(specs[m], tok, cfg.rollout) for m in MODELS
+            m: generator_class(cfg.rollout)(specs[m], tok, cfg.rollout, **generator_kwargs(cfg))
+            for m in MODELS
         }
         temperature = cfg.rollout.temperature
         self.scorers = {m: ReferenceScorer(specs[m], tok, temperature) for m in MODELS}

@@ -29,7 +29,7 @@ from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.stage_learners import RewardLearner, StageRole
 from rlhf_ray.workers.sync import stream_buckets
-from rlhf_ray.workers.vllm_rollout import generator_class
+from rlhf_ray.workers.vllm_rollout import generator_class, generator_kwargs
 
 
 def build_learner(
@@ -97,7 +97,9 @@ class InProcessWorkers:
             remote=driver_options(cfg.reward, cfg.train.phase_timeout_s),
         )
         self.generators = [
-            generator_class(cfg.rollout)(cfg.policy.model, tok, cfg.rollout, i, from_sync=True)
+            generator_class(cfg.rollout)(
+                cfg.policy.model, tok, cfg.rollout, i, from_sync=True, **generator_kwargs(cfg)
+            )
             for i in range(cfg.rollout.num_workers)
         ]
         self.version = -1
@@ -132,6 +134,7 @@ class InProcessWorkers:
                     self.cfg.rollout,
                     len(self.generators) + len(new),
                     from_sync=True,
+                    **generator_kwargs(self.cfg),
                 )
             )
         if new:  # the policy still holds the weights of the last sync: stream them again

@@ -93,6 +93,7 @@ class Learner:
         self.score_batch = learner_cfg.score_micro_batch_size
         self.total_steps, self.idle_rounds = total_steps, idle_rounds
         self.target_kl = target_kl
+        self.span = total_steps  # what the LR schedule spans in this run (None: not known yet)
         self.max_bad_steps = max_bad_steps
         self.bad_in_row = 0  # non-finite updates in a row (the same on every rank)
         self._build = build
@@ -186,9 +187,12 @@ class Learner:
         does the same) or the engine skipped it for a non-finite gradient. ``max_bad_steps``
         such steps in a row raise ``NonFiniteLossError`` (``where``: the round or epoch).
 
-        A non-finite micro-batch is left out of the gradient. With one micro-batch per step that
-        skips the whole update; with several, the engine still steps (ZeRO's accumulation
-        boundary stays aligned on every rank) on the other micro-batches' gradients."""
+        A non-finite micro-batch skips its whole step, never just itself: every micro-batch
+        still runs its backward (ZeRO reduces gradients there, at the accumulation boundary
+        too, so ranks stay in step), but from the first non-finite one on the loss is scaled by
+        NaN on every rank, which makes every gradient it reaches NaN. The engine's own
+        non-finite-gradient check then skips the step (DeepSpeed agrees on it over ranks under
+        ZeRO-1/2/3), and the step is counted once as skipped."""
         assert self.engine is not None, "call setup() first"
         mine = rows[self.my_rows(len(rows))]
         total = self.objective.units(data.select(rows))
@@ -200,12 +204,8 @@ class Learner:
             weight = self.objective.units(mb) * self.world_size / total
             for key, value in {"loss": loss, **parts}.items():
                 stats[key] += float(torch.as_tensor(value).detach()) * weight
-            if not self._finite_everywhere(loss):
-                clean = False
-                if self.accumulation == 1:
-                    break  # nothing accumulated: the engine does not step at all
-            else:
-                self.engine.backward(loss * weight)
+            clean = self._finite_everywhere(loss) and clean
+            self.engine.backward(loss * (weight if clean else float("nan")))
             applied = self.engine.step()
             last = first + self.micro_batch >= len(mine)
             if (applied is not None) != last:
@@ -214,7 +214,9 @@ class Learner:
                     f"ending at row {first + self.micro_batch} of {len(mine)}, engine at a "
                     f"boundary: {applied is not None})"
                 )
-        ok = clean and bool(applied)
+        if not clean and applied:
+            raise RuntimeError("the engine applied a step whose gradient was made non-finite")
+        ok = bool(applied)
         self._count_bad(ok, where)
         return dict(stats), ok
 
@@ -297,7 +299,8 @@ class Learner:
         assert self.engine is not None, "call setup() first"
         self.data = {"train": train} if eval_set is None else {"train": train, "eval": eval_set}
         if self.total_steps is None:
-            self.engine.respan(self.epochs * (len(train) // self.minibatch))
+            self.span = self.epochs * (len(train) // self.minibatch)
+            self.engine.respan(self.span)
         return len(train)
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
@@ -380,8 +383,13 @@ class Learner:
         self.engine.save_state(directory)
 
     def load_state(self, directory: str) -> None:
+        """Resume training from ``save_state``'s directory. The LR schedule keeps its step but
+        spans THIS run's optimizer steps: the saved state holds the saved run's span, and a
+        resumed run may train more rounds or epochs (``load_data`` before or after)."""
         assert self.engine is not None, "call setup() first"
         self.engine.load_state(directory)
+        if self.span is not None:
+            self.engine.respan(self.span)
 
     def ping(self) -> int:
         return self.rank

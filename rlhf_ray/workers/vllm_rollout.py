@@ -7,9 +7,14 @@ versioned weights, the sync probe, ping), sampling with a vLLM engine
 Weights: the buckets of a version are collected as they arrive; the last one completes the
 version, which then goes into the engine in one in-place ``reload_weights``. vLLM's layer-wise
 reload processes a layer once all its tensors arrived, and a bucket boundary may split a layer,
-so the worker holds at most one extra copy of the weights (host memory) during a sync. Tied
+so the worker holds at most one extra copy of the weights (host memory) during a sync: the
+collected tensors, handed to the in-process engine by reference (no serialized copy). Tied
 tensors (e.g. GPT-2's ``lm_head.weight``, sent once as ``transformer.wte.weight``) are sent to
-vLLM under every name the checkpoint has.
+vLLM under every name the checkpoint has, as the same tensor.
+
+Start-up: the engine reads its model from a temp dir, removed as soon as the engine has
+started (a worker stopped by ``ray.kill`` runs no destructor). A worker whose weights come by
+sync writes only ``config.json`` there and starts vLLM on dummy weights.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ from rlhf_ray.workers.interface import (
     row_seeds,
     sampled_rollout,
 )
+
+
+def generator_kwargs(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments a run (``cfg``: a PPO or eval config) gives its rollout workers
+    beyond the model and configs: vLLM's the run's longest sequence, the HF backend none."""
+    if getattr(cfg.rollout, "backend", "hf") != "vllm":
+        return {}
+    return {"max_model_len": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens}
 
 
 def generator_class(rollout_cfg: Any) -> type:
@@ -67,9 +80,13 @@ class VLLMRolloutGenerator:
         worker_id: int = 0,
         num_threads: int | None = None,
         from_sync: bool = False,
+        max_model_len: int | None = None,
     ):
         """``from_sync``: the weights come by sync (PPO's pool): the engine starts from weights
-        built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does."""
+        built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does.
+        ``max_model_len``: the run's longest sequence (``data.max_prompt_tokens +
+        rollout.max_new_tokens``; the sync probe's length if longer); None: the model's
+        positions."""
         if num_threads:
             torch.set_num_threads(num_threads)
         # before the start-up weights are saved (no "Writing model shards" bar) and the engine
@@ -79,18 +96,30 @@ class VLLMRolloutGenerator:
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
         self.aliases = tied_aliases(model)
-        self._dir = tempfile.mkdtemp(prefix="rlhf_ray-vllm-")
-        model.save_pretrained(self._dir)  # the start-up weights (a preset's random ones)
-        length = max_positions(model.config)
-        del model
-        self.engine = VLLMSampler(
-            self._dir,
-            rollout_cfg,
-            model_spec.dtype,
-            length,
-            torch.cuda.is_available(),
-            num_threads,
-        )
+        # the sync probe is scored by this engine too: it must fit beside the run's sequences
+        probe = probe_batch(self.tokenizer)[0].shape[1]  # scored with one token sampled
+        length = max(max_model_len, probe + 1) if max_model_len else max_positions(model.config)
+        weight_bytes = model.num_parameters() * getattr(torch, model_spec.dtype).itemsize
+        directory = tempfile.mkdtemp(prefix="rlhf_ray-vllm-")
+        try:
+            if from_sync:  # the engine starts on dummy weights; the sync brings the real ones
+                model.config.architectures = [type(model).__name__]  # what vLLM builds
+                model.config.save_pretrained(directory)
+            else:
+                model.save_pretrained(directory)
+            del model
+            self.engine = VLLMSampler(
+                directory,
+                rollout_cfg,
+                model_spec.dtype,
+                length,
+                torch.cuda.is_available(),
+                num_threads,
+                weight_bytes=weight_bytes,
+                dummy_weights=from_sync,
+            )
+        finally:  # the engine holds the weights now: nothing on disk outlives the start
+            shutil.rmtree(directory, ignore_errors=True)
         self.version = -1  # no weights received yet
         self._loading: tuple[int, set[int], dict[str, torch.Tensor]] | None = None
         self.last_reload_tensors = 0
@@ -113,7 +142,7 @@ class VLLMRolloutGenerator:
     def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, source in self.aliases.items():
             if source in tensors:
-                tensors[name] = tensors[source].clone()  # safetensors refuses shared storage
+                tensors[name] = tensors[source]
         self.last_reload_tensors = self.engine.load(tensors)
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
@@ -154,6 +183,3 @@ class VLLMRolloutGenerator:
 
     def ping(self) -> int:
         return self.worker_id
-
-    def __del__(self) -> None:
-        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)

@@ -376,3 +376,20 @@ def test_zero_buckets_follow_the_device_unless_set():
     zero = deepspeed_config(3, 1, 2, 1.0, "bfloat16", False, buckets=gpu)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 123456
     assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 1_000_000_000
+
+
+def test_the_docs_state_the_bf16_sync_tolerance_the_code_uses():
+    """Every "bfloat16 X" / "X for bfloat16" tolerance in design.md and the README is
+    ``SYNC_TOLERANCE["bfloat16"]``."""
+    import re
+    from pathlib import Path
+
+    from rlhf_ray.config.ppo import SYNC_TOLERANCE
+
+    root = Path(__file__).resolve().parents[2]
+    stated = []
+    for doc in ("docs/design.md", "README.md"):
+        text = " ".join((root / doc).read_text().split())
+        stated += re.findall(r"bfloat16 (\d[\d.e-]*\d)", text)
+        stated += re.findall(r"(\d[\d.e-]*\d) (?:is kept )?for bfloat16", text)
+    assert stated and {float(x) for x in stated} == {SYNC_TOLERANCE["bfloat16"]}, stated

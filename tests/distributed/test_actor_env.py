@@ -107,3 +107,24 @@ def test_a_learner_group_that_spans_nodes_does_not_fit():
     assert shortfalls(resource_plan(cfg), two_by_two) == []
     problems = shortfalls(resource_plan(cfg), [Node(16, 1)] * 5)  # GPUs enough, nodes too small
     assert any("policy group (2 ranks" in p or "value group (2 ranks" in p for p in problems)
+
+
+def test_fractional_gpus_are_placed_per_gpu_as_ray_does():
+    """Ray puts a request below one GPU on ONE GPU: 3 x 0.6 GPUs do not fit 2 GPUs (1.8 of
+    2.0 in total), 3 x 0.5 do (two share a GPU)."""
+    from rlhf_ray.distributed.plan import Node, RolePlan, shortfalls
+
+    def rollout(gpus: float) -> list[RolePlan]:
+        return [RolePlan("rollout", 3, 1.0, gpus, False)]
+
+    problems = shortfalls(rollout(0.6), [Node(16, 2)])
+    assert problems == [
+        "a rollout actor (1 CPUs, 0.6 GPUs, a fraction of ONE GPU, as Ray places it) fits on "
+        "no node once the others are placed"
+    ]
+    assert shortfalls(rollout(0.5), [Node(16, 2)]) == []
+    assert shortfalls(rollout(0.6), [Node(16, 2), Node(16, 1)]) == []  # a third GPU elsewhere
+    # a group's fractional ranks pack per GPU too: 2 ranks x 0.6 need 2 GPUs of one node
+    group = [RolePlan("policy", 2, 1.0, 0.6, True)]
+    assert shortfalls(group, [Node(16, 2)]) == []
+    assert shortfalls(group + rollout(0.5), [Node(16, 2)]) != []  # 0.4 left per GPU: no 0.5

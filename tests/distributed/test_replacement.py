@@ -3,6 +3,8 @@ view is faked."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from ray._private import state
 
@@ -27,18 +29,61 @@ def cluster(monkeypatch):
 def test_a_replacement_avoids_nodes_that_lost_actors_or_miss_their_heartbeat(cluster, capsys):
     free, silent = cluster
     health = NodeHealth()
-    assert health.healthy_node(1.0) == "second"  # live, most CPUs free
+    assert health.healthy_node({"CPU": 1.0}) == "second"  # live, most CPUs free
     assert health.lost("second") == "second"  # a rollout worker there was lost
-    assert health.healthy_node(1.0) == "head"
-    assert health.healthy_node(2.0) is None  # head has 1 CPU free: Ray places it itself
+    assert health.healthy_node({"CPU": 1.0}) == "head"
+    assert health.healthy_node({"CPU": 2.0}) is None  # head has 1 CPU free: Ray places it itself
     silent.add("head")  # the head does not answer its heartbeat now
-    assert health.healthy_node(1.0) is None and health.suspect("head")
+    assert health.healthy_node({"CPU": 1.0}) is None and health.suspect("head")
     health.record("rollout worker 1", "died while generating (node second)")
     health.record("rollout worker 1", "had its replacement die before it was ready")
     assert health.replacements == 2
     out = capsys.readouterr().out
     assert "rollout worker 1 died while generating (node second); replacing it" in out
     assert "[replacement 2]" in out
+
+
+def test_a_replacement_goes_where_every_resource_it_needs_is_free(cluster):
+    """A GPU worker is not sent to the node with the most free CPUs but no free GPU; a custom
+    resource counts the same; with no such node Ray places it (None: anywhere)."""
+    free, _ = cluster
+    free["head"].update(GPU=1.0, fast_disk=1.0)
+    health = NodeHealth()
+    assert health.healthy_node({"CPU": 1.0, "GPU": 0.0}) == "second"  # most CPUs free
+    assert health.healthy_node({"CPU": 1.0, "GPU": 1.0}) == "head"  # the one with a GPU free
+    assert health.healthy_node({"CPU": 1.0, "fast_disk": 1.0}) == "head"
+    assert health.healthy_node({"CPU": 1.0, "GPU": 2.0}) is None
+
+
+def test_a_replacement_that_cannot_be_placed_is_tried_elsewhere(cluster, monkeypatch, capsys):
+    """The first replacement waits past cluster.actor_start_timeout_s on the node chosen for
+    it: it is not fatal, the next one goes to another node."""
+    from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.distributed import rollout_pool
+    from rlhf_ray.distributed.actors import PlacementTimeoutError
+
+    pool = rollout_pool.RolloutPool(load_config(None, ["rollout.num_workers=2"]))
+    pool.workers = ["w0", "w1"]
+    monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
+    tried = []
+
+    def grow(n, strategy=None):
+        tried.append(strategy.node_id if strategy is not None else None)
+        if len(tried) == 1:
+            raise PlacementTimeoutError("actors still pending")
+        pool.workers.append("new")
+
+    monkeypatch.setattr(pool, "grow", grow)
+    monkeypatch.setattr(replacement, "actor_node", lambda handle: None)  # lost: node unknown
+    monkeypatch.setattr(  # the faked nodes' ids are names, not Ray's hex ids
+        replacement,
+        "NodeAffinitySchedulingStrategy",
+        lambda node_id, soft: types.SimpleNamespace(node_id=node_id, soft=soft),
+    )
+    pool._replace(0, "died while generating")
+    assert pool.workers == ["new", "w1"]
+    assert tried[0] == "second" and tried[1] != "second"
+    assert "had its replacement not placed on node second" in capsys.readouterr().out
 
 
 def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
@@ -48,7 +93,7 @@ def test_a_node_is_suspect_only_for_a_while(cluster, monkeypatch):
     now = replacement.time.monotonic()
     monkeypatch.setattr(replacement.time, "monotonic", lambda: now + replacement.SUSPECT_S + 1)
     assert not health.suspect("second")
-    assert health.healthy_node(1.0) == "second"  # chosen again
+    assert health.healthy_node({"CPU": 1.0}) == "second"  # chosen again
 
 
 def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypatch, capsys):
@@ -61,7 +106,7 @@ def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(monkeypa
     pool.workers = ["w0", "w1", "w2"]
     monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
     monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
-    monkeypatch.setattr(NodeHealth, "strategy", lambda self, cpus: None)
+    monkeypatch.setattr(NodeHealth, "strategy", lambda self, needs: None)
     deaths = iter([True, True, False])  # two replacements die on the dying node, then one lives
 
     def grow(n, strategy=None):
@@ -151,6 +196,7 @@ def _workers(monkeypatch):
     workers.learners = []
     monkeypatch.setattr(runtime, "kill_actors", lambda handles: None)
     monkeypatch.setattr(replacement, "actor_node", lambda handle: "second")
+    monkeypatch.setattr(NodeHealth, "strategy", lambda self, needs: None)
     return runtime, workers
 
 
@@ -159,7 +205,7 @@ def test_a_scorer_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(m
 
     runtime, workers = _workers(monkeypatch)
     made = iter(FakeActor(f"new-{i}") for i in range(10))
-    monkeypatch.setattr(workers, "_respawn_scorer", lambda name: next(made))
+    monkeypatch.setattr(workers, "_respawn_scorer", lambda name, strategy: next(made))
     deaths = iter([True, True, False])  # two replicas die on the dying node, then one lives
 
     def wait_ready(handles, timeout):
@@ -289,3 +335,56 @@ def test_a_rank_whose_peer_failed_first_in_a_collective_is_reported_as_lost(monk
     outcome["p1"] = None  # the peer is fine: the failure is the rank's own, and raised as such
     with pytest.raises(ray.exceptions.RayTaskError):
         actors.get_all(["p0", "p1"], ["policy-0", "policy-1"], "update")
+
+
+class _FakeWorker:
+    """A rollout worker handle whose ``load_bucket.remote`` records the bucket it is sent."""
+
+    def __init__(self, loaded: list):
+        outer = self
+
+        class _Method:
+            def remote(self, ref, version, index, count):
+                loaded.append((outer, ref, version))
+                return ref
+
+        self.load_bucket = _Method()
+
+
+def test_a_joining_worker_gets_lost_buckets_by_a_resync_within_the_phase_timeout(monkeypatch):
+    """Policy rank 0's node held the buckets and died: a replacement's load raises
+    ObjectLostError; the pool syncs the current version again and loads that, never waiting
+    longer than train.phase_timeout_s on one load."""
+    import ray
+
+    from rlhf_ray.config.ppo import load_config
+    from rlhf_ray.distributed import rollout_pool
+
+    pool = rollout_pool.RolloutPool(load_config(None, ["train.phase_timeout_s=42"]))
+    loaded: list = []
+    monkeypatch.setattr(pool, "_spawn", lambda strategy=None: ("rollout-9", _FakeWorker(loaded)))
+    monkeypatch.setattr(rollout_pool, "wait_ready", lambda handles, timeout: None)
+    monkeypatch.setattr(rollout_pool, "kill_actors", lambda handles: None)
+    pool.begin(3, 1)
+    pool._buckets = ["lost"]
+    timeouts = []
+
+    def get(refs, timeout=None):
+        timeouts.append(timeout)
+        if "lost" in refs:
+            raise ray.exceptions.OwnerDiedError("ff" * 28, None, "")
+        return refs
+
+    monkeypatch.setattr(rollout_pool.ray, "get", get)
+    with pytest.raises(ray.exceptions.ObjectLostError):  # without a resync: the error stands
+        pool.grow(1)
+
+    def resync():
+        pool.begin(pool.version, 1)
+        pool._buckets = ["again"]
+
+    pool.resync = resync
+    pool.grow(1)
+    assert len(pool.workers) == 1
+    assert [(ref, version) for _, ref, version in loaded[-1:]] == [("again", 3)]
+    assert timeouts and all(t == 42 for t in timeouts)

@@ -9,6 +9,7 @@ any engine starts."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -46,12 +47,22 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     from rlhf_ray.workers.vllm_rollout import VLLMRolloutGenerator
 
     cfg = load_config(None, OVERRIDES)
     tok = build_tokenizer(TokenizerConfig())
-    worker = VLLMRolloutGenerator(cfg.policy.model, TokenizerConfig(), cfg.rollout)
+    # as in PPO's pool: dummy start-up weights, the run's longest sequence (32 + 12 tokens,
+    # the probe's length if longer); its start-up files are gone once the engine has started
+    temp = tmp_path_factory.mktemp("worker-tmp")
+    tempfile.tempdir, before = str(temp), tempfile.tempdir
+    try:
+        worker = VLLMRolloutGenerator(
+            cfg.policy.model, TokenizerConfig(), cfg.rollout, from_sync=True, max_model_len=44
+        )
+    finally:
+        tempfile.tempdir = before
+    assert not list(temp.glob("rlhf_ray-vllm-*"))
     # the weights a sync would send: another seed's, in several buckets
     trained = build_causal_lm(cfg.policy.model.model_copy(update={"init_seed": 7}), tok)
     tensors = weight_tensors(trained)

@@ -173,3 +173,31 @@ def test_vllm_rollout_backend_when_installed(gpu_ray, llama_dir, tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2
     assert max(r["sync/logprob_max_abs_diff"] for r in rows) <= cfg.sync.tolerance("bfloat16")
+
+
+def test_a_vllm_reload_with_cuda_graphs_on_is_what_the_graphs_replay():
+    """``rollout.vllm_enforce_eager=false`` (CUDA graphs, the GPU advice): after each in-place
+    reload the engine scores the probe with the NEW weights, as the learner does. A reload that
+    reallocated a tensor would leave the graphs replaying the old ones (an O(1) difference)."""
+    pytest.importorskip("vllm")
+    from rlhf_ray.config.ppo import TokenizerConfig
+    from rlhf_ray.data.tokenization import build_tokenizer
+    from rlhf_ray.models import build_causal_lm, response_logprobs
+    from rlhf_ray.models.weights import state_dict_to_numpy, weight_tensors
+    from rlhf_ray.workers.interface import probe_batch
+    from rlhf_ray.workers.vllm_rollout import VLLMRolloutGenerator
+
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.vllm_enforce_eager=false"])
+    tok = build_tokenizer(TokenizerConfig())
+    worker = VLLMRolloutGenerator(
+        cfg.policy.model, TokenizerConfig(), cfg.rollout, from_sync=True, max_model_len=128
+    )
+    ids, mask = probe_batch(tok)
+    for version, seed in enumerate((7, 8)):
+        trained = build_causal_lm(cfg.policy.model.model_copy(update={"init_seed": seed}), tok)
+        worker.load_bucket(state_dict_to_numpy(weight_tensors(trained)), version, 0, 1)
+        with torch.no_grad():
+            learner = response_logprobs(trained, ids, mask, 1, cfg.rollout.temperature)[0][0]
+        diff = (worker.probe_logprobs() - learner).abs().max().item()
+        print(f"version {version}: probe |vLLM (CUDA graphs) - learner| max {diff:.2e}")
+        assert diff < 1e-2

@@ -111,13 +111,15 @@ def test_replay_says_what_is_missing(tmp_path):
         replay_round(tmp_path, 5)
 
 
-def test_replay_refuses_a_state_saved_by_other_ranks_than_the_config_says(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "bf16_"])  # DeepSpeed names bf16 runs' states bf16_*
+def test_replay_refuses_a_state_saved_by_other_ranks_than_the_config_says(tmp_path, prefix):
     from rlhf_ray.ppo.replay import roles_and_ranks
 
     state = tmp_path / "policy_state" / "state"
     state.mkdir(parents=True)
     for rank in range(3):
-        (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_text("")
+        (state / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_text("")
+        (state / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_text("")
     (tmp_path / "value_state" / "state").mkdir(parents=True)
     two = load_config(None, ["policy.num_ranks=2"])
     with pytest.raises(UserError, match="3 ZeRO ranks but the run trained it on 2"):

@@ -9,9 +9,11 @@ import torch
 from rlhf_ray.config.ppo import load_config
 from rlhf_ray.types import PPOBatch
 from rlhf_ray.workers.learners import NonFiniteLossError, PolicyLearner
+from tests.workers.test_learners import join_world_of_one
 
-CFG = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "ppo.epochs=1",
-                         "rollout.batch_size=4", "ppo.minibatch_size=2", "policy.optim.lr=0.1"])  # fmt: skip
+OVERRIDES = ["policy.engine=torch", "policy.num_ranks=1", "ppo.epochs=1",
+             "rollout.batch_size=4", "ppo.minibatch_size=2", "policy.optim.lr=0.1"]  # fmt: skip
+CFG = load_config(None, OVERRIDES)
 
 
 def _learner(max_bad_steps: int = 3) -> PolicyLearner:
@@ -67,3 +69,53 @@ def test_a_non_finite_gradient_skips_the_step():
     loss.backward()  # NaN gradients reach the engine
     assert engine.step() is False
     assert all(torch.equal(before[k], v) for k, v in _params(learner).items())
+
+
+def _accumulating(*engine: str) -> tuple[PolicyLearner, list[bool]]:
+    """A learner whose steps accumulate 2 micro-batches of 1 row; ``backwards`` records, per
+    backward, whether its loss was finite."""
+    cfg = load_config(None, [*OVERRIDES, "ppo.micro_batch_size=1", *engine])
+    learner = PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0)
+    if engine:
+        join_world_of_one(learner)
+    learner.setup()
+    assert learner.accumulation == 2
+    engine, backwards = learner.engine, []
+    assert engine is not None
+    original = engine.backward
+
+    def backward(loss: torch.Tensor) -> None:
+        backwards.append(bool(torch.isfinite(loss).all()))
+        original(loss)
+
+    engine.backward = backward  # type: ignore[method-assign]
+    return learner, backwards
+
+
+@pytest.mark.parametrize(
+    ("bad", "engine"),
+    [
+        ("first", ()),
+        ("last", ()),
+        ("last", ("policy.engine=deepspeed", "policy.zero_stage=1")),
+        ("first", ("policy.engine=deepspeed", "policy.zero_stage=3")),
+    ],
+)
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(bad, engine):
+    """Either micro-batch of a 2-micro-batch step non-finite: every micro-batch still runs its
+    backward (ZeRO reduces at the boundary's), no update is applied, and each step is counted
+    as skipped once."""
+    learner, backwards = _accumulating(*engine)
+    before = _params(learner)
+    gen = torch.Generator().manual_seed(0)  # the learner's round-0 shuffle (train.seed 0)
+    perm = torch.randperm(4, generator=gen)
+    # the row of each minibatch that its first (or last) micro-batch trains on
+    rows = [int(perm[0]), int(perm[2])] if bad == "first" else [int(perm[1]), int(perm[3])]
+    stats = learner.train(_batch(nan_rows=rows), round_index=0)
+    assert stats["policy_skipped_steps"] == 2
+    assert len(backwards) == 4  # 2 steps x 2 micro-batches, none left out
+    assert all(torch.equal(before[k], v) for k, v in _params(learner).items())
+
+    stats = learner.train(_batch(nan_rows=[]), round_index=1)
+    assert stats["policy_skipped_steps"] == 0 and learner.bad_in_row == 0
+    assert any(not torch.equal(before[k], v) for k, v in _params(learner).items())
