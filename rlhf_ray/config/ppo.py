@@ -20,6 +20,7 @@ from rlhf_ray.config.roles import (
     ZERO_BUCKETS_CPU,
     ZERO_BUCKETS_GPU,
     LearnerConfig,
+    LoraSpec,
     ModelSpec,
     OptimSpec,
     PolicyConfig,
@@ -29,9 +30,11 @@ from rlhf_ray.config.roles import (
     TokenizerConfig,
     ValueConfig,
     ZeroBuckets,
+    is_adapter_dir,
     model_tokenizer,
     resolve_tokenizer,
     reward_tokenizer,
+    trains_lora,
 )
 from rlhf_ray.config.sections import Section
 
@@ -47,6 +50,7 @@ __all__ = [
     "DataConfig",
     "LearnerConfig",
     "LoggingConfig",
+    "LoraSpec",
     "ModelSpec",
     "NodeSpec",
     "OptimSpec",
@@ -69,6 +73,7 @@ __all__ = [
     "has_critic",
     "load_config",
     "load_schema",
+    "is_adapter_dir",
     "model_tokenizer",
     "optimizer_steps",
     "parse_overrides",
@@ -76,6 +81,7 @@ __all__ = [
     "policy_tokenizer",
     "resolve_tokenizer",
     "reward_tokenizer",
+    "trains_lora",
     "to_yaml",
     "value_init_spec",
 ]
@@ -449,6 +455,12 @@ class Config(Section):
             )
         if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
             raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
+        if self.reference.from_policy_base and not trains_lora(self.policy.lora, self.policy.model):
+            raise ValueError(
+                "reference.from_policy_base needs a LoRA policy (its base with the adapters "
+                "off is the reference): set policy.lora, or use the reference actor "
+                "(reference.from_policy_base=false) for full fine-tuning"
+            )
         return self
 
 
