@@ -455,12 +455,7 @@ class Config(Section):
             )
         if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
             raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
-        if self.reference.from_policy_base and not trains_lora(self.policy.lora, self.policy.model):
-            raise ValueError(
-                "reference.from_policy_base needs a LoRA policy (its base with the adapters "
-                "off is the reference): set policy.lora, or use the reference actor "
-                "(reference.from_policy_base=false) for full fine-tuning"
-            )
+        self.reference.check_policy(self.policy)
         return self
 
 

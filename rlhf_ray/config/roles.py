@@ -301,6 +301,15 @@ class ReferenceConfig(ScorerConfig):
             )
         return self
 
+    def check_policy(self, policy: PolicyConfig) -> None:
+        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA."""
+        if self.from_policy_base and not trains_lora(policy.lora, policy.model):
+            raise ValueError(
+                "reference.from_policy_base needs a LoRA policy (its base with the adapters "
+                "off is the reference): set policy.lora, or use the reference actor "
+                "(reference.from_policy_base=false) for full fine-tuning"
+            )
+
 
 DEFAULT_REWARD_FUNCTION = "rlhf_ray.rewards:lowercase_fraction"
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.accelerator import check_deepspeed_accelerator
+from rlhf_ray.config.roles import is_adapter_dir
 from rlhf_ray.engines.training import (
     DeepSpeedEngine,
     TorchEngine,
@@ -35,7 +36,6 @@ from rlhf_ray.engines.training import (
     zero3_construction,
 )
 from rlhf_ray.errors import UserError
-from rlhf_ray.config.roles import is_adapter_dir
 from rlhf_ray.models import default_device
 from rlhf_ray.models.lora import adapter_tensors, export_lora, is_lora
 from rlhf_ray.models.weights import (
