@@ -45,7 +45,7 @@ def _hidden_and_head(
     exist at once. A model whose logits are more than ``lm_head(hidden)`` (soft-capping, a logit
     scale) takes the plain forward instead."""
     position_ids = position_ids_from_mask(attention_mask)
-    if hasattr(model, "peft_config"):  # a peft model: the HF model inside, adapters in place
+    if hasattr(model, "get_base_model"):  # a PeftModel: the HF model inside, adapters in place
         model = model.get_base_model()
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
