@@ -269,6 +269,12 @@ class ValueConfig(PolicyConfig):
         False, description="Initialise the critic from the reward model's weights."
     )
 
+    @model_validator(mode="after")
+    def _no_lora(self) -> ValueConfig:
+        if self.lora is not None:
+            raise ValueError("value.lora: LoRA on the critic is not supported yet; set it null")
+        return self
+
 
 class ScorerConfig(Section):
     """Resources of a frozen scoring role: data-parallel replicas that split each batch."""
@@ -301,8 +307,14 @@ class ReferenceConfig(ScorerConfig):
             )
         return self
 
-    def check_policy(self, policy: PolicyConfig) -> None:
-        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA."""
+    def check_policy(self, policy: PolicyConfig, backend: str = "hf") -> None:
+        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA, or a
+        LoRA policy would sample on a backend that does not take it."""
+        if backend != "hf" and trains_lora(policy.lora, policy.model):
+            raise ValueError(
+                f"a LoRA policy samples with rollout.backend hf only (not {backend} yet): set "
+                "rollout.backend=hf, or policy.model.merge_adapter=true and policy.lora=null"
+            )
         if self.from_policy_base and not trains_lora(policy.lora, policy.model):
             raise ValueError(
                 "reference.from_policy_base needs a LoRA policy (its base with the adapters "
