@@ -45,6 +45,19 @@ class ModelSpec(Section):
         "float32", description="Parameter dtype (float16 needs GPUs)."
     )
 
+    adapter_base: str | None = Field(
+        None,
+        description="When `path` is a PEFT adapter directory (adapter_config.json + weights): "
+        "the base model directory it applies to (null: the adapter's own "
+        "`base_model_name_or_path`).",
+    )
+    merge_adapter: bool = Field(
+        False,
+        description="When `path` is a PEFT adapter directory: merge it into its base first and "
+        "start from the merged weights (false: a LoRA learner trains the adapter further; a "
+        "frozen role always reads the merged model).",
+    )
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
         if self.resolved_from is not None and self.path is None:

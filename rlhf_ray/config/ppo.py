@@ -21,6 +21,7 @@ from rlhf_ray.config.roles import (
     ZERO_BUCKETS_CPU,
     ZERO_BUCKETS_GPU,
     LearnerConfig,
+    LoraSpec,
     ModelSpec,
     OptimSpec,
     PolicyConfig,
@@ -30,9 +31,11 @@ from rlhf_ray.config.roles import (
     TokenizerConfig,
     ValueConfig,
     ZeroBuckets,
+    is_adapter_dir,
     model_tokenizer,
     resolve_tokenizer,
     reward_tokenizer,
+    trains_lora,
 )
 from rlhf_ray.config.sections import Section
 
@@ -48,6 +51,7 @@ __all__ = [
     "DataConfig",
     "LearnerConfig",
     "LoggingConfig",
+    "LoraSpec",
     "ModelSpec",
     "NodeSpec",
     "OptimSpec",
@@ -70,6 +74,7 @@ __all__ = [
     "has_critic",
     "load_config",
     "load_schema",
+    "is_adapter_dir",
     "model_tokenizer",
     "optimizer_steps",
     "parse_overrides",
@@ -77,6 +82,7 @@ __all__ = [
     "policy_tokenizer",
     "resolve_tokenizer",
     "reward_tokenizer",
+    "trains_lora",
     "to_yaml",
     "value_init_spec",
 ]
@@ -417,6 +423,7 @@ class Config(Section):
             )
         if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
             raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
+        self.reference.check_policy(self.policy, self.rollout.backend)
         return self
 
 

@@ -107,6 +107,32 @@ ZERO_BUCKETS_GPU: dict[str, int] = dict(
 ZERO_BUCKETS_CPU: dict[str, int] = {k: 10_000_000 for k in ZERO_BUCKETS_GPU}
 
 
+class LoraSpec(Section):
+    """LoRA (peft) on a learner's model: only the adapters (and `modules_to_save`) train; the
+    base weights stay frozen. Defaults follow common practice for RLHF on small models."""
+
+    r: int = Field(16, gt=0, description="Rank of each adapter's A (r x in) and B (out x r).")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: updates are x alpha / r.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input (0: PPO needs identical forwards for "
+        "sampling, old and new log-probs).",
+    )
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names that get adapters (null: the attention and MLP projections "
+        "of the architecture, e.g. llama q/k/v/o/gate/up/down_proj, gpt2 c_attn/c_proj/c_fc; "
+        "peft's 'all-linear' for other architectures).",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained whole beside the adapters (null: none for a causal LM, "
+        "the scalar head `score` for a value or reward model).",
+    )
+
+
 class LearnerConfig(Section):
     """A learner group: the data-parallel ranks that train one model with one engine. PPO's
     ``policy`` and ``value`` sections are this plus their model and optimizer; the ``learner``
@@ -139,6 +165,12 @@ class LearnerConfig(Section):
     zero_buckets: ZeroBuckets = Field(
         default_factory=ZeroBuckets,
         description="DeepSpeed ZeRO bucket sizes (elements); unset ones follow the device.",
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train LoRA adapters instead of every weight (null: full fine-tuning). A "
+        "`model.path` that is a PEFT adapter directory (not merged) trains that adapter "
+        "further with its own r, alpha and targets.",
     )
 
     @model_validator(mode="after")
@@ -191,6 +223,12 @@ class ValueConfig(PolicyConfig):
         False, description="Initialise the critic from the reward model's weights."
     )
 
+    @model_validator(mode="after")
+    def _no_lora(self) -> ValueConfig:
+        if self.lora is not None:
+            raise ValueError("value.lora: LoRA on the critic is not supported yet; set it null")
+        return self
+
 
 class ScorerConfig(Section):
     """Resources of a frozen scoring role: data-parallel replicas that split each batch."""
@@ -207,6 +245,36 @@ class ReferenceConfig(ScorerConfig):
     """The frozen reference policy (a copy of the initial policy unless `model` is set)."""
 
     model: ModelSpec | None = Field(None, description="Null: the initial policy's weights.")
+    from_policy_base: bool = Field(
+        False,
+        description="With a LoRA policy: the reference is the policy learner's own base with "
+        "its adapters disabled, so no reference actor and no second copy of the model "
+        "(false: a separate reference actor, the only choice for full fine-tuning).",
+    )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> ReferenceConfig:
+        if self.from_policy_base and self.model is not None:
+            raise ValueError(
+                "reference.from_policy_base uses the policy's base as the reference: "
+                "leave reference.model unset"
+            )
+        return self
+
+    def check_policy(self, policy: PolicyConfig, backend: str = "hf") -> None:
+        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA, or a
+        LoRA policy would sample on a backend that does not take it."""
+        if backend != "hf" and trains_lora(policy.lora, policy.model):
+            raise ValueError(
+                f"a LoRA policy samples with rollout.backend hf only (not {backend} yet): set "
+                "rollout.backend=hf, or policy.model.merge_adapter=true and policy.lora=null"
+            )
+        if self.from_policy_base and not trains_lora(policy.lora, policy.model):
+            raise ValueError(
+                "reference.from_policy_base needs a LoRA policy (its base with the adapters "
+                "off is the reference): set policy.lora, or use the reference actor "
+                "(reference.from_policy_base=false) for full fine-tuning"
+            )
 
 
 DEFAULT_REWARD_FUNCTION = "rlhf_ray.rewards:lowercase_fraction"
@@ -355,6 +423,21 @@ class TokenizerConfig(Section):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | None) -> bool:
+    """Whether ``path`` is a local PEFT adapter directory (it holds ``adapter_config.json``)."""
+    return path is not None and os.path.isfile(
+        os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
+    )
+
+
+def trains_lora(lora: LoraSpec | None, model: ModelSpec) -> bool:
+    """Whether a learner with ``lora`` (its ``lora`` section) trains LoRA adapters on
+    ``model``: the section is set, or the model is an adapter directory trained further (not
+    merged first)."""
+    return lora is not None or (is_adapter_dir(model.path) and not model.merge_adapter)
 
 
 def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:

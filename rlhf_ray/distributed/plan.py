@@ -42,6 +42,9 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
         if has_critic(cfg)
         else []
     )
+    # reference.from_policy_base: the policy learner scores the reference, no actor of its own
+    scorers = [("reference", cfg.reference)] * (not cfg.reference.from_policy_base)
+    scorers.append(("reward", cfg.reward))
     return [
         RolePlan(
             "policy",
@@ -51,10 +54,7 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
             True,
         ),
         *critic,
-        *(
-            RolePlan(role, sc.num_replicas, sc.num_cpus, sc.num_gpus, False)
-            for role, sc in (("reference", cfg.reference), ("reward", cfg.reward))
-        ),
+        *(RolePlan(role, sc.num_replicas, sc.num_cpus, sc.num_gpus, False) for role, sc in scorers),
         RolePlan(
             "rollout",
             cfg.rollout.num_workers,

@@ -58,6 +58,8 @@ class RolloutPool:
             model_spec, tokenizer_cfg = cfg.policy.model, policy_tokenizer(cfg)
             seed = cfg.train.seed
         self.model_spec, self.tokenizer_cfg, self.seed = model_spec, tokenizer_cfg, seed
+        # a LoRA policy's workers load its base themselves; syncs bring the adapters
+        self.lora = cfg.policy.lora if self.from_sync and isinstance(cfg, Config) else None
         self.prefix = prefix
         self.timeout_s = (
             cfg.train.phase_timeout_s if isinstance(cfg, Config) else cfg.eval.phase_timeout_s
@@ -88,6 +90,7 @@ class RolloutPool:
             strategy=strategy or spread_strategy(self.cfg),
             from_sync=self.from_sync,
             **generator_kwargs(self.cfg),
+            **({"lora": self.lora} if self.lora is not None else {}),
         )
         self._next_id += 1
         return name, handle

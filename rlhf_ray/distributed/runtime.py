@@ -32,6 +32,7 @@ from rlhf_ray.config.ppo import (
     optimizer_steps,
     policy_optimizer_steps,
     policy_tokenizer,
+    trains_lora,
     value_init_spec,
 )
 from rlhf_ray.distributed.actors import (
@@ -56,6 +57,7 @@ from rlhf_ray.workers.interface import (
     LearnerLostError,
     mean_stats,
     split_rows,
+    sync_bytes,
 )
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -128,6 +130,7 @@ class RayWorkers:
             top_k=cfg.rollout.top_k,
             top_p=cfg.rollout.top_p,
             total_steps=policy_optimizer_steps(cfg),
+            reference_from_base=cfg.reference.from_policy_base,
         )
         self.value: LearnerGroup | None = None
         if has_critic(cfg):  # a critic-free estimator has no value group
@@ -176,7 +179,8 @@ class RayWorkers:
         # retry the interrupted call.
         self.scorers: dict[str, Any] = {}  # reference-<i> and reward-<i>, by name
         self._cleanup.append(lambda: kill_actors(list(self.scorers.values())))
-        for name in [f"reference-{i}" for i in range(ref.num_replicas)] + [
+        references = 0 if ref.from_policy_base else ref.num_replicas  # (else: the policy's)
+        for name in [f"reference-{i}" for i in range(references)] + [
             f"reward-{i}" for i in range(rew.num_replicas)
         ]:
             self.scorers[name] = self._scorer(name, spread_strategy(cfg))
@@ -188,7 +192,12 @@ class RayWorkers:
         self._start_learners()
         counts = self.policy.call("num_weight_buckets", cfg.sync.bucket_mb)
         self._num_buckets = self._learners("sync", counts)[0]
-        if ref.model is None:  # the reference starts as a copy of the policy, bucket by bucket
+        # (the same every sync: the adapters alone with LoRA, else every weight)
+        self._sync_bytes = self._learners("sync", self.policy.call("sync_nbytes"))[0]
+        # the reference starts as a copy of the policy, bucket by bucket; a LoRA policy's
+        # initial model is the one its spec describes, which the reference built itself
+        lora = trains_lora(cfg.policy.lora, cfg.policy.model)
+        if ref.model is None and references and not lora:
             references = [h for n, h in self.scorers.items() if n.startswith("reference-")]
 
             def load(bucket: Any, index: int) -> None:
@@ -403,7 +412,7 @@ class RayWorkers:
         n_ref = sum(n.startswith("reference-") for n in self.scorers)
         ranks, rewards = out[len(self.scorers) :], out[n_ref : len(self.scorers)]
         return {
-            "ref_logprobs": torch.cat(out[:n_ref]),
+            **({"ref_logprobs": torch.cat(out[:n_ref])} if n_ref else {}),  # else: the policy's
             **{k: torch.cat([r[k] for r in rewards]) for k in rewards[0]},  # scores, parts
             **{k: torch.cat([r[k] for r in ranks[:n_pol]]) for k in ranks[0]},  # old_logprobs ...
             **({"values": torch.cat(ranks[n_pol:])} if self.value else {}),
@@ -437,10 +446,11 @@ class RayWorkers:
             "train/learner_restarts": self.learner_restarts,
             "train/scorer_restarts": self.scorer_restarts,
             "recovery/replacements": self.pool.health.replacements,
+            **sync_bytes(*self._sync_bytes),
         }
 
-    def save(self, directory: Path) -> None:
-        self._on_learners("save", directory)
+    def save(self, directory: Path, merged: bool = True) -> None:
+        self._on_learners("save", directory, "", merged)
 
     def save_state(self, directory: Path) -> None:
         self._on_learners("save_state", directory, "_state")
@@ -448,10 +458,12 @@ class RayWorkers:
     def load_state(self, directory: Path) -> None:
         self._on_learners("load_state", directory, "_state")
 
-    def _on_learners(self, method: str, directory: Path, suffix: str = "") -> None:
-        """``method(directory/<role><suffix>)`` on every rank of every learner group."""
+    def _on_learners(self, method: str, directory: Path, suffix: str = "", *args: Any) -> None:
+        """``method(directory/<role><suffix>, *args)`` on every rank of every learner group."""
         refs = [
-            r for g in self.learners for r in g.call(method, str(directory / (g.role + suffix)))
+            r
+            for g in self.learners
+            for r in g.call(method, str(directory / (g.role + suffix)), *args)
         ]
         self._learners(method, refs)
 

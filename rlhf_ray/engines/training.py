@@ -85,6 +85,20 @@ def make_adamw(module: nn.Module, optim: OptimSource) -> torch.optim.Optimizer:
     )
 
 
+def changing_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes, for a checkpoint: the whole state dict, or only the trainable
+    parameters when some are frozen (LoRA: the base is rebuilt from its source on resume)."""
+    state = module.state_dict()
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return state
+    return {n: state[n] for n, p in module.named_parameters() if p.requires_grad}
+
+
+def has_frozen(module: nn.Module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
 class TorchEngine:
     """One process, plain ``torch.optim.AdamW`` with global-norm clipping."""
 
@@ -151,7 +165,7 @@ class TorchEngine:
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         optim = self.optimizer.state_dict()
-        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        tensors = {f"module.{k}": v for k, v in changing_state(self.module).items()}
         scalars: dict[str, dict[str, Any]] = {}
         for index, per_param in optim["state"].items():
             for key, value in per_param.items():
@@ -179,7 +193,14 @@ class TorchEngine:
         module = {
             k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")
         }
-        self.module.load_state_dict(module)
+        expected = set(changing_state(self.module))
+        if set(module) != expected:  # a LoRA checkpoint holds exactly the trainable tensors
+            raise KeyError(
+                f"{directory}: the saved weights do not match the model's trainable tensors "
+                f"(missing {sorted(expected - set(module))[:3]}, "
+                f"unexpected {sorted(set(module) - expected)[:3]})"
+            )
+        self.module.load_state_dict(module, strict=not has_frozen(self.module))
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -421,11 +442,17 @@ class DeepSpeedEngine:
 
     def save_state(self, directory: str) -> None:
         """Collective: weights and each rank's (ZeRO-partitioned) optimizer state."""
-        self.engine.save_checkpoint(directory, tag="state")
+        # LoRA: the frozen base is rebuilt from its source on resume; only what trains is saved
+        frozen = has_frozen(self.module)
+        self.engine.save_checkpoint(directory, tag="state", exclude_frozen_parameters=frozen)
 
     def load_state(self, directory: str) -> None:
         path, _ = self.engine.load_checkpoint(
-            directory, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            directory,
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not has_frozen(self.module),  # (LoRA: the trainable ones saved)
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed training state under {directory}")

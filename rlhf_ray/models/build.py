@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.accelerator import default_device  # noqa: F401 (exported here too)
+from rlhf_ray.config.roles import is_adapter_dir, trains_lora
 from rlhf_ray.models.logprobs import last_token_index, position_ids_from_mask
 
 if TYPE_CHECKING:
@@ -153,6 +154,13 @@ def build_causal_lm(
     from transformers.initialization import no_init_weights
     from transformers.utils import logging as hf_logging
 
+    if is_adapter_dir(spec.path):  # the model the adapter directory describes
+        from rlhf_ray.models.lora import adapter_base, merged_start
+
+        if not weights:  # the base's architecture is the merged model's
+            base = cast(Any, spec).model_copy(update={"path": adapter_base(spec)})
+            return build_causal_lm(base, tok, device, weights=False)
+        return merged_start(spec, lambda base: build_causal_lm(base, tok, device))
     if spec.path is not None and not weights:
         config = AutoConfig.from_pretrained(spec.path)
         with torch.device(device), no_init_weights():
@@ -166,6 +174,20 @@ def build_causal_lm(
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(preset_config(spec, tok))
     return _finish(model, tok, spec, device)
+
+
+def build_policy_lm(
+    spec: ModelSource, lora: Any, tok: SpecialIds, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The policy as its learner trains it and its rollout workers sample it: a LoRA model
+    (``models.lora.build_lora_model``) when ``lora`` is set or ``spec.path`` is an adapter
+    directory trained further (``config.trains_lora``), else ``build_causal_lm``. A LoRA
+    model's base is always read from its source: syncs send only the adapters."""
+    if not trains_lora(lora, cast(Any, spec)):
+        return build_causal_lm(spec, tok, device)
+    from rlhf_ray.models.lora import build_lora_model
+
+    return build_lora_model(spec, lora, lambda s: build_causal_lm(s, tok, device))
 
 
 class ScalarHeadModel(nn.Module):

@@ -45,6 +45,8 @@ def _hidden_and_head(
     exist at once. A model whose logits are more than ``lm_head(hidden)`` (soft-capping, a logit
     scale) takes the plain forward instead."""
     position_ids = position_ids_from_mask(attention_mask)
+    if hasattr(model, "get_base_model"):  # a PeftModel: the HF model inside, adapters in place
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     plain = head is None or any(
@@ -131,10 +133,15 @@ def response_logprobs(
     chunk = functools.partial(
         _chunk_logprobs, head, temperature, top_k, top_p, with_entropy, entropy_grad
     )
+    # A frozen head partitioned by ZeRO-3 (LoRA) is not gathered again when a checkpointed chunk
+    # is recomputed in the backward pass (torch's checkpoint refuses the empty partition), so
+    # those chunks keep their activations instead
+    weight = getattr(head, "weight", None)
+    recompute = not (hasattr(weight, "ds_id") and not getattr(weight, "requires_grad", True))
     results = []
     for i in range(0, B * R, chunk_tokens):
         h, y = flat[i : i + chunk_tokens], labels[i : i + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and recompute:
             results.append(checkpoint(chunk, h, y, use_reentrant=False))
         else:
             results.append(chunk(h, y))

@@ -38,6 +38,7 @@ from rlhf_ray.config.ppo import (
     Config,
     ModelSpec,
     has_critic,
+    is_adapter_dir,
     policy_tokenizer,
     reward_tokenizer,
     value_init_spec,
@@ -138,6 +139,27 @@ class ModelShape:
         head = (0 if self.tied else self.vocab * h) if lm_head else h
         return embed + self.layers * self.layer_params() + final_norm + head
 
+    def lora_params(self, r: int, targets: list[str] | None) -> int:
+        """Adapter parameters of LoRA rank ``r`` on the modules named ``targets`` (null: the
+        defaults of ``models.lora``): r x (in + out) per adapted matrix. Names not known
+        here count nothing."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_dim
+        if self.gpt2:  # c_proj names both the attention's and the MLP's output projection
+            shapes = {"c_attn": [(h, q + 2 * kv)], "c_proj": [(q, h), (i, h)], "c_fc": [(h, i)]}
+        else:
+            shapes = {
+                "q_proj": [(h, q)],
+                "k_proj": [(h, kv)],
+                "v_proj": [(h, kv)],
+                "o_proj": [(q, h)],
+                "gate_proj": [(h, i)],
+                "up_proj": [(h, i)],
+                "down_proj": [(i, h)],
+            }
+        names = targets or list(shapes)
+        per_layer = sum(r * (a + b) for n in names for a, b in shapes.get(n, []))
+        return self.layers * per_layer
+
     def activation_elements(self) -> int:
         """Elements kept per token per layer for the backward (SDPA attention: no scores)."""
         h, i = self.hidden, self.intermediate
@@ -180,9 +202,12 @@ def learner_memory(
     checkpointing: bool,
     on_gpu: bool,
     buckets: dict[str, int] | None = None,
+    trainable: int | None = None,
 ) -> dict[str, float]:
     """Bytes on one learner rank's device at its peak while it trains, with the ZeRO bucket
     sizes the engine is given (``config.ZeroBuckets.resolve``; default: the device's).
+    ``trainable``: LoRA's adapter parameters (``ModelShape.lora_params``), the only ones with
+    gradients and optimizer states; the frozen base adds only its weights.
 
     ``grads`` is the larger of two moments: the end of the backward (the gradients this stage
     keeps, plus the reduce bucket) and the optimizer step (the gradient partition flattened into
@@ -200,6 +225,9 @@ def learner_memory(
     if deepspeed and zero_stage == 3:  # the parameters gathered and kept for reuse at most
         params += min(p, max(b["prefetch"], b["max_live"])) * wb
     zero = zero_stage if deepspeed else 0
+    if trainable is not None:  # LoRA: the adapters are weights too; they alone train
+        params += trainable * wb / (ranks if zero_stage == 3 else 1)
+        p, bucket = trainable, min(bucket, trainable * wb)
     grads = _gradient_peak(shape, p, wb, zero, ranks, on_gpu, offload_optimizer, bucket, b)
     master = 4 * p if deepspeed and (zero_stage >= 1 or wb < 4) else 0
     optim = (8 * p + master) / (ranks if deepspeed and zero_stage >= 1 else 1)
@@ -228,9 +256,9 @@ def _gradient_peak(
     buffer's bytes, ``buckets`` the ZeRO bucket sizes in elements."""
     temporaries = 1 if on_gpu else 2  # fp32 copies AdamW makes of the tensor it steps
     fp32_copy = 4 if wb < 4 else 0  # half-precision gradients are cast for the fp32 step
-    if zero == 0:  # per-parameter AdamW: the embedding is the largest
+    if zero == 0:  # per-parameter AdamW: the embedding is the largest (LoRA: an adapter)
         backward = p * wb
-        step = p * wb + 4 * temporaries * shape.vocab * shape.hidden
+        step = p * wb + 4 * temporaries * min(p, shape.vocab * shape.hidden)
     elif zero == 3:
         kept = p * wb / ranks  # DeepSpeed's flat gradient partition
         chunk = min(p / ranks, buckets["sub_group"])
@@ -302,8 +330,13 @@ def rollout_memory(
 def read_model_config(spec: ModelSpec, tokenizer_cfg) -> tuple[dict[str, Any] | None, str]:
     """A model's ``config.json`` as a dict, and where it came from (None: not readable here).
 
-    Local directories are read directly; hub ids come from the local HF cache or
-    ``KNOWN_CONFIGS``; never the network. Presets are built from their settings."""
+    Local directories are read directly (an adapter directory: its base's); hub ids come from
+    the local HF cache or ``KNOWN_CONFIGS``; never the network. Presets are built from their
+    settings."""
+    if is_adapter_dir(spec.path):
+        from rlhf_ray.models.lora import adapter_base
+
+        spec = spec.model_copy(update={"path": adapter_base(spec)})
     if spec.path is None:
         try:
             from rlhf_ray.data.tokenization import build_tokenizer
@@ -355,8 +388,10 @@ def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str
         if config is None:
             out[role] = source
             continue
+        shape = ModelShape.from_config(config)
+        lora = role_cfg.lora
         parts = learner_memory(
-            ModelShape.from_config(config),
+            shape,
             lm_head=lm_head,
             dtype=role_cfg.model.dtype,
             ranks=role_cfg.num_ranks,
@@ -370,8 +405,9 @@ def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str
             checkpointing=role_cfg.gradient_checkpointing,
             on_gpu=role_cfg.num_gpus_per_rank > 0,
             buckets=role_cfg.zero_buckets.resolve(role_cfg.num_gpus_per_rank > 0),
+            trainable=shape.lora_params(lora.r, lora.target_modules) if lora else None,
         )
-        out[role] = Estimate(parts, source)
+        out[role] = Estimate(parts, source + (f", LoRA r={lora.r}" if lora else ""))
     return out
 
 
@@ -381,7 +417,7 @@ def scorers_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]
     ref_spec = cfg.reference.model or cfg.policy.model
     scorers: list[tuple[str, Any, ModelSpec, bool, Any]] = [
         ("reference", cfg.reference, ref_spec, True, tok)
-    ]
+    ] * (not cfg.reference.from_policy_base)  # (else the policy learner's base scores it)
     # every reward model (main, ensemble members, terms' models) lives in each reward replica
     reward_specs = reward_models(cfg.reward) + [t.model for t in cfg.reward.terms if t.model]
     for spec in reward_specs:

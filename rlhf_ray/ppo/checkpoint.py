@@ -78,9 +78,13 @@ CHECKPOINT_PARTS = (
 )
 
 
-def save_model_dirs(workers: Workers, tokenizer: Tokenizer, directory: Path) -> None:
-    """``policy/`` (with the tokenizer) and, with a critic, ``value/`` in Hugging Face format."""
-    workers.save(directory)
+def save_model_dirs(
+    workers: Workers, tokenizer: Tokenizer, directory: Path, merged: bool = True
+) -> None:
+    """``policy/`` (with the tokenizer) and, with a critic, ``value/`` in Hugging Face format.
+    A LoRA learner writes its adapter to ``<role>/adapter`` and, when ``merged``, the merged
+    model beside it (a checkpoint holds only the adapter: what changes)."""
+    workers.save(directory, merged)
     tokenizer.save(directory / "policy")
 
 
@@ -96,7 +100,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model_dirs(workers, tokenizer, tmp)
+    save_model_dirs(workers, tokenizer, tmp, merged=False)
     workers.save_state(tmp)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     (tmp / "driver_state.json").write_text(json.dumps(state))

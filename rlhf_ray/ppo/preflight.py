@@ -27,7 +27,7 @@ from rlhf_ray.config.ppo import (
     policy_tokenizer,
     reward_tokenizer,
 )
-from rlhf_ray.config.roles import reward_models
+from rlhf_ray.config.roles import is_adapter_dir, reward_models
 from rlhf_ray.config.stages import EvalConfig, eval_tokenizer
 from rlhf_ray.data.tokenization import Tokenizer, build_tokenizer, same_tokenizer
 from rlhf_ray.errors import UserError
@@ -43,6 +43,12 @@ def check_model(setting: str, spec: ModelSpec | None) -> None:
     and no such directory exists, a Hub model the loader can resolve)."""
     if spec is None or spec.path is None:
         return  # a preset: built from its config, nothing to find
+    if is_adapter_dir(spec.path):  # a PEFT adapter: its base must be a model
+        from rlhf_ray.models.lora import adapter_base
+
+        base = adapter_base(spec)
+        check_model(f"{setting}.path's base ({base})", spec.model_copy(update={"path": base}))
+        return
     path = os.path.expanduser(spec.path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):

@@ -46,7 +46,7 @@ def stage_role(
     kwargs = {
         "model": cfg.model,
         "optim": cfg.optim,
-        "build": ModelBuilder(kind, cfg.model, stage_tokenizer(cfg)),
+        "build": ModelBuilder(kind, cfg.model, stage_tokenizer(cfg), cfg.learner.lora),
         "objective": objective,
         "minibatch": train.batch_size,
         "micro_batch": train.micro_batch_size,

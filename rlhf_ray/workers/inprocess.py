@@ -23,7 +23,7 @@ from rlhf_ray.config.ppo import (
 from rlhf_ray.engines.training import free_port
 from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout, Rows
-from rlhf_ray.workers.interface import round_seed, shard_rows
+from rlhf_ray.workers.interface import round_seed, shard_rows, sync_bytes
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
@@ -51,6 +51,7 @@ def build_learner(
             top_k=cfg.rollout.top_k,
             top_p=cfg.rollout.top_p,
             total_steps=policy_optimizer_steps(cfg),
+            reference_from_base=cfg.reference.from_policy_base,
             **where,
         )
     return ValueLearner(
@@ -86,9 +87,14 @@ class InProcessWorkers:
         tok = policy_tokenizer(cfg)
         self.policy, self.value = build_learners(cfg)
         ref_spec = cfg.reference.model or cfg.policy.model
-        self.reference = ReferenceScorer(
-            ref_spec, tok, cfg.rollout.temperature, chunk_size=cfg.reference.score_micro_batch_size
-        )
+        self.reference = None  # (from_policy_base: the policy learner scores the reference)
+        if not cfg.reference.from_policy_base:
+            self.reference = ReferenceScorer(
+                ref_spec,
+                tok,
+                cfg.rollout.temperature,
+                chunk_size=cfg.reference.score_micro_batch_size,
+            )
         self.reward = RewardScorer(
             cfg.reward,
             tok,
@@ -96,15 +102,26 @@ class InProcessWorkers:
             chunk_size=cfg.reward.score_micro_batch_size,
             remote=driver_options(cfg.reward, cfg.train.phase_timeout_s),
         )
-        self.generators = [
-            generator_class(cfg.rollout)(
-                cfg.policy.model, tok, cfg.rollout, i, from_sync=True, **generator_kwargs(cfg)
-            )
-            for i in range(cfg.rollout.num_workers)
-        ]
+        self.generators = [self._new_generator(i) for i in range(cfg.rollout.num_workers)]
         self.version = -1
-        if cfg.reference.model is None:
-            self._stream(lambda bucket, k, n: self.reference.load_bucket(bucket))
+        # the reference starts as a copy of the policy; a LoRA policy's initial model is the one
+        # its spec describes (fresh adapters do nothing; an adapter start is read merged), which
+        # the reference built itself
+        if self.reference is not None and cfg.reference.model is None and not self.policy.lora:
+            reference = self.reference
+            self._stream(lambda bucket, k, n: reference.load_bucket(bucket))
+
+    def _new_generator(self, worker_id: int) -> RolloutGenerator:
+        cfg = self.cfg
+        return generator_class(cfg.rollout)(
+            cfg.policy.model,
+            policy_tokenizer(cfg),
+            cfg.rollout,
+            worker_id,
+            from_sync=True,
+            **({"lora": cfg.policy.lora} if cfg.policy.lora is not None else {}),
+            **generator_kwargs(cfg),
+        )
 
     def _stream(self, load) -> None:
         """The policy's current weights, bucket by bucket, to ``load(bucket, k, count)``."""
@@ -127,16 +144,7 @@ class InProcessWorkers:
             self.generators.pop()
         new: list[RolloutGenerator] = []
         while len(self.generators) + len(new) < num_workers:
-            new.append(
-                generator_class(self.cfg.rollout)(
-                    self.cfg.policy.model,
-                    policy_tokenizer(self.cfg),
-                    self.cfg.rollout,
-                    len(self.generators) + len(new),
-                    from_sync=True,
-                    **generator_kwargs(self.cfg),
-                )
-            )
+            new.append(self._new_generator(len(self.generators) + len(new)))
         if new:  # the policy still holds the weights of the last sync: stream them again
             self._stream(
                 lambda bucket, k, n: [g.load_bucket(bucket, self.version, k, n) for g in new]
@@ -154,9 +162,10 @@ class InProcessWorkers:
         )
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        reference = {"ref_logprobs": self.reference.logprobs(rollout)} if self.reference else {}
         return {
-            "ref_logprobs": self.reference.logprobs(rollout),
-            **self.policy.old_logprobs(rollout),
+            **reference,
+            **self.policy.old_logprobs(rollout),  # (and ref_logprobs with from_policy_base)
             **({"values": self.value.values(rollout)} if self.value else {}),
             **self.reward.score_parts(rollout),  # scores and its parts
         }
@@ -171,12 +180,13 @@ class InProcessWorkers:
         return float(diff), gen.worker_id
 
     def info(self) -> dict[str, float]:
-        return {"rollout/num_workers": len(self.generators)}
+        sent, full = self.policy.sync_nbytes()
+        return {"rollout/num_workers": len(self.generators), **sync_bytes(sent, full)}
 
-    def save(self, directory: Path) -> None:
-        self.policy.save(str(directory / "policy"))
+    def save(self, directory: Path, merged: bool = True) -> None:
+        self.policy.save(str(directory / "policy"), merged)
         if self.value:
-            self.value.save(str(directory / "value"))
+            self.value.save(str(directory / "value"), merged)
 
     def save_state(self, directory: Path) -> None:
         self.policy.save_state(str(directory / "policy_state"))

@@ -71,8 +71,9 @@ class Workers(Protocol):
     def info(self) -> dict[str, float]:
         """Per-round facts about the actor graph (e.g. ``rollout/num_workers``)."""
 
-    def save(self, directory: Path) -> None:
-        """Write ``policy/`` and, with a critic, ``value/`` (HF format) under ``directory``."""
+    def save(self, directory: Path, merged: bool = True) -> None:
+        """Write ``policy/`` and, with a critic, ``value/`` (HF format) under ``directory``
+        (a LoRA learner: ``<role>/adapter``, and the merged model when ``merged``)."""
 
     def save_state(self, directory: Path) -> None:
         """Write the learners' training state (weights and optimizers) for an exact resume."""
@@ -199,6 +200,12 @@ class StageWorkers(Protocol):
 
     def load_state(self, directory: Path) -> None:
         """Restore the training state ``save_state`` wrote."""
+
+
+def sync_bytes(sent: int, full: int) -> dict[str, float]:
+    """The per-sync figures: ``sync/bytes`` sent (adapters only with LoRA) and
+    ``sync/full_bytes``, what sending every weight would take."""
+    return {"sync/bytes": float(sent), "sync/full_bytes": float(full)}
 
 
 def check_sync(

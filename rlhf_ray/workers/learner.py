@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.accelerator import check_deepspeed_accelerator
+from rlhf_ray.config.roles import is_adapter_dir
 from rlhf_ray.engines.training import (
     DeepSpeedEngine,
     TorchEngine,
@@ -36,6 +37,7 @@ from rlhf_ray.engines.training import (
 )
 from rlhf_ray.errors import UserError
 from rlhf_ray.models import default_device
+from rlhf_ray.models.lora import adapter_tensors, export_lora, is_lora
 from rlhf_ray.models.weights import (
     NumpyWeights,
     full_nbytes,
@@ -140,7 +142,9 @@ class Learner:
             cfg.offload_params,
             cfg.zero_buckets.resolve(on_gpu=self.device.type != "cpu"),
         )
-        zero_init = cfg.zero_stage == 3 and self.model_spec.path is not None
+        path = self.model_spec.path  # (an adapter merged at the start is merged whole)
+        merged = is_adapter_dir(path) and self.model_spec.merge_adapter
+        zero_init = cfg.zero_stage == 3 and path is not None and not merged
         with zero3_construction(config, enabled=zero_init):
             module = self._build()
         if not zero_init:
@@ -167,6 +171,13 @@ class Learner:
                 hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if is_lora(module):  # frozen embeddings: let the checkpointed layers' input need grad
+                hf.enable_input_require_grads()
+
+    @property
+    def lora(self) -> bool:
+        """Whether this learner trains LoRA adapters (its model is a peft model)."""
+        return self.engine is not None and is_lora(self.module)
 
     @property
     def module(self) -> Any:  # the (DeepSpeed-wrapped) HF model
@@ -330,9 +341,19 @@ class Learner:
 
     # -- weights out and state ----------------------------------------------------------------
 
+    def _sync_tensors(self) -> dict[str, torch.Tensor]:
+        """What a sync sends: the adapters alone with LoRA (the workers hold the base), else
+        every weight."""
+        return adapter_tensors(self.module) if self.lora else weight_tensors(self.module)
+
+    def sync_nbytes(self) -> tuple[int, int]:
+        """(bytes a sync sends, bytes of every weight): equal unless LoRA sends adapters."""
+        sent = sum(full_nbytes(t) for t in self._sync_tensors().values())
+        return sent, sum(full_nbytes(t) for t in weight_tensors(self.module).values())
+
     def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
         if self._buckets is None or self._buckets[0] != bucket_mb:
-            tensors = list(weight_tensors(self.module).items())
+            tensors = list(self._sync_tensors().items())
             sizes = [full_nbytes(t) for _, t in tensors]
             groups = plan_buckets(sizes, int(bucket_mb * 2**20))
             self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups])
@@ -346,7 +367,7 @@ class Learner:
         """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
         bucket ``index`` as numpy arrays, the others None."""
         assert self.engine is not None, "call setup() first"
-        tensors = weight_tensors(self.module)
+        tensors = self._sync_tensors()
         names = self._bucket_names(bucket_mb)[index]
         if getattr(self.engine, "zero_stage", 0) == 3:  # the partitions are sent to rank 0
             assert isinstance(self.engine, DeepSpeedEngine)
@@ -366,15 +387,21 @@ class Learner:
         state = self.engine.full_state_dict()
         return None if state is None else state_dict_to_numpy(state)
 
-    def save(self, directory: str) -> None:
-        """Collective; rank 0 writes the full model in Hugging Face format (no progress bar)."""
+    def save(self, directory: str, merged: bool = True) -> None:
+        """Collective; rank 0 writes the full model in Hugging Face format (no progress bar).
+        A LoRA learner writes its adapter to ``directory/adapter`` (a PEFT adapter directory)
+        and, when ``merged``, the merged model to ``directory`` (a plain model)."""
         from transformers.utils import logging as hf_logging
 
         assert self.engine is not None, "call setup() first"
         state = self.engine.full_state_dict()
-        if state is not None:
-            hf_logging.disable_progress_bar()
-            Path(directory).mkdir(parents=True, exist_ok=True)
+        if state is None:
+            return
+        hf_logging.disable_progress_bar()
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        if self.lora:
+            export_lora(self.module, state, directory, self.model_spec, merged)
+        else:
             self.module.save_pretrained(directory, state_dict=state)
 
     def save_state(self, directory: str) -> None:

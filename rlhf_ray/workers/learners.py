@@ -16,7 +16,8 @@ import torch
 
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import greedy_continuation
-from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
+from rlhf_ray.models import build_scalar_model, response_logprobs
+from rlhf_ray.models.build import build_policy_lm
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks, probe_batch
 from rlhf_ray.workers.learner import Learner, NonFiniteLossError
@@ -51,18 +52,22 @@ class PolicyLearner(Learner):
         top_k: int = 0,
         top_p: float = 1.0,
         total_steps: int | None = None,
+        reference_from_base: bool = False,
     ):
         """``temperature``, ``top_k``, ``top_p``: the sampler's (``rollout.*``); the policy's
         log-probs and entropy are those of the distribution the rollout samples from.
-        ``total_steps``: optimizer steps of the run (what the LR schedule spans)."""
+        ``total_steps``: optimizer steps of the run (what the LR schedule spans).
+        ``reference_from_base``: a LoRA policy's scoring also gives the reference log-probs,
+        those of its base with the adapters disabled (``reference.from_policy_base``)."""
         tok = build_tokenizer(tokenizer_cfg)
         self.tokenizer = tok
+        self.reference_from_base = reference_from_base
         self.sampling: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         super().__init__(
             policy_cfg,
             policy_cfg.model,
             policy_cfg.optim,
-            lambda: build_causal_lm(policy_cfg.model, tok),
+            lambda: build_policy_lm(policy_cfg.model, policy_cfg.lora, tok),
             PolicyObjective(ppo_cfg, self.sampling),
             **ppo_shape(ppo_cfg),
             rank=rank,
@@ -99,11 +104,34 @@ class PolicyLearner(Learner):
 
         out = in_chunks(mine, self.score_batch, self.device, forward)
         mask = mine.response_mask
+        reference = {"ref_logprobs": self.base_logprobs(mine)} if self.reference_from_base else {}
         return {
             "old_logprobs": out[..., 0] * mask,
             "outside_filter": (out[..., 1] * mask) > 0,
             "full_logprobs": out[..., 2] * mask,
+            **reference,
         }
+
+    @torch.no_grad()
+    def base_logprobs(self, rows: Rollout) -> torch.Tensor:
+        """Log-probs ``(B, R)`` of ``rows`` under the LoRA policy's base, its adapters disabled
+        (peft's ``disable_adapter``): the reference of ``reference.from_policy_base``, at the
+        sampling temperature like the reference actor's."""
+        if not self.lora:
+            raise RuntimeError("reference.from_policy_base needs a LoRA policy")
+
+        def forward(part: Rollout) -> torch.Tensor:
+            return response_logprobs(
+                self.module,
+                part.input_ids,
+                part.attention_mask,
+                part.prompt_len,
+                self.sampling["temperature"],
+            )[0]
+
+        with self.module.disable_adapter():
+            out = in_chunks(rows, self.score_batch, self.device, forward)
+        return out * rows.response_mask
 
     @torch.no_grad()
     def greedy(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.config.roles import trains_lora
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.generation import SamplingParams, greedy_continuation, sample_responses
 from rlhf_ray.models import (
@@ -11,6 +12,7 @@ from rlhf_ray.models import (
     default_device,
     response_logprobs,
 )
+from rlhf_ray.models.build import build_policy_lm
 from rlhf_ray.models.weights import NumpyWeights, load_weights
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
@@ -32,18 +34,24 @@ class RolloutGenerator:
         worker_id: int = 0,
         num_threads: int | None = None,
         from_sync: bool = False,
+        lora=None,
     ):
         """``from_sync``: the weights come by sync (PPO's pool), so none are read from
         ``model_spec.path``: the model is built from its config (the worker refuses to
         generate before the first sync). Otherwise (evaluation, ``rlhf-ray generate``) the
-        model is loaded with its weights."""
+        model is loaded with its weights. ``lora``: the policy's ``lora`` section; a LoRA
+        policy's worker loads its base from ``model_spec`` and the syncs bring the adapters
+        (the same peft model as the learner's, so the sampled distribution is the learner's)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         self.device = default_device()
-        weights = not from_sync
-        self.model = build_causal_lm(model_spec, self.tokenizer, self.device, weights=weights)
+        if from_sync and trains_lora(lora, model_spec):
+            self.model = build_policy_lm(model_spec, lora, self.tokenizer, self.device)
+        else:
+            weights = not from_sync
+            self.model = build_causal_lm(model_spec, self.tokenizer, self.device, weights=weights)
         self.params = SamplingParams(
             rollout_cfg.max_new_tokens,
             rollout_cfg.temperature,

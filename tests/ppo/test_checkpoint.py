@@ -90,7 +90,7 @@ class FakeWorkers:
     def __init__(self, fail_state: bool = False):
         self.fail_state = fail_state
 
-    def save(self, directory):
+    def save(self, directory, merged=True):
         for part in ("policy", "value"):
             (directory / part).mkdir(parents=True, exist_ok=True)
             (directory / part / "model.safetensors").write_bytes(b"w")

@@ -1,0 +1,96 @@
+"""A LoRA policy through run_ppo in one process: only the adapters move (base frozen, adapters
+synced alone, the rollout workers sample the learner's distribution), the reference can be the
+policy's own base, and a resumed run ends with the uninterrupted run's adapters exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_ray.config.ppo import load_config
+from rlhf_ray.models import build_causal_lm
+from rlhf_ray.models.memory import ModelShape
+from rlhf_ray.observe.metrics import read_metrics
+from rlhf_ray.ppo.loop import run_ppo
+from rlhf_ray.workers.inprocess import InProcessWorkers
+
+SMALL = [
+    "rollout.batch_size=4",
+    "ppo.minibatch_size=4",
+    "policy.engine=torch",
+    "policy.num_ranks=1",
+    "value.engine=torch",
+    "value.num_ranks=1",
+    "policy.lora.r=4",
+    "checkpoint.every=1",
+]
+
+
+def adapter(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "policy" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_lora_run_syncs_adapters_only_and_resumes_exactly(tmp_path):
+    cfg = load_config(None, [*SMALL, "train.rounds=2"])
+    workers = InProcessWorkers(cfg)
+    base = {k: v.clone() for k, v in workers.policy.module.get_base_model().state_dict().items()
+            if ".lora_" not in k}  # fmt: skip
+    run_ppo(cfg, workers, tmp_path / "full")
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert all(r["sync/bytes"] * 10 <= r["sync/full_bytes"] for r in rows)
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-5 for r in rows)
+    assert all(r["rollout/logprob_gap"] <= 1e-5 for r in rows)  # workers sample the learner's
+    after = workers.policy.module.get_base_model().state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)  # the base never moved
+    trained = adapter(tmp_path / "full")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in trained.items())
+    # a checkpoint holds the adapters and their optimizer state, not the base
+    state = load_file(str(tmp_path / "full/checkpoints/round_000001/policy_state/torch_engine.safetensors"))  # fmt: skip
+    weights = [k for k in state if k.startswith("module.")]
+    assert weights and all(".lora_" in k for k in weights)
+    assert not (tmp_path / "full/checkpoints/round_000001/policy/model.safetensors").exists()
+
+    short = load_config(None, [*SMALL, "train.rounds=1"])
+    run_ppo(short, InProcessWorkers(short), tmp_path / "cut")
+    run_ppo(cfg, InProcessWorkers(cfg), tmp_path / "cut", resume=True)
+    resumed = adapter(tmp_path / "cut")
+    assert max((resumed[k] - trained[k]).abs().max().item() for k in trained) == 0.0
+
+
+def test_reference_from_policy_base_scores_with_adapters_off(tmp_path):
+    cfg = load_config(None, [*SMALL, "train.rounds=2", "reference.from_policy_base=true"])
+    workers = InProcessWorkers(cfg)
+    assert workers.reference is None  # no second model
+    run_ppo(cfg, workers, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters: policy == base
+    assert rows[1]["ppo/kl"] != pytest.approx(0.0, abs=1e-6)
+    # after training, the reference log-probs are still the base model's
+    from rlhf_ray.models import response_logprobs
+
+    ids = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119]])
+    mask = torch.ones_like(ids)
+    base = build_causal_lm(cfg.policy.model, workers.policy.tokenizer)
+    expected = response_logprobs(base, ids, mask, 3)[0]
+    with torch.no_grad(), workers.policy.module.disable_adapter():
+        got = response_logprobs(workers.policy.module, ids, mask, 3)[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_lora_parameter_count_by_hand():
+    # GPT-2, hidden 4, MLP 16, one layer, r=2: c_attn 4->12: 2*16; attn c_proj 4->4: 2*8;
+    # mlp c_proj 16->4: 2*20; c_fc 4->16: 2*20  => 32 + 16 + 40 + 40 = 128
+    shape = ModelShape.from_config(
+        {
+            "model_type": "gpt2",
+            "vocab_size": 10,
+            "n_embd": 4,
+            "n_layer": 1,
+            "n_head": 1,
+            "n_inner": 16,
+            "n_positions": 8,
+        }  # fmt: skip
+    )
+    assert shape.lora_params(2, None) == 128
+    assert shape.lora_params(2, ["c_attn"]) == 32
