@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_driver import _rollout
+from test_loop import _rollout
 
 from rlhf_ray.config.ppo import AlgoConfig, PPOConfig
 from rlhf_ray.ppo.loop import compute_advantages, critic_free_advantages, expand_groups
