@@ -9,6 +9,7 @@ runtime, so a run here is the distributed run without the distribution. A critic
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -99,6 +100,7 @@ class InProcessWorkers:
             for i in range(cfg.rollout.num_workers)
         ]
         self.version = -1
+        self.last_sync: dict[str, float] = {}  # sync/seconds, sync/bytes of the latest sync
         if cfg.reference.model is None:
             self._stream(lambda bucket, k, n: self.reference.load_bucket(bucket))
 
@@ -113,10 +115,16 @@ class InProcessWorkers:
         )
 
     def sync(self, version: int) -> None:
-        self.version = version
+        """In one process there is no transport (``sync.transport`` applies to Ray): the
+        buckets are handed to the generators."""
+        self.version, start = version, time.perf_counter()
         self._stream(
             lambda bucket, k, n: [g.load_bucket(bucket, version, k, n) for g in self.generators]
         )
+        self.last_sync = {
+            "sync/seconds": time.perf_counter() - start,
+            "sync/bytes": float(self.policy.weight_nbytes(self.cfg.sync.bucket_mb)),
+        }
 
     def scale_rollout(self, num_workers: int) -> None:
         while len(self.generators) > num_workers:
@@ -166,7 +174,7 @@ class InProcessWorkers:
         return float(diff), gen.worker_id
 
     def info(self) -> dict[str, float]:
-        return {"rollout/num_workers": len(self.generators)}
+        return {"rollout/num_workers": len(self.generators), **self.last_sync}
 
     def save(self, directory: Path) -> None:
         self.policy.save(str(directory / "policy"))
