@@ -376,3 +376,19 @@ def test_zero_buckets_follow_the_device_unless_set():
     zero = deepspeed_config(3, 1, 2, 1.0, "bfloat16", False, buckets=gpu)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 123456
     assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 1_000_000_000
+
+
+def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devices():
+    from rlhf_ray.config.ppo import sync_backend, sync_transport
+
+    gpus = ["policy.num_gpus_per_rank=1", "rollout.num_gpus_per_worker=1"]
+    assert sync_transport(load_config(None, [])) == "object_store"
+    assert sync_transport(load_config(None, ["sync.transport=auto"])) == "object_store"  # CPU
+    assert sync_transport(load_config(None, ["sync.transport=auto", *gpus])) == "collective"
+    half = ["sync.transport=auto", "policy.num_gpus_per_rank=1"]  # workers on CPUs
+    assert sync_transport(load_config(None, half)) == "object_store"
+    cpu = load_config(None, ["sync.transport=collective"])
+    assert (sync_transport(cpu), sync_backend(cpu)) == ("collective", "gloo")
+    assert sync_backend(load_config(None, ["sync.transport=collective", *gpus])) == "nccl"
+    with pytest.raises(ConfigError, match="sync.transport"):
+        load_config(None, ["sync.transport=nccl"])
