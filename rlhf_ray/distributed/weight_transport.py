@@ -2,9 +2,9 @@
 
 It forms the weight-sync group (``workers/collective.py``) of policy rank 0 and a list of
 rollout workers, and streams one version's buckets over it. One group for the whole pool, not
-one per worker: a broadcast in one group sends a bucket out of rank 0 once (NCCL pipelines it
-along a ring or tree; gloo forwards it), where one group per worker would send it N times from
-rank 0. Neither NCCL nor gloo lets a member leave or join a formed group, so the group is formed
+one per worker: one broadcast call per tensor for the whole pool, which NCCL pipelines along a
+ring or tree so that rank 0 sends each bucket about once, where one group per worker would
+always send it N times from rank 0 (and N calls). Neither NCCL nor gloo lets a member leave or join a formed group, so the group is formed
 again (a new tag on rank 0's rendezvous store) whenever its members change: a worker lost or
 added, or a new rank 0 after a learner restart. Workers that join the pool between syncs
 (``rlhf-ray scale``, a replacement) catch up in a group of rank 0 and themselves.
