@@ -28,8 +28,15 @@ What it measures
     and put while the workers load this one (``stream_buckets``). In a real run the put is the
     policy rank 0's ``weight_bucket`` return value instead.
 
+    ``--transports``: instead, the two ``sync.transport`` values side by side on the same model
+    (``benchmarks/_transports.py``): a sender actor standing in for policy rank 0 and
+    ``RolloutGenerator`` workers (``--workers``, default 1,2,4), each sync streamed as
+    ``RayWorkers.sync`` does: seconds per sync, s/GB, and the peak host memory above the
+    baseline of rank 0 and of a worker (the largest) during the timed syncs.
+
 How to run (from the repository root)
     python benchmarks/weight_sync.py                  # ~85M params, 5 repeats (under a minute)
+    python benchmarks/weight_sync.py --transports --repeats 3   # object_store vs collective
     python benchmarks/weight_sync.py --repeats 5 --rollout-workers 1
     python benchmarks/weight_sync.py --hidden 256 --layers 6 --heads 8   # a smaller model
 
@@ -44,6 +51,7 @@ import sys
 import time
 
 import _common
+import _transports
 import ray
 import torch
 
@@ -67,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollout-workers", type=int, default=2, help="RolloutGenerator actors")
     p.add_argument("--bucket-mb", type=float, default=SyncConfig().bucket_mb, help="sync bucket")
     p.add_argument("--skip-torch", action="store_true", help="skip the (slow) torch-tensor paths")
+    p.add_argument("--transports", action="store_true", help="compare sync.transport values")
+    p.add_argument("--workers", default="1,2,4", help="worker counts for --transports")
     return p.parse_args(argv)
 
 
@@ -225,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         f"with tied embeddings counted twice); built in {time.perf_counter() - start:.1f}s",
         flush=True,
     )
+    if args.transports:
+        with _common.local_ray(2):
+            counts = [int(n) for n in args.workers.split(",")]
+            print(_transports.compare(spec, counts, args.repeats, args.bucket_mb))
+        print(
+            "  s/GB: seconds per sync / GB of weights; peak +MB: resident set above the "
+            "process's own before the timed syncs (shared object-store pages included)."
+        )
+        return 0
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
 
     rows, real_rows = [], []

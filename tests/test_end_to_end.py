@@ -77,9 +77,12 @@ def first_last(rows: list[dict], key: str, n: int = 5) -> tuple[float, float]:
     return mean(values[:n]), mean(values[-n:])
 
 
-def test_default_run(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_default_run(tmp_path, transport):
+    """The default run; and the same with the collective sync transport (gloo here)."""
     run_dir = tmp_path / "run"
-    proc = run_cli(["ppo", "--run-dir", str(run_dir)], cwd=tmp_path)
+    extra = [] if transport == "object_store" else [f"sync.transport={transport}"]
+    proc = run_cli(["ppo", "--run-dir", str(run_dir), *extra], cwd=tmp_path)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(30))
     assert all(set(r) >= CORE_KEYS for r in rows)
@@ -91,6 +94,7 @@ def test_default_run(tmp_path):
     progress = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
     assert len(progress) == 30 and f"run dir: {run_dir.resolve()}" in proc.stdout
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-6 for r in rows)  # Ray workers == learners
+    assert all(r["sync/bytes"] > 0 and r["sync/seconds"] > 0 for r in rows)
     assert "policy parameters held per rank (rank 0:" in proc.stdout
     console = proc.stdout + proc.stderr
     assert [n for n in NOISE if n in console] == [], console[-3000:]

@@ -38,6 +38,7 @@ from rlhf_ray.config.roles import (
     trains_lora,
 )
 from rlhf_ray.config.sections import Section
+from rlhf_ray.config.sync import SYNC_TOLERANCE, SyncConfig
 
 # The public names: this module's, and those of role_config.py and config_loading.py, which
 # it re-exports so every caller imports the config from here.
@@ -72,6 +73,7 @@ __all__ = [
     "ZERO_BUCKETS_GPU",
     "ZeroBuckets",
     "has_critic",
+    "sync_transport",
     "load_config",
     "load_schema",
     "is_adapter_dir",
@@ -320,40 +322,6 @@ class LoggingConfig(Section):
     )
 
 
-class SyncConfig(Section):
-    """How the policy's weights reach the rollout workers after each update, and the check
-    that they arrived intact."""
-
-    bucket_mb: float = Field(
-        256.0,
-        gt=0,
-        description="Weights move in buckets of about this many MB: gathered, sent and loaded "
-        "one bucket at a time (a tensor larger than a bucket travels alone).",
-    )
-
-    max_logprob_diff: float | None = Field(
-        None,
-        gt=0,
-        description="After each sync one rollout worker and the policy learner score a fixed "
-        "probe sequence; the run stops if their log-probs differ by more than this "
-        "(logged as sync/logprob_max_abs_diff). null: the default for policy.model.dtype "
-        "(SYNC_TOLERANCE: float32 0.01, float16 0.05, bfloat16 0.25).",
-    )
-
-    def tolerance(self, dtype: str) -> float:
-        """The probe threshold for weights of ``dtype``: ``max_logprob_diff`` if set, else
-        ``SYNC_TOLERANCE[dtype]``."""
-        return self.max_logprob_diff or SYNC_TOLERANCE[dtype]
-
-
-# The sync check's default threshold per weight dtype. A failed sync (a missing, stale or
-# mis-cast tensor) moves the probe's log-probs by O(1). float32: the worker and the learner
-# agree exactly on CPU (0), 0.01 leaves room for GPU kernels. Half precision: the DeepSpeed-
-# wrapped learner and a plain worker round differently (other kernels, other batch shapes); a
-# bf16 logit of magnitude ~20 is only kept to ~0.08 (8 significant bits), fp16 to ~0.01.
-SYNC_TOLERANCE: dict[str, float] = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.25}
-
-
 class Config(Section):
     """A whole rlhf_ray PPO run."""
 
@@ -371,7 +339,9 @@ class Config(Section):
         default_factory=CheckpointConfig, description="Checkpoints."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Reporting.")
-    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync checks.")
+    sync: SyncConfig = Field(
+        default_factory=SyncConfig, description="Weight sync: buckets, transport, checks."
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray resources.")
 
     @model_validator(mode="after")
@@ -425,6 +395,21 @@ class Config(Section):
             raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
         self.reference.check_policy(self.policy, self.rollout.backend)
         return self
+
+
+def sync_transport(cfg: Config) -> str:
+    """``sync.transport`` resolved: ``auto`` is ``collective`` when policy rank 0 and every
+    rollout worker have a GPU (an NCCL broadcast from GPU memory), else ``object_store``."""
+    if cfg.sync.transport != "auto":
+        return cfg.sync.transport
+    on_gpus = cfg.policy.num_gpus_per_rank > 0 and cfg.rollout.num_gpus_per_worker > 0
+    return "collective" if on_gpus else "object_store"
+
+
+def sync_backend(cfg: Config) -> str:
+    """The collective transport's backend: NCCL when both ends are on GPUs, else gloo."""
+    on_gpus = cfg.policy.num_gpus_per_rank > 0 and cfg.rollout.num_gpus_per_worker > 0
+    return "nccl" if on_gpus else "gloo"
 
 
 def has_critic(cfg: Config) -> bool:

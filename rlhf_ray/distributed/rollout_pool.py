@@ -24,7 +24,9 @@ from rlhf_ray.distributed.actors import (
     wait_ready,
 )
 from rlhf_ray.distributed.replacement import MAX_TRIES, NodeHealth, unplaced
+from rlhf_ray.distributed.weight_transport import CollectiveSender
 from rlhf_ray.types import PromptBatch, Rollout
+from rlhf_ray.workers.collective import WeightSyncError
 from rlhf_ray.workers.interface import (
     round_seed,
     shard_rows,
@@ -74,6 +76,7 @@ class RolloutPool:
         # sends the current version again (set by RayWorkers): for buckets the object store
         # lost (policy rank 0's node died), so that a joining worker can still get them
         self.resync: Any = None
+        self.sender: CollectiveSender | None = None  # set for sync.transport collective
 
     def _spawn(self, strategy: Any = None) -> tuple[str, Any]:
         r = self.cfg.rollout
@@ -104,7 +107,7 @@ class RolloutPool:
         try:
             wait_ready(new, self.cfg.cluster.actor_start_timeout_s)
             try:
-                self._load_all(list(new.values()))
+                self._catch_up(list(new.values()))
             except ray.exceptions.ObjectLostError as exc:
                 if self.resync is None:
                     raise
@@ -114,7 +117,7 @@ class RolloutPool:
                     flush=True,
                 )
                 self.resync()  # a LearnerLostError if the policy is gone too: recovery's turn
-                self._load_all(list(new.values()))
+                self._catch_up(list(new.values()))
         except BaseException as exc:
             if isinstance(exc, ray.exceptions.RayActorError):
                 for handle in new.values():
@@ -133,6 +136,35 @@ class RolloutPool:
             ],
             timeout=self.timeout_s,
         )
+
+    def _catch_up(self, new: list[Any]) -> None:
+        """The current version to workers that join: the kept refs, or a broadcast in a group
+        of rank 0 and them (the policy still holds the weights of the last sync)."""
+        if self.sender is None:
+            self._load_all(new)
+        elif self._version >= 0:
+            outcome = self.sender.send(new, self._version, self._count)
+            if not outcome.ok:
+                why = "; ".join(outcome.lost.values()) or "the broadcast failed"
+                raise WeightSyncError(f"a joining worker did not get the weights: {why}")
+
+    def sync_collective(self, version: int, count: int) -> None:
+        """Broadcast ``version`` in ``count`` buckets to every worker (``sync.transport``
+        collective). Workers lost meanwhile are dropped and the broadcast retried on the
+        survivors; then their replacements join, holding the version."""
+        assert self.sender is not None, "sync.transport collective has a sender"
+        causes: list[str] = []  # of the workers lost, each replaced once the others hold it
+        for _ in range(MAX_TRIES):
+            outcome = self.sender.send(self.workers, version, count)
+            if outcome.ok:
+                break
+            for index in sorted(outcome.lost, reverse=True):
+                causes.append(self._drop(index, outcome.lost[index]))
+        else:
+            raise WeightSyncError(f"the weight broadcast failed {MAX_TRIES} times in a row")
+        self._version, self._count, self._buckets = version, count, []
+        for cause in causes:
+            self._add_replacement(len(self.workers), cause)
 
     def shrink(self, n: int) -> None:
         """Remove workers beyond the first ``n`` (between rounds: they hold no work)."""
@@ -202,12 +234,20 @@ class RolloutPool:
         placed on a healthy node with its resources free (``distributed/replacement.py``), and
         replaced in turn if it dies before it is ready or cannot be placed in time (then
         elsewhere), at most ``MAX_TRIES`` times."""
+        cause = self._drop(index, why)
+        self._add_replacement(index, cause)
+
+    def _drop(self, index: int, why: str) -> str:
+        """Remove the lost worker ``index``; returns why, with its node."""
         if self.restarts >= 10 * len(self.workers):
             raise RuntimeError(f"rollout workers keep failing ({self.restarts} replaced)")
         lost = self.workers.pop(index)
         node = self.health.lost(lost)
         kill_actors([lost])
-        cause = f"{why} (node {node or 'unknown'})"
+        return f"{why} (node {node or 'unknown'})"
+
+    def _add_replacement(self, index: int, cause: str) -> None:
+        """A new worker at ``index``, holding the current weights (see ``_replace``)."""
         r = self.cfg.rollout
         needs = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
         for _ in range(MAX_TRIES):
@@ -217,7 +257,11 @@ class RolloutPool:
             try:
                 self.grow(1, strategy)
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.GetTimeoutError,
+                WeightSyncError,
+            ) as exc:
                 cause = f"had its replacement die before it was ready ({type(exc).__name__})"
             except PlacementTimeoutError:
                 cause = unplaced(self.health, strategy)

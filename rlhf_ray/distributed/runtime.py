@@ -32,6 +32,8 @@ from rlhf_ray.config.ppo import (
     optimizer_steps,
     policy_optimizer_steps,
     policy_tokenizer,
+    sync_backend,
+    sync_transport,
     trains_lora,
     value_init_spec,
 )
@@ -50,6 +52,7 @@ from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts, unplaced
 from rlhf_ray.distributed.rollout_pool import RolloutPool
+from rlhf_ray.distributed.weight_transport import CollectiveSender
 from rlhf_ray.errors import UserError
 from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
@@ -92,6 +95,8 @@ class RayWorkers:
         check_namespace_free()
         self.pool = RolloutPool(cfg)
         self.pool.resync = lambda: self.sync(self.pool.version)  # for lost weight buckets
+        self.transport = sync_transport(cfg)  # object_store or collective
+        self.last_sync: dict[str, float] = {}  # sync/seconds, sync/bytes of the latest sync
         self.learner_restarts = 0
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
@@ -194,6 +199,13 @@ class RayWorkers:
         self._num_buckets = self._learners("sync", counts)[0]
         # (the same every sync: the adapters alone with LoRA, else every weight)
         self._sync_bytes = self._learners("sync", self.policy.call("sync_nbytes"))[0]
+        if self.transport == "collective":
+            self.pool.sender = CollectiveSender(
+                lambda: self.policy,
+                cfg.sync.bucket_mb,
+                cfg.train.phase_timeout_s,
+                sync_backend(cfg),
+            )
         # the reference starts as a copy of the policy, bucket by bucket; a LoRA policy's
         # initial model is the one its spec describes, which the reference built itself
         lora = trains_lora(cfg.policy.lora, cfg.policy.model)
@@ -362,9 +374,18 @@ class RayWorkers:
 
     def sync(self, version: int) -> None:
         """Stream the policy's weights to every rollout worker as ``version``, one bucket at a
-        time: the gather of bucket k+1 overlaps the workers' loading of bucket k."""
-        self.pool.begin(version, self._num_buckets)
-        stream_buckets(self._num_buckets, self._gather_bucket, self.pool.load_bucket)
+        time: the gather of bucket k+1 overlaps the workers' loading of bucket k. Through the
+        object store, or broadcast over the sync group (``sync.transport``)."""
+        start = time.perf_counter()
+        if self.transport == "collective":
+            self.pool.sync_collective(version, self._num_buckets)
+        else:
+            self.pool.begin(version, self._num_buckets)
+            stream_buckets(self._num_buckets, self._gather_bucket, self.pool.load_bucket)
+        self.last_sync = {
+            "sync/seconds": time.perf_counter() - start,
+            "sync/bytes": float(self._sync_bytes[0]),
+        }
 
     def scale_rollout(self, num_workers: int) -> None:
         current = len(self.pool.workers)
@@ -447,6 +468,7 @@ class RayWorkers:
             "train/scorer_restarts": self.scorer_restarts,
             "recovery/replacements": self.pool.health.replacements,
             **sync_bytes(*self._sync_bytes),
+            **self.last_sync,
         }
 
     def save(self, directory: Path, merged: bool = True) -> None:

@@ -406,9 +406,12 @@ class DeepSpeedEngine:
         ):
             yield
 
-    def whole_on_rank0(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Collective on all ranks: rank 0 gets CPU tensors of these whole parameters (and
-        buffers), the others None. Under ZeRO-3 each rank sends only its partition to rank 0
+    def whole_on_rank0(
+        self, named: dict[str, torch.Tensor], to_cpu: bool = True
+    ) -> dict[str, torch.Tensor] | None:
+        """Collective on all ranks: rank 0 gets tensors of these whole parameters (and
+        buffers), the others None: copies on the CPU, or with ``to_cpu`` False, on this rank's
+        device (views of unpartitioned ones; a broadcast from GPU memory). Under ZeRO-3 each rank sends only its partition to rank 0
         (``torch.distributed.gather`` straight into the whole tensor's buffer), so no other
         rank receives the model and rank 0 holds one copy of it, not a gathered parameter and a
         copy. Only rank 0 needs the weights for a sync; an all-gather moves them N times."""
@@ -419,7 +422,7 @@ class DeepSpeedEngine:
             part = getattr(tensor, "ds_tensor", None)
             if self.zero_stage != 3 or part is None:  # whole on every rank already
                 if out is not None:
-                    out[name] = tensor.detach().to("cpu", copy=True)
+                    out[name] = tensor.detach().to("cpu", copy=True) if to_cpu else tensor.detach()
                 continue
             # DeepSpeed's layout: rank r holds elements [r * n, (r + 1) * n) of the flattened,
             # padded parameter (n = the partition size, the same on every rank)
@@ -432,7 +435,8 @@ class DeepSpeedEngine:
             )
             dist.gather(part, gather_list=list(whole.chunk(self.world_size)), dst=0)
             zero3: Any = tensor  # DeepSpeed's attributes of a partitioned parameter
-            out[name] = whole[: zero3.ds_numel].view(zero3.ds_shape).to("cpu")
+            whole = whole[: zero3.ds_numel].view(zero3.ds_shape)
+            out[name] = whole.to("cpu") if to_cpu else whole
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

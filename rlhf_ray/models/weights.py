@@ -6,6 +6,8 @@ bfloat16, which numpy lacks, travels as an int16 view and is viewed back on arri
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -65,15 +67,26 @@ def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
-def load_weights(module: torch.nn.Module, weights: NumpyWeights) -> None:
-    """Copy ``weights`` (a bucket or the whole model) into ``module``'s tensors by name, one
-    tensor at a time (no second full copy). Unknown names raise."""
+def load_targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s tensors a sync may write, by every name they have (tied ones too)."""
     targets: dict[str, torch.Tensor] = {}
     targets.update(module.named_parameters(remove_duplicate=False))
     targets.update(module.named_buffers(remove_duplicate=False))
-    missing = [name for name in weights if name not in targets]
+    return targets
+
+
+def check_known(names: Iterable[str], targets: dict[str, torch.Tensor]) -> None:
+    """A ``KeyError`` naming the first few ``names`` that ``targets`` lacks."""
+    missing = [name for name in names if name not in targets]
     if missing:
         raise KeyError(f"weights for unknown tensors: {missing[:5]}")
+
+
+def load_weights(module: torch.nn.Module, weights: NumpyWeights) -> None:
+    """Copy ``weights`` (a bucket or the whole model) into ``module``'s tensors by name, one
+    tensor at a time (no second full copy). Unknown names raise."""
+    targets = load_targets(module)
+    check_known(weights, targets)
     with torch.no_grad():
         for name, (array, dtype) in weights.items():
             targets[name].copy_(_from_numpy(array, dtype))

@@ -9,6 +9,7 @@ runtime, so a run here is the distributed run without the distribution. A critic
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +105,7 @@ class InProcessWorkers:
         )
         self.generators = [self._new_generator(i) for i in range(cfg.rollout.num_workers)]
         self.version = -1
+        self.last_sync: dict[str, float] = {}  # sync/seconds, sync/bytes of the latest sync
         # the reference starts as a copy of the policy; a LoRA policy's initial model is the one
         # its spec describes (fresh adapters do nothing; an adapter start is read merged), which
         # the reference built itself
@@ -134,10 +136,16 @@ class InProcessWorkers:
         )
 
     def sync(self, version: int) -> None:
-        self.version = version
+        """In one process there is no transport (``sync.transport`` applies to Ray): the
+        buckets are handed to the generators."""
+        self.version, start = version, time.perf_counter()
         self._stream(
             lambda bucket, k, n: [g.load_bucket(bucket, version, k, n) for g in self.generators]
         )
+        self.last_sync = {
+            "sync/seconds": time.perf_counter() - start,
+            "sync/bytes": float(self.policy.sync_nbytes()[0]),
+        }
 
     def scale_rollout(self, num_workers: int) -> None:
         while len(self.generators) > num_workers:
@@ -181,7 +189,11 @@ class InProcessWorkers:
 
     def info(self) -> dict[str, float]:
         sent, full = self.policy.sync_nbytes()
-        return {"rollout/num_workers": len(self.generators), **sync_bytes(sent, full)}
+        return {
+            "rollout/num_workers": len(self.generators),
+            **sync_bytes(sent, full),
+            **self.last_sync,
+        }
 
     def save(self, directory: Path, merged: bool = True) -> None:
         self.policy.save(str(directory / "policy"), merged)

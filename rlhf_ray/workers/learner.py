@@ -46,7 +46,10 @@ from rlhf_ray.models.weights import (
     weight_tensors,
 )
 from rlhf_ray.types import Rows
+from rlhf_ray.workers.collective import BucketSender, SyncGroup, host_store
 from rlhf_ray.workers.objectives import Objective
+
+BucketTensors = dict[str, torch.Tensor] | None
 
 
 class NonFiniteLossError(UserError):
@@ -102,6 +105,8 @@ class Learner:
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self.data: dict[str, Rows] = {}  # a stage's "train" and "eval" sets
         self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
+        self._sync_store: tuple[Any, int] | None = None  # rank 0: the sync group's rendezvous
+        self._sender: BucketSender | None = None
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -363,23 +368,64 @@ class Learner:
         """How many buckets of about ``bucket_mb`` MB the weights travel in."""
         return len(self._bucket_names(bucket_mb))
 
-    def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
-        """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
-        bucket ``index`` as numpy arrays, the others None."""
+    def weight_nbytes(self, bucket_mb: float) -> int:
+        """Bytes of every bucket together (what one sync moves, ``sync/bytes``)."""
+        tensors = self._sync_tensors()
+        return sum(full_nbytes(tensors[n]) for b in self._bucket_names(bucket_mb) for n in b)
+
+    def _bucket_tensors(self, index: int, bucket_mb: float, host: bool) -> BucketTensors:
+        """Collective on all ranks (ZeRO-3 gathers only bucket ``index``'s tensors); rank 0
+        gets ``{name: whole tensor}``, on the host if ``host`` (else where they live: on CPU
+        and unpartitioned, views of the live parameters), the others None."""
         assert self.engine is not None, "call setup() first"
         tensors = self._sync_tensors()
         names = self._bucket_names(bucket_mb)[index]
         if getattr(self.engine, "zero_stage", 0) == 3:  # the partitions are sent to rank 0
             assert isinstance(self.engine, DeepSpeedEngine)
-            whole = self.engine.whole_on_rank0({n: tensors[n] for n in names})
-            return None if whole is None else state_dict_to_numpy(whole)
+            return self.engine.whole_on_rank0({n: tensors[n] for n in names}, to_cpu=host)
         if self.rank != 0:
             return None
-        # on CPU the arrays view the live parameters: Ray copies them into the object store
         bucket = {n: tensors[n].detach() for n in names}
-        if self.device.type != "cpu":
+        if host and self.device.type != "cpu":
             bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
-        return state_dict_to_numpy(bucket)
+        return bucket
+
+    def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
+        """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
+        bucket ``index`` as numpy arrays, the others None."""
+        # on CPU the arrays view the live parameters: Ray copies them into the object store
+        bucket = self._bucket_tensors(index, bucket_mb, host=True)
+        return None if bucket is None else state_dict_to_numpy(bucket)
+
+    # -- the weight-sync group (sync.transport: collective; workers/collective.py) -----------
+
+    def sync_store(self, timeout_s: float) -> int:
+        """Rank 0 hosts the weight-sync group's rendezvous (once); returns its port."""
+        if self._sync_store is None:
+            self._sync_store = host_store(timeout_s)
+        return self._sync_store[1]
+
+    def join_sync_group(
+        self, address: str, port: int, tag: str, world_size: int, timeout_s: float, backend: str
+    ) -> None:
+        """Rank 0 joins formation ``tag`` of the weight-sync group as its rank 0."""
+        assert self._sync_store is not None, "call sync_store() first"
+        store = self._sync_store[0]
+        group = SyncGroup(address, port, tag, 0, world_size, timeout_s, backend, store)
+        self._sender = BucketSender(group)
+
+    def send_bucket(self, index: int, bucket_mb: float) -> None:
+        """Collective on all ranks (the ZeRO-3 gather); rank 0 starts broadcasting bucket
+        ``index`` to the sync group once the previous bucket's broadcast is done."""
+        on_host = self._sender is None or self._sender.group.device.type == "cpu"
+        bucket = self._bucket_tensors(index, bucket_mb, host=on_host)
+        if bucket is not None and self._sender is not None:
+            self._sender.send(bucket)
+
+    def finish_send(self) -> int:
+        """Rank 0: wait for the last broadcast; the bytes sent, or the ``WeightSyncError``."""
+        assert self._sender is not None, "join the sync group first"
+        return self._sender.finish()
 
     def full_weights(self) -> NumpyWeights | None:
         """Collective on all ranks; rank 0 returns the full weights as numpy arrays."""

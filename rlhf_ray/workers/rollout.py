@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rlhf_ray.config.roles import trains_lora
@@ -13,8 +15,9 @@ from rlhf_ray.models import (
     response_logprobs,
 )
 from rlhf_ray.models.build import build_policy_lm
-from rlhf_ray.models.weights import NumpyWeights, load_weights
+from rlhf_ray.models.weights import NumpyWeights, check_known, load_targets, load_weights
 from rlhf_ray.types import PromptBatch, Rollout
+from rlhf_ray.workers.collective import SyncGroup, receive_bucket
 from rlhf_ray.workers.interface import (
     StaleWeightsError,
     probe_batch,
@@ -66,10 +69,34 @@ class RolloutGenerator:
         """Bucket ``index`` of ``count`` of weights ``version``, loaded tensor by tensor. The
         worker holds a mix of versions until every bucket arrived: meanwhile its version is
         -1 and it refuses to generate. Returns the version it holds now."""
+        self._start_loading(version)
+        load_weights(self.model, bucket)
+        return self._loaded(version, index, count)
+
+    def join_sync_group(self, *args: Any) -> None:
+        """Join the weight-sync group (``workers.collective.SyncGroup``'s arguments)."""
+        self.sync_group = SyncGroup(*args)
+
+    def receive_bucket(self, version: int, index: int, count: int) -> int:
+        """``load_bucket`` for a bucket broadcast over the sync group: received straight into
+        the model's tensors (a copy only where device or dtype differ)."""
+        self._start_loading(version)
+        targets = load_targets(self.model)
+        got = receive_bucket(self.sync_group, targets)
+        check_known(got, targets)
+        with torch.no_grad():
+            for name, tensor in got.items():
+                if tensor.data_ptr() != targets[name].data_ptr():
+                    targets[name].copy_(tensor)
+        return self._loaded(version, index, count)
+
+    def _start_loading(self, version: int) -> None:
         if self._loading is None or self._loading[0] != version:
             self._loading = (version, set())
             self.version = -1
-        load_weights(self.model, bucket)
+
+    def _loaded(self, version: int, index: int, count: int) -> int:
+        assert self._loading is not None
         self._loading[1].add(index)
         if len(self._loading[1]) == count:
             self.version, self._loading = version, None

@@ -32,6 +32,7 @@ from rlhf_ray.models.build import max_positions
 from rlhf_ray.models.weights import NumpyWeights, weight_tensors
 from rlhf_ray.observe.quiet import quiet_dependencies
 from rlhf_ray.types import PromptBatch, Rollout
+from rlhf_ray.workers.collective import SyncGroup, receive_bucket
 from rlhf_ray.workers.interface import (
     StaleWeightsError,
     probe_batch,
@@ -127,10 +128,22 @@ class VLLMRolloutGenerator:
     def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
         """Bucket ``index`` of ``count`` of weights ``version``. Until every bucket arrived the
         worker's version is -1 and it refuses to generate; the last one reloads the engine."""
+        return self._collect(state_dict_from_numpy(bucket), version, index, count)
+
+    def join_sync_group(self, *args: Any) -> None:
+        """Join the weight-sync group (``workers.collective.SyncGroup``'s arguments)."""
+        self.sync_group = SyncGroup(*args)
+
+    def receive_bucket(self, version: int, index: int, count: int) -> int:
+        """``load_bucket`` for a bucket broadcast over the sync group: the received tensors
+        are collected as they are (no numpy, no object store) for the engine's reload."""
+        return self._collect(receive_bucket(self.sync_group), version, index, count)
+
+    def _collect(self, tensors: dict[str, torch.Tensor], version: int, index: int, count: int):
         if self._loading is None or self._loading[0] != version:
             self._loading = (version, set(), {})
             self.version = -1
-        self._loading[2].update(state_dict_from_numpy(bucket))
+        self._loading[2].update(tensors)
         self._loading[1].add(index)
         if len(self._loading[1]) == count:
             tensors = self._loading[2]

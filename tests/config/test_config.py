@@ -393,3 +393,19 @@ def test_the_docs_state_the_bf16_sync_tolerance_the_code_uses():
         stated += re.findall(r"bfloat16 (\d[\d.e-]*\d)", text)
         stated += re.findall(r"(\d[\d.e-]*\d) (?:is kept )?for bfloat16", text)
     assert stated and {float(x) for x in stated} == {SYNC_TOLERANCE["bfloat16"]}, stated
+
+
+def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devices():
+    from rlhf_ray.config.ppo import sync_backend, sync_transport
+
+    gpus = ["policy.num_gpus_per_rank=1", "rollout.num_gpus_per_worker=1"]
+    assert sync_transport(load_config(None, [])) == "object_store"
+    assert sync_transport(load_config(None, ["sync.transport=auto"])) == "object_store"  # CPU
+    assert sync_transport(load_config(None, ["sync.transport=auto", *gpus])) == "collective"
+    half = ["sync.transport=auto", "policy.num_gpus_per_rank=1"]  # workers on CPUs
+    assert sync_transport(load_config(None, half)) == "object_store"
+    cpu = load_config(None, ["sync.transport=collective"])
+    assert (sync_transport(cpu), sync_backend(cpu)) == ("collective", "gloo")
+    assert sync_backend(load_config(None, ["sync.transport=collective", *gpus])) == "nccl"
+    with pytest.raises(ConfigError, match="sync.transport"):
+        load_config(None, ["sync.transport=nccl"])

@@ -36,8 +36,8 @@ def _grow_then_shrink(run_dir, stop):
             time.sleep(0.01)
 
 
-def _run(run_dir, workers_first: int, during=None):
-    cfg = load_config(None, [*OVERRIDES, "rollout.num_workers=1"])
+def _run(run_dir, workers_first: int, during=None, transport: str = "object_store"):
+    cfg = load_config(None, [*OVERRIDES, "rollout.num_workers=1", f"sync.transport={transport}"])
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("{}")
     request_rollout_workers(run_dir, workers_first)
@@ -56,9 +56,12 @@ def _run(run_dir, workers_first: int, during=None):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_one_worker_and_a_resized_pool_give_bit_identical_runs(ray_cluster, tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_one_worker_and_a_resized_pool_give_bit_identical_runs(ray_cluster, tmp_path, transport):
+    """The resized run syncs over ``transport`` (the collective group is formed again at every
+    change of the pool); the one-worker run over the object store."""
     one = _run(tmp_path / "one", 1)
-    resized = _run(tmp_path / "resized", 1, _grow_then_shrink)
+    resized = _run(tmp_path / "resized", 1, _grow_then_shrink, transport)
     counts = [r["rollout/num_workers"] for r in resized]
     # 1 worker, then 3, then 2 until the end, each for at least one round
     first3, first2 = counts.index(3), counts.index(2)

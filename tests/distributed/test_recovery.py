@@ -53,8 +53,8 @@ def _signal_when(name: str, sig: int, rows: int):
     return act
 
 
-def _run(run_dir, beside=None) -> None:
-    cfg = load_config(None, OVERRIDES)
+def _run(run_dir, beside=None, transport: str = "object_store") -> None:
+    cfg = load_config(None, [*OVERRIDES, f"sync.transport={transport}"])
     workers = RayWorkers(cfg)
     stop = threading.Event()
     thread = threading.Thread(target=beside, args=(run_dir, stop)) if beside else None
@@ -69,12 +69,19 @@ def _run(run_dir, beside=None) -> None:
         workers.close()
 
 
-@pytest.fixture(scope="module")
-def runs(ray_cluster, tmp_path_factory):
+@pytest.fixture(scope="module", params=["object_store", "collective"])
+def runs(ray_cluster, tmp_path_factory, request):
+    """The disrupted run syncs over each ``sync.transport`` in turn (the collective group is
+    formed again for the hung worker's replacement and for the restarted policy rank 0)."""
     root = tmp_path_factory.mktemp("recovery")
     hang = _signal_when("rollout-1", signal.SIGSTOP, rows=1)
     kill = _signal_when("policy-1", signal.SIGKILL, rows=2)
-    _run(root / "disrupted", lambda run_dir, stop: (hang(run_dir, stop), kill(run_dir, stop)))
+
+    def disrupt(run_dir, stop):
+        hang(run_dir, stop)
+        kill(run_dir, stop)
+
+    _run(root / "disrupted", disrupt, request.param)
     cfg = load_config(None, [*OVERRIDES, "policy.engine=torch", "policy.num_ranks=1",
                              "value.engine=torch"])  # fmt: skip
     run_ppo(cfg, InProcessWorkers(cfg), root / "undisturbed")

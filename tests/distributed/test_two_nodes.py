@@ -71,11 +71,12 @@ def two_nodes(monkeypatch):
         assert not left, f"Ray processes outlived the test: {[p.pid for p in left]}"
 
 
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
 @pytest.mark.parametrize("attempt", range(REPEAT))
-def test_losing_a_node_after_round_2_loses_no_sample(two_nodes, tmp_path, attempt):
+def test_losing_a_node_after_round_2_loses_no_sample(two_nodes, tmp_path, attempt, transport):
     cluster, worker = two_nodes
     head_id, worker_id = cluster.head_node.node_id, worker.node_id
-    cfg = load_config(None, OVERRIDES)
+    cfg = load_config(None, [*OVERRIDES, f"sync.transport={transport}"])
     run_dir = tmp_path / "run"
     before: dict[str, str] = {}
 

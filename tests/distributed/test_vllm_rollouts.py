@@ -58,13 +58,19 @@ def _disrupt(run_dir, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def run(ray_cluster, tmp_path_factory):
-    """The run's directory, after the resumed copy (``RUN/../resumed``) was run too."""
+@pytest.fixture(scope="module", params=["object_store", "collective"])
+def run(ray_cluster, tmp_path_factory, request):
+    """The run's directory, after the resumed copy (``RUN/../resumed``) was run too; weights
+    synced over each ``sync.transport`` in turn (the collective one over gloo here)."""
     run_dir = tmp_path_factory.mktemp("vllm") / "run"
     run_dir.mkdir()
     # the default config; one checkpoint, after round 27 (it changes no figure of the run)
-    overrides = ["rollout.backend=vllm", "logging.progress=false", "checkpoint.every=28"]
+    overrides = [
+        "rollout.backend=vllm",
+        "logging.progress=false",
+        "checkpoint.every=28",
+        f"sync.transport={request.param}",
+    ]
     cfg = load_config(None, overrides)
     workers = RayWorkers(cfg)
     stop = threading.Event()

@@ -1,0 +1,135 @@
+"""The weight-sync group (``sync.transport: collective``) over gloo, its members as threads of
+one process: a learner's buckets reach rollout workers exactly, in place, versioned; any bucket
+(not only the policy's tensors) travels as sent; a member that does not take part becomes a
+named error within the timeout, never a hang."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from rlhf_ray.config.ppo import load_config
+from rlhf_ray.workers.collective import (
+    BucketSender,
+    SyncGroup,
+    WeightSyncError,
+    host_store,
+    receive_bucket,
+)
+from rlhf_ray.workers.learners import PolicyLearner
+from rlhf_ray.workers.rollout import RolloutGenerator
+
+
+def _together(*jobs) -> list:
+    """Run each job in its own thread; their results (an exception is returned, not raised)."""
+    out: list = [None] * len(jobs)
+
+    def run(i, job):
+        try:
+            out[i] = job()
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_workers_receive_the_learners_exact_weights_in_place_and_versioned():
+    cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "sync.bucket_mb=0.05"])
+    mb = cfg.sync.bucket_mb
+    learner = PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0)
+    learner.setup()
+    with torch.no_grad():  # weights a fresh worker does not have
+        for p in learner.module.parameters():
+            p.add_(torch.randn_like(p))
+    workers = [RolloutGenerator(cfg.policy.model, cfg.tokenizer, cfg.rollout, i) for i in (0, 1)]
+    storage = {n: p.data_ptr() for n, p in workers[0].model.named_parameters()}
+    count = learner.num_weight_buckets(mb)
+    assert count > 2
+    port = learner.sync_store(30)
+    versions: list[list[int]] = [[], []]
+
+    def sender():
+        learner.join_sync_group("127.0.0.1", port, "a", 3, 30, "gloo")
+        for k in range(count):
+            learner.send_bucket(k, mb)
+        return learner.finish_send()
+
+    def receiver(i):
+        def job():
+            workers[i].join_sync_group("127.0.0.1", port, "a", i + 1, 3, 30)
+            for k in range(count):
+                versions[i].append(workers[i].receive_bucket(4, k, count))
+
+        return job
+
+    sent, *_ = _together(sender, receiver(0), receiver(1))
+    assert sent == learner.weight_nbytes(mb)  # every byte once, as sync/bytes says
+    assert versions == [[-1] * (count - 1) + [4]] * 2  # no mix of versions is ever usable
+    mine = learner.module.state_dict()
+    for worker in workers:
+        theirs = worker.model.state_dict()
+        assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+    # in place: the worker's parameters kept their storage (no new model, no second copy)
+    assert {n: p.data_ptr() for n, p in workers[0].model.named_parameters()} == storage
+    assert torch.equal(workers[1].probe_logprobs(), learner.probe_logprobs())
+
+
+def test_any_bucket_travels_as_sent_whatever_its_names_and_dtypes():
+    """The transport does not know what it moves: e.g. adapter tensors only, in bf16."""
+    store, port = host_store(30)
+    bucket = {
+        "layer.lora_A": torch.randn(4, 2).to(torch.bfloat16),
+        "layer.lora_B": torch.randn(2, 4).to(torch.bfloat16),
+        "steps": torch.tensor([3, 1, 2]),
+    }
+
+    def sender():
+        out = BucketSender(SyncGroup("127.0.0.1", port, "b", 0, 2, 30, store=store))
+        out.send(bucket)
+        return out.finish()
+
+    def receiver():
+        return receive_bucket(SyncGroup("127.0.0.1", port, "b", 1, 2, 30))
+
+    sent, got = _together(sender, receiver)
+    assert sent == 8 * 2 + 8 * 2 + 3 * 8
+    assert list(got) == list(bucket)
+    assert all(got[n].dtype == bucket[n].dtype and torch.equal(got[n], bucket[n]) for n in bucket)
+
+
+def test_a_member_that_does_not_take_part_is_a_named_error_within_the_timeout():
+    store, port = host_store(30)
+    groups: dict[int, SyncGroup] = {}
+
+    def join(rank):
+        def job():
+            own = store if rank == 0 else None  # the others connect to rank 0's store
+            groups[rank] = SyncGroup("127.0.0.1", port, "c", rank, 3, 30, store=own)
+            groups[rank].timeout_s = 2  # what each broadcast waits (joining a busy machine: 30)
+
+        return job
+
+    _together(join(0), join(1), join(2))
+    start = time.monotonic()
+    sender = BucketSender(groups[0])
+
+    def send():
+        sender.send({"w": torch.ones(1000)})
+        return sender.finish()
+
+    # rank 2 is alive but never receives (a hung worker)
+    sent, got = _together(send, lambda: receive_bucket(groups[1]))
+    assert time.monotonic() - start < 60  # bounded by the 2 s timeout, not a hang
+    for error in (sent, got):
+        assert isinstance(error, WeightSyncError), error
+    assert "train.phase_timeout_s=2s" in str(sent)
+    with pytest.raises(WeightSyncError, match="broken earlier"):  # no more buckets on it
+        receive_bucket(groups[1])
