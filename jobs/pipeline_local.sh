@@ -20,6 +20,9 @@
 #                   starts a local Ray, as `ray job submit` would run it on a cluster)
 #   SFT_ARGS, RM_ARGS, PPO_ARGS, EVAL_ARGS   extra `key=value` overrides for each stage
 #   MAX_PAIRS       use at most this many pairs of DATA (default: all)
+#   HOLDOUT_EVERY   every Nth pair is held out for eval (default 10)
+#   PPO_BASE_ARGS   the PPO stage's own settings (default: a critic from the reward model, 15
+#                   rounds of 64 prompts); PPO_ARGS come after them
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -34,19 +37,20 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT/data"
 
 # 0. split: every 10th pair held out for eval
-"$PY" - "$DATA" "$OUT/data" "${MAX_PAIRS:-0}" <<'PYEOF'
+"$PY" - "$DATA" "$OUT/data" "${MAX_PAIRS:-0}" "${HOLDOUT_EVERY:-10}" <<'PYEOF'
 import gzip, json, sys
 from pathlib import Path
-src, out, limit = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+src, out, limit, every = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 opener = gzip.open if src.endswith(".gz") else open
 with opener(src, "rt", encoding="utf-8") as f:
     rows = [line for line in f if line.strip()]
 rows = rows[:limit] if limit > 0 else rows
-for name, keep in (("train", lambda i: i % 10 != 9), ("heldout", lambda i: i % 10 == 9)):
+for name, keep in (("train", lambda i: i % every != every - 1),
+                   ("heldout", lambda i: i % every == every - 1)):
     (out / f"{name}.jsonl").write_text("".join(r if r.endswith("\n") else r + "\n"
                                                for i, r in enumerate(rows) if keep(i)))
-print(f"[pipeline] {len(rows)} pairs: {sum(i % 10 != 9 for i in range(len(rows)))} train, "
-      f"{sum(i % 10 == 9 for i in range(len(rows)))} held out", flush=True)
+held = sum(i % every == every - 1 for i in range(len(rows)))
+print(f"[pipeline] {len(rows)} pairs: {len(rows) - held} train, {held} held out", flush=True)
 PYEOF
 TRAIN=$OUT/data/train.jsonl
 HELDOUT=$OUT/data/heldout.jsonl
@@ -79,7 +83,7 @@ stage train-rm train-rm $MODE --run-dir "$OUT/rm" data.path="$TRAIN" \
 # shellcheck disable=SC2086
 stage ppo ppo $MODE --run-dir "$OUT/ppo" data.prompts="$TRAIN" \
     policy.model.path="$OUT/sft/model" reward.model.path="$OUT/rm/reward_model" \
-    value.init_from_reward=true train.rounds=15 rollout.batch_size=64 ppo.minibatch_size=32 \
+    ${PPO_BASE_ARGS:-value.init_from_reward=true train.rounds=15 rollout.batch_size=64 ppo.minibatch_size=32} \
     $ROLES ${PPO_ARGS:-}
 
 # 4. eval: the PPO policy against the SFT model on the held-out prompts, judged by the RM

@@ -25,7 +25,7 @@ from rlhf_ray.ppo.loop import run_ppo
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from tests.helpers.crashing_workers import CrashAt
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 ROUNDS = 12  # the tiny policy's reward takes off after about 8 rounds
 SHORT = ["rollout.max_new_tokens=8", "data.max_prompt_tokens=16", f"train.rounds={ROUNDS}",
          "checkpoint.every=2", "logging.progress=false"]  # fmt: skip
