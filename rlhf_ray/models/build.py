@@ -9,6 +9,7 @@ trained elsewhere loads here. We read the head at every token (values) or at the
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
@@ -115,12 +116,19 @@ def grow_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
     exported model depended on the process's RNG. Every new row is the mean of the old rows
     instead: the same in every process, and (input and output rows alike) a token the model
     gives a negligible probability (about 1e-8 on SmolLM2-135M)."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().num_embeddings  # (a ZeRO-3 weight's local shape is 0)
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    weights = {id(layer.weight): layer.weight for layer in layers if layer is not None}
-    with torch.no_grad():
-        for weight in weights.values():
+    weights = list(
+        {id(layer.weight): layer.weight for layer in layers if layer is not None}.values()
+    )
+    whole: Any = contextlib.nullcontext()
+    if any(hasattr(w, "ds_id") for w in weights):  # ZeRO-3 partitions: gather, write, scatter
+        import deepspeed
+
+        whole = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    with whole, torch.no_grad():
+        for weight in weights:
             weight[old:] = weight[:old].mean(0, keepdim=True)
 
 
