@@ -45,18 +45,17 @@ from typing import Any
 
 import torch
 
-# Llama-3.2-1B's shape (its published config.json, as rlhf_ray/models/memory.py KNOWN_CONFIGS)
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    rope_theta=500000.0,
-    tie_word_embeddings=True,
-)
+from rlhf_ray.models.memory import KNOWN_CONFIGS
+
+# Llama-3.2-1B's shape: its published config.json, as plan's estimate knows it
+LLAMA_1B = {
+    **{
+        k: v
+        for k, v in KNOWN_CONFIGS["meta-llama/Llama-3.2-1B-Instruct"].items()
+        if k != "model_type"
+    },
+    "rope_theta": 500000.0,
+}
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
