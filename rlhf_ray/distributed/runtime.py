@@ -96,7 +96,7 @@ class RayWorkers:
         self.pool = RolloutPool(cfg)
         self.pool.resync = lambda: self.sync(self.pool.version)  # for lost weight buckets
         self.transport = sync_transport(cfg)  # object_store or collective
-        self.last_sync: dict[str, float] = {}  # sync/seconds, sync/bytes of the latest sync
+        self.last_sync: dict[str, float] = {}  # sync/seconds of the latest sync (bytes: info)
         self.learner_restarts = 0
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
@@ -384,7 +384,6 @@ class RayWorkers:
             stream_buckets(self._num_buckets, self._gather_bucket, self.pool.load_bucket)
         self.last_sync = {
             "sync/seconds": time.perf_counter() - start,
-            "sync/bytes": float(self._sync_bytes[0]),
         }
 
     def scale_rollout(self, num_workers: int) -> None:

@@ -105,7 +105,7 @@ class InProcessWorkers:
         )
         self.generators = [self._new_generator(i) for i in range(cfg.rollout.num_workers)]
         self.version = -1
-        self.last_sync: dict[str, float] = {}  # sync/seconds, sync/bytes of the latest sync
+        self.last_sync: dict[str, float] = {}  # sync/seconds of the latest sync (bytes: info)
         # the reference starts as a copy of the policy; a LoRA policy's initial model is the one
         # its spec describes (fresh adapters do nothing; an adapter start is read merged), which
         # the reference built itself
@@ -144,7 +144,6 @@ class InProcessWorkers:
         )
         self.last_sync = {
             "sync/seconds": time.perf_counter() - start,
-            "sync/bytes": float(self.policy.sync_nbytes()[0]),
         }
 
     def scale_rollout(self, num_workers: int) -> None:

@@ -368,11 +368,6 @@ class Learner:
         """How many buckets of about ``bucket_mb`` MB the weights travel in."""
         return len(self._bucket_names(bucket_mb))
 
-    def weight_nbytes(self, bucket_mb: float) -> int:
-        """Bytes of every bucket together (what one sync moves, ``sync/bytes``)."""
-        tensors = self._sync_tensors()
-        return sum(full_nbytes(tensors[n]) for b in self._bucket_names(bucket_mb) for n in b)
-
     def _bucket_tensors(self, index: int, bucket_mb: float, host: bool) -> BucketTensors:
         """Collective on all ranks (ZeRO-3 gathers only bucket ``index``'s tensors); rank 0
         gets ``{name: whole tensor}``, on the host if ``host`` (else where they live: on CPU

@@ -71,7 +71,7 @@ def test_workers_receive_the_learners_exact_weights_in_place_and_versioned():
         return job
 
     sent, *_ = _together(sender, receiver(0), receiver(1))
-    assert sent == learner.weight_nbytes(mb)  # every byte once, as sync/bytes says
+    assert sent == learner.sync_nbytes()[0]  # every byte once, as sync/bytes says
     assert versions == [[-1] * (count - 1) + [4]] * 2  # no mix of versions is ever usable
     mine = learner.module.state_dict()
     for worker in workers:
