@@ -76,12 +76,7 @@ def mean_interval(values: torch.Tensor, confidence: float = 0.95) -> tuple[float
         raise ValueError("need at least one value")
     if bool(((v == 0) | (v == 1)).all()):
         return win_rate_interval(float(v.mean()), len(v), confidence)
-    if len(v) < 2 or float(v.std()) == 0.0:
-        return float(v.mean()), float(v.mean())
-    from scipy import stats
-
-    ci = stats.ttest_1samp(v.numpy(), 0.0).confidence_interval(confidence)
-    return float(ci.low), float(ci.high)
+    return mean_difference_interval(v, confidence)  # the same t interval of a mean
 
 
 def prompts_to_exclude_half(win_rate: float, confidence: float = 0.95) -> int | None:
