@@ -36,6 +36,23 @@ OURS = ("reference", "reward", "rollout-", "policy-", "value-")
 REPEAT = int(os.environ.get("RLHF_RAY_REPEAT", "1"))
 
 
+def _node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+def _placement_once_dead(node_id: str, timeout_s: float = 60.0) -> dict[str, str]:
+    """The placement after the GCS has marked ``node_id`` dead and moved what Ray restarts
+    itself (a scorer's ``max_restarts``) off it: until its health checks fail, the GCS may still
+    list an actor there as ALIVE, a timing of Ray's and not a lost sample."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        placement = _placement()
+        if not _node_alive(node_id) and node_id not in placement.values():
+            return placement
+        time.sleep(0.5)
+    return _placement()
+
+
 def _placement() -> dict[str, str]:
     """Live actors of the run -> the node id they run on."""
     return {
@@ -95,7 +112,7 @@ def test_losing_a_node_after_round_2_loses_no_sample(two_nodes, tmp_path, attemp
     thread.start()
     try:
         run_ppo_recovering(cfg, workers, run_dir)
-        after = _placement()
+        after = _placement_once_dead(worker_id)
     finally:
         stop.set()
         thread.join()
