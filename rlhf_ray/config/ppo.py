@@ -393,7 +393,7 @@ class Config(Section):
             )
         if self.ppo.kl_in_loss is not None and self.ppo.adaptive_kl:
             raise ValueError("ppo.adaptive_kl adapts the KL-in-reward coefficient, not kl_in_loss")
-        self.reference.check_policy(self.policy, self.rollout.backend)
+        self.reference.check_policy(self.policy)
         return self
 
 

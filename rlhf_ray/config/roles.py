@@ -261,14 +261,9 @@ class ReferenceConfig(ScorerConfig):
             )
         return self
 
-    def check_policy(self, policy: PolicyConfig, backend: str = "hf") -> None:
-        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA, or a
-        LoRA policy would sample on a backend that does not take it."""
-        if backend != "hf" and trains_lora(policy.lora, policy.model):
-            raise ValueError(
-                f"a LoRA policy samples with rollout.backend hf only (not {backend} yet): set "
-                "rollout.backend=hf, or policy.model.merge_adapter=true and policy.lora=null"
-            )
+    def check_policy(self, policy: PolicyConfig) -> None:
+        """Raise ValueError if ``from_policy_base`` is set for a policy without LoRA (both
+        rollout backends sample a LoRA policy)."""
         if self.from_policy_base and not trains_lora(policy.lora, policy.model):
             raise ValueError(
                 "reference.from_policy_base needs a LoRA policy (its base with the adapters "

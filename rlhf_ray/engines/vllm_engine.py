@@ -12,7 +12,8 @@ token prompts and returns tokens: no tokenizer (``skip_tokenizer_init``), no det
   after temperature, top-k and top-p), like the HF backend's ``RowSampler``.
 - Weights: loaded in place through vLLM's own ``reload_weights`` on its worker, called by the
   worker extension ``WeightReloader`` (no pickled callables: ``collective_rpc`` by method name);
-  then the prefix cache is emptied (its KV blocks belong to the old weights).
+  then the prefix cache is emptied (its KV blocks belong to the old weights). A LoRA policy's
+  adapters are served as vLLM LoRA adapters, one per weight version (``engines.vllm_lora``).
 - Engine arguments (``engine_kwargs``, a pure function): ``max_model_len`` is the run's longest
   sequence (``data.max_prompt_tokens + rollout.max_new_tokens``), not the model's positions,
   and the KV cache must hold one such sequence. On a GPU the KV cache gets exactly
@@ -89,7 +90,12 @@ def check_backend(setting: str, spec: Any, on_gpu: bool) -> None:
     else:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(spec.path)
+        from rlhf_ray.config.roles import is_adapter_dir
+        from rlhf_ray.models.lora import adapter_base
+
+        # an adapter directory: the engine serves its base
+        path = adapter_base(spec) if is_adapter_dir(spec.path) else spec.path
+        config = AutoConfig.from_pretrained(path)
         archs = config.architectures or []
     known = supported_architectures()
     if not archs or not set(archs) & known:
@@ -216,10 +222,12 @@ class VLLMSampler:
         num_threads: int | None = None,
         weight_bytes: int = 0,
         dummy_weights: bool = False,
+        lora_rank: int | None = None,
     ):
         """``weight_bytes``: the model's weights in ``dtype`` (its GPU memory share);
         ``dummy_weights``: start from random weights (read only ``config.json``), the sync
-        sends the real ones."""
+        sends the real ones; ``lora_rank``: serve LoRA adapters of this rank
+        (``engines.vllm_lora``)."""
         require_vllm()
         os.environ.update(engine_env(rollout_cfg.vllm_kv_cache_gib, num_threads))
         from rlhf_ray.observe.quiet import quiet_vllm
@@ -233,6 +241,10 @@ class VLLMSampler:
         kwargs = engine_kwargs(
             rollout_cfg, dtype, max_model_len, kv_bytes_per_token(config, dtype), gpu
         )
+        if lora_rank is not None:
+            from rlhf_ray.engines.vllm_lora import lora_kwargs
+
+            kwargs.update(lora_kwargs(lora_rank))
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_dir, load_format="dummy" if dummy_weights else "auto", **kwargs)
 
@@ -263,10 +275,12 @@ class VLLMSampler:
         eos_id: int,
         pad_id: int,
         max_new_tokens: int | None = None,
+        lora: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Like ``engines.generation.sample_responses``: ``response_ids``, ``response_mask``,
         ``has_eos`` and ``sampler_logprobs``, all ``(B, max_new_tokens)`` (``has_eos`` ``(B,)``);
-        greedy when ``seeds`` is None. ``max_new_tokens`` defaults to the rollout config's."""
+        greedy when ``seeds`` is None. ``max_new_tokens`` defaults to the rollout config's;
+        ``lora``: the ``LoRARequest`` every row samples with (None: the base alone)."""
         from vllm.inputs import TokensPrompt
 
         prompts = [
@@ -276,7 +290,7 @@ class VLLMSampler:
         width = max_new_tokens or self.cfg.max_new_tokens
         rows = range(len(prompts))
         params = [self._params(None if seeds is None else seeds[i], eos_id, width) for i in rows]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         logprobs = torch.zeros(len(prompts), width)
         for i, out in enumerate(outputs):
@@ -303,15 +317,28 @@ class VLLMSampler:
             raise RuntimeError("vLLM did not empty its prefix cache after a weight reload")
         return count
 
-    def prompt_logprobs(self, ids: list[int], temperature: float) -> torch.Tensor:
-        """Log-probs ``(T-1,)`` of ``ids[1:]`` under the model at ``temperature``. vLLM's prompt
-        log-probs come from the raw logits, so at a temperature other than 1 the full vocab is
-        asked for and rescaled: ``log_softmax(raw_logprobs / T)``."""
+    def add_lora(self, request: Any) -> bool:
+        """Load the adapter ``request`` names (``vllm.lora.request.LoRARequest``)."""
+        return self.llm.llm_engine.add_lora(request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters the engine holds."""
+        return set(self.llm.llm_engine.list_loras())
+
+    def prompt_logprobs(self, ids: list[int], temperature: float, lora: Any = None) -> torch.Tensor:
+        """Log-probs ``(T-1,)`` of ``ids[1:]`` under the model (with the adapter ``lora``, a
+        ``LoRARequest``, if given) at ``temperature``. vLLM's prompt log-probs come from the
+        raw logits, so at a temperature other than 1 the full vocab is asked for and rescaled:
+        ``log_softmax(raw_logprobs / T)``."""
         from vllm.inputs import TokensPrompt
 
         full = temperature != 1.0
         params = self._params(None, -1, 1, prompt_logprobs=-1 if full else 0)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], [params], use_tqdm=False)
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        out = self.llm.generate([prompt], [params], use_tqdm=False, lora_request=lora)
         steps = out[0].prompt_logprobs[1:]
         if not full:
             return torch.tensor([step[t].logprob for step, t in zip(steps, ids[1:], strict=True)])

@@ -10,6 +10,8 @@ starting point.
   wrapping of the model) is refused with the keys named, never loaded with ``strict=False``
   (which would silently keep the random or zero adapters).
 - ``adapter_tensors`` is what a LoRA sync sends: the trainable tensors, by name.
+- ``merged_weights`` is the merged model's every tensor under the plain model's names, for a
+  vLLM worker that cannot serve the adapters itself and reloads merged weights instead.
 """
 
 from __future__ import annotations
@@ -83,6 +85,40 @@ def adapter_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """What changes in a LoRA model, by name: its trainable tensors (the adapters and
     ``modules_to_save``)."""
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def merged_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Every tensor of the merged model under the plain model's checkpoint names (tied ones
+    under each name), ``model`` left as it is: a LoRA layer's base weight plus its
+    ``get_delta_weight`` (peft's own merge, ``fan_in_fan_out`` included), a ``modules_to_save``
+    copy in place of the module it replaces."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    name = model.active_adapter
+    deltas = {
+        f"{path}.base_layer.weight": module.get_delta_weight(name)
+        for path, module in base.named_modules()
+        if isinstance(module, LoraLayer) and name in module.lora_A
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        plain = key.replace(".base_layer.", ".").replace(f".modules_to_save.{name}.", ".")
+        out[plain] = tensor + deltas[key] if key in deltas else tensor
+    return out
+
+
+def tied_modules_to_save(model: PeftModel) -> list[str]:
+    """The ``modules_to_save`` entries of ``model`` whose original weight is tied to another
+    tensor (e.g. ``lm_head`` on tied embeddings): a merged plain model cannot hold the trained
+    copy apart from the tensor it is tied to."""
+    state = model.get_base_model().state_dict()
+    originals = {k: t.data_ptr() for k, t in state.items() if ".original_module." in k}
+    others = {t.data_ptr() for k, t in state.items() if k not in originals and t.numel()}
+    return sorted({k.split(".original_module.")[0] for k, p in originals.items() if p in others})
 
 
 def read_adapter_config(path: str) -> dict[str, Any]:

@@ -15,21 +15,34 @@ vLLM under every name the checkpoint has, as the same tensor.
 Start-up: the engine reads its model from a temp dir, removed as soon as the engine has
 started (a worker stopped by ``ray.kill`` runs no destructor). A worker whose weights come by
 sync writes only ``config.json`` there and starts vLLM on dummy weights.
+
+A LoRA policy (syncs send the adapters alone): where vLLM serves LoRA on the architecture
+(``engines.vllm_lora.serves_lora``: Llama-like models, not GPT-2), the engine starts on the
+policy's base (read from ``model_spec`` like the HF worker's) and each version's adapters are
+a vLLM LoRA adapter of their own, named by version; generate, greedy and the sync probe name
+the version the worker holds. Elsewhere the worker keeps the peft model on the CPU, loads the
+adapters into it and reloads the merged weights in place, like a full-weight sync (one more
+copy of the model in the worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from typing import Any
 
 import torch
 
+from rlhf_ray.config.roles import trains_lora
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.vllm_engine import VLLMSampler
+from rlhf_ray.engines.vllm_lora import AdapterVersions, serves_lora
+from rlhf_ray.errors import UserError
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy
-from rlhf_ray.models.build import max_positions
-from rlhf_ray.models.weights import NumpyWeights, weight_tensors
+from rlhf_ray.models.build import build_policy_lm, max_positions
+from rlhf_ray.models.lora import merged_weights, tied_modules_to_save
+from rlhf_ray.models.weights import NumpyWeights, check_known, load_targets, weight_tensors
 from rlhf_ray.observe.quiet import quiet_dependencies
 from rlhf_ray.types import PromptBatch, Rollout
 from rlhf_ray.workers.collective import SyncGroup, receive_bucket
@@ -47,6 +60,25 @@ def generator_kwargs(cfg: Any) -> dict[str, Any]:
     if getattr(cfg.rollout, "backend", "hf") != "vllm":
         return {}
     return {"max_model_len": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens}
+
+
+def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``module``'s tensors of the same names (unknown names raise)."""
+    targets = load_targets(module)
+    check_known(tensors, targets)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+
+
+def write_start_dir(model: Any, directory: str, dummy: bool) -> None:
+    """What the engine starts from: ``model`` saved, or its ``config.json`` alone when
+    ``dummy`` (the engine starts on dummy weights; the sync brings the real ones)."""
+    if dummy:
+        model.config.architectures = [type(model).__name__]  # what vLLM builds
+        model.config.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
 
 
 def generator_class(rollout_cfg: Any) -> type:
@@ -82,12 +114,14 @@ class VLLMRolloutGenerator:
         num_threads: int | None = None,
         from_sync: bool = False,
         max_model_len: int | None = None,
+        lora=None,
     ):
         """``from_sync``: the weights come by sync (PPO's pool): the engine starts from weights
         built from ``model_spec``'s config alone (no checkpoint read), as the HF worker does.
         ``max_model_len``: the run's longest sequence (``data.max_prompt_tokens +
         rollout.max_new_tokens``; the sync probe's length if longer); None: the model's
-        positions."""
+        positions. ``lora``: the policy's ``lora`` section; a LoRA policy's worker reads its
+        base from ``model_spec`` and the syncs bring the adapters (module docstring)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         # before the start-up weights are saved (no "Writing model shards" bar) and the engine
@@ -95,7 +129,14 @@ class VLLMRolloutGenerator:
         quiet_dependencies()
         self.worker_id, self.cfg = worker_id, rollout_cfg
         self.tokenizer = build_tokenizer(tokenizer_cfg)
-        model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
+        self.adapters: AdapterVersions | None = None  # vLLM serves the adapters
+        self.lora_model: torch.nn.Module | None = None  # the adapters are merged here
+        peft_config, model = None, None
+        if from_sync and trains_lora(lora, model_spec):
+            model, peft_config = self._lora_start(model_spec, lora)
+        if model is None:
+            model = build_causal_lm(model_spec, self.tokenizer, "cpu", weights=not from_sync)
+        dummy = from_sync and peft_config is None  # else the engine starts on the real base
         self.aliases = tied_aliases(model)
         # the sync probe is scored by this engine too: it must fit beside the run's sequences
         probe = probe_batch(self.tokenizer)[0].shape[1]  # scored with one token sampled
@@ -103,11 +144,7 @@ class VLLMRolloutGenerator:
         weight_bytes = model.num_parameters() * getattr(torch, model_spec.dtype).itemsize
         directory = tempfile.mkdtemp(prefix="rlhf_ray-vllm-")
         try:
-            if from_sync:  # the engine starts on dummy weights; the sync brings the real ones
-                model.config.architectures = [type(model).__name__]  # what vLLM builds
-                model.config.save_pretrained(directory)
-            else:
-                model.save_pretrained(directory)
+            write_start_dir(model, directory, dummy)
             del model
             self.engine = VLLMSampler(
                 directory,
@@ -117,13 +154,35 @@ class VLLMRolloutGenerator:
                 torch.cuda.is_available(),
                 num_threads,
                 weight_bytes=weight_bytes,
-                dummy_weights=from_sync,
+                dummy_weights=dummy,
+                lora_rank=None if peft_config is None else peft_config.r,
             )
         finally:  # the engine holds the weights now: nothing on disk outlives the start
             shutil.rmtree(directory, ignore_errors=True)
+        if peft_config is not None:
+            self.adapters = AdapterVersions(self.engine, peft_config)
         self.version = -1  # no weights received yet
         self._loading: tuple[int, set[int], dict[str, torch.Tensor]] | None = None
         self.last_reload_tensors = 0
+
+    def _lora_start(self, model_spec, lora) -> tuple[torch.nn.Module | None, Any]:
+        """A LoRA policy's worker: ``(plain base to start vLLM on, peft config)`` when vLLM
+        serves the adapters, else ``(None, None)`` with the peft model kept here to merge
+        into (the engine then starts on dummy weights like a full-weight worker's)."""
+        peft_model = build_policy_lm(model_spec, lora, self.tokenizer)
+        peft_config = peft_model.peft_config[peft_model.active_adapter]
+        architecture = type(peft_model.get_base_model()).__name__
+        if serves_lora(architecture, peft_config):
+            return peft_model.unload(), peft_config  # the base without its adapters
+        tied = tied_modules_to_save(peft_model)
+        if tied:
+            raise UserError(
+                f"lora.modules_to_save {tied} are tied to other weights, which the merged "
+                f"weights a vLLM worker reloads for {architecture} cannot keep apart: leave "
+                "them out of modules_to_save, or use rollout.backend hf"
+            )
+        self.lora_model = peft_model
+        return None, None
 
     def load_bucket(self, bucket: NumpyWeights, version: int, index: int, count: int) -> int:
         """Bucket ``index`` of ``count`` of weights ``version``. Until every bucket arrived the
@@ -148,15 +207,28 @@ class VLLMRolloutGenerator:
         if len(self._loading[1]) == count:
             tensors = self._loading[2]
             self._loading = None
-            self._reload(tensors)
+            self._reload(tensors, version)
             self.version = version
         return self.version
 
-    def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _reload(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        if self.adapters is not None:  # the adapters of ``version``, served by vLLM
+            self.last_reload_tensors = self.adapters.load(version, tensors)
+            return
+        if self.lora_model is not None:  # the adapters, merged into this worker's base
+            load_tensors(self.lora_model, tensors)
+            tensors = merged_weights(self.lora_model)
         for name, source in self.aliases.items():
             if source in tensors:
                 tensors[name] = tensors[source]
         self.last_reload_tensors = self.engine.load(tensors)
+
+    def _adapter(self) -> contextlib.AbstractContextManager[Any]:
+        """The ``LoRARequest`` of the version this worker holds, in use until the block ends
+        (None without served adapters)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.use(self.version)
 
     def generate(self, prompts: PromptBatch, seed: int, expected_version: int) -> Rollout:
         """Sample ``prompts`` in one engine call, row ``i`` seeded by (``seed``, its prompt
@@ -166,33 +238,38 @@ class VLLMRolloutGenerator:
                 f"rollout worker {self.worker_id} holds weights v{self.version}, "
                 f"round needs v{expected_version}"
             )
-        out = self.engine.sample(
-            prompts.prompt_ids,
-            prompts.prompt_mask,
-            row_seeds(seed, prompts.prompt_index, prompts.sample_index),
-            self.tokenizer.eos_id,
-            self.tokenizer.pad_id,
-        )
+        with self._adapter() as lora:  # the rollout's one version
+            out = self.engine.sample(
+                prompts.prompt_ids,
+                prompts.prompt_mask,
+                row_seeds(seed, prompts.prompt_index, prompts.sample_index),
+                self.tokenizer.eos_id,
+                self.tokenizer.pad_id,
+                lora=lora,
+            )
         return sampled_rollout(prompts, out, self.tokenizer, self.version, self.worker_id)
 
     def greedy(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
         """Greedy continuation ``(B, max_new_tokens)`` (parity checks)."""
-        out = self.engine.sample(
-            prompt_ids,
-            prompt_mask,
-            None,
-            self.tokenizer.eos_id,
-            self.tokenizer.pad_id,
-            max_new_tokens,
-        )
+        with self._adapter() as lora:
+            out = self.engine.sample(
+                prompt_ids,
+                prompt_mask,
+                None,
+                self.tokenizer.eos_id,
+                self.tokenizer.pad_id,
+                max_new_tokens,
+                lora=lora,
+            )
         return out["response_ids"]
 
     def probe_logprobs(self) -> torch.Tensor:
         """Log-probs ``(T-1,)`` of the sync probe under the weights the engine holds."""
         ids, _ = probe_batch(self.tokenizer)
-        return self.engine.prompt_logprobs(ids[0].tolist(), self.cfg.temperature)
+        with self._adapter() as lora:  # the sync check sees what sampling sees
+            return self.engine.prompt_logprobs(ids[0].tolist(), self.cfg.temperature, lora)
 
     def ping(self) -> int:
         return self.worker_id

@@ -10,9 +10,16 @@ from safetensors.torch import load_file, save_file
 from rlhf_ray.config.ppo import LoraSpec, ModelSpec, TokenizerConfig, load_config
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.training import make_adamw
+from rlhf_ray.engines.vllm_lora import lora_rank_slot, peft_file_tensors
 from rlhf_ray.models import build_causal_lm, response_logprobs
 from rlhf_ray.models.build import build_policy_lm
-from rlhf_ray.models.lora import AdapterMismatchError, adapter_tensors, export_lora
+from rlhf_ray.models.lora import (
+    AdapterMismatchError,
+    adapter_tensors,
+    export_lora,
+    merged_weights,
+    tied_modules_to_save,
+)
 from tests.helpers.model_dirs import save_policy
 
 TOK = build_tokenizer(TokenizerConfig())
@@ -117,3 +124,28 @@ def test_export_writes_an_adapter_and_a_merged_model_with_the_same_logprobs(tmp_
     assert (logprobs(merged) - logprobs(adapter)).abs().max() < 1e-5
     assert (logprobs(adapter) - logprobs(model)).abs().max() < 1e-6
     assert not torch.allclose(logprobs(merged), before, atol=1e-3)  # it did train
+
+
+@pytest.mark.parametrize(("preset", "to_save"), [("gpt2-tiny", ["ln_f"]), ("llama-tiny", None)])
+def test_merged_weights_are_the_peft_models_function_under_plain_names(preset, to_save):
+    # what a vLLM worker reloads when vLLM cannot serve the adapters (GPT-2)
+    model = build_policy_lm(ModelSpec(preset=preset), LoraSpec(r=4, modules_to_save=to_save), TOK)
+    trained(model)
+    plain = build_causal_lm(ModelSpec(preset=preset, init_seed=5), TOK)
+    plain.load_state_dict(merged_weights(model), strict=True)  # every name, no adapter name
+    assert torch.allclose(logprobs(plain), logprobs(model), atol=1e-5)
+    base = build_causal_lm(ModelSpec(preset=preset), TOK)
+    assert not torch.allclose(logprobs(plain), logprobs(base))  # the adapters are in it
+    assert tied_modules_to_save(model) == []
+    tied = build_policy_lm(ModelSpec(), LoraSpec(r=4, modules_to_save=["lm_head"]), TOK)
+    assert tied_modules_to_save(tied) == ["lm_head"]  # GPT-2's head is tied to wte
+
+
+def test_vllm_takes_a_lora_policy_with_peft_file_names_and_a_rank_slot():
+    cfg = load_config(None, ["rollout.backend=vllm", "policy.lora.r=4"])
+    assert cfg.policy.lora is not None and cfg.rollout.backend == "vllm"
+    sent = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": IDS}
+    assert list(peft_file_tensors(sent)) == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ]
+    assert [lora_rank_slot(r) for r in (1, 4, 16, 17, 512, 513)] == [1, 8, 16, 32, 512, None]
