@@ -1,7 +1,8 @@
 """A LoRA policy and critic through run_ppo in one process: only the adapters move (base frozen,
 adapters synced alone, the rollout workers sample the learner's distribution), the reference can
-be the policy's own base, a resumed run ends with the uninterrupted run's adapters exactly, and a
-LoRA critic started from the reward model exports the model it computed with."""
+be the policy's own base, a replayed round reproduces its losses, a resumed run ends with the
+uninterrupted run's adapters exactly, and a LoRA critic started from the reward model exports
+the model it computed with."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rlhf_ray.models import build_causal_lm, build_scalar_model
 from rlhf_ray.models.memory import ModelShape
 from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.ppo.loop import run_ppo
+from rlhf_ray.ppo.replay import replay_round
 from rlhf_ray.workers.inprocess import InProcessWorkers
 from tests.helpers.model_dirs import save_reward_model
 
@@ -36,8 +38,10 @@ def adapter(run_dir, role: str = "policy") -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / role / "adapter" / "adapter_model.safetensors"))
 
 
-def test_lora_run_syncs_adapters_only_and_resumes_exactly(tmp_path):
-    cfg = load_config(None, [*SMALL, "value.lora.r=4", "train.rounds=2"])
+def test_lora_run_syncs_adapters_only_replays_and_resumes_exactly(tmp_path):
+    cfg = load_config(
+        None, [*SMALL, "value.lora.r=4", "train.rounds=2", "logging.dump_rollouts_every=1"]
+    )
     workers = InProcessWorkers(cfg)
     base = {k: v.clone() for k, v in workers.policy.module.get_base_model().state_dict().items()
             if ".lora_" not in k}  # fmt: skip
@@ -55,6 +59,11 @@ def test_lora_run_syncs_adapters_only_and_resumes_exactly(tmp_path):
     weights = [k for k in state if k.startswith("module.")]
     assert weights and all(".lora_" in k for k in weights)
     assert not (tmp_path / "full/checkpoints/round_000001/policy/model.safetensors").exists()
+
+    # `rlhf-ray replay` restores the adapters' state and reproduces round 1's update
+    replayed = replay_round(tmp_path / "full", 1)
+    for key in ("ppo/policy_loss", "ppo/value_loss"):
+        assert abs(replayed.replayed[key] - rows[1][key]) <= 1e-6, key
 
     short = load_config(None, [*SMALL, "value.lora.r=4", "train.rounds=1"])
     run_ppo(short, InProcessWorkers(short), tmp_path / "cut")
