@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from rlhf_ray.config.ppo import ModelSpec, load_config
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import build_causal_lm, build_scalar_model
-from rlhf_ray.models.memory import ModelShape
+from rlhf_ray.models.build import preset_config
+from rlhf_ray.models.memory import ModelShape, role_memory
 from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.ppo.loop import run_ppo
 from rlhf_ray.ppo.replay import replay_round
@@ -32,6 +33,9 @@ SMALL = [
     "policy.lora.r=4",
     "checkpoint.every=1",
 ]
+
+
+TOK = build_tokenizer(load_config().tokenizer)
 
 
 def adapter(run_dir, role: str = "policy") -> dict[str, torch.Tensor]:
@@ -74,8 +78,7 @@ def test_lora_run_syncs_adapters_only_replays_and_resumes_exactly(tmp_path):
 
 
 def test_a_lora_critic_from_the_reward_model_exports_what_it_computed(tmp_path):
-    tok = build_tokenizer(load_config().tokenizer)
-    rm = save_reward_model(tmp_path / "rm", tok)
+    rm = save_reward_model(tmp_path / "rm", TOK)
     cfg = load_config(None, [*SMALL, "train.rounds=1", "value.lora.r=4", f"reward.model.path={rm}",
                              "value.init_from_reward=true"])  # fmt: skip
     workers = InProcessWorkers(cfg)
@@ -86,11 +89,11 @@ def test_a_lora_critic_from_the_reward_model_exports_what_it_computed(tmp_path):
     assert config["base_model_name_or_path"] == str(rm)  # the critic's base: the reward model
     ids = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119]])
     mask = torch.ones_like(ids)
-    merged = build_scalar_model(ModelSpec(path=str(tmp_path / "run/value")), tok)
+    merged = build_scalar_model(ModelSpec(path=str(tmp_path / "run/value")), TOK)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids, mask), workers.value.module(ids, mask))
         assert not torch.allclose(
-            merged(ids, mask), build_scalar_model(ModelSpec(path=str(rm)), tok)(ids, mask)
+            merged(ids, mask), build_scalar_model(ModelSpec(path=str(rm)), TOK)(ids, mask)
         )
 
 
@@ -130,3 +133,13 @@ def test_lora_parameter_count_by_hand():
     )
     assert shape.lora_params(2, None) == 128
     assert shape.lora_params(2, ["c_attn"]) == 32
+
+
+def test_plan_counts_a_lora_critics_adapters_and_head_as_what_trains():
+    cfg = load_config(None, ["value.lora.r=2", "value.num_ranks=1", "value.zero_stage=2"])
+    estimate = role_memory(cfg)["value"]
+    assert not isinstance(estimate, str) and "LoRA r=2" in estimate.source
+    shape = ModelShape.from_config(preset_config(cfg.value.model, TOK).to_dict())
+    trainable = shape.lora_params(2, None) + shape.hidden  # the adapters and the score head
+    # AdamW's two moments and DeepSpeed's fp32 master copy: 12 bytes per trained parameter
+    assert estimate.parts["optimizer"] == 12 * trainable
