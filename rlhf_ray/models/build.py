@@ -219,7 +219,7 @@ class ScalarHeadModel(nn.Module):
     def hf_model(self) -> PreTrainedModel:
         """The sequence-classification model (the one inside peft's wrapper with LoRA)."""
         inner: Any = self.seq_cls
-        return inner.get_base_model() if hasattr(inner, "peft_config") else inner
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
     @property
     def backbone(self) -> nn.Module:
