@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from rlhf_ray.config.ppo import LoraSpec, ModelSpec, TokenizerConfig, load_config
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.training import make_adamw
-from rlhf_ray.models import build_causal_lm, response_logprobs
+from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
 from rlhf_ray.models.build import build_policy_lm
-from rlhf_ray.models.lora import AdapterMismatchError, adapter_tensors, export_lora
-from tests.helpers.model_dirs import save_policy
+from rlhf_ray.models.lora import AdapterMismatchError, adapter_tensors, export_lora, is_lora
+from tests.helpers.model_dirs import save_policy, save_reward_model
 
 TOK = build_tokenizer(TokenizerConfig())
 IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119, 111, 114]])
@@ -117,3 +117,21 @@ def test_export_writes_an_adapter_and_a_merged_model_with_the_same_logprobs(tmp_
     assert (logprobs(merged) - logprobs(adapter)).abs().max() < 1e-5
     assert (logprobs(adapter) - logprobs(model)).abs().max() < 1e-6
     assert not torch.allclose(logprobs(merged), before, atol=1e-3)  # it did train
+
+
+def test_a_scalar_adapter_dir_is_trained_further_or_merged_with_its_head(tmp_path):
+    """A value/reward model's exported adapter (adapters + the score head) starts a scalar
+    model again: trained further (LoRA, the head still whole) or merged, scoring the same."""
+    spec = ModelSpec(path=str(save_reward_model(tmp_path / "rm", TOK)))
+    model = build_scalar_model(spec, TOK, lora=LoraSpec(r=4))
+    trained(model)
+    export_lora(model, model.state_dict(), str(tmp_path / "out"), spec, merged=False)
+    adapter = ModelSpec(path=str(tmp_path / "out" / "adapter"))
+    further = build_scalar_model(adapter, TOK)
+    merged = build_scalar_model(adapter.model_copy(update={"merge_adapter": True}), TOK)
+    assert any(".score.modules_to_save." in n for n in adapter_tensors(further))
+    assert not is_lora(merged)
+    with torch.no_grad():
+        expected = model(IDS, MASK)
+        torch.testing.assert_close(further(IDS, MASK), expected)
+        torch.testing.assert_close(merged(IDS, MASK), expected, atol=1e-5, rtol=0)
