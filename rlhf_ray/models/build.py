@@ -254,7 +254,7 @@ class ScalarHeadModel(nn.Module):
         """Save as a one-label sequence-classification checkpoint."""
         if state_dict is not None:
             state_dict = {k.removeprefix("seq_cls."): v for k, v in state_dict.items()}
-        self.seq_cls.save_pretrained(directory, state_dict=state_dict)
+        cast(Any, self.seq_cls).save_pretrained(directory, state_dict=state_dict)
 
 
 def build_scalar_model(
@@ -283,7 +283,7 @@ def seq_cls_model(
     if is_adapter_dir(spec.path):
         from rlhf_ray.models.lora import merged_start
 
-        return merged_start(spec, lambda base: seq_cls_model(base, tok, device))
+        return cast(Any, merged_start(spec, lambda base: seq_cls_model(base, tok, device)))
     if spec.path is not None:
         hf_logging.disable_progress_bar()
         config = AutoConfig.from_pretrained(spec.path)
