@@ -223,12 +223,6 @@ class ValueConfig(PolicyConfig):
         False, description="Initialise the critic from the reward model's weights."
     )
 
-    @model_validator(mode="after")
-    def _no_lora(self) -> ValueConfig:
-        if self.lora is not None:
-            raise ValueError("value.lora: LoRA on the critic is not supported yet; set it null")
-        return self
-
 
 class ScorerConfig(Section):
     """Resources of a frozen scoring role: data-parallel replicas that split each batch."""

@@ -413,6 +413,8 @@ class RayWorkers:
         parts: dict[str, Any] = {}  # each scorer's rows, in the object store
         for role in ("reference", "reward"):
             names = [n for n in self.scorers if n.startswith(f"{role}-")]
+            if not names:  # reference.from_policy_base: no reference actor to split rows for
+                continue
             for name, rows in zip(names, split_rows(len(rollout), len(names)), strict=True):
                 parts[name] = ray.put(rollout.select(rows))
         refs = (

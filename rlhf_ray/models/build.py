@@ -202,28 +202,37 @@ class ScalarHeadModel(nn.Module):
     """An LM backbone plus a scalar head (value model or reward model).
 
     Wraps a one-label ``AutoModelForSequenceClassification`` so that it saves and loads in the
-    standard format; ``forward`` returns the head at every position, ``(B, T)``.
+    standard format; ``forward`` returns the head at every position, ``(B, T)``. With LoRA,
+    ``seq_cls`` is peft's wrapper of it (adapters injected in place, the head a
+    ``modules_to_save`` copy): ``hf_model`` is the model inside either way.
     """
 
-    def __init__(self, seq_cls: PreTrainedModel):
+    def __init__(self, seq_cls: nn.Module):
         super().__init__()
-        if not isinstance(
-            getattr(seq_cls, "score", getattr(seq_cls, "classifier", None)), nn.Module
-        ):
-            raise ValueError(f"{type(seq_cls).__name__} has no `score`/`classifier` head")
         self.seq_cls = seq_cls  # the only registered submodule: state_dict keys "seq_cls.*"
+        if not isinstance(
+            getattr(self.hf_model, "score", getattr(self.hf_model, "classifier", None)), nn.Module
+        ):
+            raise ValueError(f"{type(self.hf_model).__name__} has no `score`/`classifier` head")
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The sequence-classification model (the one inside peft's wrapper with LoRA)."""
+        inner: Any = self.seq_cls
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
     @property
     def backbone(self) -> nn.Module:
-        return self.seq_cls.base_model
+        return self.hf_model.base_model
 
     @property
     def head(self) -> nn.Module:
-        return cast(nn.Module, getattr(self.seq_cls, "score", None) or self.seq_cls.classifier)
+        hf: Any = self.hf_model
+        return cast(nn.Module, getattr(hf, "score", None) or hf.classifier)
 
     @property
     def config(self) -> PretrainedConfig:
-        return self.seq_cls.config
+        return self.hf_model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
@@ -245,17 +254,36 @@ class ScalarHeadModel(nn.Module):
         """Save as a one-label sequence-classification checkpoint."""
         if state_dict is not None:
             state_dict = {k.removeprefix("seq_cls."): v for k, v in state_dict.items()}
-        self.seq_cls.save_pretrained(directory, state_dict=state_dict)
+        cast(Any, self.seq_cls).save_pretrained(directory, state_dict=state_dict)
 
 
 def build_scalar_model(
-    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu", lora: Any = None
 ) -> ScalarHeadModel:
     """A value/reward model from ``spec.path`` (a sequence-classification or causal-LM
-    checkpoint: the head is new in the latter case) or a seeded random preset."""
+    checkpoint: the head is new in the latter case) or a seeded random preset. With ``lora``
+    (or ``spec.path`` an adapter directory trained further, ``config.trains_lora``): LoRA
+    adapters on it, the head trained whole (``models.lora``)."""
+    if not trains_lora(lora, cast(Any, spec)):
+        return ScalarHeadModel(seq_cls_model(spec, tok, device)).eval()
+    from rlhf_ray.models.lora import build_lora_model
+
+    peft = build_lora_model(spec, lora, lambda s: seq_cls_model(s, tok, device), "scalar")
+    return ScalarHeadModel(peft).eval()
+
+
+def seq_cls_model(
+    spec: ModelSource, tok: SpecialIds, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """The one-label sequence-classification model of ``build_scalar_model`` (an adapter
+    directory: merged into its base)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if is_adapter_dir(spec.path):
+        from rlhf_ray.models.lora import merged_start
+
+        return cast(Any, merged_start(spec, lambda base: seq_cls_model(base, tok, device)))
     if spec.path is not None:
         hf_logging.disable_progress_bar()
         config = AutoConfig.from_pretrained(spec.path)
@@ -272,4 +300,4 @@ def build_scalar_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForSequenceClassification.from_config(config)
-    return ScalarHeadModel(_finish(model, tok, spec, device)).eval()
+    return _finish(model, tok, spec, device)

@@ -1,5 +1,6 @@
 """LoRA (peft) on the policy, critic, SFT and reward models, and PEFT adapter directories as a
-starting point.
+starting point. A value or reward model is a ``ScalarHeadModel`` around peft's wrapper
+(``peft_inside``); its ``score`` head is a ``modules_to_save`` module, trained whole.
 
 - ``attach_lora`` wraps a built model with fresh adapters (``config.LoraSpec``): only the
   adapters and ``modules_to_save`` keep ``requires_grad``, so an optimizer built over the
@@ -204,10 +205,20 @@ def check_same_shape(lora: Any, saved: dict[str, Any], path: str) -> None:
             )
 
 
-def is_lora(module: nn.Module) -> bool:
+def peft_inside(module: nn.Module) -> tuple[PeftModel, str] | None:
+    """The peft model of a LoRA learner's ``module`` and the prefix of its names in
+    ``module``'s state dict: the module itself (a causal LM), or a ``ScalarHeadModel``'s
+    ``seq_cls`` (a value or reward model); None without LoRA."""
     from peft import PeftModel
 
-    return isinstance(module, PeftModel)
+    for prefix, inner in (("", module), ("seq_cls.", getattr(module, "seq_cls", None))):
+        if isinstance(inner, PeftModel):
+            return inner, prefix
+    return None
+
+
+def is_lora(module: nn.Module) -> bool:
+    return peft_inside(module) is not None
 
 
 def export_base_path(spec: Any) -> str | None:
@@ -219,13 +230,18 @@ def export_base_path(spec: Any) -> str | None:
 
 
 def export_lora(
-    model: PeftModel, state: dict[str, torch.Tensor], directory: str, spec: Any, merged: bool
+    module: nn.Module, state: dict[str, torch.Tensor], directory: str, spec: Any, merged: bool
 ) -> None:
     """Write ``directory/adapter`` (a PEFT adapter directory: ``PeftModel.from_pretrained``
-    loads it onto its base) and, when ``merged``, the merged model to ``directory`` (plain
-    ``AutoModelForCausalLM``). ``state``: the model's whole state dict (gathered on this rank,
-    also under ZeRO-3). The merge runs on a CPU copy of the model built from its config and
-    loaded from ``state`` with every key matched, so the trained model is left as it is."""
+    loads it onto its base) and, when ``merged``, the merged model to ``directory`` (a plain
+    ``AutoModelForCausalLM``, or ``...ForSequenceClassification`` with its trained head).
+    ``state``: ``module``'s whole state dict (gathered on this rank, also under ZeRO-3). The
+    merge runs on a CPU copy of the model built from its config and loaded from ``state``
+    with every key matched, so the trained model is left as it is."""
+    found = peft_inside(module)
+    assert found is not None, "export_lora needs a LoRA model"
+    model, prefix = found
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
     config = model.peft_config["default"]
     config.base_model_name_or_path = export_base_path(spec)
     model.save_pretrained(os.path.join(directory, "adapter"), state_dict=state)

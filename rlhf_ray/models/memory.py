@@ -390,6 +390,9 @@ def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str
             continue
         shape = ModelShape.from_config(config)
         lora = role_cfg.lora
+        trainable = shape.lora_params(lora.r, lora.target_modules) if lora else None
+        if trainable is not None and not lm_head:  # a scalar model trains its head whole too
+            trainable += shape.hidden
         parts = learner_memory(
             shape,
             lm_head=lm_head,
@@ -405,7 +408,7 @@ def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str
             checkpointing=role_cfg.gradient_checkpointing,
             on_gpu=role_cfg.num_gpus_per_rank > 0,
             buckets=role_cfg.zero_buckets.resolve(role_cfg.num_gpus_per_rank > 0),
-            trainable=shape.lora_params(lora.r, lora.target_modules) if lora else None,
+            trainable=trainable,
         )
         out[role] = Estimate(parts, source + (f", LoRA r={lora.r}" if lora else ""))
     return out

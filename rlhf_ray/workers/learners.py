@@ -176,14 +176,15 @@ class ValueLearner(Learner):
         total_steps: int | None = None,
     ):
         """``model_spec``: the initial weights (default ``value_cfg.model``; see
-        ``config.value_init_spec``); ``total_steps``: optimizer steps of the run."""
+        ``config.value_init_spec``: LoRA on the reward model with ``init_from_reward``);
+        ``total_steps``: optimizer steps of the run."""
         tok = build_tokenizer(tokenizer_cfg)
         spec = model_spec or value_cfg.model
         super().__init__(
             value_cfg,
             spec,
             value_cfg.optim,
-            lambda: build_scalar_model(spec, tok),
+            lambda: build_scalar_model(spec, tok, lora=value_cfg.lora),
             ValueObjective(ppo_cfg.value_clip_eps),
             **ppo_shape(ppo_cfg),
             rank=rank,

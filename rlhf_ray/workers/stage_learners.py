@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.config.roles import trains_lora
 from rlhf_ray.data.tokenization import build_tokenizer
-from rlhf_ray.errors import UserError
 from rlhf_ray.models import build_scalar_model
 from rlhf_ray.models.build import build_policy_lm
 from rlhf_ray.workers.learner import Learner
@@ -33,18 +31,13 @@ class ModelBuilder:
     kind: str  # "causal_lm" or "scalar"
     spec: Any  # config.ModelSpec
     tokenizer: Any  # config.TokenizerConfig
-    lora: Any = None  # the learner's `lora` section (SFT: adapters, saved as RUN/model/adapter)
+    lora: Any = None  # the learner's `lora` section (adapters, saved as <output>/adapter)
 
     def __call__(self) -> torch.nn.Module:
         tok = build_tokenizer(self.tokenizer)
         if self.kind == "causal_lm":
             return build_policy_lm(self.spec, self.lora, tok)
-        if trains_lora(self.lora, self.spec):
-            raise UserError(
-                "learner.lora: LoRA on a reward model (scalar head) is not supported yet; "
-                "set learner.lora=null"
-            )
-        return build_scalar_model(self.spec, tok)
+        return build_scalar_model(self.spec, tok, lora=self.lora)
 
 
 class RewardLearner(Learner):

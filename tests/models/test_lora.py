@@ -11,16 +11,17 @@ from rlhf_ray.config.ppo import LoraSpec, ModelSpec, TokenizerConfig, load_confi
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.engines.training import make_adamw
 from rlhf_ray.engines.vllm_lora import lora_rank_slot, peft_file_tensors
-from rlhf_ray.models import build_causal_lm, response_logprobs
+from rlhf_ray.models import build_causal_lm, build_scalar_model, response_logprobs
 from rlhf_ray.models.build import build_policy_lm
 from rlhf_ray.models.lora import (
     AdapterMismatchError,
     adapter_tensors,
     export_lora,
+    is_lora,
     merged_weights,
     tied_modules_to_save,
 )
-from tests.helpers.model_dirs import save_policy
+from tests.helpers.model_dirs import save_policy, save_reward_model
 
 TOK = build_tokenizer(TokenizerConfig())
 IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119, 111, 114]])
@@ -149,3 +150,21 @@ def test_vllm_takes_a_lora_policy_with_peft_file_names_and_a_rank_slot():
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     ]
     assert [lora_rank_slot(r) for r in (1, 4, 16, 17, 512, 513)] == [1, 8, 16, 32, 512, None]
+
+
+def test_a_scalar_adapter_dir_is_trained_further_or_merged_with_its_head(tmp_path):
+    """A value/reward model's exported adapter (adapters + the score head) starts a scalar
+    model again: trained further (LoRA, the head still whole) or merged, scoring the same."""
+    spec = ModelSpec(path=str(save_reward_model(tmp_path / "rm", TOK)))
+    model = build_scalar_model(spec, TOK, lora=LoraSpec(r=4))
+    trained(model)
+    export_lora(model, model.state_dict(), str(tmp_path / "out"), spec, merged=False)
+    adapter = ModelSpec(path=str(tmp_path / "out" / "adapter"))
+    further = build_scalar_model(adapter, TOK)
+    merged = build_scalar_model(adapter.model_copy(update={"merge_adapter": True}), TOK)
+    assert any(".score.modules_to_save." in n for n in adapter_tensors(further))
+    assert not is_lora(merged)
+    with torch.no_grad():
+        expected = model(IDS, MASK)
+        torch.testing.assert_close(further(IDS, MASK), expected)
+        torch.testing.assert_close(merged(IDS, MASK), expected, atol=1e-5, rtol=0)

@@ -1,19 +1,27 @@
-"""A LoRA policy through run_ppo in one process: only the adapters move (base frozen, adapters
-synced alone, the rollout workers sample the learner's distribution), the reference can be the
-policy's own base, and a resumed run ends with the uninterrupted run's adapters exactly."""
+"""A LoRA policy and critic through run_ppo in one process: only the adapters move (base frozen,
+adapters synced alone, the rollout workers sample the learner's distribution), the reference can
+be the policy's own base, a replayed round reproduces its losses, a resumed run ends with the
+uninterrupted run's adapters exactly, and a LoRA critic started from the reward model exports
+the model it computed with."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_ray.config.ppo import load_config
-from rlhf_ray.models import build_causal_lm
-from rlhf_ray.models.memory import ModelShape
+from rlhf_ray.config.ppo import ModelSpec, load_config
+from rlhf_ray.data.tokenization import build_tokenizer
+from rlhf_ray.models import build_causal_lm, build_scalar_model
+from rlhf_ray.models.build import preset_config
+from rlhf_ray.models.memory import ModelShape, role_memory
 from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.ppo.loop import run_ppo
+from rlhf_ray.ppo.replay import replay_round
 from rlhf_ray.workers.inprocess import InProcessWorkers
+from tests.helpers.model_dirs import save_reward_model
 
 SMALL = [
     "rollout.batch_size=4",
@@ -27,12 +35,17 @@ SMALL = [
 ]
 
 
-def adapter(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "policy" / "adapter" / "adapter_model.safetensors"))
+TOK = build_tokenizer(load_config().tokenizer)
 
 
-def test_lora_run_syncs_adapters_only_and_resumes_exactly(tmp_path):
-    cfg = load_config(None, [*SMALL, "train.rounds=2"])
+def adapter(run_dir, role: str = "policy") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / role / "adapter" / "adapter_model.safetensors"))
+
+
+def test_lora_run_syncs_adapters_only_replays_and_resumes_exactly(tmp_path):
+    cfg = load_config(
+        None, [*SMALL, "value.lora.r=4", "train.rounds=2", "logging.dump_rollouts_every=1"]
+    )
     workers = InProcessWorkers(cfg)
     base = {k: v.clone() for k, v in workers.policy.module.get_base_model().state_dict().items()
             if ".lora_" not in k}  # fmt: skip
@@ -51,11 +64,37 @@ def test_lora_run_syncs_adapters_only_and_resumes_exactly(tmp_path):
     assert weights and all(".lora_" in k for k in weights)
     assert not (tmp_path / "full/checkpoints/round_000001/policy/model.safetensors").exists()
 
-    short = load_config(None, [*SMALL, "train.rounds=1"])
+    # `rlhf-ray replay` restores the adapters' state and reproduces round 1's update
+    replayed = replay_round(tmp_path / "full", 1)
+    for key in ("ppo/policy_loss", "ppo/value_loss"):
+        assert abs(replayed.replayed[key] - rows[1][key]) <= 1e-6, key
+
+    short = load_config(None, [*SMALL, "value.lora.r=4", "train.rounds=1"])
     run_ppo(short, InProcessWorkers(short), tmp_path / "cut")
     run_ppo(cfg, InProcessWorkers(cfg), tmp_path / "cut", resume=True)
-    resumed = adapter(tmp_path / "cut")
-    assert max((resumed[k] - trained[k]).abs().max().item() for k in trained) == 0.0
+    for role in ("policy", "value"):  # the critic's adapters and head resume exactly too
+        resumed, trained = adapter(tmp_path / "cut", role), adapter(tmp_path / "full", role)
+        assert max((resumed[k] - trained[k]).abs().max().item() for k in trained) == 0.0
+
+
+def test_a_lora_critic_from_the_reward_model_exports_what_it_computed(tmp_path):
+    rm = save_reward_model(tmp_path / "rm", TOK)
+    cfg = load_config(None, [*SMALL, "train.rounds=1", "value.lora.r=4", f"reward.model.path={rm}",
+                             "value.init_from_reward=true"])  # fmt: skip
+    workers = InProcessWorkers(cfg)
+    run_ppo(cfg, workers, tmp_path / "run")
+    saved = adapter(tmp_path / "run", "value")
+    assert all(".lora_" in k or ".score." in k for k in saved)  # adapters and the whole head
+    config = json.loads((tmp_path / "run/value/adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(rm)  # the critic's base: the reward model
+    ids = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119]])
+    mask = torch.ones_like(ids)
+    merged = build_scalar_model(ModelSpec(path=str(tmp_path / "run/value")), TOK)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, mask), workers.value.module(ids, mask))
+        assert not torch.allclose(
+            merged(ids, mask), build_scalar_model(ModelSpec(path=str(rm)), TOK)(ids, mask)
+        )
 
 
 def test_reference_from_policy_base_scores_with_adapters_off(tmp_path):
@@ -94,3 +133,13 @@ def test_lora_parameter_count_by_hand():
     )
     assert shape.lora_params(2, None) == 128
     assert shape.lora_params(2, ["c_attn"]) == 32
+
+
+def test_plan_counts_a_lora_critics_adapters_and_head_as_what_trains():
+    cfg = load_config(None, ["value.lora.r=2", "value.num_ranks=1", "value.zero_stage=2"])
+    estimate = role_memory(cfg)["value"]
+    assert not isinstance(estimate, str) and "LoRA r=2" in estimate.source
+    shape = ModelShape.from_config(preset_config(cfg.value.model, TOK).to_dict())
+    trainable = shape.lora_params(2, None) + shape.hidden  # the adapters and the score head
+    # AdamW's two moments and DeepSpeed's fp32 master copy: 12 bytes per trained parameter
+    assert estimate.parts["optimizer"] == 12 * trainable
