@@ -12,8 +12,8 @@ What it measures
     ``deepspeed.zero.Init``), engine set-up and one PPO minibatch of 2 rows per rank (forward,
     backward, Adam step). The figure is peak minus baseline, the largest over the ranks. Beside
     it: ``rlhf_ray.models.memory.learner_memory``'s per-rank estimate for the same settings (model
-    states, the optimizer step's transients and activations; the fixed GPU-process overhead is
-    left out on CPU).
+    states, the optimizer step's transients and activations; the fixed per-process overhead is
+    left out).
 
     ``--malloc fixed`` (the default) starts the ranks with ``MALLOC_MMAP_THRESHOLD_=65536``:
     glibc then hands every freed tensor of 64 KiB or more straight back, so ``RssAnon`` follows
@@ -162,7 +162,8 @@ def estimate(cfg) -> tuple[float, int]:
         micro_batch=ROWS_PER_RANK, seq_len=PROMPT + RESPONSE, response_len=RESPONSE,
         checkpointing=False, on_gpu=False,
     )  # fmt: skip
-    return sum(parts.values()), shape.num_params()
+    # the per-process overhead is left out: the baseline is taken inside the running actor
+    return sum(v for k, v in parts.items() if k != "overhead"), shape.num_params()
 
 
 def start_group(cfg) -> LearnerGroup:

@@ -48,6 +48,7 @@ from _common import banner, median, table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "arithmetic_cpu.yaml"
 PHASES = ("generate", "score", "advantage", "update", "sync", "round")
+SAMPLE_S = 0.01  # short-lived peaks (a chunk of logits) last tens of ms
 ROLES = {  # process title prefix -> plan's role
     "ray::PolicyLearner": "policy",
     "ray::ReferenceScorer": "reference",
@@ -87,24 +88,34 @@ class Sampler:
         self.root, self.in_process = root, in_process
         self.first: dict[int, int] = {}
         self.peak: dict[str, int] = {}
+        self.base: dict[str, int] = {}  # each role's first sample
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        procs: list[psutil.Process] = []
+        next_scan = 0.0
         while not self.stop.is_set():
-            procs = [self.root]
-            with contextlib.suppress(psutil.NoSuchProcess):
-                procs += self.root.children(recursive=True)
-            if not self.in_process:  # Ray's workers are children of its raylet, not of the CLI
-                procs += [p for p in psutil.process_iter() if role_of(p)]
+            if time.monotonic() >= next_scan:  # new processes: once a second
+                procs = self._processes()
+                next_scan = time.monotonic() + 1.0
             for proc in procs:
                 role = "all" if self.in_process and proc.pid == self.root.pid else role_of(proc)
                 if role is None:
                     continue
                 now = rss_anon(proc)
                 base = self.first.setdefault(proc.pid, now)
+                self.base.setdefault(role, base)
                 self.peak[role] = max(self.peak.get(role, 0), now - base)
-            time.sleep(0.25)
+            time.sleep(SAMPLE_S)
+
+    def _processes(self) -> list[psutil.Process]:
+        procs = [self.root]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += self.root.children(recursive=True)
+        if not self.in_process:  # Ray's workers are children of its raylet, not of the CLI
+            procs += [p for p in psutil.process_iter() if role_of(p)]
+        return procs
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -156,6 +167,7 @@ def run_setup(backend: str, placement: str, rounds: int) -> dict:
     out["first_row_s"] = first_row
     out["whole_run_s"] = time.monotonic() - start
     out["peak_gb"] = {k: v / 2**30 for k, v in sampler.peak.items()}
+    out["first_sample_gb"] = {k: v / 2**30 for k, v in sampler.base.items()}
     out["run_dir"] = str(run_dir)
     return out
 

@@ -19,10 +19,14 @@ OUT=$1
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA=${2:-$("${PYTHON:-python}" -c "import pathlib, rlhf_ray.data as d; print(pathlib.Path(d.__file__).parent / 'hh_rlhf_sample.jsonl')")}
 MODEL=builtin:smollm2-135m-instruct
-COMMON="data.max_tokens=256 data.max_prompt_tokens=160"
+# the stages skip the epoch-end pass over the whole train split (a third of an epoch on CPU);
+# and the reward model reads at most 192 tokens of a conversation (prompt up to 160)
+COMMON="data.max_prompt_tokens=160 train.eval_train_split=false"
 export HOLDOUT_EVERY=${HOLDOUT_EVERY:-5}
-export SFT_ARGS="model.path=$MODEL optim.lr=1e-5 train.epochs=1 train.batch_size=8 $COMMON ${SFT_ARGS:-}"
-export RM_ARGS="optim.lr=1e-5 train.epochs=1 train.batch_size=8 $COMMON ${RM_ARGS:-}"
+export SFT_ARGS="model.path=$MODEL optim.lr=1e-5 train.epochs=1 train.batch_size=8 \
+    data.max_tokens=256 $COMMON ${SFT_ARGS:-}"
+export RM_ARGS="optim.lr=1e-5 train.epochs=1 train.batch_size=8 data.max_tokens=192 $COMMON \
+    ${RM_ARGS:-}"
 export PPO_BASE_ARGS="algo.estimator=grpo rollout.samples_per_prompt=4 rollout.batch_size=8 \
     ppo.minibatch_size=16 ppo.epochs=1 ppo.kl_coef=0 ppo.kl_in_loss=k3 ppo.kl_loss_coef=0.01 \
     ppo.loss_agg=seq_mean_token_mean policy.optim.lr=1e-5 data.chat_template=true \

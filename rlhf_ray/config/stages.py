@@ -103,6 +103,12 @@ class StageTrainConfig(Section):
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps (0: only at the end of each epoch)."
     )
+    eval_train_split: bool = Field(
+        True,
+        description="At each epoch's end, also score the whole train split with the epoch's "
+        "weights (`epoch/train_*`). A forward pass over every training example: on a real "
+        "model on CPU about a third of an epoch's time; false skips it.",
+    )
     micro_batch_size: int | None = Field(
         None,
         gt=0,

@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from rlhf_ray.algo import entropy_of_scores, label_logprobs, process_logits
 
+HEAD_CHUNK_TOKENS = 1024  # response positions the LM head runs on at a time (models/memory.py)
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` positions counting real tokens only (left pads get 0; causal attention makes
@@ -105,7 +107,7 @@ def response_logprobs(
     with_entropy: bool = False,
     top_k: int = 0,
     top_p: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = HEAD_CHUNK_TOKENS,
     entropy_grad: bool = True,
     outside: list[torch.Tensor] | None = None,
     full: list[torch.Tensor] | None = None,

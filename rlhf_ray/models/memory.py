@@ -44,10 +44,15 @@ from rlhf_ray.config.ppo import (
     value_init_spec,
 )
 from rlhf_ray.config.roles import reward_models
+from rlhf_ray.models.logprobs import HEAD_CHUNK_TOKENS
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_OVERHEAD_BYTES = 1.0 * GB  # CUDA context + caching-allocator slack, per GPU process
+# per CPU process, above the imported libraries: the tokenizer, the model code transformers
+# imports lazily, and the allocator's slack (0.3-0.4 GB measured for SmolLM2's roles by
+# benchmarks/real_memory.py)
+CPU_OVERHEAD_BYTES = 0.35 * GB
 
 # config.json fields of hub models the bundled jobs name, for planning with no network (the
 # values are those of the models' published config.json files)
@@ -235,8 +240,7 @@ def learner_memory(
         optim = 0.0
     acts = _activations(shape, wb, micro_batch, seq_len, response_len, checkpointing, lm_head)
     parts = {"params": params, "grads": float(grads), "optimizer": optim, "activations": acts}
-    if on_gpu:
-        parts["overhead"] = GPU_OVERHEAD_BYTES
+    parts["overhead"] = GPU_OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
     return parts
 
 
@@ -288,24 +292,35 @@ def _activations(
         acts = shape.layers * tokens * shape.hidden * wb + per_layer
     else:
         acts = shape.layers * per_layer
-    if lm_head:  # logits of every position, then fp32 logits / log-softmax of the responses
-        acts += tokens * shape.vocab * wb + 2 * micro_batch * response_len * shape.vocab * 4
+    if lm_head:  # the head runs on response positions only, one chunk at a time, recomputed in
+        # the backward (models/logprobs.py): one chunk's fp32 logits and their gradient
+        acts += 2 * min(micro_batch * response_len, HEAD_CHUNK_TOKENS) * shape.vocab * 4
     return float(acts)
 
 
 def scorer_memory(
-    shape: ModelShape, *, lm_head: bool, dtype: str, rows: int, seq_len: int, on_gpu: bool
+    shape: ModelShape,
+    *,
+    lm_head: bool,
+    dtype: str,
+    rows: int,
+    seq_len: int,
+    response_len: int,
+    on_gpu: bool,
 ) -> dict[str, float]:
     """Bytes on a frozen scorer's device (reference or reward model): weights and one no-grad
-    forward of ``rows`` sequences (one layer's tensors alive at a time, plus the logits)."""
+    forward of ``rows`` sequences: one layer's tensors alive at a time, then (a causal LM) the
+    head on the response positions, one chunk of them at a time (models/logprobs.py): its
+    logits, their fp32 cast if half, and the fp32 log-softmax."""
     wb = DTYPE_BYTES[dtype]
     tokens = rows * seq_len
     acts = shape.activation_elements() * tokens * wb
     if lm_head:
-        acts += tokens * shape.vocab * (wb + 4 + 4)  # logits, fp32 copy, log-softmax
+        chunk = min(rows * response_len, HEAD_CHUNK_TOKENS)
+        acts = max(acts, chunk * shape.vocab * (wb + (4 if wb < 4 else 0) + 4))
+    acts += tokens * shape.hidden * wb  # the last hidden states, kept for the head
     parts = {"params": shape.num_params(lm_head) * wb, "activations": float(acts)}
-    if on_gpu:
-        parts["overhead"] = GPU_OVERHEAD_BYTES
+    parts["overhead"] = GPU_OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
     return parts
 
 
@@ -318,8 +333,7 @@ def rollout_memory(
     kv = 2 * shape.layers * shape.kv_dim * rows * seq_len * wb
     prefill = shape.activation_elements() * rows * seq_len * wb + rows * shape.vocab * 4
     parts = {"params": shape.num_params() * wb, "kv_cache": float(kv), "activations": prefill}
-    if on_gpu:
-        parts["overhead"] = GPU_OVERHEAD_BYTES
+    parts["overhead"] = GPU_OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
     return parts
 
 
@@ -442,6 +456,7 @@ def scorers_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str]
             dtype=spec.dtype,
             rows=sc.score_micro_batch_size,
             seq_len=seq,
+            response_len=cfg.rollout.max_new_tokens,
             on_gpu=sc.num_gpus > 0,
         )
         held = out.get(role)

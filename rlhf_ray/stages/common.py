@@ -187,7 +187,7 @@ def train_epochs(
             if end or (has_eval and train.eval_every and step % train.eval_every == 0):
                 with timer.phase("eval"):
                     row = {"step": step, "epoch": epoch}
-                    if end:
+                    if end and train.eval_train_split:
                         row.update(prefixed(workers.evaluate("train"), "epoch/train_"))
                     if has_eval:
                         row.update(prefixed(workers.evaluate("eval"), "eval/"))
@@ -196,7 +196,8 @@ def train_epochs(
                 on_step(step, epoch, i)
     if not row:  # resumed after the last step: the final figures again, not logged twice
         row = {"step": step, "epoch": train.epochs - 1}
-        row.update(prefixed(workers.evaluate("train"), "epoch/train_"))
+        if train.eval_train_split:
+            row.update(prefixed(workers.evaluate("train"), "epoch/train_"))
         if has_eval:
             row.update(prefixed(workers.evaluate("eval"), "eval/"))
     return row

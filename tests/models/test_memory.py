@@ -3,6 +3,7 @@ real Hugging Face models, and `plan` refusing an 8B policy on one 24 GB GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from rlhf_ray.cli import main
 from rlhf_ray.config.ppo import ZERO_BUCKETS_CPU, ZERO_BUCKETS_GPU
+from rlhf_ray.models.logprobs import HEAD_CHUNK_TOKENS
 from rlhf_ray.models.memory import (
+    CPU_OVERHEAD_BYTES,
     ModelShape,
     learner_memory,
     memory_problems,
@@ -67,9 +70,10 @@ def test_learner_memory_by_hand():
     # a sub-group (the whole half here) cast-free (fp32) with two fp32 AdamW temporaries on CPU
     assert parts["grads"] == max(388 * 4 / 2 + bucket, 388 * 4 / 2 + 388 / 2 * (4 + 2 * 4))
     assert parts["optimizer"] == (8 * 388 + 4 * 388) / 2  # Adam m, v + fp32 master, halved
-    # 10 tokens x (6h + 2kv + 4i = 60) x 4 B x 2 layers + logits 10 x 10 x 4 + 2 x 2x3x10 x 4
-    assert parts["activations"] == 2 * 2400 + 400 + 480
-    assert "overhead" not in parts
+    # 10 tokens x (6h + 2kv + 4i = 60) x 4 B x 2 layers + the head on the 2x3 response
+    # positions only (one chunk): fp32 logits and their gradient, 2 x 6 x 10 x 4
+    assert parts["activations"] == 2 * 2400 + 480
+    assert parts["overhead"] == CPU_OVERHEAD_BYTES  # the tokenizer, lazy imports, slack
     ckpt = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=2, zero_stage=3, engine="deepspeed",
         offload_optimizer=True, offload_params=True, micro_batch=2, seq_len=5, response_len=3,
@@ -77,7 +81,7 @@ def test_learner_memory_by_hand():
     )  # fmt: skip
     assert ckpt["params"] == bucket and ckpt["optimizer"] == 0
     assert ckpt["grads"] == 388 * 4 / 2 + bucket  # the step runs on the host
-    assert ckpt["activations"] == 2 * 10 * 4 * 4 + 2400 + 880  # layer inputs + one layer
+    assert ckpt["activations"] == 2 * 10 * 4 * 4 + 2400 + 480  # layer inputs + one layer
     assert ckpt["overhead"] == 1e9
     zero1 = learner_memory(
         TOY, lm_head=True, dtype="float32", ranks=2, zero_stage=1, engine="deepspeed",
@@ -120,8 +124,20 @@ def test_learner_memory_by_hand():
 
 
 def test_scorer_and_rollout_memory_by_hand():
-    ref = scorer_memory(TOY, lm_head=True, dtype="bfloat16", rows=2, seq_len=5, on_gpu=False)
-    assert ref == {"params": 388 * 2, "activations": 60 * 10 * 2 + 10 * 10 * (2 + 4 + 4)}
+    ref = scorer_memory(
+        TOY, lm_head=True, dtype="bfloat16", rows=2, seq_len=5, response_len=3, on_gpu=False
+    )
+    # the larger of one layer (10 tokens x 60 x 2 B) and the head on the 2 x 3 response
+    # positions (bf16 logits, their fp32 cast, the fp32 log-softmax), + the last hidden states
+    assert ref["activations"] == max(60 * 10 * 2, 6 * 10 * (2 + 4 + 4)) + 10 * 4 * 2
+    assert ref["params"] == 388 * 2 and ref["overhead"] == CPU_OVERHEAD_BYTES
+    wide = dataclasses.replace(TOY, vocab=1000)
+    many = scorer_memory(
+        wide, lm_head=True, dtype="float32", rows=400, seq_len=5, response_len=4, on_gpu=True
+    )
+    # 1600 response positions: the head runs on one chunk of them at a time
+    assert many["activations"] == HEAD_CHUNK_TOKENS * 1000 * (4 + 4) + 2000 * 4 * 4
+    assert many["overhead"] == 1e9
     rollout = rollout_memory(TOY, dtype="bfloat16", rows=3, seq_len=5, on_gpu=False)
     # K and V: 2 x 2 layers x kv_dim 2 x 3 rows x 5 positions x 2 bytes
     assert rollout["kv_cache"] == 2 * 2 * 2 * 3 * 5 * 2

@@ -114,3 +114,16 @@ def test_metrics_rows_and_falling_loss(trained):
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert epochs[1]["eval/loss"] < epochs[0]["eval/loss"] < steps[0]["train/loss"]
     assert (result.run_dir / "config.yaml").exists()
+
+
+def test_the_epoch_end_pass_over_the_train_split_can_be_skipped(tmp_path):
+    overrides = sft_overrides(tmp_path, sft_rows(32, seed=0), sft_rows(8, seed=1))
+    cfg = load_sft_config(None, [*overrides, "train.epochs=1", "train.eval_train_split=false"])
+    workers = InProcessStage(sft_role(cfg), cfg.train.dist_timeout_s)
+    try:
+        result = run_sft(cfg, workers, tmp_path / "run")
+    finally:
+        workers.close()
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert not any(k.startswith("epoch/train_") for r in rows for k in r)
+    assert "eval/loss" in rows[-1] and "eval/loss" in result.final  # the held-out pass stays
