@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.models.memory import KNOWN_CONFIGS
+from rlhf_ray.models.known_configs import KNOWN_CONFIGS
 
 # Llama-3.2-1B's shape: its published config.json, as plan's estimate knows it
 LLAMA_1B = {

@@ -44,6 +44,7 @@ from rlhf_ray.config.ppo import (
     value_init_spec,
 )
 from rlhf_ray.config.roles import reward_models
+from rlhf_ray.models.known_configs import KNOWN_CONFIGS
 from rlhf_ray.models.logprobs import HEAD_CHUNK_TOKENS
 
 GB = 1e9
@@ -53,42 +54,6 @@ GPU_OVERHEAD_BYTES = 1.0 * GB  # CUDA context + caching-allocator slack, per GPU
 # imports lazily, and the allocator's slack (0.3-0.4 GB measured for SmolLM2's roles by
 # benchmarks/real_memory.py)
 CPU_OVERHEAD_BYTES = 0.35 * GB
-
-# config.json fields of hub models the bundled jobs name, for planning with no network (the
-# values are those of the models' published config.json files)
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": dict(
-        model_type="llama",
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    ),
-    "meta-llama/Llama-3.2-1B-Instruct": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
-    "meta-llama/Llama-3.1-8B-Instruct": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-}
 
 
 @dataclass(frozen=True)
