@@ -28,6 +28,7 @@ Output
 How to run (from the repository root; the model is fetched and converted on first use)
     python benchmarks/real_memory.py
     python benchmarks/real_memory.py --roles policy,reference
+    python benchmarks/real_memory.py --roles policy --set policy.lora.r=16   # a LoRA policy
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ class Peak:
         self.peak = max(self.peak, resident())
 
 
-def config(path: str, role: str):
+def config(path: str, role: str, overrides: list[str]):
     from rlhf_ray.config.ppo import load_config
     from rlhf_ray.models.sources import resolve_models
 
     backend = "vllm" if role == "rollout-vllm" else "hf"
-    return resolve_models(load_config(path, [f"rollout.backend={backend}"]))
+    return resolve_models(load_config(path, [f"rollout.backend={backend}", *overrides]))
 
 
 def round_rows(cfg, vocab: int):
@@ -175,7 +176,7 @@ RUN = {"policy": run_policy, "reference": run_reference, "rollout": run_rollout,
        "rollout-vllm": run_rollout_vllm}  # fmt: skip
 
 
-def child(role: str, path: str) -> dict:
+def child(role: str, path: str, overrides: list[str]) -> dict:
     """In the role's own process: the peak above the post-import baseline."""
     import torch  # noqa: F401  (the baseline includes the libraries)
     import transformers  # noqa: F401
@@ -184,7 +185,7 @@ def child(role: str, path: str) -> dict:
 
     if role == "rollout-vllm":
         import vllm  # noqa: F401
-    cfg = config(path, role)
+    cfg = config(path, role, overrides)
     vocab = read_model_config(cfg.policy.model, None)[0]["vocab_size"]
     plan = role_memory(cfg)["rollout" if role.startswith("rollout") else role]
     assert isinstance(plan, Estimate), plan
@@ -197,9 +198,10 @@ def child(role: str, path: str) -> dict:
     }
 
 
-def measure(role: str, path: str) -> dict:
+def measure(role: str, path: str, overrides: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, __file__, "--child", role, "--config", path]
+    cmd += [f"--set={o}" for o in overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -214,16 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--roles", default=",".join(ROLES))
     parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every role (e.g. policy.lora.r=16)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.config)))
+        print(json.dumps(child(args.child, args.config, args.set)))
         return 0
     from rlhf_ray.models.sources import resolve_model_source
 
     resolve_model_source("builtin:smollm2-135m-instruct")  # fetched and converted once, here
-    results = {role: measure(role, args.config) for role in args.roles.split(",")}
-    banner(f"peak memory per role vs plan ({Path(args.config).name})")
+    results = {role: measure(role, args.config, args.set) for role in args.roles.split(",")}
+    banner(f"peak memory per role vs plan ({Path(args.config).name} {' '.join(args.set)})")
     rows = []
     for role, r in results.items():
         if "error" in r:

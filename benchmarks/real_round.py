@@ -10,7 +10,7 @@ What it measures
     after it: seconds per phase (``time/*`` of ``metrics.jsonl``), the round, and the rollout's
     tokens/s. Start-up (process start to the first metrics row) is its own column.
 
-    Memory: every process of the run is sampled every 0.25 s for its anonymous resident memory
+    Memory: every process of the run is sampled every 10 ms for its anonymous resident memory
     (``RssAnon``: its own heap, not shared libraries or the object store). On Ray each actor is
     told apart by its process title (``ray::PolicyLearner``, ``ray::ReferenceScorer``, ...);
     the figure is its peak minus the same process's first sample (the bare worker, before it

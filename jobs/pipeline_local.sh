@@ -23,6 +23,8 @@
 #   HOLDOUT_EVERY   every Nth pair is held out for eval (default 10)
 #   PPO_BASE_ARGS   the PPO stage's own settings (default: a critic from the reward model, 15
 #                   rounds of 64 prompts); PPO_ARGS come after them
+#   START_AT        sft (default), train-rm, ppo or eval: begin there, reusing the outputs the
+#                   earlier stages left in OUT (a pipeline stopped part-way goes on)
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -61,9 +63,18 @@ if [ -n "$MODE" ]; then
     ROLES="policy.engine=torch policy.num_ranks=1 value.engine=torch rollout.num_workers=1"
 fi
 
-stage() {  # stage NAME COMMAND...: run one stage, timed
+STAGES="sft train-rm ppo eval"
+START_AT=${START_AT:-sft}
+case " $STAGES " in *" $START_AT "*) ;; *) echo "START_AT=$START_AT: not one of $STAGES" >&2; exit 2 ;; esac
+skipping=1
+stage() {  # stage NAME COMMAND...: run one stage, timed (those before START_AT: skipped)
     local name=$1
     shift
+    [ "$name" = "$START_AT" ] && skipping=0
+    if [ "$skipping" = 1 ]; then
+        echo "[pipeline] $name: skipped (START_AT=$START_AT), its outputs in $OUT reused" >&2
+        return
+    fi
     local start=$SECONDS
     echo "[pipeline] $name: rlhf-ray $*" >&2
     "$PY" -m rlhf_ray.cli "$@"
