@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -129,12 +130,12 @@ def plan_estimates(backend: str) -> dict[str, float]:
     return out
 
 
-def run_setup(backend: str, placement: str, rounds: int) -> dict:
+def run_setup(backend: str, placement: str, rounds: int, overrides: Sequence[str] = ()) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"real-{backend}-{placement}-"))
     cmd = [sys.executable, "-m", "rlhf_ray.cli", "ppo", "--config", str(CONFIG)]
     cmd += ["--in-process"] if placement == "inprocess" else []
     cmd += ["--run-dir", str(run_dir), f"rollout.backend={backend}", f"train.rounds={rounds}"]
-    cmd += ["checkpoint.every=0", "logging.progress=false"]
+    cmd += ["checkpoint.every=0", "logging.progress=false", *overrides]
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
