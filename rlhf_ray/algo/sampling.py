@@ -69,6 +69,15 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp_kept).sum(-1)
 
 
+def entropy_of_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``(...)`` from normalised ``logprobs (..., V)`` (a ``log_softmax``): the same
+    H = -sum_{p > 0} p log p as ``entropy_of_scores`` of the scores they came from, without a
+    second log-softmax. ``-inf`` entries (p = 0) contribute 0: clamped to the lowest float
+    before the product, so no ``0 * -inf``."""
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)
+    return -(logprobs.exp() * finite).sum(-1)
+
+
 def row_uniforms(generators: list[torch.Generator], steps: int) -> torch.Tensor:
     """``(N, steps)`` float64 uniforms in [0, 1), row ``i`` drawn from ``generators[i]`` only:
     one draw per row for a whole ``generate`` call, column ``t`` for its step ``t``."""
