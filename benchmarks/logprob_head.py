@@ -8,16 +8,18 @@ What it measures
     count): forward, a loss on the log-probs, backward. Variants, interleaved ``--repeats``
     times in one process:
 
-    entropy+recompute  the entropy stat beside the log-probs, each chunk recomputed in the
-                       backward (what ``PolicyObjective`` asked for before issue 34)
-    entropy            the same, the chunk's activations kept (one chunk: no memory saved)
-    plain              log-probs alone, activations kept
+    before      ``PolicyObjective``'s call at entropy_coef 0 (log-probs and the logged
+                entropy) on ``models/logprobs.py`` as of git revision ``--before`` (default:
+                the commit before issue 34's change), loaded from git beside the current one
+    recompute   the same call now, the chunk recomputed in the backward anyway
+    now         the same call now (one chunk: activations kept)
+    no entropy  log-probs alone now: the floor
 
 Output
     Milliseconds per micro-batch (median), with the load average; then ONE JSON line.
 
 How to run (from the repository root)
-    python benchmarks/logprob_head.py --repeats 20
+    python benchmarks/logprob_head.py --repeats 20 [--before REV]
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import banner, median, table  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 ROWS, PROMPT_LEN, RESPONSE_LEN = 8, 45, 24
 
 
@@ -54,32 +58,37 @@ class HeadOnly(nn.Module):
         return SimpleNamespace(last_hidden_state=self.hidden)
 
 
-def variants(model: HeadOnly, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+def module_at(revision: str, path: str) -> ModuleType:
+    """``path`` of the repository as of git ``revision``, imported under a private name."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{path}"], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    module = ModuleType(f"before_{Path(path).stem}")
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def variants(model: HeadOnly, ids: torch.Tensor, mask: torch.Tensor, before: str) -> dict:
     from rlhf_ray.models.logprobs import response_logprobs
 
-    def run(with_entropy: bool, recompute: bool) -> None:
-        logp, _ = response_logprobs(
-            model,
-            ids,
-            mask,
-            PROMPT_LEN,
-            temperature=0.7,
-            with_entropy=with_entropy,
-            entropy_grad=False,
-            recompute=recompute,
-        )
+    old = module_at(before, "rlhf_ray/models/logprobs.py").response_logprobs
+
+    def run(fn, with_entropy: bool = True, **kw: bool) -> None:
+        logp, _ = fn(model, ids, mask, PROMPT_LEN, 0.7, with_entropy, entropy_grad=False, **kw)
         logp.sum().backward()
 
     return {
-        "entropy+recompute": lambda: run(True, True),
-        "entropy": lambda: run(True, False),
-        "plain": lambda: run(False, False),
+        "before": lambda: run(old),
+        "recompute": lambda: run(response_logprobs, recompute=True),
+        "now": lambda: run(response_logprobs),
+        "no entropy": lambda: run(response_logprobs, False),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--before", default="572f580", help="git revision of the old head")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     T = PROMPT_LEN + RESPONSE_LEN
     hidden = torch.randn(ROWS, T, head.in_features, generator=gen, requires_grad=True)
     ids = torch.randint(0, head.out_features, (ROWS, T), generator=gen)
-    runs = variants(HeadOnly(head, hidden), ids, torch.ones_like(ids))
+    runs = variants(HeadOnly(head, hidden), ids, torch.ones_like(ids), args.before)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(args.repeats + 1):
         for name, fn in runs.items():
