@@ -204,6 +204,7 @@ def engine_summary(cfg: Config) -> str:
             why = [f"{group.num_ranks} ranks"] * (group.num_ranks > 1)
             why += [dtype] * (dtype != "float32")
             why += ["offload"] * (group.offload_optimizer or group.offload_params)
+            why += ["ZeRO-3"] * (group.zero_stage == 3)
             alone = _engine_name(group, group.engine_for(1, dtype))
             part += f" (auto: {', '.join(why) or 'one float32 rank'}; in process: {alone})"
         parts.append(part)

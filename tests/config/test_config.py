@@ -418,6 +418,7 @@ def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devi
         ([], 2, "deepspeed"),  # ZeRO over ranks
         (["policy.model.dtype=bfloat16"], 1, "deepspeed"),  # fp32 master weights
         (["policy.offload_optimizer=true"], 1, "deepspeed"),
+        (["policy.zero_stage=3"], 1, "deepspeed"),  # ZeRO-3's partitioned loading asked for
         (["policy.engine=deepspeed"], 1, "deepspeed"),  # an explicit engine is kept
         (["policy.engine=torch", "policy.num_ranks=1"], 1, "torch"),
     ],
