@@ -27,6 +27,8 @@ Output
 How to run (from the repository root)
     python benchmarks/hand_loop.py                  # the hand loop alone
     python benchmarks/hand_loop.py --compare        # + rlhf-ray: default engine, torch, deepspeed
+    git archive REV | tar -x -C /tmp/before          # + the same of an older revision, first
+    python benchmarks/hand_loop.py --compare --before /tmp/before --setups "rlhf-ray default"
 """
 
 from __future__ import annotations
@@ -198,16 +200,20 @@ def hand_loop_subprocess(rounds: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(rounds: int, setups: list[str]) -> dict:
+def compare(rounds: int, setups: list[str], before: Path | None) -> dict:
+    """rlhf-ray's ``setups`` (and with ``before``, a source tree of an older revision, its
+    default-engine and torch-engine rounds first), then the hand loop; each in its own
+    process, one after the other."""
     from real_round import run_setup
 
+    runs = [(name, SETUPS[name], REPO) for name in setups]
+    if before is not None:  # its LearnerConfig default was deepspeed
+        old = [("before: default", ["policy.engine=deepspeed"], before)]
+        runs = [*old, ("before: torch", ["policy.engine=torch"], before), *runs]
     results: dict = {}
-    for name in setups:
-        overrides = [*SETUPS[name], "ppo.micro_batch_size=8"]
-        results[name] = {
-            **run_setup("hf", "inprocess", rounds, overrides),
-            "load": os.getloadavg()[0],
-        }
+    for name, overrides, repo in runs:
+        out = run_setup("hf", "inprocess", rounds, [*overrides, "ppo.micro_batch_size=8"], repo)
+        results[name] = {**out, "load": os.getloadavg()[0]}
     results["hand loop"] = {**hand_loop_subprocess(rounds), "load": os.getloadavg()[0]}
     return results
 
@@ -229,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compare", action="store_true", help="rlhf-ray's rounds beside it")
     parser.add_argument("--setups", default=",".join(SETUPS), help="with --compare")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="with --compare: a source tree of an older revision (git archive REV | tar -x -C "
+        "DIR), whose default-engine and torch-engine rounds come first",
+    )
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.json_only:
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     banner("a real-model round: rlhf-ray in process against a hand-written loop")
     if args.compare:
-        results = compare(args.rounds, args.setups.split(","))
+        results = compare(args.rounds, args.setups.split(","), args.before)
     else:
         results = {"hand loop": {**run_hand_loop(args.rounds), "load": os.getloadavg()[0]}}
     print_table(results)
