@@ -148,9 +148,7 @@ def response_logprobs(
     # those chunks keep their activations instead
     weight = getattr(head, "weight", None)
     frozen_zero3 = hasattr(weight, "ds_id") and not getattr(weight, "requires_grad", True)
-    if recompute is None:
-        recompute = chunk_tokens < B * R
-    recompute = recompute and not frozen_zero3
+    recompute = (chunk_tokens < B * R if recompute is None else recompute) and not frozen_zero3
     results = []
     for i in range(0, B * R, chunk_tokens):
         h, y = flat[i : i + chunk_tokens], labels[i : i + chunk_tokens]
