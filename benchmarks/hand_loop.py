@@ -187,7 +187,9 @@ def run_hand_loop(rounds: int) -> dict[str, float]:
     loop = HandLoop(resolve_model_source("builtin:smollm2-135m-instruct"))
     per_phase: dict[str, list[float]] = defaultdict(list)
     for index in range(rounds):
-        for phase, seconds in loop.round(index).items():
+        times = loop.round(index)
+        print(f"round {index}: " + json.dumps(times), file=sys.stderr, flush=True)
+        for phase, seconds in times.items():
             per_phase[phase].append(seconds)
     return {f"{p}_s": median(per_phase[p][1:] or per_phase[p]) for p in PHASES}
 
