@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -140,15 +141,29 @@ def plan_estimates(backend: str) -> dict[str, float]:
     return out
 
 
-def run_setup(backend: str, placement: str, rounds: int) -> dict:
+def run_setup(
+    backend: str,
+    placement: str,
+    rounds: int,
+    overrides: Sequence[str] = (),
+    repo: Path = REPO,
+) -> dict:
+    """``repo``: the source tree whose ``rlhf_ray`` and config run (another checkout: before /
+    after figures from one script run)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"real-{backend}-{placement}-"))
-    cmd = [sys.executable, "-m", "rlhf_ray.cli", "ppo", "--config", str(CONFIG)]
+    config = repo / CONFIG.relative_to(REPO)
+    cmd = [sys.executable, "-m", "rlhf_ray.cli", "ppo", "--config", str(config)]
     cmd += ["--in-process"] if placement == "inprocess" else []
     cmd += ["--run-dir", str(run_dir), f"rollout.backend={backend}", f"train.rounds={rounds}"]
-    cmd += ["checkpoint.every=0", "logging.progress=false"]
+    cmd += ["checkpoint.every=0", "logging.progress=false", *overrides]
     start = time.monotonic()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
     )
     first_row = None
     with Sampler(psutil.Process(proc.pid), placement == "inprocess") as sampler:

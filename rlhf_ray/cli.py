@@ -179,7 +179,8 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
     if args.resume and args.run_dir is None:
         raise UserError("--resume needs --run-dir: the run to continue")
-    preflight_ppo(cfg, args.run_dir, args.resume, [os.getcwd()])  # before any actor starts
+    # before any actor starts
+    preflight_ppo(cfg, args.run_dir, args.resume, [os.getcwd()], args.in_process)
     check_sinks(cfg.logging)
     run_dir, started = args.run_dir or new_run_dir(), time.perf_counter()
     local = _new("rlhf_ray.workers.inprocess:InProcessWorkers", cfg)

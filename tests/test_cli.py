@@ -106,6 +106,10 @@ def test_plan_on_a_feasible_config_prints_the_table(tmp_path):
     assert rows["policy"][0] == "2"  # default policy.num_ranks
     assert rows["rollout"][0] == "2"  # default rollout.num_workers
     assert rows["total"][0] == "7"
+    # the default engine: DeepSpeed for the 2 policy ranks, plain torch for one rank in process
+    assert (
+        "engines: policy deepspeed ZeRO-2 (auto: 2 ranks; in process: torch AdamW)" in proc.stdout
+    )
     assert "fits" in proc.stdout
     assert proc.stderr.strip() == ""
 

@@ -44,6 +44,7 @@ from rlhf_ray.algo.losses import (
 from rlhf_ray.algo.normalize import RunningMoments, standardize
 from rlhf_ray.algo.response import append_eos, apply_missing_eos_penalty, truncate_after_eos
 from rlhf_ray.algo.sampling import (
+    entropy_of_logprobs,
     entropy_of_scores,
     inverse_cdf_sample,
     label_logprobs,
@@ -92,6 +93,7 @@ __all__ = [
     "win_rate_interval",
     "mean_difference_interval",
     "prompts_to_exclude_half",
+    "entropy_of_logprobs",
     "entropy_of_scores",
     "inverse_cdf_sample",
     "label_logprobs",

@@ -69,6 +69,20 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp_kept).sum(-1)
 
 
+def entropy_of_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``(...)`` from normalised ``logprobs (..., V)`` (a ``log_softmax``): the
+    H = -sum_{p > 0} p log p of ``entropy_of_scores`` of the scores they came from (to float
+    rounding), without a second log-softmax: one ``exp`` and a row-wise dot product. A row with
+    ``-inf`` entries (p = 0, where ``0 * -inf`` is NaN) is summed again without them."""
+    flat = logprobs.reshape(-1, logprobs.shape[-1])
+    out = -torch.bmm(flat.exp().unsqueeze(1), flat.unsqueeze(2)).reshape(logprobs.shape[:-1])
+    bad = torch.isnan(out)
+    if bool(bad.any()):
+        rows = logprobs[bad]
+        out[bad] = -(rows.exp() * rows.clamp(min=torch.finfo(rows.dtype).min)).sum(-1)
+    return out
+
+
 def row_uniforms(generators: list[torch.Generator], steps: int) -> torch.Tensor:
     """``(N, steps)`` float64 uniforms in [0, 1), row ``i`` drawn from ``generators[i]`` only:
     one draw per row for a whole ``generate`` call, column ``t`` for its step ``t``."""

@@ -139,9 +139,11 @@ class LearnerConfig(Section):
     section of ``rlhf-ray sft`` and ``train-rm`` is this (their model and optimizer are the
     stage's ``model`` and ``optim``). One section, so every stage trains alike."""
 
-    engine: Literal["deepspeed", "torch"] = Field(
-        "deepspeed",
-        description="Training engine: DeepSpeed ZeRO, or plain torch AdamW (one rank only).",
+    engine: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto",
+        description="Training engine: DeepSpeed ZeRO, plain torch AdamW (one rank only), or "
+        "auto: torch where the group trains on one rank (in process, or num_ranks 1) with "
+        "float32 weights, no offload and zero_stage below 3, DeepSpeed otherwise (`engine_for`).",
     )
     num_ranks: int = Field(2, ge=1, description="Data-parallel learner ranks (one actor each).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -177,7 +179,7 @@ class LearnerConfig(Section):
     def _engine_ranks(self) -> LearnerConfig:
         if self.engine == "torch" and self.num_ranks != 1:
             raise ValueError("engine 'torch' trains on one rank: set num_ranks=1 or use deepspeed")
-        if self.offload_params and (self.engine != "deepspeed" or self.zero_stage != 3):
+        if self.offload_params and (self.engine == "torch" or self.zero_stage != 3):
             raise ValueError("offload_params needs engine deepspeed with zero_stage 3")
         if self.num_ranks > 1 and 0 < self.num_gpus_per_rank < 1:
             raise ValueError(
@@ -192,6 +194,19 @@ class LearnerConfig(Section):
                 "would sit idle; use more num_ranks instead"
             )
         return self
+
+    def engine_for(self, ranks: int, dtype: str) -> Literal["deepspeed", "torch"]:
+        """The engine a group of ``ranks`` ranks training ``dtype`` weights runs: ``engine``
+        unless it is auto. Auto takes plain torch AdamW on one rank with float32 weights, no
+        offload and no ZeRO-3 asked for: there ZeRO partitions nothing, and on a CPU DeepSpeed's
+        flat gradient buffers and fp32 master copy cost seconds a step (docs/design.md,
+        "Engines"); the two take the same steps (to float rounding). DeepSpeed otherwise: ZeRO
+        over ranks, fp32 master weights for half precision, offloads, ZeRO-3's partitioned
+        loading."""
+        if self.engine != "auto":
+            return self.engine
+        zero = self.offload_optimizer or self.offload_params or self.zero_stage == 3
+        return "torch" if ranks == 1 and dtype == "float32" and not zero else "deepspeed"
 
     def check_model(self, model: ModelSpec) -> None:
         """Raise ValueError if this group cannot train ``model`` (its dtype)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from rlhf_ray.config.ppo import Config, has_critic
 from rlhf_ray.distributed.cluster import NAMESPACE, Node, cluster_nodes
@@ -191,6 +192,29 @@ def format_plan(plan: list[RolePlan], nodes: list[Node], memory: dict | None = N
     return "\n".join(lines)
 
 
+def engine_summary(cfg: Config) -> str:
+    """One line: the engine each learner group trains with on this plan, and why when
+    ``engine`` is auto (``LearnerConfig.engine_for``; in process a group is one rank)."""
+    parts = []
+    for role in ("policy", "value")[: 1 + has_critic(cfg)]:
+        group = getattr(cfg, role)
+        dtype = group.model.dtype
+        part = f"{role} {_engine_name(group, group.engine_for(group.num_ranks, dtype))}"
+        if group.engine == "auto":
+            why = [f"{group.num_ranks} ranks"] * (group.num_ranks > 1)
+            why += [dtype] * (dtype != "float32")
+            why += ["offload"] * (group.offload_optimizer or group.offload_params)
+            why += ["ZeRO-3"] * (group.zero_stage == 3)
+            alone = _engine_name(group, group.engine_for(1, dtype))
+            part += f" (auto: {', '.join(why) or 'one float32 rank'}; in process: {alone})"
+        parts.append(part)
+    return "engines: " + "; ".join(parts)
+
+
+def _engine_name(group: Any, engine: str) -> str:
+    return f"deepspeed ZeRO-{group.zero_stage}" if engine == "deepspeed" else "torch AdamW"
+
+
 def visible_nodes(cfg: Config, address: str | None) -> tuple[list[Node], str]:
     """The cluster to plan against: a live one, the config's description, or this machine."""
     import logging
@@ -238,6 +262,7 @@ def check_plan(cfg: Config, address: str | None = None) -> int:
     nodes, where = visible_nodes(cfg, address)
     memory = role_memory(cfg)
     print(format_plan(plan, nodes, memory))
+    print(engine_summary(cfg))
     if not has_critic(cfg):
         print(f"no value group: algo.estimator {cfg.algo.estimator} is critic-free.")
     remotes = [("reward.remote", cfg.reward.remote)]

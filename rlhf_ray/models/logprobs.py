@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_ray.algo import entropy_of_scores, label_logprobs, process_logits
+from rlhf_ray.algo import entropy_of_logprobs, entropy_of_scores, label_logprobs, process_logits
 
 HEAD_CHUNK_TOKENS = 1024  # response positions the LM head runs on at a time (models/memory.py)
 
@@ -84,18 +84,25 @@ def _chunk_logprobs(
     y: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """One chunk of ``response_logprobs``: hidden states ``h (N, H)`` and labels ``y (N,)`` ->
-    (log-probs, outside the filter, full log-probs[, entropy]), each ``(N,)``."""
+    (log-probs, outside the filter, full log-probs[, entropy]), each ``(N,)``.
+
+    One log-softmax of the full distribution serves the full log-probs, a logged entropy and,
+    without a filter, the log-probs themselves; only a differentiable entropy (``entropy_grad``
+    with gradients on) takes its own."""
     scaled = head(h).float() / temperature
-    processed = process_logits(scaled, 1.0, top_k, top_p)
-    logp, out = label_logprobs(scaled, processed, y)
-    filtered = bool(top_k) or top_p < 1.0
-    full_logp = (
-        torch.log_softmax(scaled, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1) if filtered else logp
-    )
+    index = y.unsqueeze(-1)
+    full_all = torch.log_softmax(scaled, -1)
+    full_logp = full_all.gather(-1, index).squeeze(-1)
+    if bool(top_k) or top_p < 1.0:
+        logp, out = label_logprobs(scaled, process_logits(scaled, 1.0, top_k, top_p), y)
+    else:  # what label_logprobs gives when nothing is filtered, from the same log-softmax
+        logp, out = full_logp, torch.isinf(scaled.gather(-1, index)).squeeze(-1)
     if not with_entropy:
         return logp, out, full_logp
-    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+    if torch.is_grad_enabled() and entropy_grad:
         return logp, out, full_logp, entropy_of_scores(scaled)
+    with torch.no_grad():
+        return logp, out, full_logp, entropy_of_logprobs(full_all)
 
 
 def response_logprobs(
@@ -111,18 +118,21 @@ def response_logprobs(
     entropy_grad: bool = True,
     outside: list[torch.Tensor] | None = None,
     full: list[torch.Tensor] | None = None,
+    recompute: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``(B, R)`` of the response tokens ``input_ids[:, prompt_len:]`` under the
     processed distribution (temperature, top-k, top-p: ``algo.process_logits``).
 
     The logits at position ``t`` predict token ``t + 1``, so the response's logits are
     ``[prompt_len - 1, T - 1)``. They are computed ``chunk_tokens`` tokens at a time from the
-    hidden states, so no full ``(B, R, V)`` float32 tensor exists; with gradients on, each chunk
-    is recomputed in the backward pass (activation checkpointing) rather than kept.
+    hidden states, so no full ``(B, R, V)`` float32 tensor exists; with gradients on and more
+    than one chunk, each chunk is recomputed in the backward pass (activation checkpointing)
+    rather than kept (``recompute``: None decides so; a single chunk is kept, since its
+    recomputation would lower no peak: it is live again at the start of the backward).
     Returns the per-token entropy ``(B, R)`` of the FULL temperature-scaled distribution (not
     the filtered one; comparable with peers' figures) too if asked (``with_entropy``; it
-    carries a graph only when gradients are on and ``entropy_grad``, so a zero entropy
-    coefficient costs no backward through it). ``outside``, if given, receives a ``(B, R)``
+    carries a graph only when gradients are on and ``entropy_grad``; otherwise it is read off
+    the log-softmax the log-probs already took, so a logged entropy costs no second one). ``outside``, if given, receives a ``(B, R)``
     bool tensor: labels that fell outside the filtered set. ``full``, if given, receives the
     ``(B, R)`` log-probs under the full temperature-scaled distribution (what the KL uses; the
     same tensor as the first output when top-k and top-p are off).
@@ -139,7 +149,8 @@ def response_logprobs(
     # is recomputed in the backward pass (torch's checkpoint refuses the empty partition), so
     # those chunks keep their activations instead
     weight = getattr(head, "weight", None)
-    recompute = not (hasattr(weight, "ds_id") and not getattr(weight, "requires_grad", True))
+    frozen_zero3 = hasattr(weight, "ds_id") and not getattr(weight, "requires_grad", True)
+    recompute = (chunk_tokens < B * R if recompute is None else recompute) and not frozen_zero3
     results = []
     for i in range(0, B * R, chunk_tokens):
         h, y = flat[i : i + chunk_tokens], labels[i : i + chunk_tokens]

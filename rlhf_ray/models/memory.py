@@ -378,7 +378,7 @@ def learners_memory(cfg: Config, tok: Any, seq: int) -> dict[str, Estimate | str
             dtype=role_cfg.model.dtype,
             ranks=role_cfg.num_ranks,
             zero_stage=role_cfg.zero_stage,
-            engine=role_cfg.engine,
+            engine=role_cfg.engine_for(role_cfg.num_ranks, role_cfg.model.dtype),
             offload_optimizer=role_cfg.offload_optimizer,
             offload_params=role_cfg.offload_params,
             micro_batch=micro or cfg.ppo.minibatch_size // role_cfg.num_ranks,

@@ -164,8 +164,9 @@ def _prompt_columns(cfg: Config, tokenizer: Tokenizer) -> list[dict[str, Any]]:
     return build_prompts(cfg, tokenizer).columns
 
 
-def check_resume(cfg: Config, run_dir: Path) -> None:
-    """The checkpoint ``--resume`` would continue from is complete and ``cfg`` may resume it."""
+def check_resume(cfg: Config, run_dir: Path, in_process: bool = False) -> None:
+    """The checkpoint ``--resume`` would continue from is complete and ``cfg`` may resume it
+    on this placement (``in_process``: one rank per group, which decides an auto engine)."""
     found = sorted((run_dir / "checkpoints").glob("round_*"))
     if not found:
         return  # the run starts over from round 0
@@ -177,7 +178,8 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
             "it was not written by a finished save. Remove it to resume from an older one."
         )
     for role in ("policy", "value")[: 1 + has_critic(cfg)]:
-        engine = getattr(cfg, role).engine
+        group = getattr(cfg, role)
+        engine = group.engine_for(1 if in_process else group.num_ranks, group.model.dtype)
         state = newest / f"{role}_state"
         needed = ["torch_engine.safetensors", "torch_engine.json"] if engine == "torch" else []
         if engine == "deepspeed" and not any(state.iterdir()):
@@ -191,7 +193,13 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     check_resumable(newest, cfg)
 
 
-def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: Sequence[str]):
+def preflight_ppo(
+    cfg: Config,
+    run_dir: Path | None,
+    resume: bool,
+    search_path: Sequence[str],
+    in_process: bool = False,
+):
     """Every check of a PPO run, cheapest first; raises the first ``UserError``."""
     for setting, spec in (
         ("policy.model", cfg.policy.model),
@@ -213,7 +221,7 @@ def preflight_ppo(cfg: Config, run_dir: Path | None, resume: bool, search_path: 
     check_reward(cfg.reward, search_path, sorted(columns[0]) if columns else [])
     check_remote_rewards(cfg.reward, columns)
     if resume and run_dir is not None:
-        check_resume(cfg, run_dir)
+        check_resume(cfg, run_dir, in_process)
 
 
 def model_positions(spec: ModelSpec) -> int | None:

@@ -106,7 +106,7 @@ def _train_rank(
     # count changes float rounding, and so, rarely, a clip fraction
     threads = max(1, int(role_cfg.num_cpus_per_rank)) if on_ray else None
     learner = build_learner(cfg, role, rank, world, threads)
-    if role_cfg.engine == "deepspeed":
+    if learner.engine_name == "deepspeed":
         learner.init_process_group("127.0.0.1", port, cfg.train.dist_timeout_s)
     learner.setup()
     if checkpoint is not None:

@@ -72,7 +72,7 @@ def build_learners(cfg) -> tuple[PolicyLearner, ValueLearner | None]:
     in this process."""
     policy = build_learner(cfg, "policy")
     value = build_learner(cfg, "value") if has_critic(cfg) else None
-    if "deepspeed" in (cfg.policy.engine, value and cfg.value.engine):
+    if any(learner and learner.engine_name == "deepspeed" for learner in (policy, value)):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # one process can hold one process group: both learners share a world of size 1
         policy.init_process_group("127.0.0.1", free_port(), cfg.train.dist_timeout_s)
@@ -219,7 +219,7 @@ class InProcessStage:
 
     def __init__(self, role: StageRole, dist_timeout_s: int):
         self.learner = role.cls(role.role_cfg, **role.kwargs)
-        if role.role_cfg.engine == "deepspeed":
+        if self.learner.engine_name == "deepspeed":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             self.learner.init_process_group("127.0.0.1", free_port(), dist_timeout_s)
         self.learner.setup()

@@ -89,6 +89,7 @@ class Learner:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg, self.model_spec, self.optim = learner_cfg, model, optim
+        self.engine_name = learner_cfg.engine_for(world_size, model.dtype)  # (auto resolved)
         self.objective = objective
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.minibatch, self.epochs = minibatch, epochs
@@ -128,7 +129,7 @@ class Learner:
         seeded random weights)."""
         self.device = default_device()
         cfg, dtype = self.cfg, self.model_spec.dtype
-        if cfg.engine == "torch":
+        if self.engine_name == "torch":
             module = self._build().to(self.device)
             self._prepare(module)
             self.engine = TorchEngine(module, self.optim, self.accumulation, self.total_steps)

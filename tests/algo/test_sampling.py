@@ -8,6 +8,7 @@ import math
 import torch
 
 from rlhf_ray.algo import (
+    entropy_of_logprobs,
     entropy_of_scores,
     inverse_cdf_sample,
     label_logprobs,
@@ -93,3 +94,13 @@ def test_inverse_cdf_picks_the_token_whose_interval_holds_u_and_never_a_filtered
     # a row's pick depends on its own row only
     mixed = torch.stack([logp[0], torch.log(torch.tensor([0.0, 0.0, 0.0, 1.0]))])
     assert inverse_cdf_sample(mixed, u[[3, 0]]).squeeze(-1).tolist() == [3, 3]
+
+
+def test_entropy_of_logprobs_is_that_of_their_scores():
+    """From a log-softmax: 0.5, 0.5 and a filtered 0 give log 2; the same figure as
+    ``entropy_of_scores`` of the scores, filtered or not."""
+    half = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(entropy_of_logprobs(half), torch.tensor([math.log(2)]))
+    for scores in (LOGITS / 0.7, process_logits(LOGITS, top_k=2)):
+        logprobs = torch.log_softmax(scores, -1)
+        torch.testing.assert_close(entropy_of_logprobs(logprobs), entropy_of_scores(scores))

@@ -409,3 +409,25 @@ def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devi
     assert sync_backend(load_config(None, ["sync.transport=collective", *gpus])) == "nccl"
     with pytest.raises(ConfigError, match="sync.transport"):
         load_config(None, ["sync.transport=nccl"])
+
+
+@pytest.mark.parametrize(
+    "overrides,ranks,engine",
+    [
+        ([], 1, "torch"),  # one float32 rank (in process, or num_ranks 1): plain AdamW
+        ([], 2, "deepspeed"),  # ZeRO over ranks
+        (["policy.model.dtype=bfloat16"], 1, "deepspeed"),  # fp32 master weights
+        (["policy.offload_optimizer=true"], 1, "deepspeed"),
+        (["policy.zero_stage=3"], 1, "deepspeed"),  # ZeRO-3's partitioned loading asked for
+        (["policy.engine=deepspeed"], 1, "deepspeed"),  # an explicit engine is kept
+        (["policy.engine=torch", "policy.num_ranks=1"], 1, "torch"),
+    ],
+)
+def test_auto_engine_is_torch_on_one_float32_rank_and_deepspeed_otherwise(overrides, ranks, engine):
+    policy = load_config(None, overrides).policy
+    assert policy.engine_for(ranks, policy.model.dtype) == engine
+
+
+def test_auto_engine_allows_zero3_parameter_offload():
+    policy = load_config(None, ["policy.zero_stage=3", "policy.offload_params=true"]).policy
+    assert policy.engine == "auto" and policy.engine_for(1, "float32") == "deepspeed"

@@ -136,7 +136,11 @@ def test_an_incomplete_or_incompatible_checkpoint_is_refused(no_ray, capsys):
     err = _fails(capsys, *SMALL, "--run-dir", str(run), "--resume")
     assert "round_000001" in err and "incomplete" in err and "value_state" in err
 
-    (run / "checkpoints" / "round_000001" / "value_state" / "state").mkdir(parents=True)
+    # the default value group (one float32 rank) trains with the torch engine: its files
+    value = run / "checkpoints" / "round_000001" / "value_state"
+    value.mkdir()
+    for name in ("torch_engine.safetensors", "torch_engine.json"):
+        (value / name).write_text("")
     err = _fails(capsys, *SMALL, "ppo.clip_eps=0.3", "--run-dir", str(run), "--resume")
     assert "ppo.clip_eps" in err
 

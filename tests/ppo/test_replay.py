@@ -58,7 +58,8 @@ def test_replay_reproduces_the_logged_losses_torch_engine(torch_run, capsys):
 
 
 def test_replay_reproduces_the_logged_losses_deepspeed_one_rank(tmp_path_factory):
-    run_dir = _run(tmp_path_factory, "ds", ["train.rounds=2", "policy.zero_stage=2"])
+    deepspeed = ["policy.engine=deepspeed", "value.engine=deepspeed", "policy.zero_stage=2"]
+    run_dir = _run(tmp_path_factory, "ds", ["train.rounds=2", *deepspeed])
     _assert_reproduced(run_dir, 1)
 
 

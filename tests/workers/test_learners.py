@@ -157,3 +157,16 @@ def test_zero3_loads_a_checkpoint_into_partitions(tmp_path):
     assert built is not None
     for name, tensor in saved.state_dict().items():
         torch.testing.assert_close(torch.from_numpy(built[name][0]), tensor, rtol=0, atol=0)
+
+
+def test_default_engine_is_torch_for_one_rank_and_deepspeed_for_a_group():
+    """engine auto resolves where the rank is placed: one rank in process trains with plain
+    AdamW, each rank of a 2-rank group on Ray with DeepSpeed."""
+    cfg = load_config(None, ["ppo.minibatch_size=8"])
+    assert cfg.policy.engine == "auto" and cfg.policy.num_ranks == 2
+    alone = PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0)
+    ranks = [PolicyLearner(cfg.policy, cfg.ppo, cfg.tokenizer, 1.0, r, 2) for r in range(2)]
+    assert alone.engine_name == "torch"
+    assert [r.engine_name for r in ranks] == ["deepspeed", "deepspeed"]
+    alone.setup()
+    assert isinstance(alone.engine, training.TorchEngine)
