@@ -25,6 +25,8 @@ Output
 How to run (from the repository root; the first run fetches and converts the model, ~80 s)
     python benchmarks/real_round.py                       # hf and vllm, in process and on Ray
     python benchmarks/real_round.py --backends hf --placements inprocess --rounds 4
+    python benchmarks/real_round.py --placements inprocess \
+        --set policy.lora.r=16 --set reference.from_policy_base=true   # a LoRA policy
 """
 
 from __future__ import annotations
@@ -127,13 +129,13 @@ class Sampler:
         self.thread.join()
 
 
-def plan_estimates(backend: str) -> dict[str, float]:
-    """plan's GB per role for the benchmarked config."""
+def plan_estimates(backend: str, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """plan's GB per role for the benchmarked config (with ``overrides``, as the run gets)."""
     from rlhf_ray.config.ppo import load_config
     from rlhf_ray.models.memory import Estimate, role_memory
     from rlhf_ray.models.sources import resolve_models
 
-    cfg = resolve_models(load_config(str(CONFIG), [f"rollout.backend={backend}"]))
+    cfg = resolve_models(load_config(str(CONFIG), [f"rollout.backend={backend}", *overrides]))
     out = {}
     for role, est in role_memory(cfg).items():
         if isinstance(est, Estimate):
@@ -206,15 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--placements", default="inprocess,ray")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every setup (repeatable), e.g. policy.lora.r=16",
+    )
     args = parser.parse_args(argv)
     from rlhf_ray.models.sources import resolve_model_source
 
     resolve_model_source("builtin:smollm2-135m-instruct")  # fetched and converted once, here
-    results: dict = {"load_avg": os.getloadavg()[0]}
+    results: dict = {"load_avg": os.getloadavg()[0], "overrides": args.set}
     for backend in args.backends.split(","):
-        estimates = plan_estimates(backend)
+        estimates = plan_estimates(backend, args.set)
         for placement in args.placements.split(","):
-            result = run_setup(backend, placement, args.rounds)
+            result = run_setup(backend, placement, args.rounds, args.set)
             report(f"{backend} backend, {placement}", result, estimates)
             results[f"{backend}_{placement}"] = {**result, "plan_gb": estimates}
     print(json.dumps(results))
