@@ -62,9 +62,9 @@ class RssPeak:
 class Sender:
     """Policy rank 0's part of a sync, for either transport."""
 
-    def __init__(self, spec, bucket_mb: float):
+    def __init__(self, spec, tok_cfg: TokenizerConfig, bucket_mb: float):
         torch.set_num_threads(1)
-        self.model = build_causal_lm(spec, build_tokenizer(TokenizerConfig()))
+        self.model = build_causal_lm(spec, build_tokenizer(tok_cfg))
         tensors = weight_tensors(self.model)
         sizes = [full_nbytes(t) for t in tensors.values()]
         names = list(tensors)
@@ -143,15 +143,14 @@ def _collective_sync(sender, workers, count: int, version: int) -> None:
     ray.get(refs)
 
 
-def measure(spec, transport: str, n_workers: int, repeats: int, bucket_mb: float) -> dict:
+def measure(
+    spec, tok_cfg: TokenizerConfig, transport: str, n_workers: int, repeats: int, bucket_mb: float
+) -> dict:
     """Median seconds per sync, GB moved, and the peak host memory of rank 0 and of a worker."""
     cpus = max(0.1, 1.9 / (n_workers + 1))
-    sender = ray.remote(Sender).options(num_cpus=cpus).remote(spec, bucket_mb)
+    sender = ray.remote(Sender).options(num_cpus=cpus).remote(spec, tok_cfg, bucket_mb)
     remote = ray.remote(Worker).options(num_cpus=cpus)
-    workers = [
-        remote.remote(spec, TokenizerConfig(), RolloutConfig(), i, 1, True)
-        for i in range(n_workers)
-    ]
+    workers = [remote.remote(spec, tok_cfg, RolloutConfig(), i, 1, True) for i in range(n_workers)]
     try:
         count, nbytes = ray.get(sender.plan.remote())
         ray.get([w.ping.remote() for w in workers])
@@ -189,12 +188,14 @@ def measure(spec, transport: str, n_workers: int, repeats: int, bucket_mb: float
             ray.kill(actor)
 
 
-def compare(spec, worker_counts: list[int], repeats: int, bucket_mb: float) -> str:
+def compare(
+    spec, tok_cfg: TokenizerConfig, worker_counts: list[int], repeats: int, bucket_mb: float
+) -> str:
     rows = []
     for n in worker_counts:
         for transport in ("object_store", "collective"):
             print(f"  {transport} x{n} ...", flush=True)
-            m = measure(spec, transport, n, repeats, bucket_mb)
+            m = measure(spec, tok_cfg, transport, n, repeats, bucket_mb)
             rows.append(
                 (
                     transport,

@@ -29,7 +29,9 @@ What it measures
     policy rank 0's ``weight_bucket`` return value instead.
 
     ``--transports``: instead, the two ``sync.transport`` values side by side on the same model
-    (``benchmarks/_transports.py``): a sender actor standing in for policy rank 0 and
+    (``benchmarks/_transports.py``), on that GPT-2 or on a real model (``--model``: a
+    directory, ``.gguf`` file or ``builtin:`` name, with its own tokenizer, in fp32): a sender
+    actor standing in for policy rank 0 and
     ``RolloutGenerator`` workers (``--workers``, default 1,2,4), each sync streamed as
     ``RayWorkers.sync`` does: seconds per sync, s/GB, and the peak host memory above the
     baseline of rank 0 and of a worker (the largest) during the timed syncs.
@@ -37,6 +39,7 @@ What it measures
 How to run (from the repository root)
     python benchmarks/weight_sync.py                  # ~85M params, 5 repeats (under a minute)
     python benchmarks/weight_sync.py --transports --repeats 3   # object_store vs collective
+    python benchmarks/weight_sync.py --transports --model builtin:smollm2-135m-instruct
     python benchmarks/weight_sync.py --repeats 5 --rollout-workers 1
     python benchmarks/weight_sync.py --hidden 256 --layers 6 --heads 8   # a smaller model
 
@@ -58,6 +61,7 @@ import torch
 from rlhf_ray.config.ppo import ModelSpec, RolloutConfig, SyncConfig, TokenizerConfig
 from rlhf_ray.data.tokenization import build_tokenizer
 from rlhf_ray.models import build_causal_lm, state_dict_from_numpy, state_dict_to_numpy
+from rlhf_ray.models.sources import resolve_model_source
 from rlhf_ray.models.weights import full_nbytes, plan_buckets, weight_tensors
 from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.sync import stream_buckets
@@ -77,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-torch", action="store_true", help="skip the (slow) torch-tensor paths")
     p.add_argument("--transports", action="store_true", help="compare sync.transport values")
     p.add_argument("--workers", default="1,2,4", help="worker counts for --transports")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="with --transports: a model path (directory, .gguf, builtin:) instead of the GPT-2",
+    )
     return p.parse_args(argv)
 
 
@@ -236,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.transports:
+        tok_cfg = TokenizerConfig()
+        if args.model:
+            spec = ModelSpec(path=resolve_model_source(args.model))
+            tok_cfg = TokenizerConfig(kind="hf", name_or_path=spec.path)
+            print(f"--model {args.model}: {spec.path}", flush=True)
         with _common.local_ray(2):
             counts = [int(n) for n in args.workers.split(",")]
-            print(_transports.compare(spec, counts, args.repeats, args.bucket_mb))
+            print(_transports.compare(spec, tok_cfg, counts, args.repeats, args.bucket_mb))
         print(
             "  s/GB: seconds per sync / GB of weights; peak +MB: resident set above the "
             "process's own before the timed syncs (shared object-store pages included)."
