@@ -13,13 +13,12 @@ prompt rendered here and by ``rlhf_ray.data.tokenization`` is the same text.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 from rlhf_ray.data.chat_format import ROLE_LABELS, Message, render_transcript
-from rlhf_ray.data.sources import load_table, select_columns
+from rlhf_ray.data.sources import load_table, parse_rows, select_columns
 
 __all__ = [
     "DEFAULT_SYSTEM",
@@ -32,7 +31,6 @@ __all__ = [
     "render_transcript",
 ]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM = "You are a helpful, honest and harmless assistant."
 """System line put first in every preference prompt unless the caller passes another one."""
@@ -166,22 +164,13 @@ def load_preferences(
         fmt = "plain" if "prompt" in columns else "hh"
     needed = ["chosen", "rejected"] + (["prompt"] if fmt == "plain" else [])
     data = select_columns(table, where, needed, f"{fmt!r} preference data needs {needed}")
-    pairs: list[PreferencePair] = []
-    skipped = 0
-    for i in range(table.num_rows):
+
+    def parse(i: int) -> PreferencePair:
         row = {c: data[c][i] for c in needed}
-        try:
-            if fmt == "hh":
-                pairs.append(hh_pair(row["chosen"], row["rejected"], system=system))
-            else:
-                pairs.append(_plain_pair(row, system))
-        except ValueError as e:
-            message = f"{where.describe(i)}: {e}"
-            if not skip_bad_rows:
-                raise ValueError(message) from None
-            if skipped == 0:
-                logger.warning("skipping bad preference row: %s", message)
-            skipped += 1
-    if not pairs:
-        raise ValueError(f"{where.source}: no usable preference pairs ({skipped} rows skipped)")
-    return pairs, skipped
+        if fmt == "hh":
+            return hh_pair(row["chosen"], row["rejected"], system=system)
+        return _plain_pair(row, system)
+
+    return parse_rows(
+        table.num_rows, parse, where, skip_bad_rows, ("preference", "preference pairs")
+    )

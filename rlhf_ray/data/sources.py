@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, TypeAlias
+from typing import IO, TYPE_CHECKING, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     import datasets
@@ -292,3 +294,35 @@ def select_columns(
             f"{sorted(columns)}); {hint}"
         )
     return {c: table[c] for c in needed}
+
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+def parse_rows(
+    num_rows: int,
+    parse: Callable[[int], T],
+    where: RowLocator,
+    skip_bad_rows: bool,
+    kind: tuple[str, str],
+) -> tuple[list[T], int]:
+    """``parse(i)`` for every row, as ``(items, num_skipped)``. A row whose ``parse`` raises
+    ValueError raises again naming the file and line, or with ``skip_bad_rows`` is counted (the
+    first one logged). ``kind``: the row's and the items' names in messages, e.g. ``("SFT",
+    "SFT examples")``. No usable row at all raises."""
+    items: list[T] = []
+    skipped = 0
+    for i in range(num_rows):
+        try:
+            items.append(parse(i))
+        except ValueError as e:
+            message = f"{where.describe(i)}: {e}"
+            if not skip_bad_rows:
+                raise ValueError(message) from None
+            if skipped == 0:
+                logger.warning("skipping bad %s row: %s", kind[0], message)
+            skipped += 1
+    if not items:
+        raise ValueError(f"{where.source}: no usable {kind[1]} ({skipped} rows skipped)")
+    return items, skipped

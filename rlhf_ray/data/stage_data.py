@@ -19,7 +19,6 @@ Too long for ``max_tokens``:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,7 +32,7 @@ from rlhf_ray.data.preference import (
     load_preferences,
     parse_hh_transcript,
 )
-from rlhf_ray.data.sources import load_table, select_columns
+from rlhf_ray.data.sources import load_table, parse_rows, select_columns
 from rlhf_ray.data.tokenization import (
     Tokenizer,
     chat_template_start,
@@ -53,7 +52,6 @@ __all__ = [
     "reply_text",
 ]
 
-logger = logging.getLogger(__name__)
 
 SFTFormat = Literal["auto", "hh", "plain", "messages"]
 
@@ -124,21 +122,13 @@ def load_sft_examples(
         raise ValueError(f"fmt must be 'auto', 'hh', 'plain' or 'messages', got {fmt!r}")
     needed, parse = _SFT_PARSERS[fmt]
     data = select_columns(table, where, needed, f"{fmt!r} SFT data needs {needed}")
-    examples: list[SFTExample] = []
-    skipped = 0
-    for i in range(table.num_rows):
-        try:
-            examples.append(parse({c: data[c][i] for c in needed}))
-        except ValueError as e:
-            message = f"{where.describe(i)}: {e}"
-            if not skip_bad_rows:
-                raise ValueError(message) from None
-            if skipped == 0:
-                logger.warning("skipping bad SFT row: %s", message)
-            skipped += 1
-    if not examples:
-        raise ValueError(f"{where.source}: no usable SFT examples ({skipped} rows skipped)")
-    return examples, skipped
+    return parse_rows(
+        table.num_rows,
+        lambda i: parse({c: data[c][i] for c in needed}),
+        where,
+        skip_bad_rows,
+        ("SFT", "SFT examples"),
+    )
 
 
 def load_pairs(
