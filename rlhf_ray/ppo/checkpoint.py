@@ -104,17 +104,23 @@ def save_checkpoint(
     workers.save_state(tmp)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     (tmp / "driver_state.json").write_text(json.dumps(state))
-    fsync_tree(tmp)
-    replaced = root / f".old-{final.name}"
-    if final.exists():  # the same round saved again (after a learner restart): swap, then drop
-        shutil.rmtree(replaced, ignore_errors=True)
-        final.rename(replaced)
-    tmp.rename(final)
-    fsync_dir(root)
-    shutil.rmtree(replaced, ignore_errors=True)
+    publish_checkpoint(tmp, final)
     for old in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Make the written ``tmp`` the checkpoint ``final``: fsynced, then renamed into place. The
+    same checkpoint saved again (after a restart) is swapped in before the old copy goes."""
+    fsync_tree(tmp)
+    replaced = final.parent / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:

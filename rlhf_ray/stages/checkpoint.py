@@ -25,7 +25,7 @@ from typing import Any
 from rlhf_ray.config.ppo import to_yaml
 from rlhf_ray.config.stages import StageConfigBase
 from rlhf_ray.errors import UserError
-from rlhf_ray.ppo.checkpoint import fsync_dir, fsync_tree, truncate_metrics
+from rlhf_ray.ppo.checkpoint import publish_checkpoint, truncate_metrics
 from rlhf_ray.workers.interface import LearnerLostError
 
 PARTS = ("state", "config.yaml", "stage_state.json")  # stage_state.json is written last
@@ -57,14 +57,7 @@ def save_stage_checkpoint(workers: Any, cfg: StageConfigBase, run_dir: Path, sta
     workers.save_state(tmp / "state")
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     (tmp / "stage_state.json").write_text(json.dumps(state))
-    fsync_tree(tmp)
-    old = root / f".old-{final.name}"
-    if final.exists():  # the same step saved again (after a restart): swap, then drop
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(root)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_checkpoint(tmp, final)
     for stale in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
         shutil.rmtree(stale)
     return final
