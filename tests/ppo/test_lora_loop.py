@@ -135,11 +135,16 @@ def test_lora_parameter_count_by_hand():
     assert shape.lora_params(2, ["c_attn"]) == 32
 
 
-def test_plan_counts_a_lora_critics_adapters_and_head_as_what_trains():
-    cfg = load_config(None, ["value.lora.r=2", "value.num_ranks=1", "value.zero_stage=2"])
+@pytest.mark.parametrize(("engine", "nbytes"), [("deepspeed", 12), ("auto", 8)])
+def test_plan_counts_a_lora_critics_adapters_and_head_as_what_trains(engine, nbytes):
+    cfg = load_config(
+        None,
+        ["value.lora.r=2", "value.num_ranks=1", "value.zero_stage=2", f"value.engine={engine}"],
+    )
     estimate = role_memory(cfg)["value"]
     assert not isinstance(estimate, str) and "LoRA r=2" in estimate.source
     shape = ModelShape.from_config(preset_config(cfg.value.model, TOK).to_dict())
     trainable = shape.lora_params(2, None) + shape.hidden  # the adapters and the score head
-    # AdamW's two moments and DeepSpeed's fp32 master copy: 12 bytes per trained parameter
-    assert estimate.parts["optimizer"] == 12 * trainable
+    # per trained parameter: AdamW's two fp32 moments (8 bytes: auto trains one float32 rank
+    # with torch AdamW), plus DeepSpeed's fp32 master copy (12 bytes)
+    assert estimate.parts["optimizer"] == nbytes * trainable
