@@ -5,6 +5,7 @@ policy and value learners, the frozen scorers (reference, reward) and the tokeni
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -446,7 +447,8 @@ def trains_lora(lora: LoraSpec | None, model: ModelSpec) -> bool:
 
 def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:
     """The tokenizer a model comes with: a local directory's saved Hugging Face tokenizer, or
-    (a path that is not local: a hub id) the hub repo's; None for a directory without one."""
+    (a path that is not local: a hub id) the hub repo's; for a PEFT adapter directory without
+    one, its base's (``base_model_name_or_path``); None for a directory without one."""
     if model_path is None:
         return None
     path = os.path.expanduser(model_path)
@@ -454,6 +456,10 @@ def model_tokenizer(model_path: str | None) -> TokenizerConfig | None:
         os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES
     ):
         return TokenizerConfig(kind="hf", name_or_path=path)
+    if is_adapter_dir(path):  # e.g. a checkpoint's policy/adapter: the base holds the tokenizer
+        with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+        return model_tokenizer(base) if base else None
     return None
 
 

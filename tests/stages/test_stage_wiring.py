@@ -5,6 +5,8 @@ model teaches the policy is shown by tests/stages/test_pipeline.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -48,6 +50,20 @@ def test_unset_tokenizer_comes_from_the_policy_dir(dirs, tmp_path):
     assert resolve_tokenizer(TokenizerConfig(), "org/some-model").kind == "hf"  # a hub id
     cfg = load_config(None, [f"policy.model.path={dirs['bpe_policy']}"])
     assert same_tokenizer(build_tokenizer(policy_tokenizer(cfg)), dirs["bpe"])
+
+
+def test_an_adapter_dir_without_a_tokenizer_takes_its_bases(dirs, tmp_path):
+    """A checkpoint's ``policy/adapter`` holds no tokenizer: the base it names has it (before,
+    the built-in bytes were taken silently, a vocabulary the base model does not have)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(dirs["bpe_policy"])}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    found = resolve_tokenizer(TokenizerConfig(), str(adapter))
+    assert found == TokenizerConfig(kind="hf", name_or_path=str(dirs["bpe_policy"]))
+    config["base_model_name_or_path"] = None  # a preset's adapter names no base
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert resolve_tokenizer(TokenizerConfig(), str(adapter)) == TokenizerConfig(kind="bytes")
 
 
 def test_policy_dir_tokenizer_and_critic_from_reward_model_in_ppo(dirs, tmp_path):
