@@ -23,6 +23,9 @@ from typing import IO, TYPE_CHECKING, TypeAlias, TypeVar
 if TYPE_CHECKING:
     import datasets
 
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "BUILTIN_ARITHMETIC",
     "BUILTIN_ARITHMETIC_HELDOUT",
@@ -294,10 +297,6 @@ def select_columns(
             f"{sorted(columns)}); {hint}"
         )
     return {c: table[c] for c in needed}
-
-
-T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 
 def parse_rows(
