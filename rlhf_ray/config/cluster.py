@@ -49,3 +49,9 @@ class ClusterConfig(Section):
         description="Spread rollout workers and scorers over the cluster's nodes (Ray SPREAD "
         "scheduling), so that losing one node loses few of them.",
     )
+    phase_threads: bool = Field(
+        True,
+        description="Before each phase, split the CPUs the run's CPU-only actors hold on a node "
+        "among those that work in that phase (the update's learners, generation's rollout "
+        "workers) as torch threads; false: every actor keeps its CPU share of threads.",
+    )

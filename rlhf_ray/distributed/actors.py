@@ -22,14 +22,15 @@ from rlhf_ray.workers.interface import (
 )
 
 
-def _threads(cpus: float) -> int:
-    """Never more torch threads than the actor's CPU share (measured: 2 actors x 2 threads on 2 cores ran ~5x slower)."""
+def share_threads(cpus: float) -> int:
+    """An actor's torch threads at start: its CPU share (measured: 2 actors x 2 threads on 2
+    cores ran ~5x slower than 2 x 1). ``threads.py`` resizes them per phase."""
     return max(1, int(cpus))
 
 
 def _env(cpus: float, gpus: float) -> dict[str, Any]:
     env: dict[str, str] = actor_env(gpus)  # the accelerator, explicit (rlhf_ray/accelerator.py)
-    env["OMP_NUM_THREADS"] = str(_threads(cpus))
+    env["OMP_NUM_THREADS"] = str(share_threads(cpus))
     return {"env_vars": env}
 
 
@@ -208,7 +209,7 @@ def spawn_actor(
             max_task_retries=restarts,
             scheduling_strategy=strategy,
         )
-        .remote(*args, num_threads=_threads(cpus), **kwargs)
+        .remote(*args, num_threads=share_threads(cpus), **kwargs)
     )
 
 

@@ -17,7 +17,6 @@ resume state.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,6 @@ from rlhf_ray.distributed.actors import (
     get_all,
     kill_actors,
     raise_late,
-    spawn_actor,
     spread_strategy,
     wait_ready,
 )
@@ -52,9 +50,15 @@ from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts, unplaced
 from rlhf_ray.distributed.rollout_pool import RolloutPool
+from rlhf_ray.distributed.scorer_actors import (
+    SCORER_RESTARTS,
+    score_call,
+    scorer_needs,
+    spawn_scorer,
+)
+from rlhf_ray.distributed.threads import PhaseThreadPlanner
 from rlhf_ray.distributed.weight_transport import CollectiveSender
 from rlhf_ray.errors import UserError
-from rlhf_ray.rewards.remote import driver_options
 from rlhf_ray.types import PPOBatch, PromptBatch, Rollout
 from rlhf_ray.workers.interface import (
     LearnerLostError,
@@ -63,18 +67,7 @@ from rlhf_ray.workers.interface import (
     sync_bytes,
 )
 from rlhf_ray.workers.learners import PolicyLearner, ValueLearner
-from rlhf_ray.workers.scorers import ReferenceScorer, RewardScorer
 from rlhf_ray.workers.sync import stream_buckets
-
-SCORER_RESTARTS = 3  # restarts Ray makes of a scorer itself (max_restarts), each counted
-
-
-def _score_call(scorer: Any, name: str, rows_ref: Any) -> Any:
-    """A scorer replica's call on its rows: the reference's log-probs or the reward's scores
-    (``scores`` and its parts, ``RewardScorer.score_parts``)."""
-    if name.startswith("reference-"):
-        return scorer.logprobs.remote(rows_ref)
-    return scorer.score_parts.remote(rows_ref)
 
 
 class RayWorkers:
@@ -100,6 +93,7 @@ class RayWorkers:
         self.learner_restarts = 0
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
+        self.threads = PhaseThreadPlanner(cfg, self._role_actors)  # per phase, on CPU nodes
         self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
         try:
             self._start(cfg)
@@ -188,7 +182,7 @@ class RayWorkers:
         for name in [f"reference-{i}" for i in range(references)] + [
             f"reward-{i}" for i in range(rew.num_replicas)
         ]:
-            self.scorers[name] = self._scorer(name, spread_strategy(cfg))
+            self.scorers[name] = spawn_scorer(cfg, name, spread_strategy(cfg))
         self.pool.grow(cfg.rollout.num_workers)  # the other actors start meanwhile
         others = dict(self.scorers)
         for group in self.learners:
@@ -217,39 +211,6 @@ class RayWorkers:
 
             stream_buckets(self._num_buckets, self._gather_bucket, load)
 
-    def _scorer(self, name: str, strategy: Any) -> Any:
-        """The scorer replica ``name`` (``reference-<i>`` or ``reward-<i>``), placed by
-        ``strategy``."""
-        cfg, tok = self.cfg, policy_tokenizer(self.cfg)
-        if name.startswith("reference-"):
-            ref = cfg.reference
-            return spawn_actor(
-                ReferenceScorer,
-                name,
-                ref.num_cpus,
-                ref.num_gpus,
-                ref.model or cfg.policy.model,
-                tok,
-                cfg.rollout.temperature,
-                chunk_size=ref.score_micro_batch_size,
-                restarts=SCORER_RESTARTS,
-                strategy=strategy,
-            )
-        rew = cfg.reward
-        return spawn_actor(
-            RewardScorer,
-            name,
-            rew.num_cpus,
-            rew.num_gpus,
-            rew,
-            tok,
-            search_path=[os.getcwd()],
-            chunk_size=rew.score_micro_batch_size,
-            remote=driver_options(rew, cfg.train.phase_timeout_s),  # tokens: never runtime_env
-            restarts=SCORER_RESTARTS,
-            strategy=strategy,
-        )
-
     def _gather_bucket(self, index: int) -> Any:
         """Submit the gather of one bucket on every policy rank (a collective under ZeRO-3);
         returns a handle whose ``wait`` gives rank 0's ref: the bucket stays in the object
@@ -267,6 +228,15 @@ class RayWorkers:
             return refs[0]
 
         return wait
+
+    def _role_actors(self, role: str) -> list[Any]:
+        """The live actors of ``role`` (``PhaseThreadPlanner.ROLES``)."""
+        if role == "rollout":
+            return list(self.pool.workers)
+        if role in ("policy", "value"):
+            group = getattr(self, role, None)
+            return group.actors if group is not None else []
+        return [h for n, h in self.scorers.items() if n.startswith(f"{role}-")]
 
     def _kill_learners(self) -> None:
         for role in ("value", "policy"):
@@ -332,11 +302,11 @@ class RayWorkers:
             self.scorer_restarts += 1
             health.record(name, cause)
             kill_actors([old])
-            strategy = health.strategy(self._scorer_needs(name))
+            strategy = health.strategy(scorer_needs(self.cfg, name))
             old = self.scorers[name] = self._respawn_scorer(name, strategy)
             try:
                 wait_ready({name: old}, self.cfg.cluster.actor_start_timeout_s)
-                return _score_call(old, name, parts[name])
+                return score_call(old, name, parts[name])
             except ray.exceptions.RayActorError as exc:
                 health.lost(old)
                 cause = f"had its replacement die before it was ready ({type(exc).__name__})"
@@ -347,18 +317,14 @@ class RayWorkers:
             "not placed in time"
         )
 
-    def _scorer_needs(self, name: str) -> dict[str, float]:
-        role = self.cfg.reference if name.startswith("reference-") else self.cfg.reward
-        return {"CPU": role.num_cpus, "GPU": role.num_gpus}
-
     def _respawn_scorer(self, name: str, strategy: Any) -> Any:
         """A fresh replica ``name`` placed by ``strategy`` (``distributed/replacement.py``)."""
         for _ in range(9):  # Ray may take a moment to release the dead actor's name
             try:
-                return self._scorer(name, strategy)
+                return spawn_scorer(self.cfg, name, strategy)
             except ValueError:
                 time.sleep(1.0)
-        return self._scorer(name, strategy)
+        return spawn_scorer(self.cfg, name, strategy)
 
     def _count_ray_restarts(self) -> None:
         """Ray restarts a scorer itself (``max_restarts``) when its process or node is lost:
@@ -377,6 +343,7 @@ class RayWorkers:
         time: the gather of bucket k+1 overlaps the workers' loading of bucket k. Through the
         object store, or broadcast over the sync group (``sync.transport``)."""
         start = time.perf_counter()
+        self.threads.before("policy", "rollout")  # both copy at once: one core each here
         if self.transport == "collective":
             self.pool.sync_collective(version, self._num_buckets)
         else:
@@ -404,10 +371,12 @@ class RayWorkers:
             )
 
     def generate(self, prompts: PromptBatch, round_index: int, version: int) -> Rollout:
+        self.threads.before("rollout")
         return Rollout.concat(self.pool.generate(prompts, round_index, version))
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """All four scorings at once; each scorer role's replicas split the rows."""
+        self.threads.before("reference", "reward", "policy", "value")
         ref = ray.put(rollout)
         n_pol = self.cfg.policy.num_ranks
         parts: dict[str, Any] = {}  # each scorer's rows, in the object store
@@ -418,7 +387,7 @@ class RayWorkers:
             for name, rows in zip(names, split_rows(len(rollout), len(names)), strict=True):
                 parts[name] = ray.put(rollout.select(rows))
         refs = (
-            [_score_call(self.scorers[n], n, parts[n]) for n in self.scorers]
+            [score_call(self.scorers[n], n, parts[n]) for n in self.scorers]
             + self.policy.call("old_logprobs", ref)
             + (self.value.call("values", ref) if self.value else [])
         )
@@ -441,6 +410,7 @@ class RayWorkers:
         }
 
     def update(self, batch: PPOBatch, round_index: int) -> dict[str, float]:
+        self.threads.before("policy", "value")
         ref = ray.put(batch)
         stats = self._learners(
             "update", [r for g in self.learners for r in g.call("train", ref, round_index)]

@@ -48,6 +48,7 @@ from rlhf_ray.models.weights import (
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.collective import BucketSender, SyncGroup, host_store
 from rlhf_ray.workers.objectives import Objective
+from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 BucketTensors = dict[str, torch.Tensor] | None
 
@@ -56,7 +57,7 @@ class NonFiniteLossError(UserError):
     """``max_bad_steps`` updates in a row had a non-finite loss or gradient."""
 
 
-class Learner:
+class Learner(PhaseThreads):
     """One rank of a learner group: an engine around a model, trained on ``objective``."""
 
     def __init__(
@@ -86,8 +87,7 @@ class Learner:
         a stage's, counted when its data arrives). ``idle_rounds``: PPO rounds that
         ``train`` skips (the policy during ``ppo.critic_warmup_rounds``). ``target_kl``: stop a
         round's epochs early once a minibatch's ``approx_kl`` stat passes it (``train``)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         self.cfg, self.model_spec, self.optim = learner_cfg, model, optim
         self.engine_name = learner_cfg.engine_for(world_size, model.dtype)  # (auto resolved)
         self.objective = objective

@@ -24,9 +24,10 @@ from rlhf_ray.workers.interface import (
     row_seeds,
     sampled_rollout,
 )
+from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 
-class RolloutGenerator:
+class RolloutGenerator(PhaseThreads):
     """Holds versioned policy weights and samples; refuses to sample with a stale version."""
 
     def __init__(
@@ -45,8 +46,7 @@ class RolloutGenerator:
         model is loaded with its weights. ``lora``: the policy's ``lora`` section; a LoRA
         policy's worker loads its base from ``model_spec`` and the syncs bring the adapters
         (the same peft model as the learner's, so the sampled distribution is the learner's)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         self.worker_id = worker_id
         self.tokenizer = build_tokenizer(tokenizer_cfg)
         self.device = default_device()

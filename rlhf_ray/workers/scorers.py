@@ -31,9 +31,10 @@ from rlhf_ray.rewards.remote import RemoteOptions
 from rlhf_ray.rewards.terms import RewardParts
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.interface import in_chunks
+from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 
-class ReferenceScorer:
+class ReferenceScorer(PhaseThreads):
     """Log-probs of responses under the frozen initial policy (or ``reference.model``)."""
 
     def __init__(
@@ -44,8 +45,7 @@ class ReferenceScorer:
         chunk_size: int = 16,
         num_threads: int | None = None,
     ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         self.device = default_device()
         self.model = build_causal_lm(model_spec, build_tokenizer(tokenizer_cfg), self.device)
         self.model.requires_grad_(False)
@@ -145,7 +145,7 @@ class RewardModelReader:
         )
 
 
-class RewardScorer:
+class RewardScorer(PhaseThreads):
     """Scalar scores ``(B,)`` from a reward model, an ensemble of them, a ``module:callable``
     reward function or a remote service, plus ``reward.terms`` (``rewards.terms``).
 
@@ -164,8 +164,7 @@ class RewardScorer:
         num_threads: int | None = None,
         remote: RemoteOptions | None = None,
     ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         self.name = reward_cfg.function
         self.ensemble = reward_cfg.ensemble
         self.device = default_device()

@@ -25,6 +25,7 @@ from rlhf_ray.rewards.functions import (
 from rlhf_ray.rewards.shaping import STAT_KEYS
 from rlhf_ray.types import Rollout
 from rlhf_ray.workers.scorers import RewardScorer
+from rlhf_ray.workers.threads import set_threads
 
 
 def text_rollout(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> Rollout:
@@ -67,8 +68,7 @@ class TextRewardScorer:
     ):
         if (reward_model is None) == (function is None):
             raise ValueError("give exactly one of a reward model directory and a function")
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         self.function = function
         self.reward_model = reward_model
         if function is not None:

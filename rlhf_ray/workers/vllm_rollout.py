@@ -52,6 +52,7 @@ from rlhf_ray.workers.interface import (
     row_seeds,
     sampled_rollout,
 )
+from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 
 def generator_kwargs(cfg: Any) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     }
 
 
-class VLLMRolloutGenerator:
+class VLLMRolloutGenerator(PhaseThreads):
     """Holds versioned policy weights in a vLLM engine; refuses to sample with a stale version."""
 
     def __init__(
@@ -122,8 +123,7 @@ class VLLMRolloutGenerator:
         rollout.max_new_tokens``; the sync probe's length if longer); None: the model's
         positions. ``lora``: the policy's ``lora`` section; a LoRA policy's worker reads its
         base from ``model_spec`` and the syncs bring the adapters (module docstring)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        set_threads(num_threads)
         # before the start-up weights are saved (no "Writing model shards" bar) and the engine
         # starts (no torch.distributed deprecation warning from vLLM's kernel dispatcher)
         quiet_dependencies()

@@ -213,7 +213,7 @@ def test_a_scorer_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(m
             raise ray.exceptions.ActorDiedError()
 
     monkeypatch.setattr(runtime, "wait_ready", wait_ready)
-    monkeypatch.setattr(runtime, "_score_call", lambda scorer, name, rows: (scorer.name, rows))
+    monkeypatch.setattr(runtime, "score_call", lambda scorer, name, rows: (scorer.name, rows))
     assert workers._retry_scorer("reward-0", {"reward-0": "rows"}) == ("new-2", "rows")
     assert workers.scorers["reward-0"].name == "new-2"
     assert workers.scorer_restarts == 3 and workers.pool.health.replacements == 3

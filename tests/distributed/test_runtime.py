@@ -170,3 +170,50 @@ def test_actors_that_stay_pending_fail_clearly_and_leave_nothing(ray_cluster):
     assert alive() == []
     groups = ray.util.placement_group_table().values()
     assert [g["name"] for g in groups if g["state"] != "REMOVED"] == []
+
+
+def test_a_phase_runs_on_the_cpus_the_run_holds_on_its_node(ray_cluster):
+    """jobs/arithmetic_cpu.yaml's shape on 2 CPUs (policy 1, reference and reward 0.25 each,
+    one rollout worker 0.5): generation and the update each run alone and get both cores; in
+    the score phase the policy and the reference work at once and keep one thread each, as
+    the policy and the worker do in the sync."""
+    cfg = small_cfg(
+        "algo.estimator=grpo",
+        "rollout.samples_per_prompt=2",
+        "policy.num_ranks=1",
+        "policy.num_cpus_per_rank=1",
+        "reference.num_cpus=0.25",
+        "reward.num_cpus=0.25",
+        "rollout.num_workers=1",
+        "rollout.num_cpus_per_worker=0.5",
+    )
+    tok = build_tokenizer(cfg.tokenizer)
+    prompts = build_prompts(cfg, tok)[:4]
+    ids, mask = tok.encode_batch_left_padded(prompts, cfg.data.max_prompt_tokens)
+    rows = torch.arange(4).repeat_interleave(2)  # groups of 2 samples per prompt
+    batch = PromptBatch(ids[rows], mask[rows], rows, [prompts[i] for i in rows])
+    workers = RayWorkers(cfg)
+    try:
+        policy, reference = workers.policy.actors[0], workers.scorers["reference-0"]
+        rollout_worker = workers.pool.workers[0]
+
+        def threads(*actors) -> list[int]:
+            return ray.get([a.num_threads.remote() for a in actors])
+
+        assert threads(policy, reference, rollout_worker) == [1, 1, 1]  # their CPU shares
+        workers.sync(0)
+        rollout = workers.generate(batch, 0, 0)
+        assert threads(rollout_worker) == [2]
+        scored = workers.score(rollout)
+        assert threads(policy, reference) == [1, 1]
+        ppo_batch, _ = compute_advantages(
+            rollout, scored, 0.0, cfg.ppo, cfg.algo, cfg.rollout.samples_per_prompt
+        )
+        workers.update(ppo_batch, 0)
+        assert threads(policy) == [2]
+        workers.sync(1)  # the policy and the worker copy buckets at once: one core each
+        assert threads(policy, rollout_worker) == [1, 1]
+        workers.generate(batch, 1, 1)
+        assert threads(rollout_worker, policy) == [2, 1]
+    finally:
+        workers.close()

@@ -1,0 +1,114 @@
+"""Torch threads per phase on CPU nodes (``cluster.phase_threads``).
+
+Ray starts each actor with as many threads as its CPU share (``actors.py``): actors that work
+at the same time must not oversubscribe the cores (2 actors x 2 threads on 2 cores ran about
+5x slower than 2 x 1). But the driver runs one phase at a time: during the update only the
+learners work, during generation only the rollout workers, and the CPUs the rest of the run
+holds on that node sit idle. So before each phase, the CPUs that the run's CPU-only actors hold
+on a node are divided among those of them that work in the phase there, in proportion to their
+shares, rounded down (never below one thread). The sum of a node's threads then never passes
+what the run holds there (other tenants' CPUs stay theirs), and a phase whose actors fill the
+node (two rollout workers of 1 CPU on 2 cores) runs as before. GPU actors keep their share:
+their work is on the device. The sync counts the policy ranks and the rollout workers: they
+copy buckets at the same time (torch's copies are threaded too).
+
+Measured on 2 cores (SmolLM2-135M, ``jobs/arithmetic_cpu.yaml``, README "Speed"): the update
+and generation run on two threads instead of one; the score phase, where the policy and the
+reference work at the same time, keeps one each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from rlhf_ray.config.ppo import Config
+from rlhf_ray.distributed.actors import share_threads
+from rlhf_ray.distributed.replacement import actor_node
+
+SET_TIMEOUT_S = 30.0  # a resize waits behind nothing (the phases are sequential): seconds at most
+
+
+def phase_threads(working: dict[str, tuple[str, float]], held: dict[str, float]) -> dict[str, int]:
+    """Threads for each actor working in a phase. ``working``: actor -> (its node, its CPU
+    share); ``held``: node -> the CPUs the run's CPU actors hold there. Each node's CPUs are
+    split in proportion to the shares of the actors working there, rounded down, at least 1."""
+    busy: dict[str, float] = defaultdict(float)
+    for node, cpus in working.values():
+        busy[node] += cpus
+    return {
+        actor: max(1, int(held[node] * cpus / busy[node] + 1e-9))
+        for actor, (node, cpus) in working.items()
+    }
+
+
+class PhaseThreadPlanner:
+    """Resizes the torch thread pools of the actors of the phase about to run.
+
+    ``actors(role)`` gives the role's live handles now (``policy``, ``value``, ``reference``,
+    ``reward``, ``rollout``), so a replaced or added actor is counted from its first phase.
+    An actor's node is read once (Ray's actor table); one whose node is unknown keeps its
+    share. A resize is one short call, sent only when an actor's threads change."""
+
+    ROLES = ("policy", "value", "reference", "reward", "rollout")
+
+    def __init__(self, cfg: Config, actors: Callable[[str], list[Any]]):
+        self.enabled = cfg.cluster.phase_threads
+        self.actors = actors
+        self.share = {  # role -> CPUs per actor, for the roles that run on CPUs only
+            role: cpus
+            for role, cpus, gpus in (
+                ("policy", cfg.policy.num_cpus_per_rank, cfg.policy.num_gpus_per_rank),
+                ("value", cfg.value.num_cpus_per_rank, cfg.value.num_gpus_per_rank),
+                ("reference", cfg.reference.num_cpus, cfg.reference.num_gpus),
+                ("reward", cfg.reward.num_cpus, cfg.reward.num_gpus),
+                ("rollout", cfg.rollout.num_cpus_per_worker, cfg.rollout.num_gpus_per_worker),
+            )
+            if not gpus and cpus > 0
+        }
+        self.nodes: dict[str, str | None] = {}  # actor id -> node id
+        self.threads: dict[str, int] = {}  # actor id -> threads it runs with now
+
+    def before(self, *roles: str) -> None:
+        """Give the actors of ``roles`` (the phase's) their threads for it."""
+        if not self.enabled:
+            return
+        every = self._placed(self.ROLES)
+        held: dict[str, float] = defaultdict(float)
+        for node, cpus, _ in every.values():
+            held[node] += cpus
+        working = {key: (node, cpus) for key, (node, cpus, _) in self._placed(roles).items()}
+        refs = []
+        for key, n in phase_threads(working, held).items():
+            node, cpus, handle = every[key]
+            if self.threads.get(key, share_threads(cpus)) != n:
+                refs.append(handle.set_threads.remote(n))
+                self.threads[key] = n
+        self._wait(refs)
+
+    def _placed(self, roles: tuple[str, ...]) -> dict[str, tuple[str, float, Any]]:
+        """Actor id -> (node, CPU share, handle) of the CPU actors of ``roles`` whose node is
+        known."""
+        out = {}
+        for role in roles:
+            if role not in self.share:
+                continue
+            for handle in self.actors(role):
+                key = handle._actor_id.hex()
+                if key not in self.nodes:
+                    self.nodes[key] = actor_node(handle)
+                if self.nodes[key] is not None:
+                    out[key] = (self.nodes[key], self.share[role], handle)
+        return out
+
+    @staticmethod
+    def _wait(refs: list[Any]) -> None:
+        """Wait for the resizes; a dead or hung actor is left to the phase's own handling
+        (its call fails or times out there, and it is replaced)."""
+        for ref in refs:  # each fetched: an error left unfetched is printed as unhandled
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(ref, timeout=SET_TIMEOUT_S)
