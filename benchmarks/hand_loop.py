@@ -1,5 +1,5 @@
 """Benchmark: the limit for a real-model round, a hand-written single-process GRPO loop, beside
-rlhf-ray's own round in process (its default engine and the torch engine), from one run.
+rlhf-ray's own round, in process and on a local Ray, from one run.
 
 What it measures
     ``jobs/arithmetic_cpu.yaml``'s round with micro-batches of 8 rows (``ppo.micro_batch_size=8``):
@@ -19,6 +19,12 @@ What it measures
     the median of rounds 1-4 (round 0 warms up); rlhf-ray's come from its ``metrics.jsonl``
     (``benchmarks/real_round.py``'s ``run_setup``), with the same rounds.
 
+    rlhf-ray's setups (``SETUPS``): in process with its default engine (auto: torch AdamW for
+    this one float32 rank), the torch or the DeepSpeed engine; on a local Ray of 2 CPUs with
+    the job's own topology (one actor per role), whose phases get the CPUs the run holds
+    (``cluster.phase_threads``, ``rlhf_ray/distributed/threads.py``), and the same with every
+    actor on its CPU share of threads (``share threads``, the behaviour before).
+
 Output
     A table of seconds per phase, each setup a column, and the ratio of each to the hand loop;
     then ONE JSON line with every figure. The load average is printed beside it (2 shared
@@ -26,7 +32,9 @@ Output
 
 How to run (from the repository root)
     python benchmarks/hand_loop.py                  # the hand loop alone
-    python benchmarks/hand_loop.py --compare        # + rlhf-ray: default engine, torch, deepspeed
+    python benchmarks/hand_loop.py --compare        # + rlhf-ray: every setup of SETUPS
+    python benchmarks/hand_loop.py --compare \
+        --setups "rlhf-ray default,rlhf-ray on Ray,rlhf-ray on Ray (share threads)"
     git archive REV | tar -x -C /tmp/before          # + the same of an older revision, first
     python benchmarks/hand_loop.py --compare --before /tmp/before --setups "rlhf-ray default"
 """
@@ -52,10 +60,12 @@ PROMPTS, SAMPLES, NEW_TOKENS, TEMPERATURE = 8, 4, 24, 0.7
 MINIBATCH, MICRO, SCORE_ROWS = 16, 8, 16
 CLIP_EPS, KL_COEF, LR, GRAD_CLIP = 0.2, 0.01, 1.0e-5, 1.0
 PHASES = ("generate", "score", "advantage", "update", "round")
-SETUPS = {  # column -> the overrides of jobs/arithmetic_cpu.yaml (besides the micro-batch)
-    "rlhf-ray default": [],  # the job's engine: auto
-    "rlhf-ray torch": ["policy.engine=torch"],
-    "rlhf-ray deepspeed": ["policy.engine=deepspeed"],
+SETUPS = {  # column -> placement, overrides of jobs/arithmetic_cpu.yaml (besides the micro-batch)
+    "rlhf-ray default": ("inprocess", []),  # the job's engine: auto
+    "rlhf-ray torch": ("inprocess", ["policy.engine=torch"]),
+    "rlhf-ray deepspeed": ("inprocess", ["policy.engine=deepspeed"]),
+    "rlhf-ray on Ray": ("ray", []),  # the job's topology: one actor per role on 2 CPUs
+    "rlhf-ray on Ray (share threads)": ("ray", ["cluster.phase_threads=false"]),
 }
 
 
@@ -208,13 +218,13 @@ def compare(rounds: int, setups: list[str], before: Path | None) -> dict:
     process, one after the other."""
     from real_round import run_setup
 
-    runs = [(name, SETUPS[name], REPO) for name in setups]
+    runs = [(name, *SETUPS[name], REPO) for name in setups]
     if before is not None:  # its LearnerConfig default was deepspeed
-        old = [("before: default", ["policy.engine=deepspeed"], before)]
-        runs = [*old, ("before: torch", ["policy.engine=torch"], before), *runs]
+        old = [("before: default", "inprocess", ["policy.engine=deepspeed"], before)]
+        runs = [*old, ("before: torch", "inprocess", ["policy.engine=torch"], before), *runs]
     results: dict = {}
-    for name, overrides, repo in runs:
-        out = run_setup("hf", "inprocess", rounds, [*overrides, "ppo.micro_batch_size=8"], repo)
+    for name, placement, overrides, repo in runs:
+        out = run_setup("hf", placement, rounds, [*overrides, "ppo.micro_batch_size=8"], repo)
         results[name] = {**out, "load": os.getloadavg()[0]}
     results["hand loop"] = {**hand_loop_subprocess(rounds), "load": os.getloadavg()[0]}
     return results
