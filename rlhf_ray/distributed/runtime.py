@@ -94,7 +94,10 @@ class RayWorkers:
         self.scorer_restarts = 0
         self._ray_restarts: dict[str, int] = {}  # scorer actor id -> Ray's restarts counted
         self.threads = PhaseThreadPlanner(cfg, self._role_actors)  # per phase, on CPU nodes
-        self._cleanup: list[Callable[[], None]] = [self.pool.kill]  # undone in reverse
+        self._cleanup: list[Callable[[], None]] = [
+            self.threads.collect,
+            self.pool.kill,
+        ]  # in reverse
         try:
             self._start(cfg)
         except BaseException:

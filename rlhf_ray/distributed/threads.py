@@ -30,8 +30,6 @@ from rlhf_ray.config.ppo import Config
 from rlhf_ray.distributed.actors import share_threads
 from rlhf_ray.distributed.replacement import actor_node
 
-SET_TIMEOUT_S = 30.0  # a resize waits behind nothing (the phases are sequential): seconds at most
-
 
 def phase_threads(working: dict[str, tuple[str, float]], held: dict[str, float]) -> dict[str, int]:
     """Threads for each actor working in a phase. ``working``: actor -> (its node, its CPU
@@ -52,7 +50,10 @@ class PhaseThreadPlanner:
     ``actors(role)`` gives the role's live handles now (``policy``, ``value``, ``reference``,
     ``reward``, ``rollout``), so a replaced or added actor is counted from its first phase.
     An actor's node is read once (Ray's actor table); one whose node is unknown keeps its
-    share. A resize is one short call, sent only when an actor's threads change."""
+    share. A resize is one short call, sent only when an actor's threads change, and not
+    waited on: an actor runs one caller's calls in the order they were sent, so the phase's
+    call runs after it. Its answer is collected later (an error left unfetched would be
+    printed as unhandled); a dead actor is the phase's to handle, as before."""
 
     ROLES = ("policy", "value", "reference", "reward", "rollout")
 
@@ -72,23 +73,23 @@ class PhaseThreadPlanner:
         }
         self.nodes: dict[str, str | None] = {}  # actor id -> node id
         self.threads: dict[str, int] = {}  # actor id -> threads it runs with now
+        self.pending: list[Any] = []  # resizes whose answers are not collected yet
 
     def before(self, *roles: str) -> None:
         """Give the actors of ``roles`` (the phase's) their threads for it."""
         if not self.enabled:
             return
+        self.collect()
         every = self._placed(self.ROLES)
         held: dict[str, float] = defaultdict(float)
         for node, cpus, _ in every.values():
             held[node] += cpus
         working = {key: (node, cpus) for key, (node, cpus, _) in self._placed(roles).items()}
-        refs = []
         for key, n in phase_threads(working, held).items():
             node, cpus, handle = every[key]
             if self.threads.get(key, share_threads(cpus)) != n:
-                refs.append(handle.set_threads.remote(n))
+                self.pending.append(handle.set_threads.remote(n))
                 self.threads[key] = n
-        self._wait(refs)
 
     def _placed(self, roles: tuple[str, ...]) -> dict[str, tuple[str, float, Any]]:
         """Actor id -> (node, CPU share, handle) of the CPU actors of ``roles`` whose node is
@@ -105,10 +106,11 @@ class PhaseThreadPlanner:
                     out[key] = (self.nodes[key], self.share[role], handle)
         return out
 
-    @staticmethod
-    def _wait(refs: list[Any]) -> None:
-        """Wait for the resizes; a dead or hung actor is left to the phase's own handling
-        (its call fails or times out there, and it is replaced)."""
-        for ref in refs:  # each fetched: an error left unfetched is printed as unhandled
-            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.get(ref, timeout=SET_TIMEOUT_S)
+    def collect(self) -> None:
+        """Fetch the answers of the resizes that have one (a dead actor's error included)."""
+        if not self.pending:
+            return
+        ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(ref)
