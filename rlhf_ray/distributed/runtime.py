@@ -233,7 +233,7 @@ class RayWorkers:
         return wait
 
     def _role_actors(self, role: str) -> list[Any]:
-        """The live actors of ``role`` (``PhaseThreadPlanner.ROLES``)."""
+        """The live actors of ``role`` (a role of ``plan.resource_plan``)."""
         if role == "rollout":
             return list(self.pool.workers)
         if role in ("policy", "value"):

@@ -28,6 +28,7 @@ import ray
 
 from rlhf_ray.config.ppo import Config
 from rlhf_ray.distributed.actors import share_threads
+from rlhf_ray.distributed.plan import resource_plan
 from rlhf_ray.distributed.replacement import actor_node
 
 
@@ -47,30 +48,20 @@ def phase_threads(working: dict[str, tuple[str, float]], held: dict[str, float])
 class PhaseThreadPlanner:
     """Resizes the torch thread pools of the actors of the phase about to run.
 
-    ``actors(role)`` gives the role's live handles now (``policy``, ``value``, ``reference``,
-    ``reward``, ``rollout``), so a replaced or added actor is counted from its first phase.
-    An actor's node is read once (Ray's actor table); one whose node is unknown keeps its
-    share. A resize is one short call, sent only when an actor's threads change, and not
-    waited on: an actor runs one caller's calls in the order they were sent, so the phase's
-    call runs after it. Its answer is collected later (an error left unfetched would be
-    printed as unhandled); a dead actor is the phase's to handle, as before."""
-
-    ROLES = ("policy", "value", "reference", "reward", "rollout")
+    ``actors(role)`` gives the live handles of a role of ``plan.resource_plan`` now
+    (``policy``, ``value``, ``reference``, ``reward``, ``rollout``), so a replaced or added
+    actor is counted from its first phase. An actor's node is read once (Ray's actor table);
+    one whose node is unknown keeps its share. A resize is one short call, sent only when an
+    actor's threads change, and not waited on: an actor runs one caller's calls in the order
+    they were sent, so the phase's call runs after it. Its answer is collected later (an error
+    left unfetched would be printed as unhandled); a dead actor is the phase's to handle, as
+    before."""
 
     def __init__(self, cfg: Config, actors: Callable[[str], list[Any]]):
         self.enabled = cfg.cluster.phase_threads
         self.actors = actors
-        self.share = {  # role -> CPUs per actor, for the roles that run on CPUs only
-            role: cpus
-            for role, cpus, gpus in (
-                ("policy", cfg.policy.num_cpus_per_rank, cfg.policy.num_gpus_per_rank),
-                ("value", cfg.value.num_cpus_per_rank, cfg.value.num_gpus_per_rank),
-                ("reference", cfg.reference.num_cpus, cfg.reference.num_gpus),
-                ("reward", cfg.reward.num_cpus, cfg.reward.num_gpus),
-                ("rollout", cfg.rollout.num_cpus_per_worker, cfg.rollout.num_gpus_per_worker),
-            )
-            if not gpus and cpus > 0
-        }
+        # role -> CPUs per actor, for the roles that run on CPUs only (the plan's own figures)
+        self.share = {r.role: r.cpus for r in resource_plan(cfg) if not r.gpus and r.cpus > 0}
         self.nodes: dict[str, str | None] = {}  # actor id -> node id
         self.threads: dict[str, int] = {}  # actor id -> threads it runs with now
         self.pending: list[Any] = []  # resizes whose answers are not collected yet
@@ -80,30 +71,28 @@ class PhaseThreadPlanner:
         if not self.enabled:
             return
         self.collect()
-        every = self._placed(self.ROLES)
+        placed = self._placed()
         held: dict[str, float] = defaultdict(float)
-        for node, cpus, _ in every.values():
+        for node, cpus, _, _ in placed.values():
             held[node] += cpus
-        working = {key: (node, cpus) for key, (node, cpus, _) in self._placed(roles).items()}
+        working = {k: (node, cpus) for k, (node, cpus, _, role) in placed.items() if role in roles}
         for key, n in phase_threads(working, held).items():
-            node, cpus, handle = every[key]
+            _, cpus, handle, _ = placed[key]
             if self.threads.get(key, share_threads(cpus)) != n:
                 self.pending.append(handle.set_threads.remote(n))
                 self.threads[key] = n
 
-    def _placed(self, roles: tuple[str, ...]) -> dict[str, tuple[str, float, Any]]:
-        """Actor id -> (node, CPU share, handle) of the CPU actors of ``roles`` whose node is
+    def _placed(self) -> dict[str, tuple[str, float, Any, str]]:
+        """Actor id -> (node, CPU share, handle, role) of the run's CPU actors whose node is
         known."""
         out = {}
-        for role in roles:
-            if role not in self.share:
-                continue
+        for role, cpus in self.share.items():
             for handle in self.actors(role):
                 key = handle._actor_id.hex()
                 if key not in self.nodes:
                     self.nodes[key] = actor_node(handle)
                 if self.nodes[key] is not None:
-                    out[key] = (self.nodes[key], self.share[role], handle)
+                    out[key] = (self.nodes[key], cpus, handle, role)
         return out
 
     def collect(self) -> None:

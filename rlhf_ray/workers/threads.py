@@ -23,9 +23,8 @@ class PhaseThreads:
     """Mixed into every worker class that runs as an actor of a PPO run: the driver gives it
     its threads for the phase about to run."""
 
-    def set_threads(self, num_threads: int) -> int:
+    def set_threads(self, num_threads: int) -> None:
         set_threads(num_threads)
-        return torch.get_num_threads()
 
     def num_threads(self) -> int:
         return torch.get_num_threads()
