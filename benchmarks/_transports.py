@@ -4,7 +4,9 @@ A ``Sender`` actor stands in for policy rank 0: it holds the policy model and, p
 about ``bucket_mb`` MB, either returns it as numpy (the object store path, ``weight_bucket``)
 or broadcasts it over the weight-sync group (``BucketSender``, as ``Learner.send_bucket``).
 The receivers are real ``RolloutGenerator`` workers (``load_bucket`` / ``receive_bucket``). The
-driver streams the buckets as ``RayWorkers.sync`` does for each transport. Host memory: each
+driver streams the buckets as ``RayWorkers.sync`` does for each transport. ``collective`` is the
+default (``sync.shared_memory``: every worker here is on rank 0's host and reads its shared
+slot); ``collective (broadcast)`` turns the slot off, as for workers on other hosts. Host memory: each
 process samples its own resident set (``/proc/self/statm``, every 2 ms) during the syncs; the
 figure is the peak above the resident set before them (shared object-store pages a process
 touches count in its resident set).
@@ -29,6 +31,7 @@ from rlhf_ray.workers.rollout import RolloutGenerator
 from rlhf_ray.workers.sync import stream_buckets
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TRANSPORTS = ("object_store", "collective (broadcast)", "collective")
 
 
 class RssPeak:
@@ -68,7 +71,8 @@ class Sender:
         tensors = weight_tensors(self.model)
         sizes = [full_nbytes(t) for t in tensors.values()]
         names = list(tensors)
-        self.buckets = [[names[i] for i in g] for g in plan_buckets(sizes, int(bucket_mb * 2**20))]
+        self.reserve = int(bucket_mb * 2**20)
+        self.buckets = [[names[i] for i in g] for g in plan_buckets(sizes, self.reserve)]
         self.nbytes = sum(sizes)
         self.memory = RssPeak()
         self.store = self.sender = None
@@ -91,13 +95,17 @@ class Sender:
         self.store = host_store(120)
         return self.store[1]
 
-    def join(self, port: int, tag: str, size: int) -> None:
+    def join(self, port: int, tag: str, size: int, shared_memory: bool) -> None:
         self.sender = BucketSender(
-            SyncGroup("127.0.0.1", port, tag, 0, size, 120, "gloo", self.store[0])
+            SyncGroup("127.0.0.1", port, tag, 0, size, 120, "gloo", self.store[0], shared_memory)
         )
 
+    def slot_mb(self) -> float:
+        slot = self.sender.group.slot
+        return 0.0 if slot is None else slot.tensor.numel() / 1e6
+
     def send(self, k: int) -> None:
-        self.sender.send(self.bucket(k))
+        self.sender.send(self.bucket(k), self.reserve)
 
     def finish(self) -> int:
         return self.sender.finish()
@@ -154,17 +162,20 @@ def measure(
     try:
         count, nbytes = ray.get(sender.plan.remote())
         ray.get([w.ping.remote() for w in workers])
-        if transport == "collective":
+        collective = transport.startswith("collective")
+        if collective:
             port = ray.get(sender.sync_store.remote())
-            size = n_workers + 1
+            size, shared = n_workers + 1, transport == "collective"
             ray.get(
-                [sender.join.remote(port, "bench", size)]
+                [sender.join.remote(port, "bench", size, shared)]
                 + [
-                    w.join_sync_group.remote("127.0.0.1", port, "bench", i + 1, size, 120)
+                    w.join_sync_group.remote(
+                        "127.0.0.1", port, "bench", i + 1, size, 120, "gloo", shared_memory=shared
+                    )
                     for i, w in enumerate(workers)
                 ]
             )
-        sync = _collective_sync if transport == "collective" else _object_store_sync
+        sync = _collective_sync if collective else _object_store_sync
         sync(sender, workers, count, 0)  # warm-up
         ray.get([sender.mark.remote()] + [w.mark.remote() for w in workers])
         seconds = []
@@ -174,6 +185,7 @@ def measure(
             sync(sender, workers, count, version)
             seconds.append(time.perf_counter() - start)
         peaks = ray.get([sender.peak.remote()] + [w.peak.remote() for w in workers])
+        slot_mb = ray.get(sender.slot_mb.remote()) if collective else 0.0
         versions = ray.get([w.probe_logprobs.remote() for w in workers[:1]])
         assert versions[0].isfinite().all()
         return {
@@ -182,6 +194,7 @@ def measure(
             "buckets": count,
             "rank0_mb": peaks[0] / 1e6,
             "worker_mb": max(peaks[1:]) / 1e6,
+            "slot_mb": slot_mb,
         }
     finally:
         for actor in [sender, *workers]:
@@ -193,7 +206,7 @@ def compare(
 ) -> str:
     rows = []
     for n in worker_counts:
-        for transport in ("object_store", "collective"):
+        for transport in TRANSPORTS:
             print(f"  {transport} x{n} ...", flush=True)
             m = measure(spec, tok_cfg, transport, n, repeats, bucket_mb)
             rows.append(
@@ -206,6 +219,7 @@ def compare(
                     m["seconds"] / m["gb"],
                     m["rank0_mb"],
                     m["worker_mb"],
+                    m["slot_mb"],
                 )
             )
     return _common.table(
@@ -218,6 +232,7 @@ def compare(
             "s/GB",
             "rank 0 peak +MB",
             "worker peak +MB",
+            "shared slot MB",
         ],
         rows,
     )

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_transports.compare(spec, tok_cfg, counts, args.repeats, args.bucket_mb))
         print(
             "  s/GB: seconds per sync / GB of weights; peak +MB: resident set above the "
-            "process's own before the timed syncs (shared object-store pages included)."
+            "process's own before the timed syncs (shared object-store pages included); "
+            "shared slot MB: the one bucket-sized shared-memory copy rank 0 keeps per formation "
+            "for the workers on its host (mapped by each of them, counted once per host)."
         )
         return 0
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)

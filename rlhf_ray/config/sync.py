@@ -32,6 +32,14 @@ class SyncConfig(Section):
         "(see sync_transport).",
     )
 
+    shared_memory: bool = Field(
+        True,
+        description="With transport collective over gloo (CPU): rollout workers on policy rank "
+        "0's host read each bucket from one shared-memory copy that rank 0 writes, instead of "
+        "each receiving its own broadcast over loopback TCP; workers on other hosts still get "
+        "the broadcast. No effect on NCCL.",
+    )
+
     max_logprob_diff: float | None = Field(
         None,
         gt=0,

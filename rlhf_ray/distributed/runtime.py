@@ -202,6 +202,7 @@ class RayWorkers:
                 cfg.sync.bucket_mb,
                 cfg.train.phase_timeout_s,
                 sync_backend(cfg),
+                cfg.sync.shared_memory,
             )
         # the reference starts as a copy of the policy, bucket by bucket; a LoRA policy's
         # initial model is the one its spec describes, which the reference built itself

@@ -42,11 +42,18 @@ class CollectiveSender:
     """Forms the sync group and broadcasts versions over it (see the module docstring)."""
 
     def __init__(
-        self, policy: Callable[[], LearnerGroup], bucket_mb: float, timeout_s: float, backend: str
+        self,
+        policy: Callable[[], LearnerGroup],
+        bucket_mb: float,
+        timeout_s: float,
+        backend: str,
+        shared_memory: bool = True,
     ):
-        """``policy()``: the policy learner group now (a restart replaces it)."""
+        """``policy()``: the policy learner group now (a restart replaces it).
+        ``shared_memory``: ``sync.shared_memory`` (workers on rank 0's host read its slot)."""
         self.policy, self.bucket_mb = policy, bucket_mb
         self.timeout_s, self.backend = timeout_s, backend
+        self.shared_memory = shared_memory
         self._members: tuple[str, ...] | None = None  # actor ids of the formed group
         self._formations = 0
         self._store: tuple[str, int] | None = None  # (rank 0's actor id, port)
@@ -105,9 +112,10 @@ class CollectiveSender:
         self._formations += 1
         tag, size = f"{self._formations}", len(workers) + 1
         args = (address, port, tag, size, self.timeout_s, self.backend)
-        joined = rank0.join_sync_group.remote(*args)
+        shm = {"shared_memory": self.shared_memory}
+        joined = rank0.join_sync_group.remote(*args, **shm)
         refs = [
-            w.join_sync_group.remote(address, port, tag, i + 1, *args[3:])
+            w.join_sync_group.remote(address, port, tag, i + 1, *args[3:], **shm)
             for i, w in enumerate(workers)
         ]
         lost, ok = self._answers([r] for r in refs), True

@@ -48,6 +48,7 @@ from rlhf_ray.models.weights import (
 from rlhf_ray.types import Rows
 from rlhf_ray.workers.collective import BucketSender, SyncGroup, host_store
 from rlhf_ray.workers.objectives import Objective
+from rlhf_ray.workers.shared_slot import layout
 from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 BucketTensors = dict[str, torch.Tensor] | None
@@ -386,6 +387,18 @@ class Learner(PhaseThreads):
             bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
         return bucket
 
+    def _largest_bucket(self, bucket_mb: float) -> int:
+        """The bytes the largest bucket takes in the sync group's shared slot (what the slot
+        is sized to once, so a sync never grows it midway; adapters alone take little)."""
+        tensors = self._sync_tensors()
+        return max(
+            (
+                layout([full_nbytes(tensors[n]) for n in names])[1]
+                for names in self._bucket_names(bucket_mb)
+            ),
+            default=0,
+        )
+
     def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
         """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
         bucket ``index`` as numpy arrays, the others None."""
@@ -402,13 +415,24 @@ class Learner(PhaseThreads):
         return self._sync_store[1]
 
     def join_sync_group(
-        self, address: str, port: int, tag: str, world_size: int, timeout_s: float, backend: str
+        self,
+        address: str,
+        port: int,
+        tag: str,
+        world_size: int,
+        timeout_s: float,
+        backend: str,
+        shared_memory: bool = True,
     ) -> None:
-        """Rank 0 joins formation ``tag`` of the weight-sync group as its rank 0."""
+        """Rank 0 joins formation ``tag`` of the weight-sync group as its rank 0 (and offers
+        its shared slot to the members on its host when ``shared_memory``)."""
         assert self._sync_store is not None, "call sync_store() first"
+        if self._sender is not None:
+            self._sender.group.close()  # the last formation's slot
+            self._sender = None
         store = self._sync_store[0]
-        group = SyncGroup(address, port, tag, 0, world_size, timeout_s, backend, store)
-        self._sender = BucketSender(group)
+        args = (address, port, tag, 0, world_size, timeout_s, backend, store, shared_memory)
+        self._sender = BucketSender(SyncGroup(*args))
 
     def send_bucket(self, index: int, bucket_mb: float) -> None:
         """Collective on all ranks (the ZeRO-3 gather); rank 0 starts broadcasting bucket
@@ -416,7 +440,7 @@ class Learner(PhaseThreads):
         on_host = self._sender is None or self._sender.group.device.type == "cpu"
         bucket = self._bucket_tensors(index, bucket_mb, host=on_host)
         if bucket is not None and self._sender is not None:
-            self._sender.send(bucket)
+            self._sender.send(bucket, reserve=self._largest_bucket(bucket_mb))
 
     def finish_send(self) -> int:
         """Rank 0: wait for the last broadcast; the bytes sent, or the ``WeightSyncError``."""

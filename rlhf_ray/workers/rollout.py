@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from rlhf_ray.config.roles import trains_lora
@@ -17,7 +15,7 @@ from rlhf_ray.models import (
 from rlhf_ray.models.build import build_policy_lm
 from rlhf_ray.models.weights import NumpyWeights, check_known, load_targets, load_weights
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.collective import SyncGroup, receive_bucket
+from rlhf_ray.workers.collective import SyncMember, receive_bucket
 from rlhf_ray.workers.interface import (
     StaleWeightsError,
     probe_batch,
@@ -27,7 +25,7 @@ from rlhf_ray.workers.interface import (
 from rlhf_ray.workers.threads import PhaseThreads, set_threads
 
 
-class RolloutGenerator(PhaseThreads):
+class RolloutGenerator(PhaseThreads, SyncMember):
     """Holds versioned policy weights and samples; refuses to sample with a stale version."""
 
     def __init__(
@@ -73,16 +71,12 @@ class RolloutGenerator(PhaseThreads):
         load_weights(self.model, bucket)
         return self._loaded(version, index, count)
 
-    def join_sync_group(self, *args: Any) -> None:
-        """Join the weight-sync group (``workers.collective.SyncGroup``'s arguments)."""
-        self.sync_group = SyncGroup(*args)
-
     def receive_bucket(self, version: int, index: int, count: int) -> int:
         """``load_bucket`` for a bucket broadcast over the sync group: received straight into
         the model's tensors (a copy only where device or dtype differ)."""
         self._start_loading(version)
         targets = load_targets(self.model)
-        got = receive_bucket(self.sync_group, targets)
+        got = receive_bucket(self._sync_group(), targets)
         check_known(got, targets)
         with torch.no_grad():
             for name, tensor in got.items():

@@ -45,7 +45,7 @@ from rlhf_ray.models.lora import merged_weights, tied_modules_to_save
 from rlhf_ray.models.weights import NumpyWeights, check_known, load_targets, weight_tensors
 from rlhf_ray.observe.quiet import quiet_dependencies
 from rlhf_ray.types import PromptBatch, Rollout
-from rlhf_ray.workers.collective import SyncGroup, receive_bucket
+from rlhf_ray.workers.collective import SyncMember, receive_bucket
 from rlhf_ray.workers.interface import (
     StaleWeightsError,
     probe_batch,
@@ -103,7 +103,7 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     }
 
 
-class VLLMRolloutGenerator(PhaseThreads):
+class VLLMRolloutGenerator(PhaseThreads, SyncMember):
     """Holds versioned policy weights in a vLLM engine; refuses to sample with a stale version."""
 
     def __init__(
@@ -189,14 +189,10 @@ class VLLMRolloutGenerator(PhaseThreads):
         worker's version is -1 and it refuses to generate; the last one reloads the engine."""
         return self._collect(state_dict_from_numpy(bucket), version, index, count)
 
-    def join_sync_group(self, *args: Any) -> None:
-        """Join the weight-sync group (``workers.collective.SyncGroup``'s arguments)."""
-        self.sync_group = SyncGroup(*args)
-
     def receive_bucket(self, version: int, index: int, count: int) -> int:
         """``load_bucket`` for a bucket broadcast over the sync group: the received tensors
         are collected as they are (no numpy, no object store) for the engine's reload."""
-        return self._collect(receive_bucket(self.sync_group), version, index, count)
+        return self._collect(receive_bucket(self._sync_group()), version, index, count)
 
     def _collect(self, tensors: dict[str, torch.Tensor], version: int, index: int, count: int):
         if self._loading is None or self._loading[0] != version:

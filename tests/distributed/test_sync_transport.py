@@ -1,6 +1,8 @@
 """Either sync transport (``sync.transport``) survives a rollout worker killed in the middle of a
 weight sync: the run goes on, every round has all its samples, and the replacement's first
-sync passes the sync check (it is the worker probed right after it)."""
+sync passes the sync check (it is the worker probed right after it). The collective transport
+is run both ways a worker receives: from rank 0's shared slot (a worker on its host, the
+default) and by broadcast (``sync.shared_memory=false``, as a worker on another host)."""
 
 from __future__ import annotations
 
@@ -53,14 +55,19 @@ def _kill_mid_sync(monkeypatch, transport: str, killed: list[str]) -> None:
     monkeypatch.setattr(weight_transport, "get_all", waiting)
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
+@pytest.mark.parametrize(
+    ("transport", "shared_memory"),
+    [("object_store", True), ("collective", True), ("collective", False)],
+    ids=["object_store", "collective", "collective-broadcast"],
+)
 def test_a_worker_killed_mid_sync_is_replaced_and_the_run_goes_on(
-    ray_cluster, tmp_path, monkeypatch, transport
+    ray_cluster, tmp_path, monkeypatch, transport, shared_memory
 ):
     cfg = load_config(None, ["policy.engine=torch", "policy.num_ranks=1", "value.engine=torch",
                              "rollout.batch_size=8", "ppo.minibatch_size=4",
                              "rollout.max_new_tokens=8", f"train.rounds={ROUNDS}",
                              "sync.bucket_mb=0.05", f"sync.transport={transport}",
+                             f"sync.shared_memory={str(shared_memory).lower()}",
                              "train.phase_timeout_s=20", "logging.progress=false"])  # fmt: skip
     killed: list[str] = []
     _kill_mid_sync(monkeypatch, transport, killed)
