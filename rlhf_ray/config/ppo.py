@@ -398,18 +398,21 @@ class Config(Section):
 
 
 def sync_transport(cfg: Config) -> str:
-    """``sync.transport`` resolved: ``auto`` is ``collective`` when policy rank 0 and every
-    rollout worker have a GPU (an NCCL broadcast from GPU memory), else ``object_store``."""
+    """``sync.transport`` resolved: ``auto`` is ``collective`` where the group is NCCL (see
+    ``sync_backend``: a broadcast from GPU memory), else ``object_store``."""
     if cfg.sync.transport != "auto":
         return cfg.sync.transport
-    on_gpus = cfg.policy.num_gpus_per_rank > 0 and cfg.rollout.num_gpus_per_worker > 0
-    return "collective" if on_gpus else "object_store"
+    return "collective" if sync_backend(cfg) == "nccl" else "object_store"
 
 
 def sync_backend(cfg: Config) -> str:
-    """The collective transport's backend: NCCL when both ends are on GPUs, else gloo."""
-    on_gpus = cfg.policy.num_gpus_per_rank > 0 and cfg.rollout.num_gpus_per_worker > 0
-    return "nccl" if on_gpus else "gloo"
+    """The collective transport's backend: NCCL when policy rank 0 and every rollout worker
+    hold whole GPUs, else gloo. NCCL refuses two ranks of one group on one GPU ("Duplicate GPU
+    detected"), and a fraction of a GPU lets Ray pack rank 0 and a worker, or two workers, on
+    the same one: such a group is gloo, its buckets staged through host memory (and through
+    rank 0's shared slot for the members on its host)."""
+    whole = cfg.policy.num_gpus_per_rank >= 1 and cfg.rollout.num_gpus_per_worker >= 1
+    return "nccl" if whole else "gloo"
 
 
 def has_critic(cfg: Config) -> bool:

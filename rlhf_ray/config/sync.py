@@ -26,10 +26,10 @@ class SyncConfig(Section):
         description="How buckets reach the rollout workers. object_store: rank 0 puts each "
         "bucket in Ray's object store as numpy and every worker reads it (robust, host-staged). "
         "collective: policy rank 0 and the rollout workers form a torch.distributed group of "
-        "their own (NCCL when both sides have GPUs, else gloo) and each bucket is broadcast "
+        "their own (NCCL when both sides hold whole GPUs, else gloo) and each bucket is broadcast "
         "from rank 0's memory; the group is formed again whenever the pool changes. auto: "
-        "collective when the policy and the rollout workers have GPUs, else object_store "
-        "(see sync_transport).",
+        "collective when the policy ranks and the rollout workers hold whole GPUs (NCCL), else "
+        "object_store (see sync_transport and sync_backend).",
     )
 
     shared_memory: bool = Field(

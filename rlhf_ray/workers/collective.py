@@ -304,8 +304,8 @@ def _copy_from_slot(group: SyncGroup, meta: list, shared: Any, targets: dict) ->
     with torch.no_grad():
         for (name, shape, dtype), offset in zip(meta, offsets, strict=True):
             source, target = view(slot, offset, shape, dtype), targets.get(name)
-            if target is not None and _fits(target, shape, dtype, group.device):
-                out[name] = target.data.copy_(source)
+            if target is not None and list(target.shape) == shape and target.dtype == dtype:
+                out[name] = target.data.copy_(source)  # on any device: one host-to-device copy
             else:
                 out[name] = source.clone()
     group.wait([group.done()])

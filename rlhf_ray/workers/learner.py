@@ -437,7 +437,9 @@ class Learner(PhaseThreads):
     def send_bucket(self, index: int, bucket_mb: float) -> None:
         """Collective on all ranks (the ZeRO-3 gather); rank 0 starts broadcasting bucket
         ``index`` to the sync group once the previous bucket's broadcast is done."""
-        on_host = self._sender is None or self._sender.group.device.type == "cpu"
+        # a gloo group broadcasts host tensors; its shared slot alone takes them from the device
+        group = None if self._sender is None else self._sender.group
+        on_host = group is None or (group.device.type == "cpu" and group.data is not None)
         bucket = self._bucket_tensors(index, bucket_mb, host=on_host)
         if bucket is not None and self._sender is not None:
             self._sender.send(bucket, reserve=self._largest_bucket(bucket_mb))

@@ -407,6 +407,14 @@ def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devi
     cpu = load_config(None, ["sync.transport=collective"])
     assert (sync_transport(cpu), sync_backend(cpu)) == ("collective", "gloo")
     assert sync_backend(load_config(None, ["sync.transport=collective", *gpus])) == "nccl"
+    # a fraction of a GPU may share one with another member: NCCL refuses that group
+    shared = [
+        "policy.num_ranks=1",
+        "policy.num_gpus_per_rank=0.5",
+        "rollout.num_gpus_per_worker=0.25",
+    ]
+    assert sync_backend(load_config(None, ["sync.transport=collective", *shared])) == "gloo"
+    assert sync_transport(load_config(None, ["sync.transport=auto", *shared])) == "object_store"
     with pytest.raises(ConfigError, match="sync.transport"):
         load_config(None, ["sync.transport=nccl"])
 
