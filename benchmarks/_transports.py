@@ -6,7 +6,10 @@ or broadcasts it over the weight-sync group (``BucketSender``, as ``Learner.send
 The receivers are real ``RolloutGenerator`` workers (``load_bucket`` / ``receive_bucket``). The
 driver streams the buckets as ``RayWorkers.sync`` does for each transport. ``collective`` is the
 default (``sync.shared_memory``: every worker here is on rank 0's host and reads its shared
-slot); ``collective (broadcast)`` turns the slot off, as for workers on other hosts. Host memory: each
+slot); ``collective (broadcast)`` turns the slot off, as for workers on other hosts. With
+``gpus`` each actor holds that much of a GPU and the model lives there (``benchmarks/gpu_smoke.py``):
+a group of whole GPUs is NCCL (a broadcast from device memory), a group sharing one GPU is gloo
+with the slot filled from rank 0's device (``config.ppo.sync_backend``). Host memory: each
 process samples its own resident set (``/proc/self/statm``, every 2 ms) during the syncs; the
 figure is the peak above the resident set before them (shared object-store pages a process
 touches count in its resident set).
@@ -67,7 +70,8 @@ class Sender:
 
     def __init__(self, spec, tok_cfg: TokenizerConfig, bucket_mb: float):
         torch.set_num_threads(1)
-        self.model = build_causal_lm(spec, build_tokenizer(tok_cfg))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_causal_lm(spec, build_tokenizer(tok_cfg), device)
         tensors = weight_tensors(self.model)
         sizes = [full_nbytes(t) for t in tensors.values()]
         names = list(tensors)
@@ -89,15 +93,15 @@ class Sender:
         return {n: tensors[n].detach() for n in self.buckets[k]}
 
     def numpy_bucket(self, k: int):
-        return state_dict_to_numpy(self.bucket(k))  # views: Ray copies them into the store
+        return state_dict_to_numpy(self.bucket(k))  # on CPU views: Ray copies them to the store
 
     def sync_store(self) -> int:
         self.store = host_store(120)
         return self.store[1]
 
-    def join(self, port: int, tag: str, size: int, shared_memory: bool) -> None:
+    def join(self, port: int, tag: str, size: int, shared_memory: bool, backend: str) -> None:
         self.sender = BucketSender(
-            SyncGroup("127.0.0.1", port, tag, 0, size, 120, "gloo", self.store[0], shared_memory)
+            SyncGroup("127.0.0.1", port, tag, 0, size, 120, backend, self.store[0], shared_memory)
         )
 
     def slot_mb(self) -> float:
@@ -105,7 +109,10 @@ class Sender:
         return 0.0 if slot is None else slot.tensor.numel() / 1e6
 
     def send(self, k: int) -> None:
-        self.sender.send(self.bucket(k), self.reserve)
+        bucket, group = self.bucket(k), self.sender.group
+        if group.device.type == "cpu" and group.data is not None:  # gloo broadcasts host tensors
+            bucket = {n: t.cpu() for n, t in bucket.items()}
+        self.sender.send(bucket, self.reserve)
 
     def finish(self) -> int:
         return self.sender.finish()
@@ -151,13 +158,27 @@ def _collective_sync(sender, workers, count: int, version: int) -> None:
     ray.get(refs)
 
 
+def backend_for(gpus: float) -> str:
+    """NCCL for members on whole GPUs of their own, else gloo (``config.ppo.sync_backend``)."""
+    return "nccl" if gpus >= 1 else "gloo"
+
+
 def measure(
-    spec, tok_cfg: TokenizerConfig, transport: str, n_workers: int, repeats: int, bucket_mb: float
+    spec,
+    tok_cfg: TokenizerConfig,
+    transport: str,
+    n_workers: int,
+    repeats: int,
+    bucket_mb: float,
+    gpus: float = 0.0,
+    cpus: float | None = None,
 ) -> dict:
-    """Median seconds per sync, GB moved, and the peak host memory of rank 0 and of a worker."""
-    cpus = max(0.1, 1.9 / (n_workers + 1))
-    sender = ray.remote(Sender).options(num_cpus=cpus).remote(spec, tok_cfg, bucket_mb)
-    remote = ray.remote(Worker).options(num_cpus=cpus)
+    """Median seconds per sync, GB moved, and the peak host memory of rank 0 and of a worker.
+    ``gpus``: the GPU share of rank 0 and of each worker (0: all on CPUs)."""
+    cpus = cpus or max(0.1, 1.9 / (n_workers + 1))
+    place = {"num_cpus": cpus, "num_gpus": gpus}
+    sender = ray.remote(Sender).options(**place).remote(spec, tok_cfg, bucket_mb)
+    remote = ray.remote(Worker).options(**place)
     workers = [remote.remote(spec, tok_cfg, RolloutConfig(), i, 1, True) for i in range(n_workers)]
     try:
         count, nbytes = ray.get(sender.plan.remote())
@@ -165,12 +186,12 @@ def measure(
         collective = transport.startswith("collective")
         if collective:
             port = ray.get(sender.sync_store.remote())
-            size, shared = n_workers + 1, transport == "collective"
+            size, shared, backend = n_workers + 1, transport == "collective", backend_for(gpus)
             ray.get(
-                [sender.join.remote(port, "bench", size, shared)]
+                [sender.join.remote(port, "bench", size, shared, backend)]
                 + [
                     w.join_sync_group.remote(
-                        "127.0.0.1", port, "bench", i + 1, size, 120, "gloo", shared_memory=shared
+                        "127.0.0.1", port, "bench", i + 1, size, 120, backend, shared_memory=shared
                     )
                     for i, w in enumerate(workers)
                 ]

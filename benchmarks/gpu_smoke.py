@@ -18,7 +18,12 @@ with ``save_pretrained``: nothing is downloaded. Parts:
    is checked first: one checkpoint of two 1.2B ZeRO-3 learners is ~40 GB), then a resume for
    one more round (which writes none);
 6. PPO on the vLLM backend for 2 rounds without checkpoints, one rollout worker killed before
-   the first sync and replaced.
+   the first sync and replaced;
+7. the sync transports on the smoke model (``benchmarks/_transports.py``): the object store and
+   the collective group sharing the one GPU (gloo, its shared slot filled from device memory),
+   and with more than one GPU the NCCL group of whole GPUs, in s/GB against the published
+   0.011-0.019 s/GB floor of a GPU-direct broadcast. NCCL refuses two ranks of one group on one
+   GPU, so a one-GPU machine has no NCCL row (``sync_transports.nccl.skipped`` says so).
 
 Output: one JSON line (the last line of stdout): tokens/s per backend, seconds per phase, sync
 seconds per GB, the bf16 sync probe's log-prob difference, and each role's peak GPU memory
@@ -465,6 +470,52 @@ def ppo_rounds(cfg, run_dir: Path, backend: str) -> dict[str, Any]:
     return out
 
 
+NCCL_FLOOR_S_PER_GB = (0.011, 0.019)  # GPU-direct broadcast, published RL weight-sync figures
+
+
+def sync_transports(cfg, gpus: int, repeats: int = 3) -> dict[str, Any]:
+    """s/GB of one worker's sync on the smoke model, per transport (see the module docstring).
+    ``gpus`` 0 (``--cpu-parts``): the same on CPUs, in a local Ray of 2 CPUs."""
+    import _common  # benchmarks/, on the path when this runs as a script
+
+    from rlhf_ray.config.ppo import policy_tokenizer
+
+    spec, tok_cfg, mb = cfg.policy.model, policy_tokenizer(cfg), cfg.sync.bucket_mb
+    share, cpus = (0.3, 2.0) if gpus else (0.0, 0.9)
+    shared = "collective_shared_gpu" if gpus else "collective_cpu"
+    rows = {"object_store": ("object_store", share), shared: ("collective", share)}
+    out: dict[str, Any] = {"floor_s_per_gb": NCCL_FLOOR_S_PER_GB}
+    if gpus > 1:
+        rows["nccl"] = ("collective", 1.0)
+    else:
+        why = "one GPU: NCCL refuses two ranks of one group on one GPU" if gpus else "no GPU"
+        out["nccl"] = {"skipped": why}
+    with contextlib.ExitStack() as stack:
+        if not gpus:
+            stack.enter_context(_common.local_ray(2))
+        for name, (transport, gpu) in rows.items():
+            out[name] = _transport_row(spec, tok_cfg, transport, repeats, mb, gpu, cpus)
+    return out
+
+
+def _transport_row(spec, tok_cfg, transport: str, repeats: int, mb: float, gpu: float, cpus):
+    """One transport's figures, or its error (the next transport still runs)."""
+    import _transports
+
+    try:
+        m = _transports.measure(spec, tok_cfg, transport, 1, repeats, mb, gpu, cpus)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "backend": _transports.backend_for(gpu) if transport == "collective" else "",
+        "s_per_gb": round(m["seconds"] / m["gb"], 4),
+        "mb": round(m["gb"] * 1e3, 1),
+        "rank0_host_peak_mb": round(m["rank0_mb"], 1),
+        "worker_host_peak_mb": round(m["worker_mb"], 1),
+    }
+
+
 def _step(results: dict[str, Any], name: str, fn, *args) -> Any:
     started = time.perf_counter()
     try:
@@ -496,6 +547,7 @@ def _on_gpu(results: dict[str, Any], args: argparse.Namespace, vocab: int) -> No
     try:
         if gpus > 1:
             _step(results, "nccl_2_ranks", nccl_learner, cfg, vocab)
+        _step(results, "sync_transports", sync_transports, cfg, gpus)
         estimate = results["plan"].get("estimate_gb", {}) if "plan" in results else {}
         for backend in ("hf", "vllm"):
             run_cfg = smoke_config(args.out / "model", args.rounds, backend, backend == "hf")
@@ -533,8 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     _step(results, "environment", environment)
     cfg = smoke_config(args.out / "model", args.rounds)
     _step(results, "plan", plan, cfg)
-    if args.cpu_parts:  # the HF backend on this machine's CPU, a few rows
+    if args.cpu_parts:  # the HF backend on this machine's CPU, a few rows; the sync transports
         _step(results, "generation", generation, cfg, (8,), False)
+        _step(results, "sync_transports", sync_transports, cfg, 0, 1)
     elif not torch.cuda.is_available():
         results["gpu_steps"] = {"error": "no CUDA GPU visible: run with --cpu-parts"}
     else:

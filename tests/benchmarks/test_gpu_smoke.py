@@ -48,6 +48,9 @@ def test_cpu_parts_build_assets_plan_and_report(tmp_path):
     assert "policy" in plan["table"]
     assert report["generation"]["hf"]["8"]["tokens_per_s"] > 0  # sampled on the CPU
     assert "ppo_hf" not in report  # no GPU parts with --cpu-parts
+    sync = report["sync_transports"]  # the GPU part's code, on CPUs
+    assert sync["object_store"]["s_per_gb"] > 0 and sync["collective_cpu"]["s_per_gb"] > 0
+    assert sync["collective_cpu"]["backend"] == "gloo" and "skipped" in sync["nccl"]
 
 
 def test_a_failed_generation_fails_the_script(smoke, tmp_path, monkeypatch, capsys):
@@ -55,6 +58,7 @@ def test_a_failed_generation_fails_the_script(smoke, tmp_path, monkeypatch, caps
         raise RuntimeError("CUDA error: an illegal memory access")
 
     monkeypatch.setattr(smoke, "_generate_rows", broken)
+    monkeypatch.setattr(smoke, "sync_transports", lambda *args: {})  # no Ray in this process
     assert smoke.main(["--cpu-parts", "--tiny", "--out", str(tmp_path)]) == 1
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["failed_steps"] == ["generation.hf"]
