@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from rlhf_ray.workers.shared_slot import SharedSlot, SlotReader, is_local, nbytes_of, view
+
+log = logging.getLogger(__name__)
 
 
 class WeightSyncError(RuntimeError):
@@ -48,6 +51,16 @@ def host_store(timeout_s: float) -> tuple[Any, int]:
         "0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=_timedelta(timeout_s)
     )
     return store, store.port
+
+
+def _offer_slot() -> SharedSlot | None:
+    """Rank 0's shared slot, or None where this kernel or sandbox has no memfd to give (then
+    every member takes the broadcast)."""
+    try:
+        return SharedSlot()
+    except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: no os.memfd_create
+        log.warning("weight sync: no shared slot (%s); every worker takes the broadcast", exc)
+        return None
 
 
 class SyncGroup:
@@ -87,7 +100,7 @@ class SyncGroup:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             else:
                 if rank == 0:
-                    self.slot = SharedSlot() if shared_memory else None
+                    self.slot = _offer_slot() if shared_memory else None
                     offer = [self.slot.info, self.slot.token] if self.slot else None
                     prefixed.set("shm", json.dumps(offer))
                 self.pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)

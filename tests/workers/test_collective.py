@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.ppo import load_config
+from rlhf_ray.workers import collective
 from rlhf_ray.workers.collective import (
     BucketSender,
     SyncGroup,
@@ -154,6 +155,28 @@ def test_a_bucket_larger_than_the_slot_grows_it_and_the_readers_follow():
         assert all(torch.equal(received[n], bucket[n]) for n in bucket)
     assert got[0]["a"].data_ptr() != got[2]["a"].data_ptr()  # copies, not views of the slot
     assert _open_slots() == 0
+
+
+def test_without_a_memfd_every_member_takes_the_broadcast(monkeypatch):
+    def no_memfd():
+        raise OSError(38, "Function not implemented")  # an old kernel, a strict sandbox
+
+    monkeypatch.setattr(collective, "SharedSlot", no_memfd)
+    store, port = host_store(30)
+    bucket = {"w": torch.randn(64, 8)}
+
+    def sender():
+        out = BucketSender(SyncGroup("127.0.0.1", port, "m", 0, 2, 30, store=store))
+        out.send(bucket)
+        return out.finish(), out.group
+
+    def receiver():
+        group = SyncGroup("127.0.0.1", port, "m", 1, 2, 30)
+        return receive_bucket(group), group
+
+    (sent, group0), (got, group1) = _together(sender, receiver)
+    assert sent == 64 * 8 * 4 and torch.equal(got["w"], bucket["w"])
+    assert group0.slot is None and group1.reader is None and group0.locals == 0
 
 
 def test_a_slot_is_read_only_where_its_token_is():
