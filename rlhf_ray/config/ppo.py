@@ -397,12 +397,16 @@ class Config(Section):
         return self
 
 
-def sync_transport(cfg: Config) -> str:
-    """``sync.transport`` resolved: ``auto`` is ``collective`` where the group is NCCL (see
-    ``sync_backend``: a broadcast from GPU memory), else ``object_store``."""
+def sync_transport(cfg: Config, hosts: int = 1) -> str:
+    """``sync.transport`` resolved on a cluster of ``hosts`` machines: ``auto`` is
+    ``collective`` where the group is NCCL (``sync_backend``: a broadcast from GPU memory) or
+    the run has one host (gloo, every worker reads rank 0's shared slot: faster than the object
+    store at any worker count, README "Memory and scale"), else ``object_store`` (over several
+    CPU hosts each remote worker would take its own TCP copy, the object store one per host)."""
     if cfg.sync.transport != "auto":
         return cfg.sync.transport
-    return "collective" if sync_backend(cfg) == "nccl" else "object_store"
+    one_host = hosts == 1 and cfg.sync.shared_memory
+    return "collective" if sync_backend(cfg) == "nccl" or one_host else "object_store"
 
 
 def sync_backend(cfg: Config) -> str:

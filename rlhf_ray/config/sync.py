@@ -28,8 +28,9 @@ class SyncConfig(Section):
         "collective: policy rank 0 and the rollout workers form a torch.distributed group of "
         "their own (NCCL when both sides hold whole GPUs, else gloo) and each bucket is broadcast "
         "from rank 0's memory; the group is formed again whenever the pool changes. auto: "
-        "collective when the policy ranks and the rollout workers hold whole GPUs (NCCL), else "
-        "object_store (see sync_transport and sync_backend).",
+        "collective when the policy ranks and the rollout workers hold whole GPUs (NCCL) or "
+        "the cluster is one host (gloo with the shared slot), else object_store (see "
+        "sync_transport and sync_backend).",
     )
 
     shared_memory: bool = Field(

@@ -71,6 +71,13 @@ def _gpu_memory_gb() -> float | None:
         return None
 
 
+def cluster_hosts() -> int:
+    """How many machines the live Ray nodes run on (several raylets may share one)."""
+    import ray
+
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+
+
 def cluster_nodes(gpu_memory: bool = False, timeout_s: float = 60.0) -> list[Node]:
     """The live nodes' CPUs and GPUs; with ``gpu_memory``, also what each GPU node reports of
     its GPUs' memory (one small task per GPU node, at most ``timeout_s`` each)."""

@@ -45,7 +45,7 @@ from rlhf_ray.distributed.actors import (
     spread_strategy,
     wait_ready,
 )
-from rlhf_ray.distributed.cluster import cluster_nodes
+from rlhf_ray.distributed.cluster import cluster_hosts, cluster_nodes
 from rlhf_ray.distributed.learner_group import LearnerGroup, join_groups
 from rlhf_ray.distributed.plan import format_plan, resource_plan, shortfalls
 from rlhf_ray.distributed.replacement import MAX_TRIES, actor_restarts, unplaced
@@ -88,7 +88,7 @@ class RayWorkers:
         check_namespace_free()
         self.pool = RolloutPool(cfg)
         self.pool.resync = lambda: self.sync(self.pool.version)  # for lost weight buckets
-        self.transport = sync_transport(cfg)  # object_store or collective
+        self.transport = sync_transport(cfg, cluster_hosts())  # object_store or collective
         self.last_sync: dict[str, float] = {}  # sync/seconds of the latest sync (bytes: info)
         self.learner_restarts = 0
         self.scorer_restarts = 0

@@ -395,15 +395,21 @@ def test_the_docs_state_the_bf16_sync_tolerance_the_code_uses():
     assert stated and {float(x) for x in stated} == {SYNC_TOLERANCE["bfloat16"]}, stated
 
 
-def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devices():
+def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devices_and_hosts():
     from rlhf_ray.config.ppo import sync_backend, sync_transport
 
     gpus = ["policy.num_gpus_per_rank=1", "rollout.num_gpus_per_worker=1"]
     assert sync_transport(load_config(None, [])) == "object_store"
-    assert sync_transport(load_config(None, ["sync.transport=auto"])) == "object_store"  # CPU
+    auto = load_config(None, ["sync.transport=auto"])  # CPUs: the shared slot on one host
+    assert (sync_transport(auto), sync_transport(auto, hosts=2)) == ("collective", "object_store")
+    no_slot = load_config(None, ["sync.transport=auto", "sync.shared_memory=false"])
+    assert sync_transport(no_slot) == "object_store"
     assert sync_transport(load_config(None, ["sync.transport=auto", *gpus])) == "collective"
+    assert (
+        sync_transport(load_config(None, ["sync.transport=auto", *gpus]), hosts=4) == "collective"
+    )
     half = ["sync.transport=auto", "policy.num_gpus_per_rank=1"]  # workers on CPUs
-    assert sync_transport(load_config(None, half)) == "object_store"
+    assert sync_transport(load_config(None, half), hosts=2) == "object_store"
     cpu = load_config(None, ["sync.transport=collective"])
     assert (sync_transport(cpu), sync_backend(cpu)) == ("collective", "gloo")
     assert sync_backend(load_config(None, ["sync.transport=collective", *gpus])) == "nccl"
@@ -414,7 +420,7 @@ def test_sync_transport_keeps_the_object_store_by_default_and_auto_picks_by_devi
         "rollout.num_gpus_per_worker=0.25",
     ]
     assert sync_backend(load_config(None, ["sync.transport=collective", *shared])) == "gloo"
-    assert sync_transport(load_config(None, ["sync.transport=auto", *shared])) == "object_store"
+    assert sync_transport(load_config(None, ["sync.transport=auto", *shared]), 2) == "object_store"
     with pytest.raises(ConfigError, match="sync.transport"):
         load_config(None, ["sync.transport=nccl"])
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from rlhf_ray.config.ppo import load_config
-from rlhf_ray.distributed import RayWorkers, rollout_pool, weight_transport
+from rlhf_ray.distributed import RayWorkers, cluster, rollout_pool, weight_transport
 from rlhf_ray.observe.metrics import read_metrics
 from rlhf_ray.ppo.loop import run_ppo
 
@@ -94,3 +94,17 @@ def test_a_worker_killed_mid_sync_is_replaced_and_the_run_goes_on(
     assert probed[KILL_AT] == 2  # the replacement (ids are never reused) ...
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-6 for r in rows)  # ... passed the check
     assert all(r["sync/bytes"] > 0 and r["sync/seconds"] > 0 for r in rows)
+
+
+def test_auto_counts_machines_not_raylets(monkeypatch):
+    """``sync.transport: auto`` on CPUs is collective on one machine: raylets that share it
+    (a test's second node) count once, dead nodes not at all."""
+    nodes = [
+        {"NodeManagerAddress": "10.0.0.1", "Alive": True},
+        {"NodeManagerAddress": "10.0.0.1", "Alive": True},
+        {"NodeManagerAddress": "10.0.0.2", "Alive": False},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert cluster.cluster_hosts() == 1
+    nodes[2]["Alive"] = True
+    assert cluster.cluster_hosts() == 2
