@@ -109,8 +109,8 @@ class Sender:
         return 0.0 if slot is None else slot.tensor.numel() / 1e6
 
     def send(self, k: int) -> None:
-        bucket, group = self.bucket(k), self.sender.group
-        if group.device.type == "cpu" and group.data is not None:  # gloo broadcasts host tensors
+        bucket = self.bucket(k)
+        if self.sender.group.needs_host_tensors:
             bucket = {n: t.cpu() for n, t in bucket.items()}
         self.sender.send(bucket, self.reserve)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.workers.shared_slot import SharedSlot, SlotReader, is_local, nbytes_of, view
+from rlhf_ray.workers.shared_slot import SharedSlot, SlotReader, is_local, view
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,18 @@ class SyncGroup:
         if not self.locals:
             return  # everyone takes the broadcast: the data group is the group
         remote = [0] + [r for r, local in enumerate(flags, start=1) if not local]
-        if len(remote) == 1:
-            self.data = None
-        elif self.rank in remote:
+        self.data = None  # a member that reads the slot, or rank 0 with no one to broadcast to
+        if len(remote) > 1 and self.rank in remote:
             data_store = dist.PrefixStore("data", prefixed)
             self.data = dist.ProcessGroupGloo(
                 data_store, remote.index(self.rank), len(remote), timeout
             )
-        else:
-            self.data = None
+
+    @property
+    def needs_host_tensors(self) -> bool:
+        """Whether rank 0 must hand over host tensors: a gloo broadcast takes nothing else;
+        the shared slot alone copies them from any device."""
+        return self.device.type == "cpu" and self.data is not None
 
     def close(self) -> None:
         """Release the shared slot (rank 0) or its mapping (a local member)."""
@@ -247,7 +250,7 @@ class BucketSender:
             works += [group.broadcast_data(t.contiguous()) for t in tensors]
         if group.locals:
             works.append(group.done())
-        self.sent_bytes += sum(nbytes_of(t) for t in tensors)
+        self.sent_bytes += sum(t.nbytes for t in tensors)
         self._pending = (works, bucket)  # the tensors stay alive until their broadcast ends
 
     def _wait_pending(self) -> None:

@@ -106,7 +106,8 @@ class Learner(PhaseThreads):
         self._build = build
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self.data: dict[str, Rows] = {}  # a stage's "train" and "eval" sets
-        self._buckets: tuple[float, list[list[str]]] | None = None  # (bucket_mb, names)
+        # (bucket_mb, names per bucket, bytes of the largest in the sync group's shared slot)
+        self._buckets: tuple[float, list[list[str]], int] | None = None
         self._sync_store: tuple[Any, int] | None = None  # rank 0: the sync group's rendezvous
         self._sender: BucketSender | None = None
 
@@ -358,13 +359,17 @@ class Learner(PhaseThreads):
         sent = sum(full_nbytes(t) for t in self._sync_tensors().values())
         return sent, sum(full_nbytes(t) for t in weight_tensors(self.module).values())
 
-    def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
+    def _bucket_plan(self, bucket_mb: float) -> tuple[float, list[list[str]], int]:
         if self._buckets is None or self._buckets[0] != bucket_mb:
             tensors = list(self._sync_tensors().items())
             sizes = [full_nbytes(t) for _, t in tensors]
             groups = plan_buckets(sizes, int(bucket_mb * 2**20))
-            self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups])
-        return self._buckets[1]
+            slot = max((layout([sizes[i] for i in g])[1] for g in groups), default=0)
+            self._buckets = (bucket_mb, [[tensors[i][0] for i in g] for g in groups], slot)
+        return self._buckets
+
+    def _bucket_names(self, bucket_mb: float) -> list[list[str]]:
+        return self._bucket_plan(bucket_mb)[1]
 
     def num_weight_buckets(self, bucket_mb: float) -> int:
         """How many buckets of about ``bucket_mb`` MB the weights travel in."""
@@ -386,18 +391,6 @@ class Learner(PhaseThreads):
         if host and self.device.type != "cpu":
             bucket = {n: t.to("cpu", copy=True) for n, t in bucket.items()}
         return bucket
-
-    def _largest_bucket(self, bucket_mb: float) -> int:
-        """The bytes the largest bucket takes in the sync group's shared slot (what the slot
-        is sized to once, so a sync never grows it midway; adapters alone take little)."""
-        tensors = self._sync_tensors()
-        return max(
-            (
-                layout([full_nbytes(tensors[n]) for n in names])[1]
-                for names in self._bucket_names(bucket_mb)
-            ),
-            default=0,
-        )
 
     def weight_bucket(self, index: int, bucket_mb: float) -> NumpyWeights | None:
         """Collective on all ranks (ZeRO-3 gathers only this bucket's tensors); rank 0 returns
@@ -437,12 +430,11 @@ class Learner(PhaseThreads):
     def send_bucket(self, index: int, bucket_mb: float) -> None:
         """Collective on all ranks (the ZeRO-3 gather); rank 0 starts broadcasting bucket
         ``index`` to the sync group once the previous bucket's broadcast is done."""
-        # a gloo group broadcasts host tensors; its shared slot alone takes them from the device
-        group = None if self._sender is None else self._sender.group
-        on_host = group is None or (group.device.type == "cpu" and group.data is not None)
+        on_host = self._sender is None or self._sender.group.needs_host_tensors
         bucket = self._bucket_tensors(index, bucket_mb, host=on_host)
         if bucket is not None and self._sender is not None:
-            self._sender.send(bucket, reserve=self._largest_bucket(bucket_mb))
+            # the slot is sized once to the largest bucket: a sync never grows it midway
+            self._sender.send(bucket, reserve=self._bucket_plan(bucket_mb)[2])
 
     def finish_send(self) -> int:
         """Rank 0: wait for the last broadcast; the bytes sent, or the ``WeightSyncError``."""

@@ -14,6 +14,7 @@ memory lives as long as a mapping does, and nothing outlives the processes.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import stat
@@ -41,16 +42,9 @@ def _map(path: str, nbytes: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
-def nbytes_of(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def view(slot: torch.Tensor, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The tensor of ``shape`` and ``dtype`` at ``offset`` of ``slot`` (no copy)."""
-    count = 1
-    for d in shape:
-        count *= d
-    size = count * torch.empty((), dtype=dtype).element_size()
+    size = math.prod(shape) * dtype.itemsize
     return slot[offset : offset + size].view(dtype).view(shape)
 
 
@@ -98,7 +92,7 @@ class SharedSlot:
     def write(self, tensors: list[torch.Tensor], reserve: int) -> list[int]:
         """Copy ``tensors`` into the slot (grown to at least ``reserve`` bytes first if they do
         not fit); their offsets."""
-        offsets, end = layout([nbytes_of(t) for t in tensors])
+        offsets, end = layout([t.nbytes for t in tensors])
         if end > self.tensor.numel():
             self._create(max(end, _aligned(reserve)))
         for t, offset in zip(tensors, offsets, strict=True):
