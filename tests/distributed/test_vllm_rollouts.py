@@ -70,6 +70,9 @@ def run(ray_cluster, tmp_path_factory, request):
         "logging.progress=false",
         "checkpoint.every=28",
         f"sync.transport={request.param}",
+        # rollout-1's SIGKILL can land in a sync (a round takes ~0.4 s): the collective
+        # survivors then wait out one phase timeout (docs/design.md, "Costs"); 120 s, not 600
+        "train.phase_timeout_s=120",
     ]
     cfg = load_config(None, overrides)
     workers = RayWorkers(cfg)
